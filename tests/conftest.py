@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny segmenter following the model contract, tiny UDA batches."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from uda_ray.methods.base import UDABatch
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+torch.set_num_threads(1)
+
+NUM_CLASSES = 5
+
+
+class TinySeg(nn.Module):
+    """Two convs, a main and an aux classifier at 1/2 resolution; GroupNorm so DDP steps match exactly."""
+
+    aux_weights = (0.4,)
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.GroupNorm(2, 8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, 1, 1), nn.ReLU())
+        self.cls = nn.Conv2d(8, num_classes, 1)
+        self.aux = nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        feat = self.body(x / 255.0 - 0.5)  # (B, 8, H/2, W/2)
+        return {"out": self.cls(feat), "aux": [self.aux(feat)] if self.training else [], "feat": feat}
+
+    def param_groups(self, lr: float) -> list[dict]:
+        return [{"params": list(self.body.parameters()), "lr": lr},
+                {"params": list(self.cls.parameters()) + list(self.aux.parameters()), "lr": 10 * lr}]
+
+
+def make_batch(seed: int = 0, b: int = 2, h: int = 16, w: int = 24, num_classes: int = NUM_CLASSES) -> UDABatch:
+    g = torch.Generator().manual_seed(seed)
+    lbl = torch.randint(0, num_classes, (b, h, w), generator=g)
+    lbl[:, :2] = 255
+    tlbl = torch.randint(0, num_classes, (b, h, w), generator=g)
+    # colour encodes class a little, so learning is possible
+    src = torch.rand(b, 3, h, w, generator=g) * 60 + lbl.clamp(max=num_classes).unsqueeze(1) * 30.0
+    tgt = torch.rand(b, 3, h, w, generator=g) * 60 + tlbl.unsqueeze(1) * 25.0 + 20
+    return UDABatch(src_img=src, src_lbl=lbl, tgt_img=tgt, tgt_lbl=tlbl)
+
+
+@pytest.fixture
+def tiny_model() -> TinySeg:
+    torch.manual_seed(0)
+    return TinySeg()

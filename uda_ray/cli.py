@@ -1,0 +1,369 @@
+"""`uda-ray` command line. Thin: parse, call the modules, print. User errors: one line, exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import random
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from uda_ray.errors import UserError
+
+EXIT_USER = 2
+
+
+def storage_root(arg: str | None) -> Path:
+    return Path(arg or os.environ.get("UDA_RAY_STORAGE") or "uda_ray_runs").expanduser().absolute()
+
+
+def _hw(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size {text}: expected HxW, e.g. 512x1024") from None
+    if h < 8 or w < 8:
+        raise UserError(f"--size {text}: both sides must be >= 8")
+    return h, w
+
+
+def _resolve_data(space_or_cfg_data: Any, root: Path) -> Any:
+    """Resolve dataset roots (generating the synthetic benchmark on first use) and check they load."""
+    from uda_ray.data.loading import build_datasets, prepare
+
+    data_dir = Path(os.environ["UDA_RAY_DATA"]) if os.environ.get("UDA_RAY_DATA") else root / "data"
+    if space_or_cfg_data.synthetic is not None and not (space_or_cfg_data.source_root and
+                                                        space_or_cfg_data.target_root):
+        print(f"synthetic benchmark: {data_dir} (generated on first use)", flush=True)
+    data = prepare(space_or_cfg_data, data_dir)
+    build_datasets(data, source=True, target=True, target_labels=bool(data.target_label_root))
+    return data
+
+
+def _with_data(raw: dict, data: Any) -> dict:
+    raw = dict(raw)
+    raw["data"] = {**raw.get("data", {}), "source_root": data.source_root, "target_root": data.target_root,
+                   "target_label_root": data.target_label_root}
+    return raw
+
+
+# ------------------------------------------------------------------------------------------------
+# sweep / resume
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from uda_ray.config import dump_yaml, parse_set, read_yaml
+    from uda_ray.search import build_tuner, check_address, init_ray, write_meta
+    from uda_ray.space import load_space
+
+    space = load_space(args.space, parse_set(args.set))
+    root = storage_root(args.storage)
+    name = args.name or Path(args.space).stem
+    sweep_dir = root / name
+    if (sweep_dir / "sweep.json").exists():
+        raise UserError(f"sweep '{name}' already exists under {root}: `uda-ray resume {name}` continues it, "
+                        "or give another --name")
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    check_address(address)
+    data = _resolve_data(space.base.data, root)
+    base_raw = _with_data(space.base_raw, data)
+    seed = space.seed if space.seed is not None else random.SystemRandom().randrange(2**31)
+
+    # the sweep folder is self-contained: resume never depends on the files it was started from
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "base.yaml").write_text(dump_yaml(base_raw))
+    raw_space = read_yaml(args.space)
+    raw_space.update(base="base.yaml", seed=seed)
+    raw_space.pop("set", None)
+    (sweep_dir / "space.yaml").write_text(dump_yaml(raw_space))
+    meta = {"name": name, "space_file": str(Path(args.space).absolute()), "seed": seed,
+            "objective": [dataclasses.asdict(o) for o in space.objectives], "num_samples": space.num_samples,
+            "address": address, "created": time.time(), "status": "running",
+            "pid": os.getpid(), "host": socket.gethostname()}
+    write_meta(sweep_dir, meta)
+    print(f"sweep '{name}': {space.num_samples} trials over {', '.join(space.params) or 'nothing'} "
+          f"(base {space.base.method}/{space.base.model.name}), objective {space.metric} ({space.mode}), "
+          f"TPE seed {seed}", flush=True)
+    print(f"storage: {sweep_dir}", flush=True)
+
+    init_ray(address)
+    space = dataclasses.replace(load_space(sweep_dir / "space.yaml"))
+    return _fit(build_tuner(space, sweep_dir, seed), sweep_dir, meta, args)
+
+
+def _fit(tuner: Any, sweep_dir: Path, meta: dict, args: argparse.Namespace) -> int:
+    from uda_ray.search import run, sweep_status_after, write_meta
+
+    try:
+        grid = run(tuner)
+        meta["status"] = sweep_status_after(grid)
+    except KeyboardInterrupt:
+        meta["status"] = "interrupted"
+    meta["pid"] = None
+    meta["finished"] = time.time()
+    write_meta(sweep_dir, meta)
+    if meta["status"] == "interrupted":
+        print(f"interrupted: `uda-ray resume {sweep_dir.name}` continues it", file=sys.stderr)
+        return 130
+    print(f"sweep '{sweep_dir.name}' {meta['status'].replace('_', ' ')} in "
+          f"{meta['finished'] - meta['created']:.0f}s", flush=True)
+    _print_best(sweep_dir, top=args.top if hasattr(args, "top") else 5)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from uda_ray.search import build_tuner, check_address, driver_alive, init_ray, read_meta, write_meta
+    from uda_ray.space import load_space
+
+    sweep_dir = _sweep_dir(args)
+    meta = read_meta(sweep_dir)
+    if driver_alive(meta):
+        raise UserError(f"sweep '{meta['name']}' is still running (driver pid {meta['pid']})")
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(sweep_dir / "tune")):
+        raise UserError(f"sweep '{meta['name']}' has no Tune state to restore under {sweep_dir / 'tune'}")
+    space = load_space(sweep_dir / "space.yaml")
+    address = args.address or os.environ.get("RAY_ADDRESS") or meta.get("address")
+    check_address(address)
+    meta.update(status="running", pid=os.getpid(), host=socket.gethostname(), resumed=time.time())
+    write_meta(sweep_dir, meta)
+    print(f"resuming sweep '{meta['name']}' from {sweep_dir}", flush=True)
+    init_ray(address)
+    return _fit(build_tuner(space, sweep_dir, meta["seed"], restore=True), sweep_dir, meta, args)
+
+
+def _sweep_dir(args: argparse.Namespace) -> Path:
+    root = storage_root(args.storage)
+    d = root / args.sweep
+    if not (d / "sweep.json").is_file():
+        known = sorted(p.parent.name for p in root.glob("*/sweep.json"))
+        raise UserError(f"unknown sweep '{args.sweep}' under {root}"
+                        + (f" (known: {', '.join(known)})" if known else " (no sweeps there)"))
+    return d
+
+
+# ------------------------------------------------------------------------------------------------
+# best / ls
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _print_best(sweep_dir: Path, top: int = 5, metric: str | None = None, method: str | None = None) -> list:
+    from uda_ray.results import best_trials, read_table
+
+    evals = read_table(sweep_dir / "results", "evals")
+    if metric and evals and not any(metric in e for e in evals):
+        known = sorted({k for e in evals for k in e if k.startswith(("val/", "train/", "model/"))
+                        and not k.startswith("val/iou/")})
+        raise UserError(f"unknown metric '{metric}' (known: {', '.join(known)})")
+    rows = best_trials(sweep_dir / "results", metric=metric, top=top, method=method)
+    if not rows:
+        print("no evaluated trials yet" + (f" for method {method}" if method else ""))
+        return rows
+    print(f"top {len(rows)} by {rows[0]['rank_metric']} ({rows[0]['mode']}):")
+    for i, r in enumerate(rows, 1):
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in json.loads(r["params"]).items())
+        print(f"{i:>2}. {r['trial_id']}  {r['rank_metric']}={r['rank_value']:.4f} @ step {r['rank_step']}  "
+              f"[{r['status']}]  {r['method']}  {params}")
+    return rows
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from uda_ray.config import dump_yaml
+
+    sweep_dir = _sweep_dir(args)
+    if args.top < 1:
+        raise UserError("--top must be >= 1")
+    rows = _print_best(sweep_dir, top=args.top, metric=args.metric, method=args.method)
+    if args.export:
+        if not rows:
+            raise UserError("nothing to export: no evaluated trial")
+        cfg = json.loads(rows[0]["config_json"])
+        cfg["name"] = f"{sweep_dir.name}-best"
+        head = (f"# best trial {rows[0]['trial_id']} of sweep {sweep_dir.name}: {rows[0]['rank_metric']}="
+                f"{rows[0]['rank_value']:.4f} at step {rows[0]['rank_step']}\n"
+                f"# its checkpoint: {rows[0]['rank_checkpoint']}\n")
+        out = Path(args.export)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(head + dump_yaml(cfg))
+        os.replace(tmp, out)
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from uda_ray.results import read_table
+    from uda_ray.search import driver_alive
+
+    root = storage_root(args.storage)
+    sweeps = sorted(root.glob("*/sweep.json"))
+    if not sweeps:
+        print(f"no sweeps under {root}")
+        return 0
+    print(f"{'sweep':<32} {'status':<22} {'trials':>6} {'done':>5} {'early':>5} {'err':>4} {'best':>8}")
+    for p in sweeps:
+        meta = json.loads(p.read_text())
+        status = meta.get("status", "?")
+        if status == "running" and not driver_alive(meta):
+            status = "interrupted"
+        trials = read_table(p.parent / "results", "trials")
+        count = {s: sum(t["status"] == s for t in trials) for s in ("completed", "stopped_early", "errored")}
+        scored = [t["best_value"] for t in trials if t.get("best_value") is not None]
+        mode = (meta.get("objective") or [{"mode": "max"}])[0]["mode"]
+        best = f"{(max if mode == 'max' else min)(scored):.4f}" if scored else "-"
+        print(f"{meta['name']:<32} {status:<22} {len(trials):>6} {count['completed']:>5} "
+              f"{count['stopped_early']:>5} {count['errored']:>4} {best:>8}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# train / data / profile
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from uda_ray.config import build_experiment, experiment_dict, load_experiment, parse_set
+    from uda_ray.search import check_address, init_ray
+    from uda_ray.train import make_trainer
+
+    cfg = load_experiment(args.experiment, parse_set(args.set))
+    root = storage_root(args.storage)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    check_address(address)
+    data = _resolve_data(cfg.data, root)
+    cfg = build_experiment(_with_data(experiment_dict(cfg), data), str(args.experiment))
+    name = args.name or cfg.name
+    print(f"training {cfg.method}/{cfg.model.name} for {cfg.train.max_steps} steps on "
+          f"{cfg.train.num_workers} worker(s); run folder {root / 'runs' / name}", flush=True)
+    init_ray(address)
+    result = make_trainer(cfg, root / "runs", name).fit()
+    m = result.metrics or {}
+    print(f"done: step {m.get('step')} val/miou={m.get('val/miou', float('nan')):.4f} "
+          f"pixel_acc={m.get('val/pixel_acc', float('nan')):.4f}")
+    if result.checkpoint:
+        print(f"latest checkpoint: {result.checkpoint.path}")
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from uda_ray.data.synthetic import generate
+
+    h, w = _hw(args.size)
+    for k in ("n_source", "n_target", "n_val"):
+        if getattr(args, k) < 1:
+            raise UserError(f"--{k.replace('_', '-')} must be >= 1")
+    t0 = time.time()
+    out = generate(Path(args.out), n_source=args.n_source, n_target=args.n_target, n_val=args.n_val,
+                   size=(w, h), seed=args.seed, synthia=args.synthia)
+    print(f"wrote {out} in {time.time() - t0:.1f}s")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from uda_ray.profile import format_report, profile
+
+    h, w = _hw(args.size)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available here")
+    print(format_report(profile(args.model, size=(h, w), device=args.device, amp=args.amp)))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="uda-ray", description="Hyperparameter search for UDA segmentation on Ray.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log INFO messages")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def storage(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--storage", help="storage root (default $UDA_RAY_STORAGE or ./uda_ray_runs)")
+
+    sp = sub.add_parser("sweep", help="run a search space")
+    sp.add_argument("space")
+    sp.add_argument("--name")
+    sp.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local cluster)")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the base experiment")
+    sp.add_argument("--top", type=int, default=5)
+    storage(sp)
+    sp.set_defaults(fn=cmd_sweep)
+
+    sp = sub.add_parser("resume", help="continue an interrupted sweep")
+    sp.add_argument("sweep")
+    sp.add_argument("--address")
+    storage(sp)
+    sp.set_defaults(fn=cmd_resume)
+
+    sp = sub.add_parser("best", help="the best trials of a sweep")
+    sp.add_argument("sweep")
+    sp.add_argument("--top", type=int, default=5)
+    sp.add_argument("--metric", help="rank by this reported metric (default: the sweep's objective)")
+    sp.add_argument("--method")
+    sp.add_argument("--export", metavar="FILE", help="write the winner as a runnable experiment YAML")
+    storage(sp)
+    sp.set_defaults(fn=cmd_best)
+
+    sp = sub.add_parser("ls", help="list sweeps")
+    storage(sp)
+    sp.set_defaults(fn=cmd_ls)
+
+    sp = sub.add_parser("train", help="run one experiment (a Ray Train run)")
+    sp.add_argument("experiment")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--name", help="run name (default: the experiment's name); an existing run resumes")
+    sp.add_argument("--address")
+    storage(sp)
+    sp.set_defaults(fn=cmd_train)
+
+    sp = sub.add_parser("data", help="datasets")
+    dsub = sp.add_subparsers(dest="data_cmd", required=True)
+    ds = dsub.add_parser("synth", help="write the synthetic domain-shift benchmark")
+    ds.add_argument("--out", required=True)
+    ds.add_argument("--n-source", type=int, default=200)
+    ds.add_argument("--n-target", type=int, default=200)
+    ds.add_argument("--n-val", type=int, default=50)
+    ds.add_argument("--size", default="128x256", help="HxW")
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--synthia", action="store_true", help="also write a SYNTHIA-layout source")
+    ds.set_defaults(fn=cmd_data_synth)
+
+    sp = sub.add_parser("profile", help="params, GFLOPs and latency of a model")
+    sp.add_argument("model")
+    sp.add_argument("--size", default="512x1024", help="HxW")
+    sp.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    sp.add_argument("--amp", action="store_true")
+    sp.set_defaults(fn=cmd_profile)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"uda-ray: error: {e}", file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

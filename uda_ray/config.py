@@ -1,0 +1,406 @@
+"""Experiment configs: strict YAML -> frozen dataclasses, dotted overrides, flatten/unflatten.
+
+One code path turns a YAML file plus overrides (`--set optim.lr=1e-3` or Tune's sampled values) into
+validated frozen dataclasses: unknown keys, wrong types and out-of-range values raise ConfigError
+naming the key and the file. Only int -> float coercion is silent.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from uda_ray.errors import ConfigError
+
+
+# --------------------------------------------------------------------------------------------
+# YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` as a float (PyYAML's YAML 1.1 rule wants `1.0e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source}: malformed YAML{where}: {problem}") from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such file")
+    data = parse_yaml(p.read_text(), str(p))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+
+# --------------------------------------------------------------------------------------------
+# Config dataclasses
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Parameters of the built-in synthetic benchmark, generated on first use."""
+
+    n_source: int = 200
+    n_target: int = 200
+    n_val: int = 50
+    size: tuple[int, int] = (256, 128)  # (W, H) of the written images and labels
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(min(self.n_source, self.n_target, self.n_val) >= 1, "data.synthetic: image counts must be >= 1")
+        _check(min(self.size) >= 16, "data.synthetic.size: both sides must be >= 16")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "gta5"
+    target: str = "cityscapes"
+    source_root: str | None = None  # default with `synthetic`: <data dir>/synth-<hash>/<layout>
+    target_root: str | None = None
+    synthetic: SynthConfig | None = None  # set: generate the built-in benchmark into the roots
+    source_size: tuple[int, int] | None = None  # (W, H) resize of source images, None = as stored
+    target_size: tuple[int, int] | None = None  # (W, H) resize of target train and val images
+    crop_size: tuple[int, int] | None = None  # (W, H) random crop after resize (train only)
+    hflip: bool = True
+    target_label_root: str | None = None  # pseudo-label folder (trainIds) replacing target labels
+    val_split: str = "val"
+    loader_workers: int = 0
+
+    def __post_init__(self) -> None:
+        from uda_ray.data.datasets import DATASETS
+
+        for key in ("source", "target"):
+            name = getattr(self, key)
+            _check(name in DATASETS, f"data.{key}: unknown dataset '{name}' (valid: {', '.join(DATASETS)})")
+        _check(
+            self.synthetic is not None or (self.source_root and self.target_root),
+            "data: give source_root and target_root, or `synthetic` to use the built-in benchmark",
+        )
+        for key in ("source_size", "target_size", "crop_size"):
+            v = getattr(self, key)
+            _check(v is None or min(v) >= 8, f"data.{key}: both sides must be >= 8")
+        _check(self.loader_workers >= 0, "data.loader_workers must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "bisenet_r18"
+    num_classes: int = 19
+    pretrained: str | None = None  # None, "imagenet", or a path to a local .pth file
+    kwargs: dict = field(default_factory=dict)  # extra builder arguments, e.g. {freeze_bn: true}
+
+    def __post_init__(self) -> None:
+        from uda_ray.models import MODELS
+
+        _check(self.name in MODELS, f"model.name: unknown model '{self.name}' (valid: {', '.join(MODELS)})")
+        _check(self.num_classes >= 2, "model.num_classes must be >= 2")
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 2.5e-2
+    momentum: float = 0.9  # SGD / RMSprop
+    weight_decay: float = 1.0e-4
+    betas: tuple[float, float] = (0.9, 0.99)  # Adam / AdamW
+    poly_power: float = 0.9  # lr = lr0 * (1 - step / max_steps) ** poly_power
+
+    def __post_init__(self) -> None:
+        _check(self.name in OPTIMIZERS, f"optimizer name '{self.name}' unknown (valid: {', '.join(OPTIMIZERS)})")
+        _check(self.lr > 0, f"optimizer lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "optimizer weight_decay must be >= 0")
+        _check(0 <= self.momentum < 1, "optimizer momentum must be in [0, 1)")
+        _check(all(0 <= b < 1 for b in self.betas), "optimizer betas must be in [0, 1)")
+        _check(self.poly_power >= 0, "optimizer poly_power must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 1000
+    eval_every: int = 100
+    batch_size: int = 8  # per worker; the global batch is batch_size * num_workers
+    num_workers: int = 1  # Ray Train (DDP) workers
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    eval_batch_size: int = 2
+    keep_checkpoints: int = 2  # top-k by val mIoU; the latest is always kept too
+    init_from: str | None = None  # a checkpoint dir/file, or `run:NAME` / `sweep:NAME` (best trial)
+    profile: bool = True  # params / GFLOPs / latency of the eval model into the results
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 1, "train.max_steps must be >= 1")
+        _check(1 <= self.eval_every, "train.eval_every must be >= 1")
+        _check(self.batch_size >= 1 and self.eval_batch_size >= 1, "train batch sizes must be >= 1")
+        _check(self.num_workers >= 1, "train.num_workers must be >= 1")
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker must be > 0")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: str = "source_only"
+    method_cfg: Any = None  # an instance of METHODS[method].Config
+
+    def __post_init__(self) -> None:
+        _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name)),
+               f"name '{self.name}' must be letters, digits, '_', '.', '-'")
+
+
+# --------------------------------------------------------------------------------------------
+# dict -> dataclass, strictly
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the type hint `tp`; build nested dataclasses. Only int -> float coerces."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: '{key}' has the wrong type: {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return build(tp, value, source, prefix=key + ".")
+    if tp is Any:
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{source}: '{key}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list or tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        (arg,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, arg, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def build(cls: type, raw: dict, source: str = "<config>", prefix: str = "") -> Any:
+    """Build dataclass `cls` from `raw`, rejecting unknown keys and wrong types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key '{prefix}{unknown[0]}' (valid keys: {', '.join(fields) or 'none'})"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], prefix + name, source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: missing required key '{prefix}{name}'")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """Dataclasses -> plain nested dicts/lists (tuples become lists: YAML- and JSON-friendly)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1}} -> {'optim.lr': 1}. Lists stay values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for k, v in flat.items():
+        set_dotted(out, k, v)
+    return out
+
+
+def set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{key}': empty key part")
+    node = d
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+    """Return a deep copy of `raw` with dotted `overrides` applied (CLI --set and Tune samples)."""
+    out = copy.deepcopy(raw)
+    for k, v in overrides.items():
+        set_dotted(out, k, v)
+    return out
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """['optim.lr=1e-3', 'method=adversarial'] -> {'optim.lr': 0.001, 'method': 'adversarial'}."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = parse_yaml(v, f"--set {k}") if v.strip() else None
+    return out
+
+
+def merge(base: dict, child: dict) -> dict:
+    """Deep-merge `child` over `base` (mappings merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for k, v in child.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_raw(path: str | Path) -> dict:
+    """Read a YAML file, resolving at most one level of `base: other.yaml` (relative to the file)."""
+    p = Path(path)
+    raw = read_yaml(p)
+    base = raw.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{p}: 'base' must be a file path")
+        bp = (p.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not bp.is_file() and Path(base).is_file():
+            bp = Path(base)  # also accept paths relative to the working directory
+        parent = read_yaml(bp)
+        if "base" in parent:
+            raise ConfigError(f"{bp}: 'base' chains are not allowed (one level of inheritance at most)")
+        raw = merge(parent, raw)
+    return raw
+
+
+# --------------------------------------------------------------------------------------------
+# Experiments
+
+
+def build_experiment(raw: dict, source: str = "<config>") -> ExperimentConfig:
+    """Validate a raw experiment dict (base resolved, overrides applied)."""
+    from uda_ray.methods import METHODS
+
+    raw = dict(raw)
+    method = raw.get("method", "source_only")
+    if not isinstance(method, str) or method not in METHODS:
+        raise ConfigError(f"{source}: unknown method '{method}' (valid: {', '.join(METHODS)})")
+    mcfg = build(METHODS[method].Config, raw.pop("method_cfg", None) or {}, source, prefix="method_cfg.")
+    cfg = build(ExperimentConfig, raw, source)
+    return dataclasses.replace(cfg, method_cfg=mcfg)
+
+
+def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    raw = apply_overrides(load_raw(path), overrides or {})
+    if "name" not in raw:
+        raw["name"] = Path(path).stem
+    return build_experiment(raw, str(path))
+
+
+def experiment_dict(cfg: ExperimentConfig) -> dict:
+    """The resolved config as a plain dict (saved beside every run, flattened into the tables)."""
+    return to_dict(cfg)

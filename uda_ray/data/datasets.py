@@ -1,0 +1,194 @@
+"""GTA5, Cityscapes and SYNTHIA-RAND-CITYSCAPES segmentation datasets (labels as train ids, 255 = ignore)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_png, read_file
+
+from uda_ray.data.labels import CITYSCAPES_LUT, IGNORE, NUM_CLASSES, SYNTHIA_LUT
+from uda_ray.data.transforms import to_tensors
+from uda_ray.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[Image.Image, np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+GTA5_LAYOUT = "a GTA5 layout images/NNNNN.png + labels/NNNNN.png"
+CITYSCAPES_LAYOUT = ("a Cityscapes layout leftImg8bit/{split}/CITY/*_leftImg8bit.png"
+                     " + gtFine/{split}/CITY/*_gtFine_labelIds.png")
+SYNTHIA_LAYOUT = "a SYNTHIA-RAND-CITYSCAPES layout RGB/NNNNNNN.png + GT/LABELS/NNNNNNN.png"
+
+
+def pseudo_label_path(label_root: Path, name: str) -> Path:
+    """Where the train-id pseudo-label of the image `name` (a dataset item's "name") lives.
+
+    Cityscapes images map to `label_root/gtFine/{split}/CITY/*_gtFine_labelTrainIds.png`; the flat
+    layouts (GTA5, SYNTHIA) to `label_root/<image file name>`.
+    """
+    parts = Path(name).parts
+    if parts and parts[0] == "leftImg8bit":
+        stem = parts[-1].removesuffix("_leftImg8bit.png")
+        return Path(label_root, "gtFine", *parts[1:-1], f"{stem}_gtFine_labelTrainIds.png")
+    return Path(label_root, parts[-1])
+
+
+def _require_dir(root: Path, sub: str, layout: str) -> Path:
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist: expected {layout}")
+    path = root / sub
+    if not path.is_dir():
+        raise DatasetError(f"dataset folder {root} has no {sub}/ folder: expected {layout}")
+    return path
+
+
+def _with_pseudo(layout: str, label_root: Path | None) -> str:
+    return layout if label_root is None else f"{layout}, with train-id pseudo-labels under {label_root}"
+
+
+def _read_8bit(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        if im.mode not in ("L", "P"):
+            raise DatasetError(f"label {path} is not an 8-bit single-channel PNG (mode {im.mode})")
+        return np.asarray(im)
+
+
+def _read_synthia(path: Path) -> np.ndarray:
+    """The first stored channel of a (16-bit, multi-channel) SYNTHIA label PNG."""
+    try:
+        t = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)  # (C, H, W)
+    except RuntimeError as e:
+        raise DatasetError(f"cannot decode SYNTHIA label {path}: {e}") from None
+    return t[0].to(torch.int32).numpy()
+
+
+class SegDataset(Dataset):
+    """Image/label pairs. `dataset[i]` or `dataset[(i, aug_seed)]` -> {"img", "lbl", "name"}."""
+
+    def __init__(self, root: Path, items: list[tuple[Path, Path]], transform: Transform | None,
+                 read_raw: Callable[[Path], np.ndarray], lut: np.ndarray, train_ids: bool, layout: str):
+        if not items:
+            raise DatasetError(f"dataset folder {root} has no image/label pairs: expected {layout}")
+        self.root, self.items, self.transform = root, items, transform
+        self._read_raw, self._lut, self._train_ids = read_raw, lut, train_ids
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def label(self, path: Path) -> np.ndarray:
+        """(H, W) uint8 train ids, IGNORE = 255."""
+        if self._train_ids:  # pseudo-labels: train ids already; anything out of range -> ignore
+            raw = _read_8bit(path)
+            return np.where(raw < NUM_CLASSES, raw, IGNORE).astype(np.uint8)
+        return self._lut[self._read_raw(path)]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, seed = key if isinstance(key, tuple) else (key, 0)
+        img_path, lbl_path = self.items[index]
+        try:
+            with Image.open(img_path) as im:
+                img = im.convert("RGB")
+        except OSError as e:
+            raise DatasetError(f"cannot read image {img_path}: {e}") from None
+        lbl = self.label(lbl_path)
+        if self.transform is None:
+            x, y = to_tensors(img, lbl)
+        else:
+            x, y = self.transform(img, lbl, np.random.default_rng(seed))
+        return {"img": x, "lbl": y, "name": img_path.relative_to(self.root).as_posix()}
+
+
+def _pairs(root: Path, images: list[Path], label_of: Callable[[Path], Path]) -> list[tuple[Path, Path]]:
+    """Keep the images whose label file exists (GTA5 lists ids with missing files)."""
+    items = [(p, label_of(p)) for p in images]
+    kept = [(p, q) for p, q in items if q.is_file()]
+    if len(kept) < len(items):
+        log.info("%s: skipped %d of %d images without a label", root, len(items) - len(kept), len(items))
+    return kept
+
+
+def _flat(root: Path, img_sub: str, lbl_sub: str, label_root: Path | None, layout: str
+          ) -> list[tuple[Path, Path]]:
+    img_dir = _require_dir(root, img_sub, layout)
+    if label_root is None:
+        lbl_dir = _require_dir(root, lbl_sub, layout)
+    elif not Path(label_root).is_dir():
+        raise DatasetError(f"pseudo-label folder {label_root} does not exist")
+    images = sorted(img_dir.glob("*.png"))
+    if label_root is None:
+        return _pairs(root, images, lambda p: lbl_dir / p.name)
+    return _pairs(root, images, lambda p: pseudo_label_path(Path(label_root), p.name))
+
+
+class GTA5(SegDataset):
+    """GTA5: images/NNNNN.png + labels/NNNNN.png (Cityscapes label ids); `label_root`: train-id PNGs."""
+
+    def __init__(self, root: Path, transform: Transform | None = None, label_root: Path | None = None):
+        root = Path(root)
+        items = _flat(root, "images", "labels", label_root, GTA5_LAYOUT)
+        super().__init__(root, items, transform, _read_8bit, CITYSCAPES_LUT, label_root is not None,
+                         _with_pseudo(GTA5_LAYOUT, label_root))
+
+
+class Synthia(SegDataset):
+    """SYNTHIA-RAND-CITYSCAPES: RGB/*.png + GT/LABELS/*.png (16-bit, class id in the first channel)."""
+
+    def __init__(self, root: Path, transform: Transform | None = None, label_root: Path | None = None):
+        root = Path(root)
+        items = _flat(root, "RGB", "GT/LABELS", label_root, SYNTHIA_LAYOUT)
+        super().__init__(root, items, transform, _read_synthia, SYNTHIA_LUT, label_root is not None,
+                         _with_pseudo(SYNTHIA_LAYOUT, label_root))
+
+
+class Cityscapes(SegDataset):
+    """Cityscapes split; `label_root`: pseudo-labels (train ids) in the gtFine layout, only those images kept."""
+
+    def __init__(self, root: Path, split: str, transform: Transform | None = None,
+                 label_root: Path | None = None):
+        root = Path(root)
+        layout = CITYSCAPES_LAYOUT.format(split=split)
+        img_dir = _require_dir(root, f"leftImg8bit/{split}", layout)
+        images = sorted(img_dir.glob("*/*_leftImg8bit.png"))
+        if label_root is None:
+            _require_dir(root, f"gtFine/{split}", layout)
+
+            def label_of(p: Path) -> Path:
+                stem = p.name.removesuffix("_leftImg8bit.png")
+                return root / "gtFine" / split / p.parent.name / f"{stem}_gtFine_labelIds.png"
+        else:
+            if not Path(label_root).is_dir():
+                raise DatasetError(f"pseudo-label folder {label_root} does not exist")
+
+            def label_of(p: Path) -> Path:
+                return pseudo_label_path(Path(label_root), p.relative_to(root).as_posix())
+        items = _pairs(root, images, label_of)
+        super().__init__(root, items, transform, _read_8bit, CITYSCAPES_LUT, label_root is not None,
+                         _with_pseudo(layout, label_root))
+
+
+def _train_only(name: str, split: str) -> None:
+    if split != "train":
+        raise DatasetError(f"dataset {name} has only a 'train' split, not {split!r}")
+
+
+def _gta5(root: Path, split: str, transform: Transform | None, label_root: Path | None = None) -> GTA5:
+    _train_only("gta5", split)
+    return GTA5(root, transform, label_root)
+
+
+def _synthia(root: Path, split: str, transform: Transform | None, label_root: Path | None = None) -> Synthia:
+    _train_only("synthia", split)
+    return Synthia(root, transform, label_root)
+
+
+DATASETS: dict[str, Callable[..., SegDataset]] = {
+    "gta5": _gta5,
+    "cityscapes": Cityscapes,
+    "synthia": _synthia,
+}

@@ -1,0 +1,147 @@
+"""The method interface and the helpers every method shares.
+
+A method owns its optimization step (forward/backward passes, optimizers, extra networks); the loop
+owns data, LR schedule, evaluation, logging and checkpointing. Methods never import ray: `wrap` is
+`ray.train.torch.prepare_model` inside Ray workers and the identity (plus `.to(device)`) in tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from uda_ray.config import OptimConfig
+from uda_ray.data.labels import IGNORE
+
+Wrap = Callable[[nn.Module], nn.Module]
+
+
+@dataclass
+class UDABatch:
+    """One step's data. Images are float (B, 3, H, W) RGB in 0..255 (models normalize); labels
+    (B, H, W) int64 train ids with 255 = ignore. Absent parts are None."""
+
+    src_img: Tensor | None = None
+    src_lbl: Tensor | None = None
+    tgt_img: Tensor | None = None
+    tgt_lbl: Tensor | None = None  # oracle / pseudo-labels only
+
+    def to(self, device: torch.device | str) -> "UDABatch":
+        return UDABatch(*(t.to(device, non_blocking=True) if t is not None else None
+                          for t in (self.src_img, self.src_lbl, self.tgt_img, self.tgt_lbl)))
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    """A method without hyperparameters of its own."""
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module under a DDP wrapper."""
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def sync_grads(module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """For several backward passes per optimizer step under DDP: all but the last in `no_sync()`."""
+    if not last and isinstance(module, nn.parallel.DistributedDataParallel):
+        return module.no_sync()
+    return contextlib.nullcontext()
+
+
+def build_optimizer(params: list[dict] | Any, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Optimizer from param groups (each may carry its own "lr"); records "initial_lr" for the poly schedule."""
+    groups = list(params)
+    groups = [dict(g) for g in groups] if groups and isinstance(groups[0], dict) else [{"params": groups}]
+    for g in groups:
+        g.setdefault("lr", cfg.lr)
+        g["initial_lr"] = g["lr"]
+        g["poly_power"] = cfg.poly_power
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.name}")
+
+
+def poly_factor(step: int, max_steps: int, power: float) -> float:
+    """lr multiplier (1 - step / max_steps) ** power of the poly schedule."""
+    return max(0.0, 1.0 - step / max_steps) ** power
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, max_steps: int) -> None:
+    """Poly schedule, each group with the power of the optimizer config it was built from."""
+    for g in optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * poly_factor(step, max_steps, g.get("poly_power", 0.9))
+
+
+def upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, C, h, w) -> (B, C, H, W), bilinear with align_corners=True as in AdaptSegNet / ADVENT."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+
+
+def seg_loss(out: dict[str, Any], lbl: Tensor, aux_weights: tuple[float, ...]) -> Tensor:
+    """CE(main) + sum_i w_i * CE(aux_i), logits upsampled to the label's (H, W); 255 ignored."""
+    size = tuple(lbl.shape[-2:])
+    loss = F.cross_entropy(upsample(out["out"], size), lbl, ignore_index=IGNORE)
+    for w, aux in zip(aux_weights, out.get("aux") or []):
+        loss = loss + w * F.cross_entropy(upsample(aux, size), lbl, ignore_index=IGNORE)
+    return loss
+
+
+class Method:
+    """Base class: one segmenter, one optimizer. Subclasses override `train_step` and extend the state."""
+
+    Config: ClassVar[type] = NoConfig
+    uses_source: ClassVar[bool] = True  # the loop loads source batches
+    uses_target: ClassVar[bool] = True  # the loop loads target train images
+    uses_target_labels: ClassVar[bool] = False  # oracle or pseudo-labels
+
+    def __init__(self, model: nn.Module, cfg: Any, optim: OptimConfig, *, num_classes: int,
+                 wrap: Wrap | None = None, device: torch.device | str = "cpu",
+                 model_factory: Callable[[], nn.Module] | None = None, max_steps: int = 1) -> None:
+        self.cfg = cfg
+        self.optim_cfg = optim
+        self.num_classes = num_classes
+        self.device = torch.device(device)
+        self.wrap: Wrap = wrap or (lambda m: m.to(self.device))
+        self.model_factory = model_factory
+        self.max_steps = max_steps
+        self.model_raw = model.to(self.device)
+        self.aux_weights: tuple[float, ...] = tuple(getattr(model, "aux_weights", ()))
+        self.model = self.wrap(self.model_raw)
+        groups = model.param_groups(optim.lr) if hasattr(model, "param_groups") else model.parameters()
+        self.opt = build_optimizer(groups, optim)
+        self.optimizers: list[torch.optim.Optimizer] = [self.opt]
+
+    # -- interface -------------------------------------------------------------------------
+    def train_step(self, batch: UDABatch, step: int) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def eval_model(self) -> nn.Module:
+        return self.model_raw
+
+    def stateful(self) -> dict[str, Any]:
+        """Everything with a state_dict that a checkpoint must hold. Subclasses extend."""
+        return {"model": self.model_raw, "opt": self.opt}
+
+    def state_dict(self) -> dict:
+        return {k: v.state_dict() for k, v in self.stateful().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        items = self.stateful()
+        missing = set(items) - set(state)
+        if missing:
+            raise KeyError(f"checkpoint lacks {sorted(missing)}")
+        for k, v in items.items():
+            v.load_state_dict(state[k])

@@ -1,0 +1,212 @@
+"""Per-pixel Meta Pseudo Labels (Pham et al., "Meta Pseudo Labels", CVPR 2021), adapted to UDA segmentation:
+labeled data = source frames, unlabeled data = target frames. The official code is classification-only; the
+per-pixel design below is ours.
+
+One step:
+ 1. the teacher labels the target pixels: y_hat = argmax (or a sample) of its softmax, (B, H, W);
+ 2. the student takes one step on CE(student(tgt), y_hat) + student_source_weight * CE(student(src), y_src),
+    its source CE (main head) measured before (ce_old) and after (ce_new) that step;
+ 3. reward = (ce_old - ce_new) - baseline, baseline = moving average of the raw ce_old - ce_new;
+ 4. the teacher steps on CE_teacher(src, y_src) + reward * CE(teacher(tgt), y_hat) (+ lambda_uda * UDA).
+
+Sign convention (the known source of confusion), derived: the teacher wants to lower the student's source loss
+after the step, L(T) = CE_src(theta_S'(T)). A first-order Taylor expansion around the student's step gives
+ce_new ~= ce_old - lr_S * g_src . g_tgt(y_hat), so the paper's h = g_src . g_tgt(y_hat) is proportional to
+ce_old - ce_new = the student's IMPROVEMENT. With y_hat drawn from the teacher, the score-function estimate of
+dL/dT is -(ce_old - ce_new - baseline) * d log p_T(y_hat) / dT = reward * d CE(T(tgt), y_hat) / dT: the
+surrogate to minimize is reward * CE(teacher(tgt), y_hat). A positive reward (the labels helped) lowers that CE,
+i.e. RAISES the teacher's probability of the labels that produced it; a negative reward lowers it. (METHODS.md
+writes h = ce_new - ce_old; plugged into "+ h * CE" that would reinforce labels that hurt the student.)
+
+Choices (ours, documented): the teacher is a fresh `model_factory()` loaded with the student's initial
+weights (a copy: UDA starts from an ImageNet or source-trained init, so the teacher's first labels are as
+good as the student's); teacher optimizer = the experiment's kind with `teacher_lr` (None: the student's lr),
+under the loop's poly schedule; student_source_weight 1.0 (seed 000: the student learns from pseudo-labels AND
+source labels; the paper's student learns from the teacher only: 0.0). With source CE in the student's step the
+student improves on source every step; the moving-average baseline removes that drift from the reward. The
+baseline starts at 0 and is the average BEFORE this step's update. Under DDP the source CEs are all-reduced
+(sum and pixel count), so the reward is the global one on every worker. eval_model() is the student.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from uda_ray.config import OptimConfig
+from uda_ray.data.labels import IGNORE
+from uda_ray.errors import ConfigError
+from uda_ray.fda import fda_source_to_target
+from uda_ray.methods.base import Method, UDABatch, build_optimizer, seg_loss, sync_grads, upsample
+from uda_ray.methods.fda import backward_first_then_last
+
+
+@dataclass(frozen=True)
+class MPLConfig:
+    teacher_lr: float | None = None  # teacher optimizer lr; None = the experiment's optim.lr
+    ema_rate: float = 0.99  # reward baseline: b <- rate * b + (1 - rate) * raw reward (the paper's 0.99)
+    hard_labels: str = "argmax"  # "argmax" | "sample" (one draw per pixel from the teacher's softmax)
+    student_source_weight: float = 1.0  # source CE in the student's step (0.0 = the paper's student)
+    lambda_uda: float = 0.0  # teacher consistency (UDA) term; off by default
+    uda_beta: float = 0.01  # its strong view: the target stylized toward the source batch (FDA)
+    uda_threshold: float = 0.9  # its confidence mask on the teacher's plain-target softmax
+
+    def __post_init__(self) -> None:
+        if self.teacher_lr is not None and not self.teacher_lr > 0:
+            raise ConfigError(f"method_cfg.teacher_lr must be > 0, got {self.teacher_lr}")
+        if not 0.0 <= self.ema_rate < 1.0:
+            raise ConfigError(f"method_cfg.ema_rate must be in [0, 1), got {self.ema_rate}")
+        if self.hard_labels not in ("argmax", "sample"):
+            raise ConfigError(f"method_cfg.hard_labels must be 'argmax' or 'sample', got '{self.hard_labels}'")
+        for name in ("student_source_weight", "lambda_uda"):
+            if not getattr(self, name) >= 0.0:
+                raise ConfigError(f"method_cfg.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.uda_beta < 0.5:
+            raise ConfigError(f"method_cfg.uda_beta must be in [0, 0.5), got {self.uda_beta}")
+        if not 0.0 <= self.uda_threshold <= 1.0:
+            raise ConfigError(f"method_cfg.uda_threshold must be in [0, 1], got {self.uda_threshold}")
+
+
+class MovingAverage:
+    """A scalar exponential moving average with a state_dict (checkpointed like a module)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate, self.value = rate, 0.0
+
+    def update(self, x: float) -> None:
+        self.value = self.rate * self.value + (1.0 - self.rate) * x
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+def mpl_teacher_term(t_logits: Tensor, pseudo: Tensor, reward: Tensor | float) -> Tensor:
+    """reward * CE(t_logits (B, C, H, W), pseudo (B, H, W)): minimizing it with reward > 0 raises the teacher's
+    probability of `pseudo`, with reward < 0 lowers it (derivation in the module docstring)."""
+    return reward * F.cross_entropy(t_logits, pseudo, ignore_index=IGNORE)
+
+
+def global_ce(logits: Tensor, lbl: Tensor) -> Tensor:
+    """Mean CE (255 ignored) of logits (B, C, h, w) upsampled to lbl (B, H, W), over all workers' pixels."""
+    ce = F.cross_entropy(upsample(logits, tuple(lbl.shape[-2:])), lbl, ignore_index=IGNORE, reduction="sum")
+    stats = torch.stack([ce.float(), (lbl != IGNORE).sum().float()])  # (2,) sum, count
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stats)
+    return stats[0] / stats[1].clamp(min=1.0)
+
+
+class MPL(Method):
+    """Meta Pseudo Labels, per pixel: the teacher is rewarded by the student's improvement on source labels."""
+
+    Config = MPLConfig
+
+    def __init__(self, model: nn.Module, cfg: MPLConfig, optim: OptimConfig, **kwargs: Any) -> None:
+        super().__init__(model, cfg, optim, **kwargs)
+        teacher = self.model_factory() if self.model_factory is not None else copy.deepcopy(self.model_raw)
+        teacher.load_state_dict(self.model_raw.state_dict())  # start as a copy of the student
+        self.teacher_raw = teacher.to(self.device)
+        self.teacher = self.wrap(self.teacher_raw)
+        t_optim = dataclasses.replace(optim, lr=cfg.teacher_lr or optim.lr)
+        groups = teacher.param_groups(t_optim.lr) if hasattr(teacher, "param_groups") else teacher.parameters()
+        self.t_opt = build_optimizer(groups, t_optim)
+        self.optimizers.append(self.t_opt)
+        self.baseline = MovingAverage(cfg.ema_rate)
+
+    def _pseudo_labels(self, t_logits: Tensor) -> Tensor:
+        """(B, C, H, W) detached teacher logits -> (B, H, W) int64 hard labels."""
+        if self.cfg.hard_labels == "argmax":
+            return t_logits.argmax(dim=1)
+        flat = F.softmax(t_logits.float(), dim=1).permute(0, 2, 3, 1).reshape(-1, t_logits.shape[1])
+        return torch.multinomial(flat, 1).view(t_logits.shape[0], *t_logits.shape[2:])
+
+    def _student_step(self, batch: UDABatch, pseudo: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """One student update; returns (ce_old, ce_new, logs): global source CEs before and after it."""
+        w = self.cfg.student_source_weight
+        self.opt.zero_grad(set_to_none=True)
+        logs: dict[str, Tensor] = {}
+        src_logits: list[Tensor] = []
+
+        def target_loss() -> Tensor:
+            loss = seg_loss(self.model(batch.tgt_img), pseudo, self.aux_weights)
+            logs["loss/seg_tgt_student"] = loss.detach()
+            return loss
+
+        if w > 0:
+            def source_loss() -> Tensor:
+                out = self.model(batch.src_img)
+                src_logits.append(out["out"].detach())  # (B, C, h, w): ce_old at the current weights
+                loss = seg_loss(out, batch.src_lbl, self.aux_weights)
+                logs["loss/seg_src_student"] = loss.detach()
+                return w * loss
+
+            backward_first_then_last(self.model, target_loss, source_loss)
+        else:
+            with torch.no_grad():
+                src_logits.append(self.model(batch.src_img)["out"])
+            target_loss().backward()  # pseudo-label CE reaches every head (aux included)
+        ce_old = global_ce(src_logits[0], batch.src_lbl)
+        self.opt.step()
+        with torch.no_grad():  # same (train) mode as ce_old, so the difference is the step's effect
+            ce_new = global_ce(self.model(batch.src_img)["out"], batch.src_lbl)
+        return ce_old, ce_new, logs
+
+    def train_step(self, batch: UDABatch, step: int) -> dict[str, Tensor]:
+        """Logged: loss/seg_src_teacher, loss/seg_tgt_student, loss/seg_src_student (if weighted), loss/mpl
+        (teacher CE on its own labels), loss/uda (if on), mpl/ce_old, mpl/ce_new, mpl/reward_raw (= ce_old -
+        ce_new), mpl/baseline (before its update), mpl/reward (= raw - baseline)."""
+        cfg = self.cfg
+        self.model.train()
+        self.teacher.train()
+        self.t_opt.zero_grad(set_to_none=True)
+        size = tuple(batch.tgt_img.shape[-2:])
+        with sync_grads(self.teacher, last=False):  # its graph waits for the reward; the synced pass comes last
+            t_tgt = upsample(self.teacher(batch.tgt_img)["out"], size)  # (B, C, H, W)
+        pseudo = self._pseudo_labels(t_tgt.detach())  # (B, H, W)
+
+        ce_old, ce_new, logs = self._student_step(batch, pseudo)
+        raw = (ce_old - ce_new).detach()
+        baseline = self.baseline.value
+        reward = raw - baseline  # > 0: the student improved more than usual -> reinforce y_hat
+        self.baseline.update(float(raw))
+
+        def teacher_target_loss() -> Tensor:
+            with torch.no_grad():
+                logs["loss/mpl"] = F.cross_entropy(t_tgt, pseudo)  # the teacher's CE on its own labels
+            loss = mpl_teacher_term(t_tgt, pseudo, reward)
+            if cfg.lambda_uda > 0:
+                loss = loss + cfg.lambda_uda * self._uda_loss(batch, t_tgt.detach())
+            return loss
+
+        def teacher_source_loss() -> Tensor:
+            loss = seg_loss(self.teacher(batch.src_img), batch.src_lbl, self.aux_weights)
+            logs["loss/seg_src_teacher"] = loss.detach()
+            return loss
+
+        backward_first_then_last(self.teacher, teacher_target_loss, teacher_source_loss)
+        self.t_opt.step()
+        logs.update({"mpl/ce_old": ce_old.detach(), "mpl/ce_new": ce_new.detach(), "mpl/reward_raw": raw,
+                     "mpl/baseline": torch.tensor(baseline), "mpl/reward": reward})
+        return logs
+
+    def _uda_loss(self, batch: UDABatch, t_tgt: Tensor) -> Tensor:
+        """Teacher consistency: CE of the teacher on the FDA-stylized target against its own confident
+        (>= uda_threshold) softmax on the plain target; masked pixels count as 0 in the mean (as UDA)."""
+        probs = F.softmax(t_tgt, dim=1)  # (B, C, H, W), detached
+        mask = (probs.max(dim=1).values >= self.cfg.uda_threshold).float()  # (B, H, W)
+        strong = fda_source_to_target(batch.tgt_img, batch.src_img, self.cfg.uda_beta)  # (B, 3, H, W)
+        log_q = F.log_softmax(upsample(self.teacher(strong)["out"], tuple(t_tgt.shape[-2:])), dim=1)
+        return (-(probs * log_q).sum(dim=1) * mask).mean()
+
+    def stateful(self) -> dict[str, Any]:
+        return {**super().stateful(), "teacher": self.teacher_raw, "opt_teacher": self.t_opt,
+                "reward_baseline": self.baseline}

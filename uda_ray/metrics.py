@@ -1,0 +1,66 @@
+"""Confusion matrix -> mIoU, per-class IoU, pixel accuracy; summed across DDP workers."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from uda_ray.data.labels import CLASSES, IGNORE, MIOU13_CLASSES, MIOU16_CLASSES
+
+
+class ConfusionMatrix:
+    """Accumulates a (C, C) matrix: rows = ground truth, columns = prediction; 255 is ignored."""
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu") -> None:
+        self.num_classes = num_classes
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """pred, target: (B, H, W) int64 train ids of the same shape."""
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(target.shape)} differ")
+        keep = target != IGNORE
+        idx = target[keep] * self.num_classes + pred[keep]
+        self.mat += torch.bincount(idx, minlength=self.num_classes**2).reshape(self.mat.shape)
+
+    def all_reduce(self) -> None:
+        """Sum the matrix over all DDP processes (no-op when not distributed)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.mat)
+
+    def compute(self) -> dict[str, float]:
+        return metrics_from_confusion(self.mat)
+
+
+def iou_per_class(mat: torch.Tensor) -> torch.Tensor:
+    """IoU_c = TP / (TP + FP + FN); NaN for classes absent from both labels and predictions."""
+    mat = mat.double()
+    tp = mat.diag()
+    denom = mat.sum(0) + mat.sum(1) - tp
+    return torch.where(denom > 0, tp / denom.clamp(min=1), torch.full_like(tp, float("nan")))
+
+
+def metrics_from_confusion(mat: torch.Tensor, class_names: tuple[str, ...] = CLASSES) -> dict[str, float]:
+    """mIoU (over classes present in labels or predictions), mIoU-16 / -13, pixel accuracy, IoU per class.
+
+    Values are fractions in [0, 1]. Keys: miou, miou16, miou13, pixel_acc, iou/<class>.
+    """
+    mat = mat.cpu()
+    iou = iou_per_class(mat)
+    total = mat.sum().item()
+    out = {
+        "miou": _nanmean(iou),
+        "pixel_acc": (mat.diag().sum().item() / total) if total else float("nan"),
+    }
+    if mat.shape[0] == len(CLASSES):
+        out["miou16"] = _nanmean(iou[list(MIOU16_CLASSES)])
+        out["miou13"] = _nanmean(iou[list(MIOU13_CLASSES)])
+    names = class_names if len(class_names) == mat.shape[0] else tuple(str(i) for i in range(mat.shape[0]))
+    for name, v in zip(names, iou.tolist()):
+        out[f"iou/{name}"] = v
+    return out
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    x = x[~torch.isnan(x)]
+    return x.mean().item() if x.numel() else float("nan")

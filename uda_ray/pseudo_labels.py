@@ -1,0 +1,197 @@
+"""Class-wise confidence-thresholded pseudo-labels, as in BDL (Li et al., "Bidirectional Learning for Domain
+Adaptation of Semantic Segmentation", CVPR 2019; percentile 0.5) and FDA-MBT (Yang & Soatto, CVPR 2020;
+percentile 0.66, softmaxes of three models averaged).
+
+Per class c: threshold_c = the `percentile` confidence of the pixels predicted as c over the whole target
+train set, capped at `cap` (0.9); pixels below their class's threshold become 255 (ignored).
+
+Percentile, as both originals compute it ("nearest rank"): sort the n confidences ascending and take index
+round(n * percentile), round half to even (numpy's np.round, Python's round). The originals index out of range
+when that rounds to n (e.g. n = 1, percentile 0.66); we clip the index to n - 1. Classes never predicted get
+`cap` (the originals use 0; no pixel is ever compared against it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from uda_ray.data.labels import IGNORE
+from uda_ray.methods.base import upsample
+
+log = logging.getLogger(__name__)
+
+IMG_SUFFIX = "_leftImg8bit.png"
+LBL_SUFFIX = "_gtFine_labelTrainIds.png"
+
+
+def _check(percentile: float, cap: float) -> None:
+    if not 0.0 <= percentile <= 1.0:
+        raise ValueError(f"percentile must be in [0, 1], got {percentile}")
+    if not 0.0 < cap <= 1.0:
+        raise ValueError(f"cap must be in (0, 1], got {cap}")
+
+
+def _nearest_rank(below_cap: Tensor, n: int, percentile: float, cap: float) -> float:
+    """The percentile of n confidences of which only those < cap are given (the rest sort after them)."""
+    if n == 0:
+        return cap
+    k = min(round(n * percentile), n - 1)  # 0-based rank in ascending order
+    if k >= below_cap.numel():
+        return cap  # the k-th value is >= cap: capped
+    return float(torch.kthvalue(below_cap.float().cpu(), k + 1).values)
+
+
+def class_thresholds(probs_max: Tensor, preds: Tensor, num_classes: int, percentile: float = 0.5,
+                     cap: float = 0.9) -> Tensor:
+    """Per-class thresholds (C,) float32 from the confidences probs_max (N,) of pixels predicted preds (N,)."""
+    _check(percentile, cap)
+    conf, pred = probs_max.flatten(), preds.flatten()
+    out = torch.full((num_classes,), cap, dtype=torch.float32)
+    for c in range(num_classes):
+        x = conf[pred == c]  # (n_c,)
+        out[c] = _nearest_rank(x[x < cap], x.numel(), percentile, cap)
+    return out
+
+
+def mask_below(conf: Tensor, pred: Tensor, thresholds: Tensor) -> Tensor:
+    """Labels (same shape as pred, int64): pred where conf >= threshold[pred], else 255."""
+    thr = thresholds.to(conf.device, conf.dtype)[pred]  # (...,) the threshold of each pixel's class
+    return torch.where(conf < thr, torch.full_like(pred, IGNORE), pred).long()
+
+
+def apply_thresholds(probs: Tensor, thresholds: Tensor) -> Tensor:
+    """probs (B, C, H, W) -> pseudo-labels (B, H, W) int64: argmax, 255 where max prob < its class threshold."""
+    conf, pred = probs.max(dim=1)  # (B, H, W) each
+    return mask_below(conf, pred, thresholds)
+
+
+@torch.no_grad()
+def ensemble_probs(models: list[nn.Module], img: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+    """Mean softmax (B, C, h, w) of the models' main logits on img (B, 3, H, W) in 0..255, as FDA-MBT.
+
+    With `size`, the mean probabilities are upsampled bilinearly (align_corners=True) to it, as BDL and FDA do
+    (they upsample softmaxes, not logits). Models are used in whatever mode they are in (generate sets eval).
+    """
+    probs = torch.stack([F.softmax(m(img)["out"].float(), dim=1) for m in models]).mean(0)  # (B, C, h, w)
+    return upsample(probs, size) if size is not None else probs
+
+
+def label_path(name: str) -> PurePosixPath:
+    """Image name "train/CITY/CITY_x_y_leftImg8bit.png" -> "gtFine/train/CITY/CITY_x_y_gtFine_labelTrainIds.png"."""
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts:
+        raise ValueError(f"image name must be a relative path inside the dataset, got {name!r}")
+    stem = p.name[: -len(IMG_SUFFIX)] if p.name.endswith(IMG_SUFFIX) else p.stem
+    return PurePosixPath("gtFine") / p.parent / (stem + LBL_SUFFIX)
+
+
+def _predictions(models: list[nn.Module], dataset: Dataset, device: torch.device, num_workers: int):
+    """Yield (name, conf (H, W) float32, pred (H, W) int64, C) per item, at its label resolution, on device."""
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers)
+    for i, item in enumerate(loader):
+        img = torch.as_tensor(item["img"]).float().to(device)[None]  # (1, 3, H, W)
+        lbl = item.get("lbl")
+        size = tuple(lbl.shape[-2:]) if lbl is not None else tuple(img.shape[-2:])
+        probs = ensemble_probs(models, img, size)[0]  # (C, H, W)
+        conf, pred = probs.max(dim=0)  # (H, W) each
+        if (i + 1) % 100 == 0:
+            log.info("pseudo-labels: %d / %d images", i + 1, len(dataset))
+        yield item["name"], conf, pred, probs.shape[0]
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished tmp folder to out_dir, replacing an older one (readers never see a half-written one)."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def generate(models: list[nn.Module], dataset: Dataset, out_dir: str | Path, percentile: float = 0.5,
+             cap: float = 0.9, device: torch.device | str = "cpu", source_desc: dict | None = None,
+             num_workers: int = 0) -> dict[str, Any]:
+    """Pseudo-label a target train set with one model or an ensemble (mean softmax) and write it as a label folder.
+
+    Items of `dataset`: {"img": float (3, H, W) 0..255, "lbl": (H, W) (only its size is used: the output
+    resolution), "name": "train/CITY/CITY_x_y_leftImg8bit.png"}. Two inference passes: the first counts the
+    pixels predicted per class and keeps the confidences below `cap` (4 bytes each; the thresholds need only
+    those, see `_nearest_rank`), the second writes uint8 train-id PNGs under out_dir/gtFine/... and
+    out_dir/manifest.json. The models are moved to `device` and set to eval mode. Written into a temporary
+    sibling folder, then moved into place. Returns the manifest.
+    """
+    _check(percentile, cap)
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    for m in models:
+        m.to(device).eval()
+    counts: Tensor | None = None  # (C,) pixels predicted per class
+    below_pred: list[Tensor] = []  # per image: (n_i,) uint8 classes of the pixels with conf < cap
+    below_conf: list[Tensor] = []  # (n_i,) float32 their confidences
+    for _, conf, pred, num_classes in _predictions(models, dataset, device, num_workers):
+        if counts is None:
+            counts = torch.zeros(num_classes, dtype=torch.int64)
+        counts += torch.bincount(pred.flatten().cpu(), minlength=len(counts))
+        keep = conf < cap
+        below_pred.append(pred[keep].to(torch.uint8).cpu())
+        below_conf.append(conf[keep].cpu())
+    if counts is None:
+        raise ValueError("pseudo-labels: the dataset is empty")
+    all_pred, all_conf = torch.cat(below_pred), torch.cat(below_conf)
+    del below_pred, below_conf
+    thresholds = torch.tensor([_nearest_rank(all_conf[all_pred == c], int(counts[c]), percentile, cap)
+                               for c in range(len(counts))], dtype=torch.float32)  # (C,)
+    del all_pred, all_conf
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    kept = torch.zeros_like(counts)
+    n_images = 0
+    try:
+        for name, conf, pred, _ in _predictions(models, dataset, device, num_workers):
+            lbl = mask_below(conf, pred, thresholds).cpu()  # (H, W) int64, 255 = below threshold
+            kept += torch.bincount(lbl[lbl != IGNORE], minlength=len(counts))
+            path = tmp / label_path(name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(lbl.numpy().astype(np.uint8)).save(path)
+            n_images += 1
+        total = int(counts.sum())
+        manifest = {
+            "format": 1,
+            "model": source_desc or {},
+            "percentile": percentile,
+            "cap": cap,
+            "num_classes": len(counts),
+            "thresholds": [float(t) for t in thresholds],
+            "num_images": n_images,
+            "pixels": total,
+            "pixels_predicted_per_class": [int(c) for c in counts],
+            "pixels_kept_per_class": [int(c) for c in kept],
+            "ignored_fraction": 1.0 - int(kept.sum()) / max(total, 1),
+            "percentile_method": "nearest rank: ascending sort, index round_half_even(n * percentile), "
+                                 "clipped to n - 1 (BDL / FDA)",
+            "probs": "mean softmax of the models, bilinear (align_corners) upsampled to the label size",
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("pseudo-labels: %d images -> %s (%.1f%% ignored)", n_images, out_dir,
+             100 * manifest["ignored_fraction"])
+    return manifest

@@ -1,0 +1,242 @@
+"""Parquet results tables: `trials`, `evals`, `class_iou` — written durably, queried afterwards.
+
+Each table is one Parquet file under <sweep>/results/, rewritten atomically (temporary file, fsync,
+os.replace) whenever a result arrives, with rows keyed (trial) / (trial, step) / (trial, step, class):
+a reader never sees a half-written file, a crash loses at most the result in flight, and a resumed sweep
+that reports a step again replaces its row instead of duplicating it. Plain pyarrow / pandas / polars /
+DuckDB read them without uda_ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from uda_ray.config import build_experiment, experiment_dict, flatten
+
+SCHEMA_VERSION = 1
+TABLES = {"trials": ("trial_id",), "evals": ("trial_id", "step"), "class_iou": ("trial_id", "step", "class_name")}
+REPORTED_PREFIXES = ("val/", "train/", "time/", "model/")
+
+
+def _atomic_write(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _cell(v: Any) -> Any:
+    """Parquet-friendly scalar: lists/dicts as JSON text, NaN kept as float."""
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v)
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
+        return v.item()
+    return v
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    """Rows with possibly different keys -> one table over the union of columns (missing = null)."""
+    cols: dict[str, None] = {}
+    for r in rows:
+        cols.update(dict.fromkeys(r))
+    data = {c: [_cell(r.get(c)) for r in rows] for c in cols}
+    arrays = {}
+    for c, vals in data.items():
+        try:
+            arrays[c] = pa.array(vals)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types in one column: keep as text
+            arrays[c] = pa.array([None if v is None else str(v) for v in vals])
+    return pa.table(arrays) if arrays else pa.table({})
+
+
+class TableStore:
+    """In-memory keyed rows of the three tables, mirrored to <dir>/<table>.parquet on every flush."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+        self.rows: dict[str, dict[tuple, dict]] = {t: {} for t in TABLES}
+        for t, key in TABLES.items():
+            p = self.dir / f"{t}.parquet"
+            if p.exists():
+                for r in pq.read_table(p).to_pylist():
+                    self.rows[t][tuple(r[k] for k in key)] = r
+
+    def upsert(self, table: str, rows: Iterable[dict]) -> None:
+        key = TABLES[table]
+        for r in rows:
+            self.rows[table][tuple(r[k] for k in key)] = r
+
+    def flush(self, tables: Iterable[str] = tuple(TABLES)) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for t in tables:
+            _atomic_write(rows_to_table(list(self.rows[t].values())), self.dir / f"{t}.parquet")
+
+
+def read_table(results_dir: Path, table: str) -> list[dict]:
+    p = Path(results_dir) / f"{table}.parquet"
+    return pq.read_table(p).to_pylist() if p.exists() else []
+
+
+def versions() -> dict[str, str]:
+    import torch
+
+    import uda_ray
+
+    out = {"uda_ray_version": uda_ray.__version__, "torch_version": torch.__version__}
+    try:
+        import ray
+
+        out["ray_version"] = ray.__version__
+    except ImportError:  # pragma: no cover
+        out["ray_version"] = None
+    return out
+
+
+def eval_rows(sweep: str, trial_id: str, result: dict) -> tuple[dict, list[dict]]:
+    """One `evals` row and the `class_iou` rows of one reported result."""
+    step = int(result["step"])
+    base = {"schema_version": SCHEMA_VERSION, "sweep": sweep, "trial_id": trial_id, "step": step}
+    ev = dict(base)
+    ious = []
+    for k, v in result.items():
+        if k.startswith("val/iou/"):
+            ious.append({**base, "class_name": k[len("val/iou/"):], "iou": v})
+        elif k.startswith(REPORTED_PREFIXES):
+            ev[k] = v
+    ev["checkpoint_path"] = result.get("checkpoint_path")
+    ev["reported_at"] = time.time()
+    return ev, ious
+
+
+class TrialSummary:
+    """Builds a `trials` row from the config and every eval reported so far."""
+
+    def __init__(self, sweep: str, trial_id: str, experiment: dict, params: dict, metric: str, mode: str,
+                 search_seed: int | None) -> None:
+        self.row: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION, "sweep": sweep, "trial_id": trial_id, "status": "pending",
+            "method": experiment["method"], "model": experiment["model"]["name"],
+            "source": experiment["data"]["source"], "target": experiment["data"]["target"],
+            "seed": experiment["seed"], "max_steps": experiment["train"]["max_steps"],
+            "objective": metric, "mode": mode, "search_seed": search_seed,
+            "params": json.dumps(params, sort_keys=True), "config_json": json.dumps(experiment),
+            **{f"config.{k}": v for k, v in flatten(experiment).items()},
+            **versions(), "started_at": time.time(),
+        }
+
+    @staticmethod
+    def from_row(row: dict) -> "TrialSummary":
+        s = TrialSummary.__new__(TrialSummary)
+        s.row = dict(row)
+        return s
+
+    def update(self, evals: list[dict]) -> dict:
+        """Recompute best / final values from all of this trial's eval rows."""
+        metric, mode = self.row["objective"], self.row["mode"]
+        evals = sorted(evals, key=lambda r: r["step"])
+        scored = [r for r in evals if r.get(metric) is not None and r[metric] == r[metric]]
+        if scored:
+            best = (max if mode == "max" else min)(scored, key=lambda r: r[metric])
+            last = evals[-1]
+            self.row.update({
+                "best_value": best[metric], "best_step": best["step"],
+                "best_checkpoint": best.get("checkpoint_path"),
+                "final_value": last.get(metric), "final_step": last["step"],
+                "last_checkpoint": last.get("checkpoint_path"), "n_evals": len(evals),
+                "wall_time_s": last.get("time/elapsed_s"),
+            })
+            for k in ("val/miou", "val/miou16", "val/miou13", "val/pixel_acc"):
+                if k in best:
+                    self.row[f"best_{k.replace('/', '_')}"] = best[k]
+            for k in ("model/params", "model/gflops", "model/latency_ms", "model/fps"):
+                if k in last:
+                    self.row[k.replace("/", "_")] = last[k]
+        self.row["updated_at"] = time.time()
+        return self.row
+
+
+class ResultsWriter:
+    """Keeps the three tables of one sweep up to date (used by the Tune callback on the driver)."""
+
+    def __init__(self, results_dir: Path, sweep: str, metric: str, mode: str, search_seed: int | None) -> None:
+        self.store = TableStore(results_dir)
+        self.sweep, self.metric, self.mode, self.search_seed = sweep, metric, mode, search_seed
+
+    def _summary(self, trial_id: str, experiment: dict | None, params: dict) -> TrialSummary:
+        row = self.store.rows["trials"].get((trial_id,))
+        if row is not None:
+            return TrialSummary.from_row(row)
+        return TrialSummary(self.sweep, trial_id, experiment or {}, params, self.metric, self.mode,
+                            self.search_seed)
+
+    def _evals_of(self, trial_id: str) -> list[dict]:
+        return [r for k, r in self.store.rows["evals"].items() if k[0] == trial_id]
+
+    def start(self, trial_id: str, experiment: dict, params: dict) -> None:
+        s = self._summary(trial_id, experiment, params)
+        s.row["status"] = "running"
+        self.store.upsert("trials", [s.update(self._evals_of(trial_id))])
+        self.store.flush(["trials"])
+
+    def result(self, trial_id: str, experiment: dict, params: dict, result: dict) -> dict:
+        ev, ious = eval_rows(self.sweep, trial_id, result)
+        self.store.upsert("evals", [ev])
+        self.store.upsert("class_iou", ious)
+        s = self._summary(trial_id, experiment, params)
+        s.row["status"] = "running"
+        row = s.update(self._evals_of(trial_id))
+        self.store.upsert("trials", [row])
+        self.store.flush()
+        return row
+
+    def end(self, trial_id: str, experiment: dict, params: dict, status: str, error: str | None = None) -> dict:
+        s = self._summary(trial_id, experiment, params)
+        row = s.update(self._evals_of(trial_id))
+        if status == "completed" and (row.get("final_step") or 0) < row["max_steps"]:
+            status = "stopped_early"  # ended without reaching max_steps: the scheduler stopped it
+        row["status"] = status
+        row["error"] = error
+        self.store.upsert("trials", [row])
+        self.store.flush(["trials"])
+        return row
+
+
+def experiment_of(base_raw: dict, params: dict) -> dict:
+    from uda_ray.config import apply_overrides
+
+    return experiment_dict(build_experiment(apply_overrides(base_raw, params), "trial"))
+
+
+# ------------------------------------------------------------------------------------------------
+# queries
+
+
+def best_trials(results_dir: Path, metric: str | None = None, mode: str | None = None, top: int = 5,
+                method: str | None = None) -> list[dict]:
+    """Trials ranked by their best value of `metric` (default: the sweep's objective) over all evals."""
+    trials = read_table(results_dir, "trials")
+    if method:
+        trials = [t for t in trials if t["method"] == method]
+    if not trials:
+        return []
+    metric = metric or trials[0]["objective"]
+    mode = mode or trials[0]["mode"]
+    evals = read_table(results_dir, "evals")
+    out = []
+    for t in trials:
+        vals = [(e[metric], e["step"], e.get("checkpoint_path")) for e in evals
+                if e["trial_id"] == t["trial_id"] and e.get(metric) is not None and e[metric] == e[metric]]
+        if not vals:
+            continue
+        v, step, ckpt = (max if mode == "max" else min)(vals, key=lambda x: x[0])
+        out.append({**t, "rank_metric": metric, "rank_value": v, "rank_step": step, "rank_checkpoint": ckpt})
+    out.sort(key=lambda r: r["rank_value"], reverse=(mode == "max"))
+    return out[:top]

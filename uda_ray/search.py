@@ -1,0 +1,304 @@
+"""Search space -> Ray Tune (OptunaSearch + ASHA) -> one TorchTrainer per trial (the Train V2 pattern).
+
+Layout of a sweep under the storage root:
+    <root>/<sweep>/sweep.json        what was asked (space file, seed, objective), status, driver pid
+    <root>/<sweep>/space.yaml        the space file as submitted
+    <root>/<sweep>/tune/             Ray Tune's experiment (restored by `uda-ray resume`)
+    <root>/<sweep>/train/train-<id>/ each trial's Ray Train run: checkpoints, config.yaml
+    <root>/<sweep>/results/          trials / evals / class_iou Parquet tables
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from uda_ray.errors import UserError
+from uda_ray.results import ResultsWriter, experiment_of
+from uda_ray.space import SearchSpace
+
+log = logging.getLogger(__name__)
+TUNE_DIR = "tune"
+
+
+# ------------------------------------------------------------------------------------------------
+# the trial: a Tune function that drives one Ray Train run
+
+
+def trial_driver(config: dict, sweep: dict) -> None:
+    """Runs inside a Tune trial: build the trial's experiment, fit a TorchTrainer named after the trial.
+
+    The name is deterministic (`train-<trial id>`), so a restored trial resumes its Train run from the
+    latest checkpoint instead of starting over.
+    """
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from uda_ray.config import apply_overrides, build_experiment
+    from uda_ray.train import make_trainer
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    params = plain(config["params"])
+    cfg = build_experiment(apply_overrides(sweep["base_raw"], params), f"trial {trial_id}")
+    trainer = make_trainer(cfg, Path(sweep["dir"]) / "train", f"train-{trial_id}",
+                           callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+def plain(d: dict) -> dict:
+    """numpy scalars from samplers -> Python scalars (the strict loader wants real ints/floats)."""
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in d.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Tune pieces (classes are built lazily so importing this module does not import ray)
+
+
+def _tune_domains(space: SearchSpace) -> dict:
+    from ray import tune
+
+    out = {}
+    for k, p in space.params.items():
+        if p.kind == "choice":
+            out[k] = tune.choice(list(p.values))
+        elif p.kind == "int":
+            out[k] = tune.randint(p.values[0], p.values[1] + 1)  # inclusive upper bound
+        elif p.kind == "loguniform":
+            out[k] = tune.loguniform(*p.values)
+        else:
+            out[k] = tune.uniform(*p.values)
+    return {"params": out}
+
+
+def make_searcher(space: SearchSpace, seed: int) -> Any:
+    """OptunaSearch (TPE, seeded) that records trials stopped early by the scheduler as PRUNED."""
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    class PruneAwareOptunaSearch(OptunaSearch):
+        # Tune tells Optuna a trial that ASHA stopped as COMPLETE with its partial value; that feeds
+        # low-fidelity points to TPE and into the Pareto front. A trial that ends before max_steps
+        # without an error was stopped early: tell Optuna it was pruned.
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if isinstance(self.metric, list) or trial_id in self._completed_trials:
+                return
+            v = result.get(self.metric)
+            if v is not None and v == v:  # report by our step, not training_iteration (restarts)
+                self._ot_trials[trial_id].report(v, int(result.get("step", 0)))
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            step = (result or {}).get("step")
+            if not error and trial_id not in self._completed_trials and step is not None \
+                    and step < self.max_steps:
+                self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+                self._completed_trials.add(trial_id)
+                return
+            super().on_trial_complete(trial_id, result, error)
+
+    metrics = [o.metric for o in space.objectives]
+    modes = [o.mode for o in space.objectives]
+    multi = len(metrics) > 1
+    searcher = PruneAwareOptunaSearch(
+        metric=metrics if multi else metrics[0], mode=modes if multi else modes[0],
+        sampler=optuna.samplers.TPESampler(seed=seed) if not multi else optuna.samplers.NSGAIISampler(seed=seed),
+    )
+    searcher.max_steps = space.base.train.max_steps
+    return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent_trials)
+
+
+def make_scheduler(space: SearchSpace) -> Any:
+    if not (space.scheduler and space.scheduler.asha):
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    a = space.scheduler.asha
+    return ASHAScheduler(
+        time_attr="step",  # our reported step; training_iteration restarts at 1 after a restore
+        metric=space.metric, mode=space.mode, max_t=space.base.train.max_steps,
+        grace_period=a.grace_period, reduction_factor=a.reduction_factor,
+        stop_last_trials=False,  # trials that reach max_steps end by themselves, as completed
+    )
+
+
+def make_callbacks(sweep: dict, writer_args: dict) -> list:
+    from ray import tune
+
+    class ResultsCallback(tune.Callback):
+        """Writes the Parquet tables on the driver as results arrive, and prints a concise live view."""
+
+        def __init__(self) -> None:
+            self.writer: ResultsWriter | None = None
+            self.t0 = time.time()
+
+        def setup(self, **info: Any) -> None:
+            self.writer = ResultsWriter(**writer_args)  # reloads existing tables on resume
+
+        def _exp(self, trial: Any) -> tuple[dict, dict]:
+            params = plain(trial.config["params"])
+            return experiment_of(sweep["base_raw"], params), params
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.writer.start(trial.trial_id, *self._exp(trial))
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            if "step" not in result:
+                return
+            self.writer.result(trial.trial_id, *self._exp(trial), result)
+            self._line(trials, f"{trial.trial_id} step {int(result['step'])}: "
+                               f"{writer_args['metric']}={result.get(writer_args['metric'], float('nan')):.4f}")
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            row = self.writer.end(trial.trial_id, *self._exp(trial), "completed")
+            self._line(trials, f"{trial.trial_id} {row['status'].replace('_', ' ')}")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.writer.end(trial.trial_id, *self._exp(trial), "errored", _error_text(trial))
+            self._line(trials, f"{trial.trial_id} errored: {_error_text(trial)}")
+
+        def _line(self, trials: list, what: str) -> None:
+            rows = self.writer.store.rows["trials"].values()
+            n = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped_early", "errored")}
+            running = sum(r["status"] == "running" for r in rows)
+            scored = [r for r in rows if r.get("best_value") is not None]
+            best = ""
+            if scored:
+                b = (max if writer_args["mode"] == "max" else min)(scored, key=lambda r: r["best_value"])
+                best = f" | best {b['best_value']:.4f} ({b['trial_id']}: {_short_params(b['params'])})"
+            print(f"[{time.time() - self.t0:6.0f}s] {n['completed']} done, {running} running, "
+                  f"{n['stopped_early']} stopped early, {n['errored']} errored{best} | {what}", flush=True)
+
+    return [ResultsCallback()]
+
+
+def _short_params(params_json: str) -> str:
+    p = json.loads(params_json)
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
+
+
+def _error_text(trial: Any) -> str:
+    try:
+        path = Path(trial.local_path) / "error.txt"
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        return lines[-1][:300] if lines else "unknown error"
+    except Exception:  # noqa: BLE001 - best effort: the full error is in the trial's folder
+        return "see the trial's error.txt"
+
+
+# ------------------------------------------------------------------------------------------------
+# cluster
+
+
+def check_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail fast with one line when a cluster address cannot be reached (ray.init would retry long)."""
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address}: expected HOST:PORT (or ray://HOST:PORT)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """A new local cluster when no address is given (the embedded default), else the user's cluster."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    check_address(address)
+    logging.getLogger("ray").setLevel(logging.ERROR)  # full logs stay in Ray's session folder
+    kwargs: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.WARNING)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # The Train cleaner asks the State API of "the" cluster; with several Ray instances on one host it
+        # must be pointed at ours, so pick the dashboard port first and export it before the start.
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, **kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# sweeps
+
+
+def sweep_context(space: SearchSpace, sweep_dir: Path) -> dict:
+    return {"base_raw": space.base_raw, "dir": str(sweep_dir)}
+
+
+def build_tuner(space: SearchSpace, sweep_dir: Path, seed: int, restore: bool = False) -> Any:
+    from ray import tune
+
+    sweep = sweep_context(space, sweep_dir)
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, sweep=sweep), {"cpu": space.driver_cpus})
+    tune_path = sweep_dir / TUNE_DIR
+    if restore:
+        return tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False)
+    writer_args = dict(results_dir=sweep_dir / "results", sweep=sweep_dir.name, metric=space.metric,
+                       mode=space.mode, search_seed=seed)
+    param_space = _tune_domains(space)
+    if "train.max_steps" in space.params:
+        raise UserError("train.max_steps cannot be searched: ASHA needs one budget per sweep")
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=make_searcher(space, seed), scheduler=make_scheduler(space),
+                                    num_samples=space.num_samples,
+                                    max_concurrent_trials=space.max_concurrent_trials),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR, storage_path=str(sweep_dir), callbacks=make_callbacks(sweep, writer_args),
+            verbose=0, failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+
+
+def run(tuner: Any) -> Any:
+    """Fit, muting Tune's own console tables (the ResultsCallback prints the live view)."""
+    import optuna
+
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # with verbose=0 the legacy reporter prints nothing
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return tuner.fit()
+
+
+def write_meta(sweep_dir: Path, meta: dict) -> None:
+    tmp = sweep_dir / ".sweep.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, sweep_dir / "sweep.json")
+
+
+def read_meta(sweep_dir: Path) -> dict:
+    return json.loads((sweep_dir / "sweep.json").read_text())
+
+
+def driver_alive(meta: dict) -> bool:
+    if meta.get("host") != socket.gethostname() or not meta.get("pid"):
+        return False
+    try:
+        os.kill(meta["pid"], 0)
+    except OSError:
+        return False
+    return meta["pid"] != os.getpid()
+
+
+def sweep_status_after(grid: Any) -> str:
+    errors = getattr(grid, "num_errors", 0)
+    return "completed" if not errors else "completed_with_errors"
+

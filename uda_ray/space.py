@@ -1,0 +1,192 @@
+"""Search-space YAML -> a validated SearchSpace (no Ray here: loading and sampling are testable offline).
+
+```yaml
+base: ../experiments/x.yaml            # the experiment every trial starts from (relative to this file)
+set: {train.max_steps: 300}            # optional fixed overrides of the base
+objective: {metric: val/miou, mode: max}   # or a list of them for a Pareto search
+num_samples: 8
+max_concurrent_trials: 1
+seed: 0                                # Optuna TPE seed; omit for a fresh one per sweep (recorded)
+scheduler: {asha: {grace_period: 100, reduction_factor: 3}}   # or null
+params:
+  optim.lr: {loguniform: [1.0e-4, 5.0e-2]}
+  method: {choice: [source_only, target_only]}
+```
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from uda_ray.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    build,
+    build_experiment,
+    load_raw,
+    read_yaml,
+)
+
+KINDS = ("uniform", "loguniform", "int", "choice")
+
+
+@dataclass(frozen=True)
+class Param:
+    kind: str
+    values: tuple  # (low, high) or the choices
+
+    def sample(self, rng: random.Random) -> Any:
+        import math
+
+        if self.kind == "choice":
+            return rng.choice(self.values)
+        lo, hi = self.values
+        if self.kind == "int":
+            return rng.randint(lo, hi)
+        if self.kind == "loguniform":
+            return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        return rng.uniform(lo, hi)
+
+    def corners(self) -> list[Any]:
+        return list(self.values)
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str = "val/miou"
+    mode: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("max", "min"):
+            raise ConfigError(f"objective mode must be 'max' or 'min', got '{self.mode}'")
+
+
+@dataclass(frozen=True)
+class ASHAConfig:
+    grace_period: int = 100
+    reduction_factor: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.grace_period < 1 or self.reduction_factor <= 1:
+            raise ConfigError("scheduler.asha: grace_period must be >= 1 and reduction_factor > 1")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    asha: ASHAConfig | None = None
+
+
+@dataclass(frozen=True)
+class _SpaceFile:
+    base: str
+    params: dict = field(default_factory=dict)
+    set: dict = field(default_factory=dict)
+    objective: Any = None
+    num_samples: int = 8
+    max_concurrent_trials: int = 1
+    seed: int | None = None
+    scheduler: SchedulerConfig | None = None
+    driver_cpus: float = 0.25
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    path: str
+    base_raw: dict  # base experiment with `set` applied, not yet sampled
+    base: ExperimentConfig
+    params: dict[str, Param]
+    objectives: tuple[Objective, ...]
+    num_samples: int
+    max_concurrent_trials: int
+    seed: int | None
+    scheduler: SchedulerConfig | None
+    driver_cpus: float
+
+    @property
+    def metric(self) -> str:
+        return self.objectives[0].metric
+
+    @property
+    def mode(self) -> str:
+        return self.objectives[0].mode
+
+    def experiment(self, sample: dict[str, Any], source: str = "trial") -> ExperimentConfig:
+        """The experiment of one sample: the same override path as `--set`."""
+        return build_experiment(apply_overrides(self.base_raw, sample), source)
+
+
+def _parse_param(key: str, spec: Any, source: str) -> Param:
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"{source}: params.{key} must be one of {{{' | '.join(KINDS)}: ...}}, got {spec!r}")
+    ((kind, vals),) = spec.items()
+    if kind not in KINDS:
+        raise ConfigError(f"{source}: params.{key}: unknown kind '{kind}' (valid: {', '.join(KINDS)})")
+    if kind == "choice":
+        if not isinstance(vals, list) or not vals:
+            raise ConfigError(f"{source}: params.{key}: choice needs a non-empty list")
+        return Param(kind, tuple(vals))
+    if not isinstance(vals, list) or len(vals) != 2 or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals
+    ):
+        raise ConfigError(f"{source}: params.{key}: {kind} needs [low, high], got {vals!r}")
+    lo, hi = vals
+    if kind == "int" and not (isinstance(lo, int) and isinstance(hi, int)):
+        raise ConfigError(f"{source}: params.{key}: int bounds must be integers, got {vals!r}")
+    if not lo < hi:
+        raise ConfigError(f"{source}: params.{key}: empty or inverted range [{lo}, {hi}]")
+    if kind == "loguniform" and lo <= 0:
+        raise ConfigError(f"{source}: params.{key}: loguniform needs low > 0, got {lo}")
+    return Param(kind, (lo, hi))
+
+
+def load_space(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchSpace:
+    """Load and fully validate a search space: every corner of every param must give a valid experiment."""
+    p = Path(path)
+    raw = read_yaml(p)
+    if "base" not in raw:
+        raise ConfigError(f"{p}: missing required key 'base' (the experiment file every trial starts from)")
+    sf = build(_SpaceFile, raw, str(p))
+    base_path = p.parent / sf.base if not Path(sf.base).is_absolute() else Path(sf.base)
+    if not base_path.is_file() and Path(sf.base).is_file():
+        base_path = Path(sf.base)
+    if not base_path.is_file():
+        raise ConfigError(f"{p}: base experiment '{sf.base}' not found (looked at {base_path})")
+    base_raw = apply_overrides(load_raw(base_path), {**sf.set, **(overrides or {})})
+    base_raw.setdefault("name", base_path.stem)
+    base = build_experiment(base_raw, str(base_path))
+
+    objs = sf.objective if isinstance(sf.objective, list) else [sf.objective or {}]
+    objectives = tuple(build(Objective, o, str(p), "objective.") for o in objs)
+    if not objectives:
+        raise ConfigError(f"{p}: objective list is empty")
+    if sf.num_samples < 1:
+        raise ConfigError(f"{p}: num_samples must be >= 1, got {sf.num_samples}")
+    if sf.max_concurrent_trials < 1:
+        raise ConfigError(f"{p}: max_concurrent_trials must be >= 1, got {sf.max_concurrent_trials}")
+    if sf.driver_cpus <= 0:
+        raise ConfigError(f"{p}: driver_cpus must be > 0 (Ray refuses zero)")
+    if sf.scheduler and sf.scheduler.asha and sf.scheduler.asha.grace_period > base.train.max_steps:
+        raise ConfigError(f"{p}: scheduler.asha.grace_period exceeds train.max_steps ({base.train.max_steps})")
+    params = {k: _parse_param(k, v, str(p)) for k, v in (sf.params or {}).items()}
+    space = SearchSpace(str(p), base_raw, base, params, objectives, sf.num_samples, sf.max_concurrent_trials,
+                        sf.seed, sf.scheduler, sf.driver_cpus)
+    for key, prm in params.items():  # each corner, the others at their first corner
+        for v in prm.corners():
+            sample = {k: q.corners()[0] for k, q in params.items()}
+            sample[key] = v
+            space.experiment(sample, f"{p}: params.{key}={v!r}")
+    return space
+
+
+def sample(space: SearchSpace, n: int, seed: int = 0) -> list[tuple[dict[str, Any], ExperimentConfig]]:
+    """`n` random samples with their validated experiments (tests sample every shipped file this way)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        s = {k: p.sample(rng) for k, p in space.params.items()}
+        out.append((s, space.experiment(s)))
+    return out

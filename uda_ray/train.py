@@ -1,0 +1,310 @@
+"""The ONE training loop, run by every Ray Train worker (and in-process by tests and GPU checks).
+
+`fit(cfg, session)` is plain PyTorch: the session supplies rank, device, model wrapping, the latest
+checkpoint and a report function. `RaySession` (Ray Train worker) and `LocalSession` (one process) are the
+two implementations; Ray is imported only inside the Ray pieces.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from uda_ray.config import ExperimentConfig, ModelConfig, build_experiment, dump_yaml, experiment_dict
+from uda_ray.data.loading import build_datasets, train_loader, val_loader
+from uda_ray.methods import METHODS
+from uda_ray.methods.base import Method, UDABatch, set_lr, upsample
+from uda_ray.metrics import ConfusionMatrix
+from uda_ray.models import MODELS
+
+log = logging.getLogger(__name__)
+STATE_FILE = "state.pt"
+
+
+class Session(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+    run_dir: Path
+
+    def wrap(self, module: nn.Module) -> nn.Module: ...
+    def latest_checkpoint(self) -> Path | None: ...
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    return MODELS[cfg.name](num_classes=cfg.num_classes, pretrained=cfg.pretrained, **cfg.kwargs)
+
+
+def build_method(cfg: ExperimentConfig, wrap: Callable | None, device: torch.device | str) -> Method:
+    cls = METHODS[cfg.method]
+    return cls(build_model(cfg.model), cfg.method_cfg, cfg.optim, num_classes=cfg.model.num_classes,
+               wrap=wrap, device=device, model_factory=lambda: build_model(cfg.model),
+               max_steps=cfg.train.max_steps)
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, num_classes: int, device: torch.device) -> dict[str, float]:
+    """Confusion matrix at the label's full resolution (logits upsampled bilinearly), summed over ranks."""
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(num_classes, device)
+    for item in loader:
+        lbl = item["lbl"].to(device)  # (B, H, W) full resolution
+        logits = model(item["img"].to(device))["out"]  # (B, C, h, w)
+        cm.update(upsample(logits, tuple(lbl.shape[-2:])).argmax(1), lbl)
+    cm.all_reduce()
+    model.train(was_training)
+    return cm.compute()
+
+
+def model_profile(model: nn.Module, size_hw: tuple[int, int], device: torch.device) -> dict[str, float]:
+    """Params, GFLOPs (torch's FLOP counter: a multiply-add = 2 FLOPs) and latency of the eval model."""
+    from uda_ray.profile import count_gflops, count_params, measure_latency
+
+    was_training = model.training
+    lat = measure_latency(model, size_hw, device=str(device), warmup=1, iters=3)
+    out = {"model/params": float(count_params(model)), "model/gflops": count_gflops(model, size_hw),
+           "model/latency_ms": lat["latency_ms"], "model/fps": lat["fps"]}
+    model.train(was_training)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather(obj: Any, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    out: list = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save_checkpoint(path: Path, method: Method, step: int, rng: list, cfg: ExperimentConfig) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save({"method": method.state_dict(), "step": step, "rng": rng, "config": experiment_dict(cfg)},
+               path / STATE_FILE)
+
+
+def load_weights(method: Method, path: str | Path) -> None:
+    """Stage start: the segmenter's weights from an earlier run's checkpoint (dir or file)."""
+    p = Path(path)
+    state = torch.load(p / STATE_FILE if p.is_dir() else p, map_location="cpu", weights_only=False)
+    method.model_raw.load_state_dict(state["method"]["model"])
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+
+
+def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
+    """Train `cfg.method` for `cfg.train.max_steps` steps, evaluating and checkpointing every `eval_every`."""
+    tc = cfg.train
+    torch.manual_seed(cfg.seed)  # identical init on every rank
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    device = session.device
+    method = build_method(cfg, session.wrap, device)
+    cls = type(method)
+
+    start = 0
+    ckpt = session.latest_checkpoint()
+    if ckpt is not None:
+        state = torch.load(ckpt / STATE_FILE, map_location=device, weights_only=False)
+        method.load_state_dict(state["method"])
+        start = state["step"]
+        rng = state["rng"]
+        _set_rng_state(rng[session.rank] if len(rng) == session.world_size else rng[0])
+        log.info("resumed from %s at step %d", ckpt, start)
+    elif tc.init_from:
+        load_weights(method, tc.init_from)
+        log.info("initialized from %s", tc.init_from)
+
+    ds = build_datasets(cfg.data, source=cls.uses_source, target=cls.uses_target or cls.uses_target_labels,
+                        target_labels=cls.uses_target_labels)
+    kw = dict(rank=session.rank, world_size=session.world_size, seed=cfg.seed, start_step=start,
+              workers=cfg.data.loader_workers)
+    src_it = train_loader(ds["src"], tc.batch_size, stream=1, **kw) if "src" in ds else None
+    tgt_it = train_loader(ds["tgt"], tc.batch_size, stream=2, **kw) if "tgt" in ds else None
+    val = val_loader(ds["val"], tc.eval_batch_size, rank=session.rank, world_size=session.world_size,
+                     workers=cfg.data.loader_workers)
+
+    if session.rank == 0:
+        session.run_dir.mkdir(parents=True, exist_ok=True)
+        (session.run_dir / "config.yaml").write_text(dump_yaml(experiment_dict(cfg)))
+    profile: dict[str, float] = {}
+    if tc.profile and session.rank == 0:
+        h, w = ds["val"][0]["img"].shape[-2:]
+        profile = model_profile(method.eval_model(), (int(h), int(w)), device)
+
+    sums: dict[str, float] = {}
+    n_sum, t0, t_last = 0, time.time(), time.time()
+    metrics: dict[str, float] = {}
+    for step in range(start, tc.max_steps):
+        for opt in method.optimizers:
+            set_lr(opt, step, tc.max_steps)
+        s = next(src_it) if src_it else None
+        t = next(tgt_it) if tgt_it else None
+        batch = UDABatch(
+            src_img=s["img"] if s else None, src_lbl=s["lbl"] if s else None,
+            tgt_img=t["img"] if t else None,
+            tgt_lbl=t["lbl"] if (t and cls.uses_target_labels) else None,
+        ).to(device)
+        losses = method.train_step(batch, step)
+        for k, v in losses.items():
+            val_ = float(v)
+            if not np.isfinite(val_):
+                raise FloatingPointError(f"{k} became {val_} at step {step} (learning rate too high?)")
+            sums[k] = sums.get(k, 0.0) + val_
+        n_sum += 1
+
+        done = step + 1
+        if done % tc.eval_every == 0 or done == tc.max_steps:
+            ev = evaluate(method.eval_model(), val, cfg.model.num_classes, device)
+            now = time.time()
+            metrics = {
+                "step": done,
+                **{f"val/{k}": v for k, v in ev.items()},
+                **{f"train/{k}": v / max(n_sum, 1) for k, v in sums.items()},
+                "train/lr": method.optimizers[0].param_groups[0]["lr"],
+                "time/elapsed_s": now - t0,
+                "time/step_s": (now - t_last) / max(n_sum, 1),
+                **profile,
+            }
+            sums, n_sum, t_last = {}, 0, now
+            rng = _gather(_rng_state(), session.world_size)
+            tmp = Path(tempfile.mkdtemp(prefix="uda_ray_ckpt_")) if session.rank == 0 else None
+            try:
+                if tmp is not None:
+                    save_checkpoint(tmp, method, done, rng, cfg)
+                session.report(metrics, tmp)
+            finally:
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+    return metrics
+
+
+class LocalSession:
+    """One process, no Ray: checkpoints under run_dir/checkpoints/step_NNNNNN, reports kept in memory."""
+
+    def __init__(self, run_dir: Path, device: str = "cpu") -> None:
+        self.rank, self.world_size = 0, 1
+        self.device = torch.device(device)
+        self.run_dir = Path(run_dir)
+        self.reports: list[dict] = []
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return module.to(self.device)
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted((self.run_dir / "checkpoints").glob("step_*"))
+        return found[-1] if found else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is not None:
+            dest = self.run_dir / "checkpoints" / f"step_{int(metrics['step']):07d}"
+            shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray Train edge
+
+
+class RaySession:
+    """Inside a Ray Train worker."""
+
+    def __init__(self, run_dir: Path) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.run_dir = run_dir
+        self._prepare = ray.train.torch.prepare_model
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return self._prepare(module)
+
+    def latest_checkpoint(self) -> Path | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        local = Path(tempfile.mkdtemp(prefix="uda_ray_restore_"))
+        return Path(ckpt.to_directory(str(local)))
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        name = f"checkpoint_step_{int(metrics['step']):07d}"
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+
+
+def ray_train_worker(config: dict) -> None:
+    """`train_loop_per_worker` of the TorchTrainer: config = {"experiment": dict, "run_dir": str}."""
+    cfg = build_experiment(config["experiment"], "<trial config>")
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    fit(cfg, RaySession(Path(config["run_dir"])))
+
+
+def make_trainer(cfg: ExperimentConfig, storage: Path, name: str, callbacks: list | None = None) -> Any:
+    """A TorchTrainer running `fit` on `cfg.train.num_workers` DDP workers (gloo on CPU, NCCL on GPU)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    tc = cfg.train
+    return TorchTrainer(
+        ray_train_worker,
+        train_loop_config={"experiment": experiment_dict(cfg), "run_dir": str(storage / name)},
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            callbacks=callbacks or [],
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=tc.keep_checkpoints,
+                checkpoint_score_attribute="val/miou",
+                checkpoint_score_order="max",
+            ),
+            # an unsatisfiable worker group fails the run instead of retrying forever
+            failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=1),
+        ),
+    )
