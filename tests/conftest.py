@@ -52,3 +52,28 @@ def make_batch(seed: int = 0, b: int = 2, h: int = 16, w: int = 24, num_classes:
 def tiny_model() -> TinySeg:
     torch.manual_seed(0)
     return TinySeg()
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> "os.PathLike":
+    """A tiny synthetic benchmark (GTA5 + Cityscapes layouts), generated once per test session."""
+    from uda_ray.data.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("synth") / "bench", n_source=12, n_target=12, n_val=4,
+                    size=(64, 32), seed=0)
+
+
+def tiny_experiment(root, **over) -> dict:
+    """A raw experiment dict on the tiny benchmark, small enough for a few CPU steps per test."""
+    raw = {
+        "name": "tiny", "seed": 0,
+        "data": {"source": "gta5", "target": "cityscapes", "source_root": str(root / "gta5"),
+                 "target_root": str(root / "cityscapes"), "source_size": [64, 32], "target_size": [64, 32]},
+        "model": {"name": "bisenet_r18", "num_classes": 19},
+        "optim": {"name": "sgd", "lr": 0.01},
+        "train": {"max_steps": 4, "eval_every": 2, "batch_size": 2, "profile": False},
+        "method": "source_only",
+    }
+    from uda_ray.config import apply_overrides
+
+    return apply_overrides(raw, over)

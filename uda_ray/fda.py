@@ -65,7 +65,8 @@ def fda_source_to_target(src: Tensor, tgt: Tensor, beta: float) -> Tensor:
     if src.dim() != 4 or tgt.dim() != 4 or tgt.shape[0] not in (1, src.shape[0]):
         raise ValueError(f"FDA needs src (B, 3, H, W) and tgt (B or 1, 3, H, W), got {tuple(src.shape)} "
                          f"and {tuple(tgt.shape)}")
-    x, y = src.float(), tgt.float()
+    dtype = torch.promote_types(src.dtype, torch.float32)  # FFT in float32 at least (half in, half out)
+    x, y = src.to(dtype), tgt.to(dtype)
     if y.shape[-2:] != x.shape[-2:]:
         y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
     out = torch.fft.ifft2(mixed_spectrum(x, y, beta))  # (B, 3, H, W) complex, imaginary part ~ 0

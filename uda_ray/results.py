@@ -187,6 +187,9 @@ class ResultsWriter:
         self.store.flush(["trials"])
 
     def result(self, trial_id: str, experiment: dict, params: dict, result: dict) -> dict:
+        """Record one evaluation. A step already recorded (replayed after a resume) keeps its first row."""
+        if (trial_id, int(result["step"])) in self.store.rows["evals"]:
+            return self._summary(trial_id, experiment, params).row
         ev, ious = eval_rows(self.sweep, trial_id, result)
         self.store.upsert("evals", [ev])
         self.store.upsert("class_iou", ious)

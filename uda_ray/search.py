@@ -88,9 +88,12 @@ def make_searcher(space: SearchSpace, seed: int) -> Any:
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             if isinstance(self.metric, list) or trial_id in self._completed_trials:
                 return
-            v = result.get(self.metric)
-            if v is not None and v == v:  # report by our step, not training_iteration (restarts)
-                self._ot_trials[trial_id].report(v, int(result.get("step", 0)))
+            v, step = result.get(self.metric), int(result.get("step", 0))
+            reported = self.__dict__.setdefault("_reported_steps", set())
+            if v is not None and v == v and (trial_id, step) not in reported:
+                # by our step, not training_iteration (it restarts at 1 after a restore)
+                self._ot_trials[trial_id].report(v, step)
+                reported.add((trial_id, step))
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             step = (result or {}).get("step")

@@ -111,10 +111,11 @@ def _gather(obj: Any, world_size: int) -> list:
     return out
 
 
-def save_checkpoint(path: Path, method: Method, step: int, rng: list, cfg: ExperimentConfig) -> None:
+def save_checkpoint(path: Path, method: Method, step: int, rng: list, cfg: ExperimentConfig,
+                    metrics: dict[str, Any]) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    torch.save({"method": method.state_dict(), "step": step, "rng": rng, "config": experiment_dict(cfg)},
-               path / STATE_FILE)
+    torch.save({"method": method.state_dict(), "step": step, "rng": rng, "config": experiment_dict(cfg),
+                "metrics": metrics}, path / STATE_FILE)
 
 
 def load_weights(method: Method, path: str | Path) -> None:
@@ -147,6 +148,10 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
         rng = state["rng"]
         _set_rng_state(rng[session.rank] if len(rng) == session.world_size else rng[0])
         log.info("resumed from %s at step %d", ckpt, start)
+        if getattr(session, "replay_on_resume", False) and state.get("metrics"):
+            # The driver may have died after this checkpoint was persisted but before its result reached
+            # the results tables: report it again (the tables keep one row per step).
+            session.report(state["metrics"], None)
     elif tc.init_from:
         load_weights(method, tc.init_from)
         log.info("initialized from %s", tc.init_from)
@@ -207,7 +212,7 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
             tmp = Path(tempfile.mkdtemp(prefix="uda_ray_ckpt_")) if session.rank == 0 else None
             try:
                 if tmp is not None:
-                    save_checkpoint(tmp, method, done, rng, cfg)
+                    save_checkpoint(tmp, method, done, rng, cfg, metrics)
                 session.report(metrics, tmp)
             finally:
                 if tmp is not None:
@@ -244,6 +249,8 @@ class LocalSession:
 
 class RaySession:
     """Inside a Ray Train worker."""
+
+    replay_on_resume = True
 
     def __init__(self, run_dir: Path) -> None:
         import ray.train

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,19 +25,20 @@ GTA5_LAYOUT = "a GTA5 layout images/NNNNN.png + labels/NNNNN.png"
 CITYSCAPES_LAYOUT = ("a Cityscapes layout leftImg8bit/{split}/CITY/*_leftImg8bit.png"
                      " + gtFine/{split}/CITY/*_gtFine_labelIds.png")
 SYNTHIA_LAYOUT = "a SYNTHIA-RAND-CITYSCAPES layout RGB/NNNNNNN.png + GT/LABELS/NNNNNNN.png"
+CITYSCAPES_SUFFIX = "_leftImg8bit.png"
+PSEUDO_SUFFIX = "_gtFine_labelTrainIds.png"
 
 
 def pseudo_label_path(label_root: Path, name: str) -> Path:
     """Where the train-id pseudo-label of the image `name` (a dataset item's "name") lives.
 
-    Cityscapes images map to `label_root/gtFine/{split}/CITY/*_gtFine_labelTrainIds.png`; the flat
-    layouts (GTA5, SYNTHIA) to `label_root/<image file name>`.
+    Cityscapes "train/CITY/X_leftImg8bit.png" -> `label_root/gtFine/train/CITY/X_gtFine_labelTrainIds.png`
+    (the layout uda_ray.pseudo_labels writes); flat layouts (GTA5, SYNTHIA) -> `label_root/<name>`.
     """
-    parts = Path(name).parts
-    if parts and parts[0] == "leftImg8bit":
-        stem = parts[-1].removesuffix("_leftImg8bit.png")
-        return Path(label_root, "gtFine", *parts[1:-1], f"{stem}_gtFine_labelTrainIds.png")
-    return Path(label_root, parts[-1])
+    p = Path(name)
+    if p.name.endswith(CITYSCAPES_SUFFIX):
+        return Path(label_root, "gtFine", p.parent, p.name.removesuffix(CITYSCAPES_SUFFIX) + PSEUDO_SUFFIX)
+    return Path(label_root, p)
 
 
 def _require_dir(root: Path, sub: str, layout: str) -> Path:
@@ -62,20 +64,27 @@ def _read_8bit(path: Path) -> np.ndarray:
 def _read_synthia(path: Path) -> np.ndarray:
     """The first stored channel of a (16-bit, multi-channel) SYNTHIA label PNG."""
     try:
-        t = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)  # (C, H, W)
+        with warnings.catch_warnings():  # torchvision >= 0.29 flags its image codecs as deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            t = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)  # (C, H, W)
     except RuntimeError as e:
         raise DatasetError(f"cannot decode SYNTHIA label {path}: {e}") from None
     return t[0].to(torch.int32).numpy()
 
 
 class SegDataset(Dataset):
-    """Image/label pairs. `dataset[i]` or `dataset[(i, aug_seed)]` -> {"img", "lbl", "name"}."""
+    """Image/label pairs. `dataset[i]` or `dataset[(i, aug_seed)]` -> {"img", "lbl", "name"}.
 
-    def __init__(self, root: Path, items: list[tuple[Path, Path]], transform: Transform | None,
-                 read_raw: Callable[[Path], np.ndarray], lut: np.ndarray, train_ids: bool, layout: str):
+    "name" is the image path relative to the image folder (`images/`, `RGB/`, `leftImg8bit/`), as in the
+    originals' list files: "00001.png", "train/CITY/CITY_000000_000001_leftImg8bit.png".
+    """
+
+    def __init__(self, root: Path, image_dir: Path, items: list[tuple[Path, Path]],
+                 transform: Transform | None, read_raw: Callable[[Path], np.ndarray], lut: np.ndarray,
+                 train_ids: bool, layout: str):
         if not items:
             raise DatasetError(f"dataset folder {root} has no image/label pairs: expected {layout}")
-        self.root, self.items, self.transform = root, items, transform
+        self.root, self.image_dir, self.items, self.transform = root, image_dir, items, transform
         self._read_raw, self._lut, self._train_ids = read_raw, lut, train_ids
 
     def __len__(self) -> int:
@@ -101,7 +110,7 @@ class SegDataset(Dataset):
             x, y = to_tensors(img, lbl)
         else:
             x, y = self.transform(img, lbl, np.random.default_rng(seed))
-        return {"img": x, "lbl": y, "name": img_path.relative_to(self.root).as_posix()}
+        return {"img": x, "lbl": y, "name": img_path.relative_to(self.image_dir).as_posix()}
 
 
 def _pairs(root: Path, images: list[Path], label_of: Callable[[Path], Path]) -> list[tuple[Path, Path]]:
@@ -132,8 +141,8 @@ class GTA5(SegDataset):
     def __init__(self, root: Path, transform: Transform | None = None, label_root: Path | None = None):
         root = Path(root)
         items = _flat(root, "images", "labels", label_root, GTA5_LAYOUT)
-        super().__init__(root, items, transform, _read_8bit, CITYSCAPES_LUT, label_root is not None,
-                         _with_pseudo(GTA5_LAYOUT, label_root))
+        super().__init__(root, root / "images", items, transform, _read_8bit, CITYSCAPES_LUT,
+                         label_root is not None, _with_pseudo(GTA5_LAYOUT, label_root))
 
 
 class Synthia(SegDataset):
@@ -142,34 +151,34 @@ class Synthia(SegDataset):
     def __init__(self, root: Path, transform: Transform | None = None, label_root: Path | None = None):
         root = Path(root)
         items = _flat(root, "RGB", "GT/LABELS", label_root, SYNTHIA_LAYOUT)
-        super().__init__(root, items, transform, _read_synthia, SYNTHIA_LUT, label_root is not None,
-                         _with_pseudo(SYNTHIA_LAYOUT, label_root))
+        super().__init__(root, root / "RGB", items, transform, _read_synthia, SYNTHIA_LUT,
+                         label_root is not None, _with_pseudo(SYNTHIA_LAYOUT, label_root))
 
 
 class Cityscapes(SegDataset):
-    """Cityscapes split; `label_root`: pseudo-labels (train ids) in the gtFine layout, only those images kept."""
+    """A Cityscapes split; `label_root`: train-id pseudo-labels in the gtFine layout (only those kept)."""
 
     def __init__(self, root: Path, split: str, transform: Transform | None = None,
                  label_root: Path | None = None):
         root = Path(root)
         layout = CITYSCAPES_LAYOUT.format(split=split)
         img_dir = _require_dir(root, f"leftImg8bit/{split}", layout)
-        images = sorted(img_dir.glob("*/*_leftImg8bit.png"))
+        images = sorted(img_dir.glob(f"*/*{CITYSCAPES_SUFFIX}"))
         if label_root is None:
             _require_dir(root, f"gtFine/{split}", layout)
 
             def label_of(p: Path) -> Path:
-                stem = p.name.removesuffix("_leftImg8bit.png")
+                stem = p.name.removesuffix(CITYSCAPES_SUFFIX)
                 return root / "gtFine" / split / p.parent.name / f"{stem}_gtFine_labelIds.png"
         else:
             if not Path(label_root).is_dir():
                 raise DatasetError(f"pseudo-label folder {label_root} does not exist")
 
             def label_of(p: Path) -> Path:
-                return pseudo_label_path(Path(label_root), p.relative_to(root).as_posix())
+                return pseudo_label_path(Path(label_root), p.relative_to(root / "leftImg8bit").as_posix())
         items = _pairs(root, images, label_of)
-        super().__init__(root, items, transform, _read_8bit, CITYSCAPES_LUT, label_root is not None,
-                         _with_pseudo(layout, label_root))
+        super().__init__(root, root / "leftImg8bit", items, transform, _read_8bit, CITYSCAPES_LUT,
+                         label_root is not None, _with_pseudo(layout, label_root))
 
 
 def _train_only(name: str, split: str) -> None:

@@ -47,6 +47,8 @@ GAME_PALETTE = np.array([
     (176, 27, 0)], dtype=np.float32)
 
 # train id -> label id written to disk; IGNORE -> 0 (unlabeled).
+Draw = Callable[[float, float, float], None]  # draws an object at (x, foot row, scale d)
+
 _CS_LUT = np.zeros(256, np.uint8)
 _SYN_LUT = np.zeros(256, np.uint16)
 for _t in range(19):
@@ -63,9 +65,9 @@ class _Canvas:
         self.cls: list[int] = [IGNORE]
         self.shade: list[float] = [1.0]
         self.jitter: list[np.ndarray] = [np.zeros(3)]
-        self.color: list[tuple[float, float, float] | None] = [(0.0, 0.0, 0.0)]
+        self.color: list[tuple[float, ...] | None] = [(0.0, 0.0, 0.0)]
 
-    def new(self, cls: int, shade: float | None = None, color: tuple[float, float, float] | None = None) -> int:
+    def new(self, cls: int, shade: float | None = None, color: tuple[float, ...] | None = None) -> int:
         self.cls.append(cls)
         self.shade.append(self.rng.uniform(0.85, 1.12) if shade is None else shade)
         self.jitter.append(self.rng.uniform(-12, 12, 3))
@@ -250,9 +252,9 @@ def _scene(rng: np.random.Generator, w: int, h: int, ego: bool) -> _Canvas:
             return rng.uniform(np.interp(tt, t, xl - swl), np.interp(tt, t, xl))
         return rng.uniform(np.interp(tt, t, xr), np.interp(tt, t, xr + swr))
 
-    objs: list[tuple[float, Callable[[float, float, float], None]]] = []
+    objs: list[tuple[float, Draw]] = []
 
-    def add(tt: float, draw: Callable[[float, float, float], None]) -> None:
+    def add(tt: float, draw: Draw) -> None:
         objs.append((tt, draw))
 
     for _ in range(rng.poisson(2.2)):
@@ -265,9 +267,10 @@ def _scene(rng: np.random.Generator, w: int, h: int, ego: bool) -> _Canvas:
             ridden = rng.random() < 0.75
             add(rng.uniform(0.1, 0.8),
                 lambda x, y, d, cls=cls, r=ridden: _two_wheeler(c, cls, x, y, d, r))
-    placed: list[tuple[float, Callable[[float, float, float], None], bool]] = [(tt, f, True) for tt, f in objs]
-    for _ in range(rng.poisson(1.8)):
-        placed.append((rng.uniform(0.1, 0.9), lambda x, y, d: _person(c, PERSON, x, y, d), rng.random() < 0.2))
+    placed: list[tuple[float, Draw, bool]] = [(tt, f, True) for tt, f in objs]
+    for _ in range(rng.poisson(1.8)):  # pedestrians, a few of them crossing the road
+        crossing = rng.random() < 0.2
+        placed.append((rng.uniform(0.1, 0.9), lambda x, y, d: _person(c, PERSON, x, y, d), crossing))
     for _ in range(1 + rng.poisson(1.3)):
         placed.append((rng.uniform(0.1, 0.95), lambda x, y, d: _pole(c, x, y, d), False))
     for _ in range(rng.poisson(0.8)):
@@ -337,8 +340,8 @@ def write_png16(path: Path, arr: np.ndarray) -> None:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
     ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
-                     + chunk(b"IEND", b""))
+    idat = zlib.compress(raw.tobytes(), 6)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 def _sample(seed: int, stream: int, idx: int, size: tuple[int, int], real: bool, ego: bool
@@ -358,7 +361,8 @@ def _write_all(tmp: Path, p: dict) -> None:
         img, lbl = _sample(seed, 0, i, size, real=False, ego=False)
         _save(tmp / "gta5" / "images" / f"{i + 1:05d}.png", img)
         _save(tmp / "gta5" / "labels" / f"{i + 1:05d}.png", _CS_LUT[lbl])
-    for split, n, stream, cities in (("train", p["n_target"], 1, TRAIN_CITIES), ("val", p["n_val"], 2, VAL_CITIES)):
+    targets = (("train", p["n_target"], 1, TRAIN_CITIES), ("val", p["n_val"], 2, VAL_CITIES))
+    for split, n, stream, cities in targets:
         for i in range(n):
             img, lbl = _sample(seed, stream, i, size, real=True, ego=True)
             city = cities[i * len(cities) // n]
@@ -382,9 +386,10 @@ def _existing(out: Path, params: dict) -> Path | None:
     try:
         have = json.loads((out / "MANIFEST.json").read_text())["params"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise DatasetError(f"{out} exists but is not a synthetic benchmark (no valid MANIFEST.json)") from None
+        raise DatasetError(f"{out} exists but is not a synthetic benchmark (no valid MANIFEST.json)"
+                           ) from None
     # a set written with synthia=True also serves a request without it
-    same = {k: v for k, v in have.items() if k != "synthia"} == {k: v for k, v in params.items() if k != "synthia"}
+    same = {**have, "synthia": None} == {**params, "synthia": None}
     if not same or (params["synthia"] and not have.get("synthia")):
         raise DatasetError(f"synthetic benchmark at {out} was generated with {have}, not {params}")
     return out

@@ -184,7 +184,9 @@ class MPL(Method):
                 logs["loss/mpl"] = F.cross_entropy(t_tgt, pseudo)  # the teacher's CE on its own labels
             loss = mpl_teacher_term(t_tgt, pseudo, reward)
             if cfg.lambda_uda > 0:
-                loss = loss + cfg.lambda_uda * self._uda_loss(batch, t_tgt.detach())
+                uda = self._uda_loss(batch, t_tgt.detach())
+                logs["loss/uda"] = uda.detach()
+                loss = loss + cfg.lambda_uda * uda
             return loss
 
         def teacher_source_loss() -> Tensor:

@@ -1,0 +1,106 @@
+"""Bad input from a user: one line on stderr, exit status 2, nothing written into the sweep's folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import tiny_experiment
+from uda_ray.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _space(tmp_path, base: dict, **kw) -> Path:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    raw = {"base": "base.yaml", "num_samples": 1, "params": {"optim.lr": {"loguniform": [1e-3, 1e-2]}}}
+    raw.update(kw)
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def _assert_user_error(code, err, storage: Path, needle: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err
+    assert not list(storage.glob("*/sweep.json")), "nothing may be written for a rejected sweep"
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda b, s: s.write_text("base: base.yaml\nparams: {optim.lr: {loguniform: [1e-3, 1e-2]\n"), "malformed YAML"),
+    (lambda b, s: s.write_text(s.read_text() + "bogus: 1\n"), "unknown key 'bogus'"),
+    (lambda b, s: s.write_text(s.read_text().replace("optim.lr", "optim.lrr")), "unknown key 'optim.lrr'"),
+    (lambda b, s: s.write_text(s.read_text().replace("0.001", "0.1")), "inverted"),
+    (lambda b, s: s.write_text(s.read_text().replace("num_samples: 1", "num_samples: 0")), "num_samples"),
+    (lambda b, s: b.write_text(b.read_text().replace("source_only", "nope")), "unknown method 'nope'"),
+    (lambda b, s: b.write_text(b.read_text().replace("bisenet_r18", "nope")), "unknown model 'nope'"),
+])
+def test_bad_space_or_experiment_exits_2_with_one_line(tmp_path, capsys, synth_root, mutate, needle):
+    space = _space(tmp_path, tiny_experiment(synth_root))
+    mutate(tmp_path / "base.yaml", space)
+    code, _, err = _run(capsys, "sweep", str(space), "--storage", str(tmp_path / "store"))
+    _assert_user_error(code, err, tmp_path / "store", needle)
+
+
+def test_missing_dataset_exits_2_naming_the_path(tmp_path, capsys, synth_root):
+    base = tiny_experiment(synth_root, **{"data.source_root": str(tmp_path / "no_gta5")})
+    code, _, err = _run(capsys, "sweep", str(_space(tmp_path, base)), "--storage", str(tmp_path / "store"))
+    _assert_user_error(code, err, tmp_path / "store", str(tmp_path / "no_gta5"))
+
+
+def test_malformed_dataset_folder_exits_2(tmp_path, capsys, synth_root):
+    bad = tmp_path / "bad_cs"
+    (bad / "leftImg8bit" / "train").mkdir(parents=True)
+    base = tiny_experiment(synth_root, **{"data.target_root": str(bad)})
+    code, _, err = _run(capsys, "sweep", str(_space(tmp_path, base)), "--storage", str(tmp_path / "store"))
+    _assert_user_error(code, err, tmp_path / "store", str(bad))
+
+
+def test_unreachable_address_exits_2(tmp_path, capsys, synth_root):
+    space = _space(tmp_path, tiny_experiment(synth_root))
+    code, _, err = _run(capsys, "sweep", str(space), "--storage", str(tmp_path / "store"),
+                        "--address", "127.0.0.1:9")
+    _assert_user_error(code, err, tmp_path / "store", "cannot reach the Ray cluster at 127.0.0.1:9")
+
+
+def test_unknown_sweep_exits_2_for_best_resume(tmp_path, capsys):
+    for cmd in ("best", "resume"):
+        code, _, err = _run(capsys, cmd, "nope", "--storage", str(tmp_path))
+        assert code == 2 and "unknown sweep 'nope'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_set_override_exits_2(tmp_path, capsys, synth_root):
+    space = _space(tmp_path, tiny_experiment(synth_root))
+    code, _, err = _run(capsys, "sweep", str(space), "--storage", str(tmp_path / "s"), "--set", "optim.lr")
+    _assert_user_error(code, err, tmp_path / "s", "KEY=VALUE")
+
+
+def test_train_with_unknown_key_exits_2(tmp_path, capsys, synth_root):
+    p = tmp_path / "e.yaml"
+    p.write_text(yaml.safe_dump(tiny_experiment(synth_root, **{"train.epochs": 3})))
+    code, _, err = _run(capsys, "train", str(p), "--storage", str(tmp_path / "s"))
+    assert code == 2 and "unknown key 'train.epochs'" in err
+
+
+def test_ls_on_empty_storage(tmp_path, capsys):
+    code, out, _ = _run(capsys, "ls", "--storage", str(tmp_path))
+    assert code == 0 and "no sweeps" in out
+
+
+def test_data_synth_writes_both_layouts(tmp_path, capsys):
+    code, out, _ = _run(capsys, "data", "synth", "--out", str(tmp_path / "d"), "--n-source", "3", "--n-target",
+                        "3", "--n-val", "2", "--size", "32x64")
+    assert code == 0 and (tmp_path / "d" / "gta5" / "images").is_dir()
+    assert (tmp_path / "d" / "cityscapes" / "gtFine" / "val").is_dir()
+    code, _, err = _run(capsys, "data", "synth", "--out", str(tmp_path / "e"), "--size", "big")
+    assert code == 2 and "HxW" in err

@@ -1,0 +1,152 @@
+"""Meta Pseudo Labels: the reward's sign convention, its moving-average baseline, checkpoint and DDP."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from tests.conftest import NUM_CLASSES, TinySeg, make_batch
+from uda_ray.config import OptimConfig, build
+from uda_ray.errors import ConfigError
+from uda_ray.methods.base import UDABatch, upsample
+from uda_ray.methods.mpl import MPL, MPLConfig, mpl_teacher_term
+
+OPTIM = OptimConfig(name="sgd", lr=1e-2, momentum=0.9, weight_decay=1e-4)
+
+
+def make_mpl(cfg: MPLConfig | None = None, seed: int = 0, wrap=None) -> MPL:
+    torch.manual_seed(seed)
+    return MPL(TinySeg(), cfg or MPLConfig(), OPTIM, num_classes=NUM_CLASSES, wrap=wrap, model_factory=TinySeg)
+
+
+@pytest.mark.parametrize("reward,direction", [(1.0, 1), (-1.0, -1)])
+def test_teacher_term_reward_sign_moves_label_probability(reward, direction):
+    """Toy teacher = free logits: one gradient step on reward * CE raises p(own labels) iff reward > 0."""
+    logits = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    pseudo = logits.detach().argmax(1)
+    before = F.softmax(logits.detach(), 1).gather(1, pseudo[:, None]).mean()
+    mpl_teacher_term(logits, pseudo, reward).backward()
+    after = F.softmax(logits.detach() - 0.5 * logits.grad, 1).gather(1, pseudo[:, None]).mean()
+    assert torch.sign(after - before).item() == direction
+
+
+def _teacher_logp_after_step(monkeypatch, ce_old: float, ce_new: float) -> float:
+    """Mean log-prob the teacher gives, after one step, to the labels it produced before it; the student's
+    source CEs before/after its step are forced to (ce_old, ce_new), i.e. raw reward = ce_old - ce_new."""
+    m = make_mpl()
+    batch = make_batch(0)
+    size = tuple(batch.tgt_img.shape[-2:])
+    with torch.no_grad():
+        pseudo = upsample(m.teacher(batch.tgt_img)["out"], size).argmax(1)  # what the step will label
+    monkeypatch.setattr(m, "_student_step", lambda b, p: (torch.tensor(ce_old), torch.tensor(ce_new), {}))
+    logs = m.train_step(batch, 0)
+    assert logs["mpl/reward"].item() == pytest.approx(ce_old - ce_new)  # baseline starts at 0
+    with torch.no_grad():
+        logp = F.log_softmax(upsample(m.teacher(batch.tgt_img)["out"], size), 1)
+    return logp.gather(1, pseudo[:, None]).mean().item()
+
+
+def test_positive_reward_raises_and_negative_lowers_teacher_probability_of_its_labels(monkeypatch):
+    improved = _teacher_logp_after_step(monkeypatch, ce_old=2.0, ce_new=1.0)  # student got better: reward +1
+    neutral = _teacher_logp_after_step(monkeypatch, ce_old=1.0, ce_new=1.0)  # reward 0: source CE only
+    worse = _teacher_logp_after_step(monkeypatch, ce_old=1.0, ce_new=2.0)  # student got worse: reward -1
+    assert improved > neutral > worse
+
+
+def test_reward_is_old_minus_new_minus_moving_average():
+    m = make_mpl(MPLConfig(ema_rate=0.9))
+    first = m.train_step(make_batch(0), 0)
+    raw1 = first["mpl/ce_old"] - first["mpl/ce_new"]
+    torch.testing.assert_close(first["mpl/reward_raw"], raw1)
+    torch.testing.assert_close(first["mpl/reward"], raw1)  # baseline 0 before the first update
+    assert m.baseline.value == pytest.approx(0.1 * raw1.item())
+    second = m.train_step(make_batch(1), 1)
+    assert second["mpl/baseline"].item() == pytest.approx(0.1 * raw1.item())
+    torch.testing.assert_close(second["mpl/reward"], second["mpl/reward_raw"] - 0.1 * raw1.item())
+
+
+def test_teacher_starts_as_copy_of_student_with_its_own_lr():
+    m = make_mpl(MPLConfig(teacher_lr=3e-3))
+    for a, b in zip(m.model_raw.parameters(), m.teacher_raw.parameters()):
+        assert torch.equal(a, b) and a is not b
+    assert [g["lr"] for g in m.t_opt.param_groups] == [3e-3, 3e-2]  # TinySeg: classifier at 10x
+    assert [g["lr"] for g in make_mpl().t_opt.param_groups] == [OPTIM.lr, 10 * OPTIM.lr]
+
+
+def test_state_round_trip_includes_teacher_and_moving_average():
+    m = make_mpl()
+    for step in range(2):
+        m.train_step(make_batch(step), step)
+    state = copy.deepcopy(m.state_dict())
+    assert {"model", "opt", "teacher", "opt_teacher", "reward_baseline"} <= set(state)
+    fresh = make_mpl(seed=123)
+    fresh.load_state_dict(state)
+    assert fresh.baseline.value == m.baseline.value != 0.0
+    for a, b in zip(m.teacher_raw.parameters(), fresh.teacher_raw.parameters()):
+        assert torch.equal(a, b)
+    got, expected = fresh.train_step(make_batch(2), 2), m.train_step(make_batch(2), 2)
+    assert {k: v.item() for k, v in got.items()} == {k: v.item() for k, v in expected.items()}
+
+
+@pytest.mark.parametrize("cfg", [MPLConfig(hard_labels="sample"), MPLConfig(student_source_weight=0.0),
+                                 MPLConfig(lambda_uda=1.0, uda_beta=0.1, uda_threshold=0.0)])
+def test_variants_step_with_finite_losses(cfg):
+    logs = make_mpl(cfg).train_step(make_batch(0), 0)
+    assert all(torch.isfinite(v) for v in logs.values())
+    assert ("loss/uda" in logs) == (cfg.lambda_uda > 0)
+    assert ("loss/seg_src_student" in logs) == (cfg.student_source_weight > 0)
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError):
+        build(MPLConfig, {"hard_labels": "soft"})
+    with pytest.raises(ConfigError):
+        build(MPLConfig, {"ema_rate": 1.0})
+    assert build(MPLConfig, {"teacher_lr": 1}).teacher_lr == 1.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        wrap = (lambda mod: torch.nn.parallel.DistributedDataParallel(mod)) if world > 1 else None
+        m = make_mpl(wrap=wrap)
+        per = 4 // world
+        for step in range(2):
+            full = make_batch(step, b=4)
+            sl = slice(rank * per, (rank + 1) * per)
+            m.train_step(UDABatch(full.src_img[sl], full.src_lbl[sl], full.tgt_img[sl], full.tgt_lbl[sl]), step)
+        if rank == 0:
+            out[world] = ([p.detach().clone() for p in m.model_raw.parameters()],
+                          [p.detach().clone() for p in m.teacher_raw.parameters()], m.baseline.value)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_worker_ddp_matches_one_worker_for_student_teacher_and_baseline():
+    """The workers' source CEs differ; without the all-reduce each would reward its teacher replica with its
+    own, and the averaged teacher gradient (and the baseline) would not be the 1-worker one."""
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        out = manager.dict()
+        for world in (1, 2):
+            mp.start_processes(_ddp_worker, args=(world, _free_port(), out), nprocs=world, start_method="spawn",
+                               join=True)
+        one, two = out[1], out[2]
+    assert one[2] == pytest.approx(two[2], abs=1e-8)  # 0.01 * (ce_old - ce_new): float32 cancellation
+    for a, b in zip(one[0] + one[1], two[0] + two[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

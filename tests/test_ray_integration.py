@@ -1,0 +1,115 @@
+"""Real Ray: a tiny sweep end to end (tables, best --export, train on the export) and a resume after
+SIGKILL of the driver. Each test starts its own local cluster (address="local") in a subprocess with a
+private HOME, and the cluster ends with its driver."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+from tests.conftest import tiny_experiment
+
+
+def _env(tmp_path: Path) -> dict:
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return {**os.environ, "HOME": str(home), "UDA_RAY_STORAGE": str(tmp_path / "store"),
+            "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+
+
+def _cli(tmp_path: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "uda_ray.cli", *args], env=_env(tmp_path), capture_output=True,
+                       text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def _write_space(tmp_path: Path, synth_root: Path, base_over: dict, **kw) -> Path:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_experiment(synth_root, **base_over)))
+    raw = {"base": "base.yaml", "num_samples": 2, "max_concurrent_trials": 1, "seed": 3,
+           "params": {"optim.lr": {"loguniform": [1e-3, 1e-2]}, "method": {"choice": ["source_only", "target_only"]}}}
+    raw.update(kw)
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(raw))
+    return tmp_path / "space.yaml"
+
+
+def _table(tmp_path: Path, sweep: str, name: str) -> list[dict]:
+    return pq.read_table(tmp_path / "store" / sweep / "results" / f"{name}.parquet").to_pylist()
+
+
+def test_sweep_end_to_end_then_best_export_then_train(tmp_path, synth_root):
+    space = _write_space(tmp_path, synth_root, {"train.cpus_per_worker": 0.5},
+                         scheduler={"asha": {"grace_period": 2, "reduction_factor": 2}})
+    out = _cli(tmp_path, "sweep", str(space), "--name", "e2e").stdout
+    assert "top 2 by val/miou" in out
+
+    trials = _table(tmp_path, "e2e", "trials")
+    assert len(trials) == 2 and {t["status"] for t in trials} <= {"completed", "stopped_early"}
+    assert all(t["search_seed"] == 3 and t["best_checkpoint"] for t in trials)
+    evals = _table(tmp_path, "e2e", "evals")
+    keys = [(e["trial_id"], e["step"]) for e in evals]
+    assert len(keys) == len(set(keys)) and all(0 <= e["val/miou"] <= 1 for e in evals)
+    assert len(_table(tmp_path, "e2e", "class_iou")) == 19 * len(evals)
+
+    best = _cli(tmp_path, "best", "e2e", "--top", "1", "--export", str(tmp_path / "best.yaml")).stdout
+    assert "wrote" in best
+    exported = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    top = max(trials, key=lambda t: t["best_value"])
+    assert exported["optim"]["lr"] == top["config.optim.lr"] and exported["method"] == top["method"]
+    ls = _cli(tmp_path, "ls").stdout
+    assert "e2e" in ls and "completed" in ls
+
+    out = _cli(tmp_path, "train", str(tmp_path / "best.yaml"), "--set", "train.max_steps=2",
+               "--set", "train.eval_every=2").stdout
+    assert "done: step 2" in out
+
+
+def test_resume_after_sigkill_runs_every_trial_and_every_eval_exactly_once(tmp_path, synth_root):
+    max_steps = 40
+    space = _write_space(tmp_path, synth_root, {"train.max_steps": max_steps, "train.eval_every": 5,
+                                                 "train.cpus_per_worker": 0.5}, num_samples=3)
+    proc = subprocess.Popen([sys.executable, "-m", "uda_ray.cli", "sweep", str(space), "--name", "rs"],
+                            env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    evals_path = tmp_path / "store" / "rs" / "results" / "evals.parquet"
+    killed_at, victim, deadline = None, None, time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if evals_path.exists():
+                rows = pq.read_table(evals_path).to_pylist()
+                trials = sorted({r["trial_id"] for r in rows}, key=lambda t: min(r["reported_at"] for r in rows
+                                                                                  if r["trial_id"] == t))
+                if len(trials) >= 2:
+                    steps = [r["step"] for r in rows if r["trial_id"] == trials[1]]
+                    if 10 <= max(steps) < max_steps:  # second trial is mid-way: kill the driver
+                        victim, killed_at = trials[1], time.time()
+                        os.kill(proc.pid, signal.SIGKILL)
+                        break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None and killed_at is None:
+            proc.kill()
+        proc.wait()
+    assert victim is not None, "the sweep never had a trial mid-way to interrupt"
+    before = {(r["trial_id"], r["step"]): r["reported_at"] for r in pq.read_table(evals_path).to_pylist()}
+    time.sleep(2)
+
+    out = _cli(tmp_path, "resume", "rs").stdout
+    assert "resuming sweep 'rs'" in out
+    trials = _table(tmp_path, "rs", "trials")
+    assert len(trials) == 3 and all(t["status"] == "completed" for t in trials)
+    evals = _table(tmp_path, "rs", "evals")
+    keys = sorted((e["trial_id"], e["step"]) for e in evals)
+    assert keys == sorted((t["trial_id"], s) for t in trials for s in range(5, max_steps + 1, 5))
+    # the interrupted trial continued from its checkpoint: its early evals were not reported again
+    for (tid, step), t_rep in before.items():
+        if tid == victim:
+            now = next(e["reported_at"] for e in evals if (e["trial_id"], e["step"]) == (tid, step))
+            if step <= max(s for (t2, s) in before if t2 == victim) - 5:
+                assert now == t_rep, f"step {step} of {tid} was recomputed after the resume"

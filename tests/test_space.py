@@ -1,0 +1,65 @@
+"""Every shipped search space and experiment loads and samples; bad spaces fail with a clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from uda_ray.config import ConfigError, load_experiment
+from uda_ray.space import load_space, sample
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
+
+
+def test_there_are_files_to_check():
+    assert SPACES and EXPERIMENTS
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_experiment_loads(path):
+    cfg = load_experiment(path)
+    assert cfg.train.max_steps >= 1
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+def test_every_search_space_loads_and_samples(path):
+    space = load_space(path)
+    for params, cfg in sample(space, 8, seed=1):
+        assert set(params) == set(space.params)
+        assert cfg.method  # a validated experiment
+
+
+def _space(tmp_path, **kw) -> Path:
+    raw = {"base": str(ROOT / "experiments" / "synthetic_bisenet_r18_source_only.yaml"), "num_samples": 2,
+           "params": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}}
+    raw.update(kw)
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"params": {"optim.lr": {"loguniform": [1e-2, 1e-4]}}}, "inverted"),
+    ({"params": {"optim.lr": {"uniform": [0.1, 0.1]}}}, "empty or inverted"),
+    ({"params": {"optim.lr": {"loguniform": [0.0, 1.0]}}}, "low > 0"),
+    ({"params": {"optim.lr": {"gaussian": [0, 1]}}}, "unknown kind"),
+    ({"params": {"optim.lrr": {"uniform": [0.1, 0.2]}}}, "unknown key 'optim.lrr'"),
+    ({"params": {"optim.lr": {"uniform": [-1.0, 0.1]}}}, "lr must be > 0"),
+    ({"params": {"method": {"choice": ["source_only", "nope"]}}}, "unknown method 'nope'"),
+    ({"num_samples": 0}, "num_samples must be >= 1"),
+    ({"objective": {"metric": "val/miou", "mode": "up"}}, "mode"),
+    ({"bogus": 1}, "unknown key 'bogus'"),
+])
+def test_bad_spaces_are_rejected_with_the_reason(tmp_path, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        load_space(_space(tmp_path, **kw))
+
+
+def test_int_params_sample_integers_within_inclusive_bounds(tmp_path):
+    space = load_space(_space(tmp_path, params={"train.batch_size": {"int": [1, 3]}}))
+    vals = {p["train.batch_size"] for p, _ in sample(space, 40)}
+    assert vals == {1, 2, 3}
