@@ -23,7 +23,8 @@ OPTIM = OptimConfig(name="sgd", lr=1e-2, momentum=0.9, weight_decay=1e-4)
 
 def make_mpl(cfg: MPLConfig | None = None, seed: int = 0, wrap=None) -> MPL:
     torch.manual_seed(seed)
-    return MPL(TinySeg(), cfg or MPLConfig(), OPTIM, num_classes=NUM_CLASSES, wrap=wrap, model_factory=TinySeg)
+    return MPL(TinySeg(), cfg or MPLConfig(), OPTIM, num_classes=NUM_CLASSES, wrap=wrap,
+               model_factory=TinySeg)
 
 
 @pytest.mark.parametrize("reward,direction", [(1.0, 1), (-1.0, -1)])
@@ -129,7 +130,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: dict) -> None:
         for step in range(2):
             full = make_batch(step, b=4)
             sl = slice(rank * per, (rank + 1) * per)
-            m.train_step(UDABatch(full.src_img[sl], full.src_lbl[sl], full.tgt_img[sl], full.tgt_lbl[sl]), step)
+            part = UDABatch(full.src_img[sl], full.src_lbl[sl], full.tgt_img[sl], full.tgt_lbl[sl])
+            m.train_step(part, step)
         if rank == 0:
             out[world] = ([p.detach().clone() for p in m.model_raw.parameters()],
                           [p.detach().clone() for p in m.teacher_raw.parameters()], m.baseline.value)
@@ -144,8 +146,8 @@ def test_two_worker_ddp_matches_one_worker_for_student_teacher_and_baseline():
     with ctx.Manager() as manager:
         out = manager.dict()
         for world in (1, 2):
-            mp.start_processes(_ddp_worker, args=(world, _free_port(), out), nprocs=world, start_method="spawn",
-                               join=True)
+            mp.start_processes(_ddp_worker, args=(world, _free_port(), out), nprocs=world,
+                               start_method="spawn", join=True)
         one, two = out[1], out[2]
     assert one[2] == pytest.approx(two[2], abs=1e-8)  # 0.01 * (ce_old - ce_new): float32 cancellation
     for a, b in zip(one[0] + one[1], two[0] + two[1]):

@@ -1,4 +1,4 @@
-"""Class-wise pseudo-label thresholds, their generation on disk, and the self-training method that uses them."""
+"""Class-wise pseudo-label thresholds, their generation on disk, and the self-training method using them."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_thresholds_median_per_class_cap_and_never_predicted():
 def test_thresholds_fda_percentile_and_clipped_index():
     conf, pred = hand_set()
     thr = class_thresholds(conf, pred, 4, percentile=0.66, cap=0.9)
-    # class 0: index round(3.3)=3 -> 0.8; class 3: round(0.66)=1 is out of range in the originals -> clipped to 0
+    # class 0: index round(3.3)=3 -> 0.8; class 3: round(0.66)=1, out of range in the originals: clipped to 0
     torch.testing.assert_close(thr, torch.tensor([0.8, 0.9, 0.9, 0.7]))
 
 
@@ -102,13 +102,14 @@ def test_generate_writes_loadable_pngs_and_manifest_matching_the_pure_functions(
     conf, pred = torch.cat(probs).max(dim=1)
     thr = class_thresholds(conf, pred, NUM_CLASSES, 0.66, 0.9)
     assert manifest["thresholds"] == [float(t) for t in thr]
-    assert manifest["pixels_predicted_per_class"] == torch.bincount(pred.flatten(), minlength=NUM_CLASSES).tolist()
+    predicted = torch.bincount(pred.flatten(), minlength=NUM_CLASSES)
+    assert manifest["pixels_predicted_per_class"] == predicted.tolist()
     for it, p in zip(data.items, probs):
         png = np.array(Image.open(tmp_path / "pl" / label_path(it["name"])))
         assert png.dtype == np.uint8 and png.shape == tuple(it["lbl"].shape)
         assert np.array_equal(png, apply_thresholds(p, thr)[0].numpy())
-    kept = sum(np.bincount(np.array(Image.open(tmp_path / "pl" / label_path(it["name"]))).ravel(), minlength=256)
-               [:NUM_CLASSES] for it in data.items)
+    pngs = [np.array(Image.open(tmp_path / "pl" / label_path(it["name"]))) for it in data.items]
+    kept = sum(np.bincount(png.ravel(), minlength=256)[:NUM_CLASSES] for png in pngs)
     assert manifest["pixels_kept_per_class"] == kept.tolist()
     assert 0 < manifest["ignored_fraction"] < 1
 

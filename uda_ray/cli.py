@@ -61,6 +61,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from uda_ray.config import dump_yaml, parse_set, read_yaml
     from uda_ray.search import build_tuner, check_address, init_ray, write_meta
     from uda_ray.space import load_space
+    from uda_ray.stages import resolve_refs
 
     space = load_space(args.space, parse_set(args.set))
     root = storage_root(args.storage)
@@ -72,7 +73,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS")
     check_address(address)
     data = _resolve_data(space.base.data, root)
-    base_raw = _with_data(space.base_raw, data)
+    base_raw = resolve_refs(_with_data(space.base_raw, data), root)
     seed = space.seed if space.seed is not None else random.SystemRandom().randrange(2**31)
 
     # the sweep folder is self-contained: resume never depends on the files it was started from
@@ -98,12 +99,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _fit(tuner: Any, sweep_dir: Path, meta: dict, args: argparse.Namespace) -> int:
+    from uda_ray.results import read_table
     from uda_ray.search import run, sweep_status_after, write_meta
 
     try:
         grid = run(tuner)
         meta["status"] = sweep_status_after(grid)
     except KeyboardInterrupt:
+        meta["status"] = "interrupted"
+    # Tune turns Ctrl-C into a graceful stop and returns normally: count what really finished
+    trials = read_table(sweep_dir / "results", "trials")
+    ended = sum(t["status"] in ("completed", "stopped_early", "errored") for t in trials)
+    if ended < meta["num_samples"]:
         meta["status"] = "interrupted"
     meta["pid"] = None
     meta["finished"] = time.time()
@@ -234,10 +241,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from uda_ray.config import build_experiment, experiment_dict, load_experiment, parse_set
     from uda_ray.search import check_address, init_ray
-    from uda_ray.train import make_trainer
+    from uda_ray.stages import resolve_refs
+    from uda_ray.train import fit_run
 
     cfg = load_experiment(args.experiment, parse_set(args.set))
     root = storage_root(args.storage)
+    cfg = build_experiment(resolve_refs(experiment_dict(cfg), root), str(args.experiment))
     address = args.address or os.environ.get("RAY_ADDRESS")
     check_address(address)
     data = _resolve_data(cfg.data, root)
@@ -246,12 +255,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"training {cfg.method}/{cfg.model.name} for {cfg.train.max_steps} steps on "
           f"{cfg.train.num_workers} worker(s); run folder {root / 'runs' / name}", flush=True)
     init_ray(address)
-    result = make_trainer(cfg, root / "runs", name).fit()
-    m = result.metrics or {}
+    m = fit_run(cfg, root / "runs", name)
     print(f"done: step {m.get('step')} val/miou={m.get('val/miou', float('nan')):.4f} "
           f"pixel_acc={m.get('val/pixel_acc', float('nan')):.4f}")
-    if result.checkpoint:
-        print(f"latest checkpoint: {result.checkpoint.path}")
+    print(f"latest checkpoint: {m['checkpoint_path']}\nresults: {root / 'runs' / name / 'results'}")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from uda_ray.config import build_experiment, experiment_dict
+    from uda_ray.pipeline import load_pipeline, run_pipeline
+    from uda_ray.results import markdown_report
+    from uda_ray.search import check_address, init_ray
+    from uda_ray.stages import resolve_refs
+    from uda_ray.train import fit_run
+
+    pipe = load_pipeline(args.pipeline)
+    root = storage_root(args.storage)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    check_address(address)
+
+    def prepare(cfg: Any) -> Any:
+        data = _resolve_data(cfg.data, root)
+        return build_experiment(resolve_refs(_with_data(experiment_dict(cfg), data), root), cfg.name)
+
+    print(f"pipeline '{pipe.cfg.name}': {len(pipe.cfg.stages)} stages under {root / 'pipelines' / pipe.cfg.name}",
+          flush=True)
+    init_ray(address)
+    t0 = time.time()
+    summary = run_pipeline(pipe, root, fit_run, prepare)
+    print(f"pipeline '{pipe.cfg.name}' done in {time.time() - t0:.0f}s")
+    for row in summary:
+        miou = row.get("val/miou")
+        print(f"  {row['stage']:<24} {row['kind']:<14}" + (f" val/miou={miou:.4f} @ {row['step']}" if miou else ""))
+    if args.report:
+        pdir = root / "pipelines" / pipe.cfg.name
+        runs = [(st.name, pdir / st.name) for st in pipe.cfg.stages if not st.action]
+        note = (f"Produced by `uda-ray pipeline {args.pipeline} --report {args.report}` from the runs' Parquet "
+                f"tables ({pdir}). mIoU on the target val split at the label's full resolution.")
+        out = Path(args.report)
+        out.write_text(markdown_report(f"Pipeline {pipe.cfg.name}", runs, note))
+        print(f"wrote {out}")
     return 0
 
 
@@ -328,6 +372,13 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--address")
     storage(sp)
     sp.set_defaults(fn=cmd_train)
+
+    sp = sub.add_parser("pipeline", help="run the stages of a pipeline in order (skips completed ones)")
+    sp.add_argument("pipeline")
+    sp.add_argument("--address")
+    sp.add_argument("--report", metavar="FILE.md", help="write a markdown table of the stages' results")
+    storage(sp)
+    sp.set_defaults(fn=cmd_pipeline)
 
     sp = sub.add_parser("data", help="datasets")
     dsub = sp.add_subparsers(dest="data_cmd", required=True)

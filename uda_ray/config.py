@@ -105,6 +105,11 @@ class DataConfig:
     crop_size: tuple[int, int] | None = None  # (W, H) random crop after resize (train only)
     hflip: bool = True
     target_label_root: str | None = None  # pseudo-label folder (trainIds) replacing target labels
+    source_label_root: str | None = None  # pseudo-label folder (trainIds) replacing source labels
+    # IntraDA: a ranking folder (an `intrada_rank` stage). The source becomes the easiest `easy_fraction` of
+    # the target train set with the ranking's pseudo-labels, the target its hard rest.
+    ranking: str | None = None
+    easy_fraction: float = 0.67
     val_split: str = "val"
     loader_workers: int = 0
 
@@ -115,13 +120,16 @@ class DataConfig:
             name = getattr(self, key)
             _check(name in DATASETS, f"data.{key}: unknown dataset '{name}' (valid: {', '.join(DATASETS)})")
         _check(
-            self.synthetic is not None or (self.source_root and self.target_root),
+            self.synthetic is not None or (self.target_root and (self.source_root or self.ranking)),
             "data: give source_root and target_root, or `synthetic` to use the built-in benchmark",
         )
         for key in ("source_size", "target_size", "crop_size"):
             v = getattr(self, key)
             _check(v is None or min(v) >= 8, f"data.{key}: both sides must be >= 8")
         _check(self.loader_workers >= 0, "data.loader_workers must be >= 0")
+        _check(0.0 < self.easy_fraction < 1.0, "data.easy_fraction must be in (0, 1)")
+        _check(self.ranking is None or self.source == self.target,
+               "data.ranking: the source is the easy target split, so data.source must equal data.target")
 
 
 @dataclass(frozen=True)
@@ -169,7 +177,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     eval_batch_size: int = 2
     keep_checkpoints: int = 2  # top-k by val mIoU; the latest is always kept too
-    init_from: str | None = None  # a checkpoint dir/file, or `run:NAME` / `sweep:NAME` (best trial)
+    init_from: str | None = None  # a checkpoint dir/file, or `run:NAME` / `sweep:NAME` (their best checkpoint)
     profile: bool = True  # params / GFLOPs / latency of the eval model into the results
 
     def __post_init__(self) -> None:
@@ -373,6 +381,8 @@ def load_raw(path: str | Path) -> dict:
         parent = read_yaml(bp)
         if "base" in parent:
             raise ConfigError(f"{bp}: 'base' chains are not allowed (one level of inheritance at most)")
+        if raw.get("method", parent.get("method")) != parent.get("method"):
+            parent.pop("method_cfg", None)  # another method: the base's hyperparameters do not apply
         raw = merge(parent, raw)
     return raw
 

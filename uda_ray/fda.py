@@ -29,8 +29,8 @@ def low_freq_window(h: int, w: int, beta: float, device: torch.device | str = "c
     """(H, W) bool mask, in the `fftshift` layout, of the frequencies whose amplitude is swapped.
 
     After `fftshift` the zero frequency sits at (H // 2, W // 2) for even AND odd sizes, and shifted index i
-    holds frequency i - H // 2. The window is rows H//2 - b .. H//2 + b and cols W//2 - b .. W//2 + b, i.e. all
-    frequencies with |f_h| <= b and |f_w| <= b: a set closed under (f_h, f_w) -> (-f_h, -f_w). Since
+    holds frequency i - H // 2. The window is rows H//2 - b .. H//2 + b and cols W//2 - b .. W//2 + b, i.e.
+    all frequencies with |f_h| <= b and |f_w| <= b: a set closed under (f_h, f_w) -> (-f_h, -f_w). Since
     beta < 0.5 gives b < min(H, W) / 2, the window never reaches row -H/2 (the Nyquist row of an even size,
     the one frequency without a negated partner in the shifted layout). Both amplitudes of a real image are
     even and the kept source phase is odd, so the mixed spectrum stays Hermitian and its inverse real.

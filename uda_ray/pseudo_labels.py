@@ -56,7 +56,7 @@ def _nearest_rank(below_cap: Tensor, n: int, percentile: float, cap: float) -> f
 
 def class_thresholds(probs_max: Tensor, preds: Tensor, num_classes: int, percentile: float = 0.5,
                      cap: float = 0.9) -> Tensor:
-    """Per-class thresholds (C,) float32 from the confidences probs_max (N,) of pixels predicted preds (N,)."""
+    """Per-class thresholds (C,) float32 from confidences probs_max (N,) of pixels predicted preds (N,)."""
     _check(percentile, cap)
     conf, pred = probs_max.flatten(), preds.flatten()
     out = torch.full((num_classes,), cap, dtype=torch.float32)
@@ -73,7 +73,8 @@ def mask_below(conf: Tensor, pred: Tensor, thresholds: Tensor) -> Tensor:
 
 
 def apply_thresholds(probs: Tensor, thresholds: Tensor) -> Tensor:
-    """probs (B, C, H, W) -> pseudo-labels (B, H, W) int64: argmax, 255 where max prob < its class threshold."""
+    """probs (B, C, H, W) -> pseudo-labels (B, H, W) int64: argmax, 255 where max prob < its class's
+    threshold."""
     conf, pred = probs.max(dim=1)  # (B, H, W) each
     return mask_below(conf, pred, thresholds)
 
@@ -90,7 +91,8 @@ def ensemble_probs(models: list[nn.Module], img: Tensor, size: tuple[int, int] |
 
 
 def label_path(name: str) -> PurePosixPath:
-    """Image name "train/CITY/CITY_x_y_leftImg8bit.png" -> "gtFine/train/CITY/CITY_x_y_gtFine_labelTrainIds.png"."""
+    """Image name "train/CITY/CITY_x_y_leftImg8bit.png" ->
+    "gtFine/train/CITY/CITY_x_y_gtFine_labelTrainIds.png"."""
     p = PurePosixPath(name)
     if p.is_absolute() or ".." in p.parts:
         raise ValueError(f"image name must be a relative path inside the dataset, got {name!r}")
@@ -99,7 +101,7 @@ def label_path(name: str) -> PurePosixPath:
 
 
 def _predictions(models: list[nn.Module], dataset: Dataset, device: torch.device, num_workers: int):
-    """Yield (name, conf (H, W) float32, pred (H, W) int64, C) per item, at its label resolution, on device."""
+    """Yield (name, conf (H, W) float32, pred (H, W) int64, C) per item at its label resolution, on device."""
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers)
     for i, item in enumerate(loader):
         img = torch.as_tensor(item["img"]).float().to(device)[None]  # (1, 3, H, W)
@@ -113,7 +115,7 @@ def _predictions(models: list[nn.Module], dataset: Dataset, device: torch.device
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished tmp folder to out_dir, replacing an older one (readers never see a half-written one)."""
+    """Move the finished tmp folder to out_dir, replacing an older one (never seen half-written)."""
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(out_dir, old)
@@ -126,7 +128,7 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 def generate(models: list[nn.Module], dataset: Dataset, out_dir: str | Path, percentile: float = 0.5,
              cap: float = 0.9, device: torch.device | str = "cpu", source_desc: dict | None = None,
              num_workers: int = 0) -> dict[str, Any]:
-    """Pseudo-label a target train set with one model or an ensemble (mean softmax) and write it as a label folder.
+    """Pseudo-label a target train set with one model or an ensemble (mean softmax); write a label folder.
 
     Items of `dataset`: {"img": float (3, H, W) 0..255, "lbl": (H, W) (only its size is used: the output
     resolution), "name": "train/CITY/CITY_x_y_leftImg8bit.png"}. Two inference passes: the first counts the

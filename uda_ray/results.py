@@ -243,3 +243,38 @@ def best_trials(results_dir: Path, metric: str | None = None, mode: str | None =
         out.append({**t, "rank_metric": metric, "rank_value": v, "rank_step": step, "rank_checkpoint": ckpt})
     out.sort(key=lambda r: r["rank_value"], reverse=(mode == "max"))
     return out[:top]
+
+
+def markdown_report(title: str, run_dirs: list[tuple[str, Path]], note: str = "") -> str:
+    """A markdown table of runs (label, folder holding results/) built from their Parquet tables:
+    best and final val mIoU (in %), pixel accuracy, model cost, and per-class IoU at the best step."""
+    from uda_ray.data.labels import CLASSES
+
+    lines = [f"# {title}", "", note, ""] if note else [f"# {title}", ""]
+    lines += ["| run | method | model | steps | best mIoU (step) | final mIoU | pixel acc | GFLOPs |",
+              "|---|---|---|---|---|---|---|---|"]
+    per_class = []
+    for label, d in run_dirs:
+        trials = read_table(d / "results", "trials")
+        if not trials:
+            continue
+        t = trials[0]
+        evals = [e for e in read_table(d / "results", "evals") if e.get("val/miou") is not None]
+        if not evals:
+            continue
+        best = max(evals, key=lambda e: e["val/miou"])
+        last = max(evals, key=lambda e: e["step"])
+        lines.append(f"| {label} | {t['method']} | {t['model']} | {last['step']} | "
+                     f"{100 * best['val/miou']:.1f} ({best['step']}) | {100 * last['val/miou']:.1f} | "
+                     f"{100 * last['val/pixel_acc']:.1f} | {last.get('model/gflops') or float('nan'):.2f} |")
+        ious = {r["class_name"]: r["iou"] for r in read_table(d / "results", "class_iou")
+                if r["step"] == best["step"]}
+        per_class.append((label, ious))
+    if per_class:
+        lines += ["", "Per-class IoU (%) at each run's best step (- = class absent from labels and predictions):", "",
+                  "| run | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES)]
+        for label, ious in per_class:
+            cells = [f"{100 * ious[c]:.0f}" if ious.get(c) is not None and ious[c] == ious[c] else "-"
+                     for c in CLASSES]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

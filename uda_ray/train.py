@@ -7,6 +7,7 @@ two implementations; Ray is imported only inside the Ray pieces.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -26,6 +27,7 @@ from uda_ray.methods import METHODS
 from uda_ray.methods.base import Method, UDABatch, set_lr, upsample
 from uda_ray.metrics import ConfusionMatrix
 from uda_ray.models import MODELS
+from uda_ray.stages import METRICS_FILE
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
@@ -116,6 +118,7 @@ def save_checkpoint(path: Path, method: Method, step: int, rng: list, cfg: Exper
     path.mkdir(parents=True, exist_ok=True)
     torch.save({"method": method.state_dict(), "step": step, "rng": rng, "config": experiment_dict(cfg),
                 "metrics": metrics}, path / STATE_FILE)
+    (path / METRICS_FILE).write_text(json.dumps(metrics))  # read without loading the weights
 
 
 def load_weights(method: Method, path: str | Path) -> None:
@@ -315,3 +318,48 @@ def make_trainer(cfg: ExperimentConfig, storage: Path, name: str, callbacks: lis
             failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=1),
         ),
     )
+
+
+def run_results_callback(results_dir: Path, run_name: str, cfg: ExperimentConfig) -> Any:
+    """A Ray Train callback writing a single run's results tables (the same schema as a sweep's)."""
+    from ray.train import UserCallback
+
+    from uda_ray.results import ResultsWriter
+
+    exp = experiment_dict(cfg)
+
+    class RunResults(UserCallback):
+        def __init__(self) -> None:
+            self.writer: ResultsWriter | None = None
+
+        def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+            if self.writer is None:  # created in the controller actor, where results arrive
+                self.writer = ResultsWriter(results_dir, run_name, "val/miou", "max", None)
+            m = dict(metrics[0])
+            if "step" not in m:
+                return
+            if checkpoint is not None:
+                m["checkpoint_path"] = checkpoint.path
+            self.writer.result(run_name, exp, {}, m)
+
+        def after_exception(self, run_context: Any, worker_exceptions: dict) -> None:
+            w = self.writer or ResultsWriter(results_dir, run_name, "val/miou", "max", None)
+            err = "; ".join(str(e).splitlines()[-1] if str(e) else type(e).__name__
+                            for e in worker_exceptions.values())
+            w.end(run_name, exp, {}, "errored", err[:500])
+
+    return RunResults()
+
+
+def fit_run(cfg: ExperimentConfig, storage: Path, name: str) -> dict[str, Any]:
+    """Driver side of one training run (`uda-ray train`, pipeline stages): a TorchTrainer with results tables
+    under <storage>/<name>/results. Returns the last reported metrics."""
+    from uda_ray.results import ResultsWriter
+
+    results_dir = storage / name / "results"
+    trainer = make_trainer(cfg, storage, name, callbacks=[run_results_callback(results_dir, name, cfg)])
+    result = trainer.fit()
+    ResultsWriter(results_dir, name, "val/miou", "max", None).end(name, experiment_dict(cfg), {}, "completed")
+    m = dict(result.metrics or {})
+    m["checkpoint_path"] = result.checkpoint.path if result.checkpoint else None
+    return m

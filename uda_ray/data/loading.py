@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from uda_ray.config import DataConfig, to_dict
 from uda_ray.data.datasets import DATASETS
 from uda_ray.data.transforms import PairTransform, eval_transform
+from uda_ray.errors import DatasetError
 
 
 def default_data_dir() -> Path:
@@ -43,15 +44,41 @@ def prepare(cfg: DataConfig, data_dir: Path | None = None) -> DataConfig:
         out = synthetic_dir(cfg, data_dir or default_data_dir())
         generate(out, n_source=s.n_source, n_target=s.n_target, n_val=s.n_val, size=tuple(s.size),
                  seed=s.seed, synthia=cfg.source == "synthia")
-        src = src or str(out / ("synthia" if cfg.source == "synthia" else "gta5"))
+        src = src or str(out / cfg.source)  # the benchmark writes gta5/, cityscapes/ (and synthia/) layouts
         tgt = tgt or str(out / "cityscapes")
-    lbl = cfg.target_label_root
+    if src is None and cfg.ranking:
+        src = tgt  # IntraDA: the source is the easy part of the target train set
     return dataclasses.replace(
-        cfg,
-        source_root=str(Path(src).expanduser().absolute()),
-        target_root=str(Path(tgt).expanduser().absolute()),
-        target_label_root=str(Path(lbl).expanduser().absolute()) if lbl else None,
+        cfg, source_root=_abs(src), target_root=_abs(tgt), target_label_root=_abs(cfg.target_label_root),
+        source_label_root=_abs(cfg.source_label_root), ranking=_abs(cfg.ranking),
     )
+
+
+def _abs(path: str | None) -> str | None:
+    return str(Path(path).expanduser().absolute()) if path else None
+
+
+RANKING_FILE = "ranking.txt"  # target train image names, easiest (lowest entropy) first
+
+
+def ranking_split(ranking: Path, fraction: float) -> tuple[list[str], list[str]]:
+    """(easy, hard) image names: the first floor(N * fraction) of the ranking, as IntraDA splits."""
+    f = Path(ranking) / RANKING_FILE
+    if not f.is_file():
+        raise DatasetError(f"ranking folder {ranking} has no {RANKING_FILE}: expected an intrada_rank stage's output")
+    names = [n for n in f.read_text().splitlines() if n]
+    n_easy = int(len(names) * fraction)
+    return names[:n_easy], names[n_easy:]
+
+
+def restrict(ds: Dataset, names: list[str]) -> Dataset:
+    """Keep the items of `ds` whose "name" is in `names` (dataset order)."""
+    keep = set(names)
+    items = [it for it in ds.items if it[0].relative_to(ds.image_dir).as_posix() in keep]
+    if len(items) != len(keep):
+        raise DatasetError(f"{len(keep) - len(items)} listed image(s) are not in the dataset at {ds.root}")
+    ds.items = items
+    return ds
 
 
 def build_datasets(cfg: DataConfig, *, source: bool, target: bool, target_labels: bool) -> dict[str, Dataset]:
@@ -62,16 +89,28 @@ def build_datasets(cfg: DataConfig, *, source: bool, target: bool, target_labels
     """
     out: dict[str, Dataset] = {}
     train_tf = dict(crop=cfg.crop_size, hflip=cfg.hflip)
+    easy = hard = None
+    if cfg.ranking:
+        easy, hard = ranking_split(Path(cfg.ranking), cfg.easy_fraction)
     if source:
+        src_labels = Path(cfg.ranking) if cfg.ranking else _path(cfg.source_label_root)
         out["src"] = DATASETS[cfg.source](Path(cfg.source_root), "train",
-                                          PairTransform(resize=cfg.source_size, **train_tf))
+                                          PairTransform(resize=cfg.source_size, **train_tf), src_labels)
+        if easy is not None:
+            out["src"] = restrict(out["src"], easy)
     if target:
-        label_root = Path(cfg.target_label_root) if (target_labels and cfg.target_label_root) else None
+        label_root = _path(cfg.target_label_root) if target_labels else None
         out["tgt"] = DATASETS[cfg.target](Path(cfg.target_root), "train",
                                           PairTransform(resize=cfg.target_size, **train_tf), label_root)
+        if hard is not None:
+            out["tgt"] = restrict(out["tgt"], hard)
     out["val"] = DATASETS[cfg.target](Path(cfg.target_root), cfg.val_split,
                                       eval_transform(cfg.target_size))
     return out
+
+
+def _path(p: str | None) -> Path | None:
+    return Path(p) if p else None
 
 
 class StepBatches(Sampler[list[tuple[int, int]]]):

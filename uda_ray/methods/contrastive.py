@@ -1,7 +1,7 @@
 """Contrastive learning with pseudo-labels (seed 003), model 2 of its pipeline: CE on target-stylized source
 (FDA, Yang & Soatto, CVPR 2020) + lambda_ent * ADVENT entropy on target (Vu et al., CVPR 2019) + lambda_con *
-supervised contrastive loss (Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020) between the pixels
-of a target image and of its twin stylized toward the source, positives = same pseudo-label.
+supervised contrastive loss (Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020) between the
+pixels of a target image and of its twin stylized toward the source, positives = same pseudo-label.
 
 Model 1 of the pipeline is `minent` (source CE + entropy); its pseudo-labels (`uda_ray.pseudo_labels`) reach
 this method as the target labels. Choices (ours, documented):

@@ -20,14 +20,15 @@ from uda_ray.losses import charbonnier_entropy
 from uda_ray.methods.base import Method, UDABatch, seg_loss, sync_grads
 
 
-def backward_first_then_last(model: nn.Module, first: Callable[[], Tensor], last: Callable[[], Tensor]) -> None:
+def backward_first_then_last(model: nn.Module, first: Callable[[], Tensor],
+                             last: Callable[[], Tensor]) -> None:
     """Accumulate the gradients of two losses, each from its own forward of `model`.
 
-    `first()` runs forwards that may leave some parameters unused (e.g. a target loss on the main head only);
-    `last()` runs a forward that touches every parameter (the source CE with its aux heads). On a plain module:
-    one backward of the sum. Under DDP (default settings, no find_unused_parameters) several forwards before
-    one backward are not allowed: two backward passes, the first with its forward inside no_sync, the last
-    synchronized (its backward must reach every parameter for DDP to finalize the all-reduce).
+    `first()` runs forwards that may leave some parameters unused (e.g. a target loss on the main head
+    only); `last()` runs a forward that touches every parameter (the source CE with its aux heads). On a plain
+    module: one backward of the sum. Under DDP (default settings, no find_unused_parameters) several forwards
+    before one backward are not allowed: two backward passes, the first with its forward inside no_sync, the
+    last synchronized (its backward must reach every parameter for DDP to finalize the all-reduce).
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         with sync_grads(model, last=False):
@@ -39,7 +40,7 @@ def backward_first_then_last(model: nn.Module, first: Callable[[], Tensor], last
 
 @dataclass(frozen=True)
 class FDAConfig:
-    beta: float = 0.01  # window half-size b = floor(min(H, W) * beta); README default, ablations 0.01/0.05/0.09
+    beta: float = 0.01  # window half-size floor(min(H, W) * beta); README default, ablations .01/.05/.09
     lambda_ent: float = 0.005  # Charbonnier entropy weight (the original's entW)
     eta: float = 2.0  # Charbonnier exponent (the original's ita)
     ent_start_step: int = 0  # entropy term from this step on (the original's switch2entropy)

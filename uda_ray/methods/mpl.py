@@ -12,18 +12,20 @@ One step:
 Sign convention (the known source of confusion), derived: the teacher wants to lower the student's source loss
 after the step, L(T) = CE_src(theta_S'(T)). A first-order Taylor expansion around the student's step gives
 ce_new ~= ce_old - lr_S * g_src . g_tgt(y_hat), so the paper's h = g_src . g_tgt(y_hat) is proportional to
-ce_old - ce_new = the student's IMPROVEMENT. With y_hat drawn from the teacher, the score-function estimate of
-dL/dT is -(ce_old - ce_new - baseline) * d log p_T(y_hat) / dT = reward * d CE(T(tgt), y_hat) / dT: the
-surrogate to minimize is reward * CE(teacher(tgt), y_hat). A positive reward (the labels helped) lowers that CE,
-i.e. RAISES the teacher's probability of the labels that produced it; a negative reward lowers it. (METHODS.md
-writes h = ce_new - ce_old; plugged into "+ h * CE" that would reinforce labels that hurt the student.)
+ce_old - ce_new = the student's IMPROVEMENT. With y_hat drawn from the teacher, the score-function estimate
+of dL/dT is -(ce_old - ce_new - baseline) * d log p_T(y_hat) / dT = reward * d CE(T(tgt), y_hat) / dT: the
+surrogate to minimize is reward * CE(teacher(tgt), y_hat). A positive reward (the labels helped) lowers that
+CE, i.e. RAISES the teacher's probability of the labels that produced it; a negative reward lowers it.
+(METHODS.md writes h = ce_new - ce_old; plugged into "+ h * CE" it would reinforce labels that hurt the
+student.)
 
 Choices (ours, documented): the teacher is a fresh `model_factory()` loaded with the student's initial
 weights (a copy: UDA starts from an ImageNet or source-trained init, so the teacher's first labels are as
 good as the student's); teacher optimizer = the experiment's kind with `teacher_lr` (None: the student's lr),
-under the loop's poly schedule; student_source_weight 1.0 (seed 000: the student learns from pseudo-labels AND
-source labels; the paper's student learns from the teacher only: 0.0). With source CE in the student's step the
-student improves on source every step; the moving-average baseline removes that drift from the reward. The
+under the loop's poly schedule; student_source_weight 1.0 (seed 000: the student learns from pseudo-labels
+AND source labels; the paper's student learns from the teacher only: 0.0). With source CE in the student's
+step the student improves on source every step; the moving-average baseline removes that drift from the
+reward. The
 baseline starts at 0 and is the average BEFORE this step's update. Under DDP the source CEs are all-reduced
 (sum and pixel count), so the reward is the global one on every worker. eval_model() is the student.
 """
@@ -64,7 +66,8 @@ class MPLConfig:
         if not 0.0 <= self.ema_rate < 1.0:
             raise ConfigError(f"method_cfg.ema_rate must be in [0, 1), got {self.ema_rate}")
         if self.hard_labels not in ("argmax", "sample"):
-            raise ConfigError(f"method_cfg.hard_labels must be 'argmax' or 'sample', got '{self.hard_labels}'")
+            raise ConfigError(f"method_cfg.hard_labels must be 'argmax' or 'sample', "
+                              f"got '{self.hard_labels}'")
         for name in ("student_source_weight", "lambda_uda"):
             if not getattr(self, name) >= 0.0:
                 raise ConfigError(f"method_cfg.{name} must be >= 0, got {getattr(self, name)}")
@@ -91,8 +94,8 @@ class MovingAverage:
 
 
 def mpl_teacher_term(t_logits: Tensor, pseudo: Tensor, reward: Tensor | float) -> Tensor:
-    """reward * CE(t_logits (B, C, H, W), pseudo (B, H, W)): minimizing it with reward > 0 raises the teacher's
-    probability of `pseudo`, with reward < 0 lowers it (derivation in the module docstring)."""
+    """reward * CE(t_logits (B, C, H, W), pseudo (B, H, W)): minimizing it with reward > 0 raises the
+    teacher's probability of `pseudo`, with reward < 0 lowers it (derivation in the module docstring)."""
     return reward * F.cross_entropy(t_logits, pseudo, ignore_index=IGNORE)
 
 
@@ -106,7 +109,7 @@ def global_ce(logits: Tensor, lbl: Tensor) -> Tensor:
 
 
 class MPL(Method):
-    """Meta Pseudo Labels, per pixel: the teacher is rewarded by the student's improvement on source labels."""
+    """Meta Pseudo Labels, per pixel: the teacher is rewarded by the student's source improvement."""
 
     Config = MPLConfig
 
@@ -117,7 +120,8 @@ class MPL(Method):
         self.teacher_raw = teacher.to(self.device)
         self.teacher = self.wrap(self.teacher_raw)
         t_optim = dataclasses.replace(optim, lr=cfg.teacher_lr or optim.lr)
-        groups = teacher.param_groups(t_optim.lr) if hasattr(teacher, "param_groups") else teacher.parameters()
+        has_groups = hasattr(teacher, "param_groups")
+        groups = teacher.param_groups(t_optim.lr) if has_groups else teacher.parameters()
         self.t_opt = build_optimizer(groups, t_optim)
         self.optimizers.append(self.t_opt)
         self.baseline = MovingAverage(cfg.ema_rate)
@@ -169,7 +173,7 @@ class MPL(Method):
         self.teacher.train()
         self.t_opt.zero_grad(set_to_none=True)
         size = tuple(batch.tgt_img.shape[-2:])
-        with sync_grads(self.teacher, last=False):  # its graph waits for the reward; the synced pass comes last
+        with sync_grads(self.teacher, last=False):  # its graph waits for the reward; the synced pass is last
             t_tgt = upsample(self.teacher(batch.tgt_img)["out"], size)  # (B, C, H, W)
         pseudo = self._pseudo_labels(t_tgt.detach())  # (B, H, W)
 

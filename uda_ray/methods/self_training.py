@@ -57,7 +57,8 @@ def pseudo_label_loss(out: dict[str, Any], lbl: Tensor, aux_weights: tuple[float
     crop can fall entirely below the thresholds; the plain mean would be NaN)."""
     if bool((lbl != IGNORE).any()):
         return seg_loss(out, lbl, aux_weights)
-    return sum((lg.sum() * 0.0 for lg in [out["out"], *(out.get("aux") or [])]), start=out["out"].new_zeros(()))
+    heads = [out["out"], *(out.get("aux") or [])]
+    return sum((lg.sum() * 0.0 for lg in heads), start=out["out"].new_zeros(()))
 
 
 class SelfTraining(Adversarial):
@@ -68,7 +69,7 @@ class SelfTraining(Adversarial):
 
     def __init__(self, model: nn.Module, cfg: SelfTrainingConfig, optim: OptimConfig, **kwargs: Any) -> None:
         if cfg.lambda_adv > 0:
-            super().__init__(model, cfg, optim, **kwargs)  # Adversarial: discriminator(s) and their optimizers
+            super().__init__(model, cfg, optim, **kwargs)  # Adversarial: discriminator(s), their optimizers
             return
         # no adversarial term: no discriminator to build, train or checkpoint
         Method.__init__(self, model, cfg, optim, **kwargs)

@@ -1,0 +1,149 @@
+"""Pipelines: ordered stages, each an ordinary training run or an action reading earlier stages' artefacts.
+
+```yaml
+name: intrada_synthetic
+set: {train.max_steps: 150}                  # optional overrides for every experiment stage
+stages:
+  - name: inter                              # IntraDA step 1: AdvEnt inter-domain
+    experiment: ../experiments/synthetic_bisenet_r18_advent.yaml
+  - name: rank                               # step 2: entropy ranking + pseudo-labels
+    intrada_rank: {from: inter, lambda: 0.67, normalize_rare: false}
+  - name: intra                              # step 3: AdvEnt, easy split (pseudo-labeled) -> hard split
+    experiment: ../experiments/synthetic_bisenet_r18_intrada.yaml
+    set: {data.ranking: "@rank"}
+```
+In `set` values, `@STAGE` is that stage's output folder and `@STAGE:best` its best checkpoint (by val/miou).
+Everything lives under <storage>/pipelines/<name>/<stage>; a stage already complete is skipped, so running
+the same command again continues an interrupted pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from uda_ray.config import ConfigError, build, load_experiment, read_yaml
+from uda_ray.stages import ACTIONS, best_checkpoint_in, latest_metrics
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str
+    experiment: str | None = None
+    set: dict = field(default_factory=dict)
+    intrada_rank: dict | None = None  # {from: STAGE, lambda: 0.67, normalize_rare: false}
+
+    @property
+    def action(self) -> tuple[str, dict] | None:
+        for a in ACTIONS:
+            if getattr(self, a) is not None:
+                return a, getattr(self, a)
+        return None
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str
+    stages: list[StageConfig]
+    set: dict = field(default_factory=dict)
+
+
+@dataclass
+class Pipeline:
+    cfg: PipelineConfig
+    path: Path  # the pipeline file (experiment paths are relative to it)
+
+    def experiment_path(self, st: StageConfig) -> Path:
+        p = Path(st.experiment)
+        return p if p.is_absolute() else self.path.parent / p
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    p = Path(path)
+    cfg = build(PipelineConfig, read_yaml(p), str(p))
+    if not cfg.stages:
+        raise ConfigError(f"{p}: a pipeline needs at least one stage")
+    seen: set[str] = set()
+    pipe = Pipeline(cfg, p)
+    for st in cfg.stages:
+        where = f"{p}: stage '{st.name}'"
+        if st.name in seen:
+            raise ConfigError(f"{where}: duplicate stage name")
+        if (st.experiment is None) == (st.action is None):
+            raise ConfigError(f"{where}: give exactly one of experiment, {', '.join(ACTIONS)}")
+        for v in list(st.set.values()) + list((st.action or ("", {}))[1].values()):
+            ref = _ref_stage(v)
+            if ref is not None and ref not in seen:
+                raise ConfigError(f"{where}: refers to '{ref}', which is not an earlier stage")
+        if st.action:
+            src = st.action[1].get("from")
+            if src not in seen:
+                raise ConfigError(f"{where}: 'from' must name an earlier stage, got {src!r}")
+        else:
+            load_experiment(pipe.experiment_path(st), {**cfg.set, **st.set})  # validate now, not hours later
+        seen.add(st.name)
+    return pipe
+
+
+def _ref_stage(v: Any) -> str | None:
+    if isinstance(v, str) and v.startswith("@"):
+        return v[1:].split(":", 1)[0].split("/", 1)[0]
+    return None
+
+
+def resolve_stage_refs(values: dict, pdir: Path) -> dict:
+    """'@stage' -> <pdir>/<stage>; '@stage:best' -> its best checkpoint; '@stage/sub' -> a path inside."""
+    out = {}
+    for k, v in values.items():
+        if _ref_stage(v) is not None:
+            stage, _, rest = v[1:].partition(":")
+            out[k] = str(best_checkpoint_in(pdir / stage)) if rest == "best" else str(pdir / stage)
+        else:
+            out[k] = v
+    return out
+
+
+def stage_done(pipe: Pipeline, st: StageConfig, pdir: Path) -> bool:
+    d = pdir / st.name
+    if st.action:
+        return (d / "manifest.json").is_file()
+    cfg = load_experiment(pipe.experiment_path(st), {**pipe.cfg.set, **st.set})
+    m = latest_metrics(d)
+    return bool(m) and int(m.get("step", 0)) >= cfg.train.max_steps
+
+
+def run_pipeline(pipe: Pipeline, root: Path, run_experiment: Callable[[Any, Path, str], dict],
+                 prepare_data: Callable[[Any], Any], log: Callable[[str], None] = print) -> list[dict]:
+    """Run the stages in order. `run_experiment(cfg, storage, name)` trains (a Ray Train run);
+    `prepare_data(cfg)` returns the cfg with resolved dataset roots."""
+    pdir = root / "pipelines" / pipe.cfg.name
+    pdir.mkdir(parents=True, exist_ok=True)
+    summary = []
+    for st in pipe.cfg.stages:
+        t0 = time.time()
+        if stage_done(pipe, st, pdir):
+            log(f"stage {st.name}: already complete, skipped")
+        elif st.action:
+            name, args = st.action
+            args = resolve_stage_refs({k: v for k, v in args.items() if k != "from"}, pdir)
+            args = {("lambda_" if k == "lambda" else k): v for k, v in args.items()}
+            ck = best_checkpoint_in(pdir / st.action[1]["from"])
+            log(f"stage {st.name}: {name} from {ck}")
+            ACTIONS[name](ck, pdir / st.name, **args)
+        else:
+            overrides = resolve_stage_refs({**pipe.cfg.set, **st.set}, pdir)
+            cfg = load_experiment(pipe.experiment_path(st), overrides)
+            cfg = dataclasses.replace(prepare_data(cfg), name=st.name)
+            log(f"stage {st.name}: {cfg.method}/{cfg.model.name}, {cfg.train.max_steps} steps")
+            run_experiment(cfg, pdir, st.name)
+        m = latest_metrics(pdir / st.name) if not st.action else None
+        row = {"stage": st.name, "kind": st.action[0] if st.action else "train", "seconds": time.time() - t0}
+        if m:
+            row.update({k: m.get(k) for k in ("step", "val/miou", "val/pixel_acc")})
+        summary.append(row)
+    (pdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
