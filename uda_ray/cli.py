@@ -290,7 +290,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         print(f"  {row['stage']:<24} {row['kind']:<14}" + (f" val/miou={miou:.4f} @ {row['step']}" if miou else ""))
     if args.report:
         pdir = root / "pipelines" / pipe.cfg.name
-        runs = [(st.name, pdir / st.name) for st in pipe.cfg.stages if not st.action]
+        runs = [(st.name, pdir / st.name) for st in pipe.cfg.stages if (pdir / st.name / "results").is_dir()]
         note = (f"Produced by `uda-ray pipeline {args.pipeline} --report {args.report}` from the runs' Parquet "
                 f"tables ({pdir}). mIoU on the target val split at the label's full resolution.")
         out = Path(args.report)

@@ -104,6 +104,7 @@ class DataConfig:
     target_size: tuple[int, int] | None = None  # (W, H) resize of target train and val images
     crop_size: tuple[int, int] | None = None  # (W, H) random crop after resize (train only)
     hflip: bool = True
+    grayscale: bool = False  # feed every image (source, target, val) as 3-channel grayscale (seed 003)
     target_label_root: str | None = None  # pseudo-label folder (trainIds) replacing target labels
     source_label_root: str | None = None  # pseudo-label folder (trainIds) replacing source labels
     # IntraDA: a ranking folder (an `intrada_rank` stage). The source becomes the easiest `easy_fraction` of

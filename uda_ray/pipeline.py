@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from uda_ray.config import ConfigError, build, load_experiment, read_yaml
+from uda_ray.results import read_table
 from uda_ray.stages import ACTIONS, best_checkpoint_in, latest_metrics
 
 
@@ -36,6 +37,8 @@ class StageConfig:
     experiment: str | None = None
     set: dict = field(default_factory=dict)
     intrada_rank: dict | None = None  # {from: STAGE, lambda: 0.67, normalize_rare: false}
+    pseudo_labels: dict | None = None  # {from: STAGE or [STAGES], percentile: 0.5, cap: 0.9, stylize_beta: null}
+    evaluate_ensemble: dict | None = None  # {from: [STAGES]}
 
     @property
     def action(self) -> tuple[str, dict] | None:
@@ -81,12 +84,16 @@ def load_pipeline(path: str | Path) -> Pipeline:
                 raise ConfigError(f"{where}: refers to '{ref}', which is not an earlier stage")
         if st.action:
             src = st.action[1].get("from")
-            if src not in seen:
-                raise ConfigError(f"{where}: 'from' must name an earlier stage, got {src!r}")
+            if not all(isinstance(x, str) and x in seen for x in _as_list(src)):
+                raise ConfigError(f"{where}: 'from' must name earlier stage(s), got {src!r}")
         else:
             load_experiment(pipe.experiment_path(st), {**cfg.set, **st.set})  # validate now, not hours later
         seen.add(st.name)
     return pipe
+
+
+def _as_list(v: Any) -> list:
+    return v if isinstance(v, list) else [v]
 
 
 def _ref_stage(v: Any) -> str | None:
@@ -131,19 +138,20 @@ def run_pipeline(pipe: Pipeline, root: Path, run_experiment: Callable[[Any, Path
             name, args = st.action
             args = resolve_stage_refs({k: v for k, v in args.items() if k != "from"}, pdir)
             args = {("lambda_" if k == "lambda" else k): v for k, v in args.items()}
-            ck = best_checkpoint_in(pdir / st.action[1]["from"])
-            log(f"stage {st.name}: {name} from {ck}")
-            ACTIONS[name](ck, pdir / st.name, **args)
+            cks = [best_checkpoint_in(pdir / f) for f in _as_list(st.action[1]["from"])]
+            log(f"stage {st.name}: {name} from {', '.join(str(c) for c in cks)}")
+            ACTIONS[name](cks, pdir / st.name, **args)
         else:
             overrides = resolve_stage_refs({**pipe.cfg.set, **st.set}, pdir)
             cfg = load_experiment(pipe.experiment_path(st), overrides)
             cfg = dataclasses.replace(prepare_data(cfg), name=st.name)
             log(f"stage {st.name}: {cfg.method}/{cfg.model.name}, {cfg.train.max_steps} steps")
             run_experiment(cfg, pdir, st.name)
-        m = latest_metrics(pdir / st.name) if not st.action else None
         row = {"stage": st.name, "kind": st.action[0] if st.action else "train", "seconds": time.time() - t0}
-        if m:
-            row.update({k: m.get(k) for k in ("step", "val/miou", "val/pixel_acc")})
+        evals = read_table(pdir / st.name / "results", "evals")
+        if evals:
+            last = max(evals, key=lambda e: e["step"])
+            row.update({k: last.get(k) for k in ("step", "val/miou", "val/pixel_acc")})
         summary.append(row)
     (pdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

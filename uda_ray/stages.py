@@ -4,8 +4,10 @@ Ray-free. References an experiment may hold in `train.init_from`:
     run:NAME     the best checkpoint (by val/miou) of the `uda-ray train` run NAME under the storage root
     sweep:NAME   the best checkpoint of the best trial of sweep NAME (from its Parquet tables)
     a path       a checkpoint folder (holding state.pt) or a state.pt file
-Actions (run on the driver, between training stages):
-    intrada_rank IntraDA's entropy ranking of the target train set, with argmax pseudo-labels
+Actions (run on the driver, between training stages), each from the best checkpoint(s) of earlier stages:
+    intrada_rank       IntraDA's entropy ranking of the target train set, with argmax pseudo-labels
+    pseudo_labels      class-wise thresholded pseudo-labels (one model or a mean-softmax ensemble)
+    evaluate_ensemble  target-val mIoU of a mean-softmax ensemble (FDA-MBT)
 """
 
 from __future__ import annotations
@@ -81,22 +83,116 @@ def checkpoint_experiment(checkpoint: Path) -> tuple[ExperimentConfig, dict]:
     return build_experiment(state["config"], str(checkpoint)), state
 
 
-def intrada_rank(checkpoint: Path, out: Path, lambda_: float = 0.67, normalize_rare: bool = False,
-                 device: str = "cpu") -> dict[str, Any]:
-    """IntraDA step 2: rank the target train images of the checkpoint's experiment by entropy (easiest
-    first) and write ranking.txt, easy/hard split files for `lambda_`, and argmax pseudo-labels of EVERY
-    image (so `data.easy_fraction` can be searched later without ranking again)."""
-    from uda_ray.data.datasets import DATASETS
-    from uda_ray.data.loading import RANKING_FILE
-    from uda_ray.data.transforms import eval_transform
-    from uda_ray.methods.intrada import rank_by_entropy, write_split
+def load_trained(checkpoint: Path, device: str = "cpu") -> tuple[ExperimentConfig, torch.nn.Module]:
+    """The experiment of a checkpoint and its segmenter (eval mode) with the trained weights."""
     from uda_ray.train import build_model
 
     cfg, state = checkpoint_experiment(checkpoint)
     model = build_model(cfg.model)
     model.load_state_dict(state["method"]["model"])
-    model.to(device)
-    ds = DATASETS[cfg.data.target](Path(cfg.data.target_root), "train", eval_transform(cfg.data.target_size))
+    return cfg, model.to(device).eval()
+
+
+def _target_train(cfg: ExperimentConfig, split: str = "train") -> Any:
+    from uda_ray.data.datasets import DATASETS
+    from uda_ray.data.loading import input_transform
+    from uda_ray.data.transforms import eval_transform
+
+    tf = input_transform(eval_transform(cfg.data.target_size), cfg.data)
+    return DATASETS[cfg.data.target](Path(cfg.data.target_root), split, tf)
+
+
+class Stylized(torch.utils.data.Dataset):
+    """Target items whose images are FDA-stylized toward a source image (item i gets source i mod N)."""
+
+    def __init__(self, target: Any, source: Any, beta: float) -> None:
+        self.target, self.source, self.beta = target, source, beta
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def __getitem__(self, i: int) -> dict:
+        from uda_ray.fda import fda_source_to_target
+
+        item = dict(self.target[i])
+        style = self.source[i % len(self.source)]["img"]
+        item["img"] = fda_source_to_target(item["img"][None], style[None], self.beta)[0]
+        return item
+
+
+def pseudo_labels(checkpoints: list[Path], out: Path, percentile: float = 0.5, cap: float = 0.9,
+                  stylize_beta: float | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Class-wise thresholded pseudo-labels of the target train set from one model or an ensemble (mean
+    softmax: FDA-MBT). With `stylize_beta`, predictions are made on target images FDA-stylized toward the
+    source (seed 003's pseudo-labels)."""
+    from uda_ray.data.datasets import DATASETS
+    from uda_ray.data.loading import input_transform
+    from uda_ray.data.transforms import eval_transform
+    from uda_ray.pseudo_labels import generate
+
+    loaded = [load_trained(c, device) for c in checkpoints]
+    cfg = loaded[0][0]
+    ds = _target_train(cfg)
+    if stylize_beta:
+        tf = input_transform(eval_transform(cfg.data.target_size), cfg.data)
+        src = DATASETS[cfg.data.source](Path(cfg.data.source_root), "train", tf)
+        ds = Stylized(ds, src, stylize_beta)
+    desc = {"checkpoints": [str(c) for c in checkpoints], "stylize_beta": stylize_beta,
+            "target_root": cfg.data.target_root}
+    return generate([m for _, m in loaded], ds, out, percentile=percentile, cap=cap, device=device,
+                    source_desc=desc)
+
+
+class Ensemble(torch.nn.Module):
+    """Mean softmax of several segmenters (FDA-MBT's evaluation); "out" holds probabilities."""
+
+    def __init__(self, models: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.models = torch.nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        probs = torch.stack([m(x)["out"].softmax(1) for m in self.models]).mean(0)  # (B, C, h, w)
+        return {"out": probs, "aux": [], "feat": probs}
+
+
+def evaluate_ensemble(checkpoints: list[Path], out: Path, device: str = "cpu") -> dict[str, Any]:
+    """Evaluate the mean-softmax ensemble of the checkpoints on the target val split; results tables and
+    manifest.json under `out`."""
+    from uda_ray.config import experiment_dict
+    from uda_ray.data.loading import val_loader
+    from uda_ray.results import ResultsWriter
+    from uda_ray.train import evaluate
+
+    loaded = [load_trained(c, device) for c in checkpoints]
+    cfg = loaded[0][0]
+    ens = Ensemble([m for _, m in loaded])
+    val = val_loader(_target_train(cfg, cfg.data.val_split), cfg.train.eval_batch_size, rank=0, world_size=1,
+                     workers=0)
+    ev = evaluate(ens, val, cfg.model.num_classes, torch.device(device))
+    metrics = {"step": max(checkpoint_experiment(c)[1]["step"] for c in checkpoints),
+               **{f"val/{k}": v for k, v in ev.items()}}
+    out = Path(out)
+    exp = experiment_dict(cfg)
+    exp["method"] = f"ensemble({len(checkpoints)})"
+    w = ResultsWriter(out / "results", out.name, "val/miou", "max", None)
+    w.result(out.name, exp, {"checkpoints": [str(c) for c in checkpoints]}, metrics)
+    w.end(out.name, exp, {}, "completed")
+    manifest = {"checkpoints": [str(c) for c in checkpoints], "val/miou": metrics["val/miou"]}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def intrada_rank(checkpoints: list[Path], out: Path, lambda_: float = 0.67, normalize_rare: bool = False,
+                 device: str = "cpu") -> dict[str, Any]:
+    """IntraDA step 2: rank the target train images of the checkpoint's experiment by entropy (easiest
+    first) and write ranking.txt, easy/hard split files for `lambda_`, and argmax pseudo-labels of EVERY
+    image (so `data.easy_fraction` can be searched later without ranking again)."""
+    from uda_ray.data.loading import RANKING_FILE
+    from uda_ray.methods.intrada import rank_by_entropy, write_split
+
+    (checkpoint,) = checkpoints
+    cfg, model = load_trained(checkpoint, device)
+    ds = _target_train(cfg)
     ranked, _, pseudo = rank_by_entropy(model, ds, lambda_=1.0, normalize_rare=normalize_rare, device=device)
     n_easy = int(len(ranked) * lambda_)
     out = Path(out)
@@ -110,4 +206,5 @@ def intrada_rank(checkpoint: Path, out: Path, lambda_: float = 0.67, normalize_r
     return manifest
 
 
-ACTIONS = {"intrada_rank": intrada_rank}
+ACTIONS = {"intrada_rank": intrada_rank, "pseudo_labels": pseudo_labels,
+           "evaluate_ensemble": evaluate_ensemble}

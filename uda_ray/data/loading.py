@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -89,24 +89,43 @@ def build_datasets(cfg: DataConfig, *, source: bool, target: bool, target_labels
     """
     out: dict[str, Dataset] = {}
     train_tf = dict(crop=cfg.crop_size, hflip=cfg.hflip)
+
+    def tf(resize: tuple[int, int] | None) -> Any:
+        return input_transform(PairTransform(resize=resize, **train_tf), cfg)
+
     easy = hard = None
     if cfg.ranking:
         easy, hard = ranking_split(Path(cfg.ranking), cfg.easy_fraction)
     if source:
         src_labels = Path(cfg.ranking) if cfg.ranking else _path(cfg.source_label_root)
         out["src"] = DATASETS[cfg.source](Path(cfg.source_root), "train",
-                                          PairTransform(resize=cfg.source_size, **train_tf), src_labels)
+                                          tf(cfg.source_size), src_labels)
         if easy is not None:
             out["src"] = restrict(out["src"], easy)
     if target:
         label_root = _path(cfg.target_label_root) if target_labels else None
         out["tgt"] = DATASETS[cfg.target](Path(cfg.target_root), "train",
-                                          PairTransform(resize=cfg.target_size, **train_tf), label_root)
+                                          tf(cfg.target_size), label_root)
         if hard is not None:
             out["tgt"] = restrict(out["tgt"], hard)
     out["val"] = DATASETS[cfg.target](Path(cfg.target_root), cfg.val_split,
-                                      eval_transform(cfg.target_size))
+                                      input_transform(eval_transform(cfg.target_size), cfg))
     return out
+
+
+class _Grayscale:
+    """Wraps a paired transform: the image becomes 3-channel grayscale first (labels untouched)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, img: Any, lbl: Any, rng: Any = None) -> Any:
+        return self.inner(img.convert("L").convert("RGB"), lbl, rng)
+
+
+def input_transform(tf: Any, cfg: DataConfig) -> Any:
+    """The dataset transform with the experiment's input options (grayscale) applied."""
+    return _Grayscale(tf) if cfg.grayscale else tf
 
 
 def _path(p: str | None) -> Path | None:

@@ -14,12 +14,14 @@ from torch import nn
 
 from uda_ray.models.bisenet import bisenet_r18, bisenet_r101
 from uda_ray.models.deeplabv2 import deeplabv2_r101, deeplabv2_r101_ml
+from uda_ray.models.enet import enet
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "bisenet_r18": bisenet_r18,
     "bisenet_r101": bisenet_r101,
     "deeplabv2_r101": deeplabv2_r101,  # single-level
     "deeplabv2_r101_ml": deeplabv2_r101_ml,  # multi-level: aux ASPP on layer3
+    "enet": enet,  # no ImageNet backbone; "out" at the input resolution
 }
 
 __all__ = ["MODELS"]
