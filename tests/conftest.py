@@ -55,7 +55,7 @@ def tiny_model() -> TinySeg:
 
 
 @pytest.fixture(scope="session")
-def synth_root(tmp_path_factory) -> "os.PathLike":
+def synth_root(tmp_path_factory) -> os.PathLike:
     """A tiny synthetic benchmark (GTA5 + Cityscapes layouts), generated once per test session."""
     from uda_ray.data.synthetic import generate
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import tiny_experiment
 from uda_ray.config import (
     ConfigError,
     OptimConfig,
@@ -15,7 +16,6 @@ from uda_ray.config import (
     parse_yaml,
     unflatten,
 )
-from tests.conftest import tiny_experiment
 
 
 def test_unknown_key_names_key_file_and_valid_keys(synth_root):

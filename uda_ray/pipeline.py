@@ -22,9 +22,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from uda_ray.config import ConfigError, build, load_experiment, read_yaml
 from uda_ray.results import read_table

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -133,7 +134,7 @@ class TrialSummary:
         }
 
     @staticmethod
-    def from_row(row: dict) -> "TrialSummary":
+    def from_row(row: dict) -> TrialSummary:
         s = TrialSummary.__new__(TrialSummary)
         s.row = dict(row)
         return s

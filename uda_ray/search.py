@@ -219,7 +219,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     check_address(address)
     logging.getLogger("ray").setLevel(logging.ERROR)  # full logs stay in Ray's session folder
-    kwargs: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.WARNING)
+    kwargs: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.ERROR)
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -8,8 +8,9 @@ owns data, LR schedule, evaluation, logging and checkpointing. Methods never imp
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ class UDABatch:
     tgt_img: Tensor | None = None
     tgt_lbl: Tensor | None = None  # oracle / pseudo-labels only
 
-    def to(self, device: torch.device | str) -> "UDABatch":
+    def to(self, device: torch.device | str) -> UDABatch:
         return UDABatch(*(t.to(device, non_blocking=True) if t is not None else None
                           for t in (self.src_img, self.src_lbl, self.tgt_img, self.tgt_lbl)))
 

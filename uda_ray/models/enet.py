@@ -39,6 +39,8 @@ class EncoderBottleneck(nn.Module):
     main: 1x1 projection to cout/4 (2x2 stride 2 when downsampling) -> BN -> PReLU -> 3x3 conv (regular or
     dilated) or 5x1 then 1x5 (asymmetric) -> BN -> PReLU -> 1x1 expansion -> BN -> spatial dropout.
     skip: identity, or a 2x2 max-pool whose indices the decoder unpools with, then zero channels up to cout.
+    Downsampling halves h, w rounding up (ceil-mode pool; one zero row/column before the 2x2 conv when odd), so
+    the decoder's stride-2 transposed conv can give back any size.
     out = PReLU(main + skip). Projections have no bias (the paper); the middle convs keep theirs as in the
     reference Torch model (the first of an asymmetric pair does not).
     """
@@ -68,13 +70,15 @@ class EncoderBottleneck(nn.Module):
             *middle, _bn(mid), nn.PReLU(mid),
             nn.Conv2d(mid, cout, 1, bias=False), _bn(cout), nn.Dropout2d(dropout),
         )  # fmt: skip
-        self.pool = nn.MaxPool2d(2, 2, return_indices=True) if downsample else None
+        self.pool = nn.MaxPool2d(2, 2, ceil_mode=True, return_indices=True) if downsample else None
         self.extra_channels = cout - cin
         self.act = nn.PReLU(cout)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """(B, cin, h, w) -> (B, cout, h', w') and the max-pool indices (None unless downsampling)."""
         skip, indices = (x, None) if self.pool is None else self.pool(x)  # (B, cin, h', w')
+        if self.pool is not None:  # odd h or w: pad one zero row/column so the 2x2 conv meets the pool's ceil
+            x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))
         if self.extra_channels:
             skip = F.pad(skip, (0, 0, 0, 0, 0, self.extra_channels))  # zero feature maps up to cout
         return self.act(self.main(x) + skip), indices
@@ -163,7 +167,7 @@ class ENet(nn.Module):
             x = block(x)
         x = self.stage5[0](x, idx1, size2)  # (B, 16, H/2, W/2)
         feat = self.stage5[1](x)
-        out = self.fullconv(feat, output_size=size)  # (B, C, H, W)
+        out = self.fullconv(feat)[..., : size[0], : size[1]]  # (B, C, H, W); odd H or W: crop the extra row/col
         return {"out": out, "aux": [], "feat": feat}
 
     def param_groups(self, lr: float) -> list[dict]:
