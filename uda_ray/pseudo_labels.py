@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import uuid
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,13 +28,12 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from uda_ray.data.datasets import pseudo_label_relpath as label_path
 from uda_ray.data.labels import IGNORE
 from uda_ray.methods.base import upsample
 
 log = logging.getLogger(__name__)
 
-IMG_SUFFIX = "_leftImg8bit.png"
-LBL_SUFFIX = "_gtFine_labelTrainIds.png"
 
 
 def _check(percentile: float, cap: float) -> None:
@@ -88,16 +87,6 @@ def ensemble_probs(models: list[nn.Module], img: Tensor, size: tuple[int, int] |
     """
     probs = torch.stack([F.softmax(m(img)["out"].float(), dim=1) for m in models]).mean(0)  # (B, C, h, w)
     return upsample(probs, size) if size is not None else probs
-
-
-def label_path(name: str) -> PurePosixPath:
-    """Image name "train/CITY/CITY_x_y_leftImg8bit.png" ->
-    "gtFine/train/CITY/CITY_x_y_gtFine_labelTrainIds.png"."""
-    p = PurePosixPath(name)
-    if p.is_absolute() or ".." in p.parts:
-        raise ValueError(f"image name must be a relative path inside the dataset, got {name!r}")
-    stem = p.name[: -len(IMG_SUFFIX)] if p.name.endswith(IMG_SUFFIX) else p.stem
-    return PurePosixPath("gtFine") / p.parent / (stem + LBL_SUFFIX)
 
 
 def _predictions(models: list[nn.Module], dataset: Dataset, device: torch.device, num_workers: int):

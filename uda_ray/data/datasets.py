@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -29,16 +29,21 @@ CITYSCAPES_SUFFIX = "_leftImg8bit.png"
 PSEUDO_SUFFIX = "_gtFine_labelTrainIds.png"
 
 
-def pseudo_label_path(label_root: Path, name: str) -> Path:
-    """Where the train-id pseudo-label of the image `name` (a dataset item's "name") lives.
-
-    Cityscapes "train/CITY/X_leftImg8bit.png" -> `label_root/gtFine/train/CITY/X_gtFine_labelTrainIds.png`
-    (the layout uda_ray.pseudo_labels writes); flat layouts (GTA5, SYNTHIA) -> `label_root/<name>`.
-    """
-    p = Path(name)
+def pseudo_label_relpath(name: str) -> PurePosixPath:
+    """Where the train-id pseudo-label of the image `name` (a dataset item's "name") lives, relative to a
+    pseudo-label folder: Cityscapes "train/CITY/X_leftImg8bit.png" -> "gtFine/train/CITY/X_gtFine_labelTrainIds.png"
+    (the layout the pseudo-label and IntraDA stages write); flat layouts (GTA5, SYNTHIA) -> the name itself."""
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or not p.name:
+        raise ValueError(f"image name must be a relative path inside the dataset, got {name!r}")
     if p.name.endswith(CITYSCAPES_SUFFIX):
-        return Path(label_root, "gtFine", p.parent, p.name.removesuffix(CITYSCAPES_SUFFIX) + PSEUDO_SUFFIX)
-    return Path(label_root, p)
+        return PurePosixPath("gtFine", *p.parent.parts, p.name.removesuffix(CITYSCAPES_SUFFIX) + PSEUDO_SUFFIX)
+    return p
+
+
+def pseudo_label_path(label_root: Path, name: str) -> Path:
+    """The pseudo-label file of image `name` under `label_root` (see pseudo_label_relpath)."""
+    return Path(label_root) / pseudo_label_relpath(name)
 
 
 def _require_dir(root: Path, sub: str, layout: str) -> Path:

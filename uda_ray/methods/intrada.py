@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,13 +30,12 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from uda_ray.data.datasets import pseudo_label_relpath as pseudo_label_path
 from uda_ray.errors import ConfigError
 from uda_ray.losses import self_information
 from uda_ray.methods.base import unwrap, upsample
 
 CITYSCAPES_RARE_CLASSES: tuple[int, ...] = (3, 4, 5, 6, 7, 9, 12, 14, 15, 16, 17)  # IntraDA's list
-LABEL_SUFFIX = "_gtFine_labelTrainIds.png"
-IMAGE_SUFFIX = "_leftImg8bit.png"
 
 
 def rare_class_factor(pred: torch.Tensor, rare_classes: tuple[int, ...] = CITYSCAPES_RARE_CLASSES) -> float:
@@ -93,15 +92,6 @@ def rank_by_entropy(model: nn.Module, dataset: Dataset, lambda_: float = 0.67, n
     return easy, hard, {name: labels[name] for name in easy}
 
 
-def pseudo_label_path(name: str) -> PurePosixPath:
-    """'train/CITY/CITY_000000_000001_leftImg8bit.png' -> 'gtFine/train/CITY/CITY_000000_000001' + suffix."""
-    p = PurePosixPath(name)
-    if p.is_absolute() or ".." in p.parts or not p.name:
-        raise ValueError(f"image name must be a relative path inside the dataset, got {name!r}")
-    stem = p.name[: -len(IMAGE_SUFFIX)] if p.name.endswith(IMAGE_SUFFIX) else p.stem
-    return PurePosixPath("gtFine", *p.parent.parts, stem + LABEL_SUFFIX)
-
-
 def write_split(out_dir: str | Path, easy: list[str], hard: list[str], pseudo: dict[str, np.ndarray], *,
                 lambda_: float | None = None, normalize_rare: bool | None = None) -> Path:
     """Write easy_split.txt / hard_split.txt (one name a line, easiest first), the pseudo-labels as uint8
@@ -122,7 +112,7 @@ def write_split(out_dir: str | Path, easy: list[str], hard: list[str], pseudo: d
     for fname, names in (("easy_split.txt", easy), ("hard_split.txt", hard)):
         (out / fname).write_text("".join(f"{n}\n" for n in names))
     manifest = {"lambda": lambda_, "normalize_rare": normalize_rare, "n_easy": len(easy), "n_hard": len(hard),
-                "n_pseudo": len(pseudo), "label_layout": "gtFine/<split>/<city>/<stem>" + LABEL_SUFFIX}
+                "n_pseudo": len(pseudo), "label_layout": "gtFine/<split>/<city>/<stem>_gtFine_labelTrainIds.png"}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
