@@ -51,3 +51,20 @@ def test_step_batches_split_the_global_batch_across_ranks_and_replay_by_step():
         assert one.batch(step) == r0.batch(step) + r1.batch(step)
     late = StepBatches(10, 4, seed=3, start_step=4)
     assert next(iter(late)) == one.batch(4)
+
+
+def test_a_run_makes_its_own_pseudo_labels_from_a_checkpoint(tmp_path, synth_root):
+    import json
+
+    teacher = LocalSession(tmp_path / "teacher")
+    fit(build_experiment(tiny_experiment(synth_root, **{"train.max_steps": 2})), teacher)
+    ck = tmp_path / "teacher" / "checkpoints" / "step_0000002"
+    cfg = build_experiment(tiny_experiment(synth_root, method="self_training", **{
+        "data.pseudo_from": str(ck), "data.pseudo_percentile": 0.3, "data.pseudo_cap": 0.8,
+        "train.max_steps": 2}))
+    s = LocalSession(tmp_path / "student")
+    fit(cfg, s)
+    manifest = json.loads((tmp_path / "student" / "pseudo_labels" / "manifest.json").read_text())
+    assert manifest["percentile"] == 0.3 and manifest["cap"] == 0.8 and manifest["num_images"] == 12
+    assert all(t <= 0.8 + 1e-6 for t in manifest["thresholds"]) and min(manifest["thresholds"]) < 0.8
+    assert [r["step"] for r in s.reports] == [2]

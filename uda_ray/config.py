@@ -106,6 +106,13 @@ class DataConfig:
     grayscale: bool = False  # feed every image (source, target, val) as 3-channel grayscale (seed 003)
     target_label_root: str | None = None  # pseudo-label folder (trainIds) replacing target labels
     source_label_root: str | None = None  # pseudo-label folder (trainIds) replacing source labels
+    # Pseudo-labels made by the run itself (rank 0, on the training device, before training) from this
+    # checkpoint (a folder, `run:NAME`, `sweep:NAME`): class-wise thresholds at `pseudo_percentile` of the
+    # confidences of each predicted class, capped at `pseudo_cap` — so a sweep can search both.
+    pseudo_from: str | None = None
+    pseudo_percentile: float = 0.5
+    pseudo_cap: float = 0.9
+    pseudo_stylize_beta: float | None = None  # predict on target images FDA-stylized toward the source
     # IntraDA: a ranking folder (an `intrada_rank` stage). The source becomes the easiest `easy_fraction` of
     # the target train set with the ranking's pseudo-labels, the target its hard rest.
     ranking: str | None = None
@@ -128,6 +135,10 @@ class DataConfig:
             _check(v is None or min(v) >= 8, f"data.{key}: both sides must be >= 8")
         _check(self.loader_workers >= 0, "data.loader_workers must be >= 0")
         _check(0.0 < self.easy_fraction < 1.0, "data.easy_fraction must be in (0, 1)")
+        _check(0.0 <= self.pseudo_percentile <= 1.0, "data.pseudo_percentile must be in [0, 1]")
+        _check(0.0 < self.pseudo_cap <= 1.0, "data.pseudo_cap must be in (0, 1]")
+        _check(not (self.pseudo_from and self.target_label_root),
+               "data: give pseudo_from (labels made by the run) or target_label_root (a folder), not both")
         _check(self.ranking is None or self.source == self.target,
                "data.ranking: the source is the easy target split, so data.source must equal data.target")
 

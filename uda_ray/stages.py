@@ -69,11 +69,14 @@ def resolve_ref(ref: str, storage: Path) -> str:
 
 
 def resolve_refs(raw: dict, storage: Path) -> dict:
-    """The experiment dict with its references (train.init_from) resolved against the storage root."""
-    ref = (raw.get("train") or {}).get("init_from")
-    if not ref:
-        return raw
-    return {**raw, "train": {**raw["train"], "init_from": resolve_ref(ref, storage)}}
+    """The experiment dict with its checkpoint references (train.init_from, data.pseudo_from) resolved
+    against the storage root."""
+    out = dict(raw)
+    for section, key in (("train", "init_from"), ("data", "pseudo_from")):
+        ref = (raw.get(section) or {}).get(key)
+        if ref:
+            out[section] = {**out[section], key: resolve_ref(ref, storage)}
+    return out
 
 
 def checkpoint_experiment(checkpoint: Path) -> tuple[ExperimentConfig, dict]:

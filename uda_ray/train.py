@@ -160,6 +160,8 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
         load_weights(method, tc.init_from)
         log.info("initialized from %s", tc.init_from)
 
+    if cfg.data.pseudo_from and cls.uses_target_labels:
+        cfg = _own_pseudo_labels(cfg, session)
     ds = build_datasets(cfg.data, source=cls.uses_source, target=cls.uses_target or cls.uses_target_labels,
                         target_labels=cls.uses_target_labels)
     kw = dict(rank=session.rank, world_size=session.world_size, seed=cfg.seed, start_step=start,
@@ -222,6 +224,23 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
                 if tmp is not None:
                     shutil.rmtree(tmp, ignore_errors=True)
     return metrics
+
+
+def _own_pseudo_labels(cfg: ExperimentConfig, session: Session) -> ExperimentConfig:
+    """Rank 0 writes the run's pseudo-labels (once: a resumed run reuses them), the others wait."""
+    import dataclasses
+
+    from uda_ray.stages import pseudo_labels
+
+    d = cfg.data
+    out = session.run_dir / "pseudo_labels"
+    if session.rank == 0 and not (out / "manifest.json").is_file():
+        log.info("pseudo-labels from %s (percentile %s, cap %s)", d.pseudo_from, d.pseudo_percentile, d.pseudo_cap)
+        pseudo_labels([Path(d.pseudo_from)], out, percentile=d.pseudo_percentile, cap=d.pseudo_cap,
+                      stylize_beta=d.pseudo_stylize_beta, device=str(session.device))
+    if session.world_size > 1:
+        dist.barrier()
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, target_label_root=str(out), pseudo_from=None))
 
 
 class LocalSession:

@@ -1,0 +1,434 @@
+"""CPSL stage 1 (Li et al., "Class-Balanced Pixel-Level Self-Labeling for Domain Adaptive Semantic Segmentation",
+CVPR 2022; original code github.com/lslrh/CPSL, built on ProDA, Zhang et al. CVPR 2021).
+
+One step, from a warm-up segmenter (`train.init_from`; copied into the EMA teacher at the first step):
+- source CE;
+- soft pseudo-labels (the frozen warm-up model's softmax, as the original's offline `lpsoft` files; or the EMA
+  teacher's), rectified by the teacher's pixel-to-EMA-prototype similarity, CutMix'ed with source boxes;
+  symmetric CE of the student on them;
+- self-labeling: Sinkhorn-Knopp assignments of sampled teacher pixels (plus a FIFO queue), class marginal =
+  the running pseudo-label class histogram (distribution alignment); CE of softmax(f . c / T) to them. As in
+  the original, f are teacher features, so this loss trains the learnable prototypes c (at 5x lr);
+- prototype consistency: KL between the teacher's (plain target) and the student's (photometric strong view)
+  pixel-to-EMA-prototype distributions;
+- queue pixel contrast of student features against the teacher-feature queue (steps without CutMix only).
+Ours (documented): pixel features = L2-normalized projection head on the model's "feat" (EMA copy for the
+teacher; the original used its 256-d decoder feature directly); the teacher runs in eval mode (exact under
+DDP); prototypes start as the first class means of teacher features (the original precomputes them over the
+target set, calc_prototype.py), unseen classes at random unit vectors; the queue is used while partially
+filled (the original waits until full). Under DDP, sampled pixels are all-gathered (identical queue and
+Sinkhorn on every worker), counts and class sums all-reduced, random draws made for the global batch.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from uda_ray.config import OptimConfig
+from uda_ray.data.labels import IGNORE
+from uda_ray.errors import ConfigError
+from uda_ray.losses import kl_distill, symmetric_ce
+from uda_ray.methods.base import Method, UDABatch, seg_loss, upsample
+from uda_ray.methods.contrastive import GeneratorState, feature_channels, projection_head
+from uda_ray.methods.fda import backward_first_then_last
+
+MIN_PIXELS = 10  # a class mean needs >= 10 pixels (ProDA's calculate_mean_vector)
+
+
+@dataclass(frozen=True)
+class CPSLConfig:  # sources: the original's parser_train.py and README stage-1 command
+    ema: float = 0.999  # EMA teacher and EMA prototypes (hard-coded 0.999)
+    proj_dim: int = 256  # pixel feature size (the original's 256-d decoder feature)
+    temperature: float = 0.08  # --temperature: cosine / T for prototype softmaxes and the contrast
+    sinkhorn_eps: float = 0.05  # --epsilon
+    sinkhorn_iters: int = 3  # --sinkhorn_iterations
+    pixels_per_image: int = 256  # --fbs: teacher pixels per image for Sinkhorn / queue, anchors for contrast
+    lambda_sl: float = 0.1  # --SL_lambda
+    lambda_proto: float = 5.0  # --proto_consistW 5 in the README (parser default 1)
+    sce_alpha: float = 0.1  # --rce_alpha (--rce on in the README); alpha=1, beta=0 gives plain CE
+    sce_beta: float = 1.0  # --rce_beta
+    queue_size: int = 65536  # --queue_length
+    lambda_contrast: float = 1e-3  # --contrast_lambda
+    cutmix_p: float = 0.5  # hard-coded `random.random() < 0.5`
+    pl_threshold: float = 0.0  # --train_thred: rectified confidence below it -> 255 (0: keep all)
+    proto_lr_mult: float = 5.0  # the prototypes' lr = 5 x lr (the original's optimizer groups)
+    soft_labels: str = "warmup"  # "warmup": frozen copy of the initial model; "teacher": the EMA teacher
+    seed: int = 0  # the method's generator (CutMix, strong view, pixel sampling, unseen prototypes)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"method_cfg.ema must be in [0, 1), got {self.ema}")
+        for name in ("proj_dim", "sinkhorn_iters", "pixels_per_image", "queue_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"method_cfg.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("temperature", "sinkhorn_eps", "proto_lr_mult"):
+            if not getattr(self, name) > 0.0:
+                raise ConfigError(f"method_cfg.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("lambda_sl", "lambda_proto", "sce_alpha", "sce_beta", "lambda_contrast"):
+            if not getattr(self, name) >= 0.0:
+                raise ConfigError(f"method_cfg.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("cutmix_p", "pl_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"method_cfg.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.soft_labels not in ("warmup", "teacher"):
+            raise ConfigError(f"method_cfg.soft_labels must be 'warmup' or 'teacher', got '{self.soft_labels}'")
+
+
+# -- distributed helpers ---------------------------------------------------------------------------
+def world_rank() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def all_reduce_(t: Tensor) -> Tensor:
+    if world_rank()[0] > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_cat(t: Tensor) -> Tensor:
+    """(B, ...) per worker -> (world * B, ...) in rank order, identical on every worker."""
+    world = world_rank()[0]
+    if world == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def global_rand(gen: torch.Generator, b: int, *shape: int) -> Tensor:
+    """Uniform draws for the whole global batch (world * b, *shape); returns this worker's (b, *shape)."""
+    world, rank = world_rank()
+    return torch.rand(world * b, *shape, generator=gen)[rank * b:(rank + 1) * b]
+
+
+# -- pure pieces -----------------------------------------------------------------------------------
+@torch.no_grad()
+def sinkhorn(scores: Tensor, eps: float, iters: int, class_marginal: Tensor) -> Tensor:
+    """Sinkhorn-Knopp with distribution alignment (SwAV's solver with CPSL's class marginal).
+
+    scores (N, C) -> Q (N, C): Q ~ exp(scores / eps), rescaled so that each row (pixel) sums to 1 and the
+    class totals Q.sum(0) / N approach class_marginal (C,) (exact in the limit; the last scaling is the
+    pixels', as in the original).
+    """
+    q = torch.exp((scores - scores.max()) / eps).t()  # (C, N); the shift cancels in the normalizations
+    n = q.shape[1]
+    marginal = (class_marginal / class_marginal.sum()).to(q)[:, None]  # (C, 1)
+    q = q / q.sum()
+    for _ in range(iters):
+        q = q / q.sum(1, keepdim=True).clamp_min(1e-30) * marginal  # class c's total -> marginal[c]
+        q = q / q.sum(0, keepdim=True).clamp_min(1e-30) / n  # each pixel's total -> 1 / N
+    return (q * n).t()
+
+
+def proto_scores(z: Tensor, protos: Tensor) -> Tensor:
+    """Cosine similarities: z (B, D, h, w) L2-normalized, protos (C, D) -> (B, C, h, w)."""
+    return torch.einsum("bdhw,cd->bchw", z, F.normalize(protos, dim=1))
+
+
+def rectify(soft: Tensor, z: Tensor, protos: Tensor, temperature: float) -> Tensor:
+    """Pseudo-label rectification (ProDA / CPSL): soft (B, C, h, w) pseudo-label probabilities times the
+    prototype weights softmax_c(z . c / T), renormalized over C -> (B, C, h, w) probabilities."""
+    rect = F.softmax(proto_scores(z, protos) / temperature, dim=1) * soft
+    return rect / rect.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def hard_labels(probs: Tensor, threshold: float) -> Tensor:
+    """(B, C, ...) -> (B, ...) argmax, 255 where the max probability is below threshold."""
+    conf, lbl = probs.max(1)
+    return lbl.masked_fill(conf < threshold, IGNORE)
+
+
+def queue_contrastive_loss(anchors: Tensor, labels: Tensor, queue: Tensor, queue_lbl: Tensor,
+                           temperature: float) -> Tensor:
+    """Pixel contrast against a queue (the original's `contrastive`): each positive against all negatives.
+
+    anchors (N, D), queue (M, D) L2-normalized; labels (N,), queue_lbl (M,) with 255 ignored. Per anchor:
+    -mean_{p in pos} log(e^{l_p} / (e^{l_p} + sum_{n in neg} e^{l_n})), l = a . q / T. Anchors without a
+    positive are skipped (the original counts them as 0 in the mean); 0 (with a gradient) if none has one.
+    """
+    keep, qkeep = labels != IGNORE, queue_lbl != IGNORE
+    a, la, qf, ql = anchors[keep], labels[keep], queue[qkeep], queue_lbl[qkeep]
+    pos = (la[:, None] == ql[None, :]).float()  # (N, M)
+    n_pos = pos.sum(1)
+    has_pos = n_pos > 0
+    if not bool(has_pos.any()):
+        return anchors.sum() * 0.0
+    logits = a @ qf.t() / temperature
+    logits = logits - logits.max(1, keepdim=True).values.detach()  # (N, M)
+    exp = logits.exp()
+    neg = (exp * (1.0 - pos)).sum(1, keepdim=True)  # (N, 1)
+    log_prob = logits - torch.log(exp + neg)
+    return -((pos * log_prob).sum(1)[has_pos] / n_pos[has_pos]).mean()
+
+
+def cutmix_box(h: int, w: int, gen: torch.Generator) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of a box of half the image area with a random aspect ratio, inside the image (the
+    original's rand_bbox, from French et al.'s semi-supervised CutMix: area 0.5, height share 0.5 ** U)."""
+    y_share = 0.5 ** float(torch.rand((), generator=gen))  # in [0.5, 1]
+    bh, bw = max(1, round(h * y_share)), max(1, round(w * 0.5 / y_share))
+    y0 = int(torch.randint(0, h - bh + 1, (), generator=gen))
+    x0 = int(torch.randint(0, w - bw + 1, (), generator=gen))
+    return y0, y0 + bh, x0, x0 + bw
+
+
+def paste_box(dst: Tensor, src: Tensor, box: tuple[int, int, int, int]) -> Tensor:
+    """dst with src's box pasted: images (B, 3, H, W) or labels (B, H, W)."""
+    y0, y1, x0, x1 = box
+    out = dst.clone()
+    out[..., y0:y1, x0:x1] = src[..., y0:y1, x0:x1]
+    return out
+
+
+def _gray(x: Tensor) -> Tensor:
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]  # (B, 1, H, W)
+
+
+def photometric(img: Tensor, r: Tensor, strength: float = 0.4) -> Tensor:
+    """Strong view, photometric part of the original's RandAugmentMC: with p 0.5 colour jitter (brightness,
+    contrast, saturation factors in [1 - s, 1 + s], s = --jitter 0.4), with p 0.5 Gaussian blur (sigma 1).
+    img (B, 3, H, W) in 0..255; r (B, 5) uniform draws (flags, then the three factors)."""
+    f = (1.0 - strength + 2.0 * strength * r[:, 2:5])[:, :, None, None, None]  # (B, 3, 1, 1, 1)
+    x = img * f[:, 0]
+    m = _gray(x).mean((1, 2, 3), keepdim=True)
+    x = (x - m) * f[:, 1] + m
+    g = _gray(x)
+    x = ((x - g) * f[:, 2] + g).clamp(0.0, 255.0)
+    x = torch.where((r[:, 0] < 0.5)[:, None, None, None], x, img)
+    k = torch.exp(-torch.arange(-2.0, 3.0, device=img.device) ** 2 / 2.0)
+    k = (k[:, None] * k[None, :] / k.sum() ** 2).expand(3, 1, 5, 5)  # (3, 1, 5, 5) normalized
+    blurred = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), k.to(x.dtype), groups=3)
+    return torch.where((r[:, 1] < 0.5)[:, None, None, None], blurred, x)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, rate: float) -> None:
+    """teacher <- rate * teacher + (1 - rate) * student for parameters; buffers copied (the original)."""
+    for pt, ps in zip(teacher.parameters(), student.parameters()):
+        pt.mul_(rate).add_(ps.detach(), alpha=1.0 - rate)
+    for bt, bs in zip(teacher.buffers(), student.buffers()):
+        bt.copy_(bs)
+
+
+def take(x: Tensor, idx: Tensor) -> Tensor:
+    """x (B, K', h, w), idx (B, K) flat pixel indices -> (B, K, K')."""
+    return x.flatten(2).gather(2, idx[:, None].expand(-1, x.shape[1], -1)).transpose(1, 2)
+
+
+def frozen_copy(m: nn.Module) -> nn.Module:
+    return copy.deepcopy(m).requires_grad_(False).eval()
+
+
+# -- stateful pieces -------------------------------------------------------------------------------
+class Prototypes(nn.Module):
+    """Learnable class prototypes (C, D) (trained by the self-labeling loss, as the original), their EMA,
+    which classes have been initialized, and the running pseudo-label class histogram (Sinkhorn's marginal)."""
+
+    def __init__(self, init: Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(init.clone())
+        self.register_buffer("ema", init.clone())
+        self.register_buffer("seen", torch.zeros(init.shape[0], dtype=torch.bool))
+        self.register_buffer("class_counts", torch.zeros(init.shape[0], dtype=torch.float64))
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))  # teacher copied from student
+
+    def forward(self, z: Tensor) -> Tensor:
+        """z (N, D) L2-normalized -> cosine scores (N, C)."""
+        return z @ F.normalize(self.weight, dim=1).t()
+
+
+class FeatureQueue(nn.Module):
+    """FIFO ring buffer of teacher pixels: features (Q, D), normalized logits (Q, C), labels (Q,)."""
+
+    def __init__(self, size: int, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("feat", torch.zeros(size, dim))
+        self.register_buffer("logit", torch.zeros(size, num_classes))
+        self.register_buffer("label", torch.full((size,), IGNORE, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def push(self, feat: Tensor, logit: Tensor, label: Tensor) -> None:
+        size = self.feat.shape[0]
+        feat, logit, label = feat[-size:], logit[-size:], label[-size:]  # (n, ...) newest last
+        idx = (int(self.ptr) + torch.arange(feat.shape[0], device=feat.device)) % size
+        self.feat[idx], self.logit[idx], self.label[idx] = feat, logit, label
+        self.ptr.fill_((int(self.ptr) + feat.shape[0]) % size)
+        self.count.fill_(min(int(self.count) + feat.shape[0], size))
+
+    def filled(self) -> tuple[Tensor, Tensor, Tensor]:
+        n = int(self.count)
+        return self.feat[:n], self.logit[:n], self.label[:n]  # a ring fills from index 0
+
+
+class CPSL(Method):
+    """CPSL stage 1: rectified, CutMix'ed pseudo-labels + Sinkhorn self-labeling + prototype consistency +
+    queue contrast, with an EMA teacher."""
+
+    Config = CPSLConfig
+    uses_target = True
+
+    def __init__(self, model: nn.Module, cfg: CPSLConfig, optim: OptimConfig, **kwargs: Any) -> None:
+        super().__init__(model, cfg, optim, **kwargs)
+        c, d = self.num_classes, cfg.proj_dim
+        self.rng = GeneratorState(cfg.seed)
+        self.head_raw = projection_head(feature_channels(self.model_raw, self.device), d).to(self.device)
+        self.head = self.wrap(self.head_raw)
+        init = F.normalize(torch.randn(c, d, generator=self.rng.gen), dim=1)  # replaced when a class is seen
+        self.proto_raw = Prototypes(init).to(self.device)
+        self.proto = self.wrap(self.proto_raw)
+        for params, mult in ((list(self.head_raw.parameters()), 10.0), ([self.proto_raw.weight], cfg.proto_lr_mult)):
+            lr = mult * optim.lr  # head beside the classifier (10x); prototypes at the original's 5x
+            self.opt.add_param_group({"params": params, "lr": lr, "initial_lr": lr, "poly_power": optim.poly_power})
+        self.teacher_raw = frozen_copy(self.model_raw)
+        self.head_ema = frozen_copy(self.head_raw)
+        self.warmup_raw = frozen_copy(self.model_raw) if cfg.soft_labels == "warmup" else None
+        self.queue = FeatureQueue(cfg.queue_size, d, c).to(self.device)
+
+    def _start(self) -> None:
+        """First step: the teacher (and warm-up copy) take the student's weights, loaded by the loop by now."""
+        self.teacher_raw.load_state_dict(self.model_raw.state_dict())
+        self.head_ema.load_state_dict(self.head_raw.state_dict())
+        if self.warmup_raw is not None:
+            self.warmup_raw.load_state_dict(self.model_raw.state_dict())
+        self.proto_raw.started.fill_(True)
+
+    @staticmethod
+    def _embed(head: nn.Module, feat: Tensor, size: tuple[int, int]) -> Tensor:
+        """(B, F, h', w') model features -> (B, D, h, w) L2-normalized pixel features at the logits' size."""
+        z = head(feat)
+        if tuple(z.shape[-2:]) != size:
+            z = F.interpolate(z, size=size, mode="bilinear", align_corners=True)
+        return F.normalize(z, dim=1)
+
+    @torch.no_grad()
+    def _update_stats(self, soft: Tensor, z: Tensor) -> None:
+        """Global class histogram of the soft labels' argmax (Sinkhorn's marginal; the original's offline
+        class_distribution.npy) and, for classes not yet seen, prototypes = mean teacher feature."""
+        p = self.proto_raw
+        onehot = F.one_hot(soft.argmax(1).flatten(), self.num_classes).to(z.dtype)  # (N, C)
+        counts = all_reduce_(onehot.sum(0))  # (C,)
+        p.class_counts += counts.double()
+        if bool(p.seen.all()):
+            return
+        sums = all_reduce_(onehot.t() @ z.permute(0, 2, 3, 1).flatten(0, 2))  # (C, D)
+        new = ~p.seen & (counts >= MIN_PIXELS)
+        if bool(new.any()):
+            means = F.normalize(sums[new] / counts[new, None], dim=1)
+            p.weight.data[new], p.ema[new] = means, means
+            p.seen |= new
+
+    @torch.no_grad()
+    def _sinkhorn_targets(self, z_all: Tensor, lg_all: Tensor, b: int) -> tuple[Tensor, Tensor]:
+        """Assignments of this worker's sampled pixels from Sinkhorn over queue + all workers' pixels, scored
+        by prototype cosine (z_all (G, K, D)) and by the normalized teacher logits (lg_all (G, K, C))."""
+        cfg, rank = self.cfg, world_rank()[1]
+        marginal = self.proto_raw.class_counts / self.proto_raw.class_counts.sum()
+        q_feat, q_logit, _ = self.queue.filled()
+        protos = F.normalize(self.proto_raw.weight, dim=1)  # the original scores its queue un-normalized
+        out = []
+        for scores in (torch.cat([q_feat, z_all.flatten(0, 1)]) @ protos.t(), torch.cat([q_logit, lg_all.flatten(0, 1)])):
+            q = sinkhorn(scores, cfg.sinkhorn_eps, cfg.sinkhorn_iters, marginal)[-z_all.shape[0] * z_all.shape[1]:]
+            out.append(q.view(*z_all.shape[:2], -1)[rank * b:(rank + 1) * b].flatten(0, 1))  # (B * K, C)
+        return out[0], out[1]
+
+    def train_step(self, batch: UDABatch, step: int) -> dict[str, Tensor]:
+        """Logged (unweighted): loss/seg_src, loss/cts (symmetric CE on rectified pseudo-labels), loss/sl,
+        loss/proto_consist (per-pixel KL), loss/contrast (steps without CutMix), cpsl/cutmix, cpsl/queue."""
+        cfg, gen, tau, c = self.cfg, self.rng.gen, self.cfg.temperature, self.num_classes
+        if not bool(self.proto_raw.started):
+            self._start()
+        self.model.train()
+        self.head.train()
+        self.opt.zero_grad(set_to_none=True)
+        b, _, hh, ww = batch.tgt_img.shape
+        dev = batch.tgt_img.device
+        with torch.no_grad():
+            t_out = self.teacher_raw(batch.tgt_img)  # the plain (weak) target; eval mode
+            t_logits = t_out["out"]  # (B, C, h, w)
+            size = (t_logits.shape[-2], t_logits.shape[-1])
+            z_t = self._embed(self.head_ema, t_out["feat"], size)  # (B, D, h, w)
+            soft = t_logits if self.warmup_raw is None else self.warmup_raw(batch.tgt_img)["out"]
+            soft = F.softmax(upsample(soft, size), dim=1)  # (B, C, h, w)
+            self._update_stats(soft, z_t)
+            rect = rectify(soft, z_t, self.proto_raw.ema, tau)  # (B, C, h, w)
+            pl_small = hard_labels(rect, cfg.pl_threshold)  # (B, h, w): queue and contrast labels
+            pl = hard_labels(upsample(rect, (hh, ww)), cfg.pl_threshold)  # (B, H, W): CE labels
+        mix = bool(torch.rand((), generator=gen) < cfg.cutmix_p)  # one draw per step, as the original
+        tgt_in = batch.tgt_img
+        if mix:
+            box = cutmix_box(hh, ww, gen)
+            tgt_in, pl = paste_box(tgt_in, batch.src_img, box), paste_box(pl, batch.src_lbl, box)
+        strong = photometric(batch.tgt_img, global_rand(gen, b, 5).to(dev))  # (B, 3, H, W)
+        n, k = size[0] * size[1], min(cfg.pixels_per_image, size[0] * size[1])
+        idx = global_rand(gen, b, n).topk(k, dim=1).indices.to(dev)  # (B, K) sampled teacher pixels
+        z_sel = take(z_t, idx)  # (B, K, D)
+        with torch.no_grad():
+            lg_all = all_gather_cat(take(F.normalize(t_logits, dim=1), idx))  # (G, K, C)
+            z_all = all_gather_cat(z_sel)  # (G, K, D)
+            lb_all = all_gather_cat(pl_small.flatten(1).gather(1, idx))  # (G, K)
+            q_feat, q_logit = self._sinkhorn_targets(z_all, lg_all, b)  # (B * K, C) each
+            self.queue.push(z_all.flatten(0, 1), lg_all.flatten(0, 1), lb_all.flatten())
+        idx_c = None if mix else global_rand(gen, b, n).topk(k, dim=1).indices.to(dev)  # contrast anchors
+        logs: dict[str, Tensor] = {"cpsl/cutmix": torch.tensor(float(mix)),
+                                   "cpsl/queue": self.queue.count.detach().float().cpu()}
+
+        def target_loss() -> Tensor:
+            out = self.model(torch.cat([tgt_in, strong]))  # (2B, ...): the CutMix'ed target, the strong view
+            z = self._embed(self.head, out["feat"], size)  # (2B, D, h, w)
+            loss = 0.0 * z.sum()  # the head always receives a gradient (DDP)
+            if bool((pl != IGNORE).any()):
+                heads = zip((1.0, *self.aux_weights), [out["out"], *(out.get("aux") or [])])
+                cts = sum(w * symmetric_ce(upsample(lg[:b], (hh, ww)), pl, cfg.sce_alpha, cfg.sce_beta)
+                          for w, lg in heads)
+                logs["loss/cts"] = cts.detach()
+                loss = loss + cts
+            else:  # every pixel below pl_threshold: nothing to learn (the plain mean would be NaN)
+                loss = loss + 0.0 * out["out"].sum()
+            if cfg.lambda_proto > 0:
+                ema = self.proto_raw.ema
+                # the original averages its KL over classes too (mean over (B, C, h, w)): weight / C
+                cons = kl_distill(proto_scores(z[b:], ema) / tau, F.softmax(proto_scores(z_t, ema) / tau, 1))
+                logs["loss/proto_consist"] = cons.detach()
+                loss = loss + cfg.lambda_proto / c * cons
+            if cfg.lambda_sl > 0:  # trains the prototypes: teacher features, as the original
+                logp = F.log_softmax(self.proto(z_sel.flatten(0, 1)) / tau, dim=1)  # (B * K, C)
+                sl = -(q_feat * logp).sum(1).mean() - (q_logit * logp).sum(1).mean()
+                logs["loss/sl"] = sl.detach()
+                loss = loss + cfg.lambda_sl * sl
+            if idx_c is not None and cfg.lambda_contrast > 0:
+                anchors, labels = take(z[:b], idx_c), pl_small.flatten(1).gather(1, idx_c)  # (B, K, D), (B, K)
+                qf, _, ql = self.queue.filled()
+                con = torch.stack([queue_contrastive_loss(anchors[i], labels[i], qf, ql, tau)
+                                   for i in range(b)]).mean()  # per image, then over images (DDP-exact)
+                logs["loss/contrast"] = con.detach()
+                loss = loss + cfg.lambda_contrast * con
+            return loss
+
+        def source_loss() -> Tensor:
+            loss = seg_loss(self.model(batch.src_img), batch.src_lbl, self.aux_weights)
+            logs["loss/seg_src"] = loss.detach()
+            return loss
+
+        backward_first_then_last(self.model, target_loss, source_loss)
+        self.opt.step()
+        ema_update(self.teacher_raw, self.model_raw, cfg.ema)
+        ema_update(self.head_ema, self.head_raw, cfg.ema)
+        with torch.no_grad():
+            self.proto_raw.ema.mul_(cfg.ema).add_(self.proto_raw.weight, alpha=1.0 - cfg.ema)
+        return logs
+
+    def stateful(self) -> dict[str, Any]:
+        state = {**super().stateful(), "teacher": self.teacher_raw, "head": self.head_raw,
+                 "head_ema": self.head_ema, "prototypes": self.proto_raw, "queue": self.queue, "rng": self.rng}
+        if self.warmup_raw is not None:
+            state["warmup"] = self.warmup_raw
+        return state
