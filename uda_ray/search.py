@@ -96,13 +96,17 @@ def make_searcher(space: SearchSpace, seed: int) -> Any:
                 reported.add((trial_id, step))
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+                return super().on_trial_complete(trial_id, result, error)
             step = (result or {}).get("step")
-            if not error and trial_id not in self._completed_trials and step is not None \
-                    and step < self.max_steps:
-                self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
-                self._completed_trials.add(trial_id)
-                return
-            super().on_trial_complete(trial_id, result, error)
+            if error:  # Tune would tell an errored trial with a partial value as COMPLETE
+                state = optuna.trial.TrialState.FAIL
+            elif step is not None and step < self.max_steps:
+                state = optuna.trial.TrialState.PRUNED
+            else:
+                return super().on_trial_complete(trial_id, result, error)
+            self._ot_study.tell(self._ot_trials[trial_id], state=state)
+            self._completed_trials.add(trial_id)
 
     metrics = [o.metric for o in space.objectives]
     modes = [o.mode for o in space.objectives]

@@ -4,6 +4,8 @@ from uda_ray.methods.advent import AdvEnt, MinEnt
 from uda_ray.methods.adversarial import Adversarial
 from uda_ray.methods.base import Method
 from uda_ray.methods.contrastive import Contrastive
+from uda_ray.methods.cpsl import CPSL
+from uda_ray.methods.cpsl_distill import CPSLDistill
 from uda_ray.methods.fda import FDA
 from uda_ray.methods.mpl import MPL
 from uda_ray.methods.self_training import SelfTraining
@@ -20,4 +22,6 @@ METHODS: dict[str, type[Method]] = {
     "self_training": SelfTraining,
     "mpl": MPL,
     "contrastive": Contrastive,
+    "cpsl": CPSL,
+    "cpsl_distill": CPSLDistill,
 }

@@ -1,5 +1,5 @@
-"""CPSL stage 1 (Li et al., "Class-Balanced Pixel-Level Self-Labeling for Domain Adaptive Semantic Segmentation",
-CVPR 2022; original code github.com/lslrh/CPSL, built on ProDA, Zhang et al. CVPR 2021).
+"""CPSL stage 1 (Li et al., "Class-Balanced Pixel-Level Self-Labeling for Domain Adaptive Semantic
+Segmentation", CVPR 2022; original code github.com/lslrh/CPSL, built on ProDA, Zhang et al. CVPR 2021).
 
 One step, from a warm-up segmenter (`train.init_from`; copied into the EMA teacher at the first step):
 - source CE;
@@ -78,7 +78,8 @@ class CPSLConfig:  # sources: the original's parser_train.py and README stage-1 
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"method_cfg.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.soft_labels not in ("warmup", "teacher"):
-            raise ConfigError(f"method_cfg.soft_labels must be 'warmup' or 'teacher', got '{self.soft_labels}'")
+            raise ConfigError(f"method_cfg.soft_labels must be 'warmup' or 'teacher', "
+                              f"got '{self.soft_labels}'")
 
 
 # -- distributed helpers ---------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def frozen_copy(m: nn.Module) -> nn.Module:
 # -- stateful pieces -------------------------------------------------------------------------------
 class Prototypes(nn.Module):
     """Learnable class prototypes (C, D) (trained by the self-labeling loss, as the original), their EMA,
-    which classes have been initialized, and the running pseudo-label class histogram (Sinkhorn's marginal)."""
+    which classes have been initialized, the running pseudo-label class histogram (Sinkhorn's marginal)."""
 
     def __init__(self, init: Tensor) -> None:
         super().__init__()
@@ -285,16 +286,19 @@ class CPSL(Method):
         init = F.normalize(torch.randn(c, d, generator=self.rng.gen), dim=1)  # replaced when a class is seen
         self.proto_raw = Prototypes(init).to(self.device)
         self.proto = self.wrap(self.proto_raw)
-        for params, mult in ((list(self.head_raw.parameters()), 10.0), ([self.proto_raw.weight], cfg.proto_lr_mult)):
-            lr = mult * optim.lr  # head beside the classifier (10x); prototypes at the original's 5x
-            self.opt.add_param_group({"params": params, "lr": lr, "initial_lr": lr, "poly_power": optim.poly_power})
+        # the head beside the classifier (10x lr); the prototypes at the original's 5x
+        groups = ((list(self.head_raw.parameters()), 10.0), ([self.proto_raw.weight], cfg.proto_lr_mult))
+        for params, mult in groups:
+            lr = mult * optim.lr
+            self.opt.add_param_group({"params": params, "lr": lr, "initial_lr": lr,
+                                      "poly_power": optim.poly_power})
         self.teacher_raw = frozen_copy(self.model_raw)
         self.head_ema = frozen_copy(self.head_raw)
         self.warmup_raw = frozen_copy(self.model_raw) if cfg.soft_labels == "warmup" else None
         self.queue = FeatureQueue(cfg.queue_size, d, c).to(self.device)
 
     def _start(self) -> None:
-        """First step: the teacher (and warm-up copy) take the student's weights, loaded by the loop by now."""
+        """First step: the teacher (and warm-up copy) take the student's weights (init_from is loaded)."""
         self.teacher_raw.load_state_dict(self.model_raw.state_dict())
         self.head_ema.load_state_dict(self.head_raw.state_dict())
         if self.warmup_raw is not None:
@@ -334,10 +338,12 @@ class CPSL(Method):
         marginal = self.proto_raw.class_counts / self.proto_raw.class_counts.sum()
         q_feat, q_logit, _ = self.queue.filled()
         protos = F.normalize(self.proto_raw.weight, dim=1)  # the original scores its queue un-normalized
+        g, k = z_all.shape[:2]
         out = []
-        for scores in (torch.cat([q_feat, z_all.flatten(0, 1)]) @ protos.t(), torch.cat([q_logit, lg_all.flatten(0, 1)])):
-            q = sinkhorn(scores, cfg.sinkhorn_eps, cfg.sinkhorn_iters, marginal)[-z_all.shape[0] * z_all.shape[1]:]
-            out.append(q.view(*z_all.shape[:2], -1)[rank * b:(rank + 1) * b].flatten(0, 1))  # (B * K, C)
+        for scores in (torch.cat([q_feat, z_all.flatten(0, 1)]) @ protos.t(),
+                       torch.cat([q_logit, lg_all.flatten(0, 1)])):  # (M + G * K, C) each
+            q = sinkhorn(scores, cfg.sinkhorn_eps, cfg.sinkhorn_iters, marginal)[-g * k:]  # (G * K, C)
+            out.append(q.view(g, k, -1)[rank * b:(rank + 1) * b].flatten(0, 1))  # (B * K, C)
         return out[0], out[1]
 
     def train_step(self, batch: UDABatch, step: int) -> dict[str, Tensor]:
@@ -405,7 +411,8 @@ class CPSL(Method):
                 logs["loss/sl"] = sl.detach()
                 loss = loss + cfg.lambda_sl * sl
             if idx_c is not None and cfg.lambda_contrast > 0:
-                anchors, labels = take(z[:b], idx_c), pl_small.flatten(1).gather(1, idx_c)  # (B, K, D), (B, K)
+                anchors = take(z[:b], idx_c)  # (B, K, D)
+                labels = pl_small.flatten(1).gather(1, idx_c)  # (B, K)
                 qf, _, ql = self.queue.filled()
                 con = torch.stack([queue_contrastive_loss(anchors[i], labels[i], qf, ql, tau)
                                    for i in range(b)]).mean()  # per image, then over images (DDP-exact)
@@ -428,7 +435,8 @@ class CPSL(Method):
 
     def stateful(self) -> dict[str, Any]:
         state = {**super().stateful(), "teacher": self.teacher_raw, "head": self.head_raw,
-                 "head_ema": self.head_ema, "prototypes": self.proto_raw, "queue": self.queue, "rng": self.rng}
+                 "head_ema": self.head_ema, "prototypes": self.proto_raw, "queue": self.queue,
+                 "rng": self.rng}
         if self.warmup_raw is not None:
             state["warmup"] = self.warmup_raw
         return state
