@@ -16,7 +16,8 @@ from uda_ray.models import MODELS
 from uda_ray.models.discriminators import DISCRIMINATORS, DSCDiscriminator, FCDiscriminator
 from uda_ray.profile import SEED_FIGURES, count_gflops, count_params, format_report, profile
 
-H, W = 64, 128  # tiny input; every model's main output is at 1/8
+H, W = 64, 128  # tiny input
+STRIDES = {"enet": (1, 2)}  # (stride of "out", stride of "feat"); every other model has both at 1/8
 FROZEN_BN_MODELS = [n for n in MODELS if "freeze_bn" in inspect.signature(MODELS[n]).parameters]
 
 
@@ -42,9 +43,10 @@ def _image(batch: int = 2) -> torch.Tensor:
 def test_train_mode_outputs_and_aux_match_aux_weights(build, name: str) -> None:
     model = build(name).train()
     out = model(_image())
+    s_out, s_feat = STRIDES.get(name, (8, 8))
     assert set(out) == {"out", "aux", "feat"}
-    assert out["out"].shape == (2, 19, H // 8, W // 8)
-    assert out["feat"].shape[0] == 2 and out["feat"].shape[-2:] == (H // 8, W // 8)
+    assert out["out"].shape == (2, 19, H // s_out, W // s_out)
+    assert out["feat"].shape[0] == 2 and out["feat"].shape[-2:] == (H // s_feat, W // s_feat)
     assert isinstance(out["aux"], list) and len(out["aux"]) == len(model.aux_weights)
     for aux in out["aux"]:
         assert aux.shape[:2] == (2, 19) and aux.shape[-1] >= 1
@@ -56,7 +58,8 @@ def test_eval_mode_has_no_aux(build, name: str) -> None:
     model = build(name).eval()
     with torch.no_grad():
         out = model(_image(1))
-    assert out["out"].shape == (1, 19, H // 8, W // 8)
+    s_out, _ = STRIDES.get(name, (8, 8))
+    assert out["out"].shape == (1, 19, H // s_out, W // s_out)
     assert out["aux"] == []
     assert torch.isfinite(out["out"]).all()
 
@@ -136,6 +139,40 @@ def test_missing_pretrained_file_is_a_one_line_user_error(tmp_path: Path, name: 
     with pytest.raises(UserError, match="nowhere.pth") as err:
         MODELS[name](pretrained=str(path))
     assert "\n" not in str(err.value)
+
+
+def test_enet_parameter_count() -> None:
+    assert count_params(MODELS["enet"](num_classes=19)) == 364_311  # the paper: 0.37 M
+
+
+def test_enet_trains_at_batch_one() -> None:
+    torch.manual_seed(0)
+    model = MODELS["enet"]().train()
+    out = model(_image(1))
+    out["out"].logsumexp(1).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_enet_output_has_the_input_size_when_odd() -> None:
+    with torch.no_grad():
+        out = MODELS["enet"]().eval()(torch.rand(1, 3, 45, 61) * 255)
+    assert out["out"].shape == (1, 19, 45, 61)
+    assert out["feat"].shape == (1, 16, 23, 31)
+
+
+def test_enet_rejects_imagenet_weights_in_one_line() -> None:
+    with pytest.raises(UserError, match="enet has no ImageNet-pretrained backbone") as err:
+        MODELS["enet"](pretrained="imagenet")
+    assert "\n" not in str(err.value)
+
+
+def test_enet_full_model_state_dict_loads(tmp_path: Path) -> None:
+    source = MODELS["enet"]()
+    path = tmp_path / "enet.pth"
+    torch.save({"state_dict": source.state_dict()}, path)
+    model = MODELS["enet"](pretrained=str(path))
+    assert torch.equal(model.stage3[7].main[3].weight, source.stage3[7].main[3].weight)
+    assert torch.equal(model.fullconv.weight, source.fullconv.weight)
 
 
 def test_backbone_of_the_wrong_depth_is_a_user_error(tmp_path: Path) -> None:

@@ -59,7 +59,7 @@ def _with_data(raw: dict, data: Any) -> dict:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from uda_ray.config import dump_yaml, parse_set, read_yaml
-    from uda_ray.search import build_tuner, check_address, init_ray, write_meta
+    from uda_ray.search import build_tuner, check_address, check_resources, init_ray, write_meta
     from uda_ray.space import load_space
     from uda_ray.stages import resolve_refs
 
@@ -75,6 +75,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     data = _resolve_data(space.base.data, root)
     base_raw = resolve_refs(_with_data(space.base_raw, data), root)
     seed = space.seed if space.seed is not None else random.SystemRandom().randrange(2**31)
+    init_ray(address)
+    check_resources(space.base.train, space.driver_cpus, space.max_concurrent_trials, local=not address)
 
     # the sweep folder is self-contained: resume never depends on the files it was started from
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -93,8 +95,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
           f"TPE seed {seed}", flush=True)
     print(f"storage: {sweep_dir}", flush=True)
 
-    init_ray(address)
-    space = dataclasses.replace(load_space(sweep_dir / "space.yaml"))
+    space = load_space(sweep_dir / "space.yaml")
     return _fit(build_tuner(space, sweep_dir, seed), sweep_dir, meta, args)
 
 
@@ -240,7 +241,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from uda_ray.config import build_experiment, experiment_dict, load_experiment, parse_set
-    from uda_ray.search import check_address, init_ray
+    from uda_ray.search import check_address, check_resources, init_ray
     from uda_ray.stages import resolve_refs
     from uda_ray.train import fit_run
 
@@ -255,6 +256,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"training {cfg.method}/{cfg.model.name} for {cfg.train.max_steps} steps on "
           f"{cfg.train.num_workers} worker(s); run folder {root / 'runs' / name}", flush=True)
     init_ray(address)
+    check_resources(cfg.train, 0.0, 1, local=not address)
     m = fit_run(cfg, root / "runs", name)
     print(f"done: step {m.get('step')} val/miou={m.get('val/miou', float('nan')):.4f} "
           f"pixel_acc={m.get('val/pixel_acc', float('nan')):.4f}")
@@ -414,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()  # the local cluster this command started ends with it
 
 
 if __name__ == "__main__":

@@ -235,6 +235,29 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
                  dashboard_port=port, **kwargs)
 
 
+def check_resources(train: Any, driver_cpus: float, concurrent: int, local: bool) -> None:
+    """A trial that can never fit the cluster would wait for workers forever: say so up front (an error
+    on the local cluster; a warning on a remote one, which may autoscale)."""
+    import ray
+
+    have = ray.cluster_resources()
+    need_cpu = driver_cpus + train.num_workers * train.cpus_per_worker
+    need_gpu = train.num_workers if train.use_gpu else 0
+    problems = []
+    if need_cpu > have.get("CPU", 0) + 1e-9:
+        problems.append(f"{need_cpu:g} CPUs ({train.num_workers} worker(s) x {train.cpus_per_worker:g}"
+                        f" + {driver_cpus:g} for the trial driver) but the cluster has {have.get('CPU', 0):g}")
+    if need_gpu > have.get("GPU", 0):
+        problems.append(f"{need_gpu} GPU(s) but the cluster has {have.get('GPU', 0):g}")
+    if problems:
+        msg = "a trial needs " + " and ".join(problems) + " (lower train.num_workers / train.cpus_per_worker)"
+        if local:
+            raise UserError(msg)
+        log.warning("%s; waiting for the cluster to grow", msg)
+    if concurrent * need_cpu > have.get("CPU", 0) + 1e-9 and not problems:
+        log.info("only %d trial(s) fit side by side", int(have.get("CPU", 0) // need_cpu))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,6 +10,9 @@ from uda_ray.errors import UserError
 from uda_ray.models.resnet import Normalize, load_pretrained, read_pretrained
 
 BN_EPS = 1e-3  # the reference Torch model's BatchNorm epsilon
+# (dilation, asymmetric kernel size or 0) of bottlenecks x.1-x.8 of stages 2 and 3: regular, dilated 2,
+# asymmetric 5, dilated 4, regular, dilated 8, asymmetric 5, dilated 16 (the paper's Table 1)
+SECTION = ((1, 0), (2, 0), (1, 5), (4, 0), (1, 0), (8, 0), (1, 5), (16, 0))
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
@@ -65,11 +68,9 @@ class EncoderBottleneck(nn.Module):
             ]
         else:
             middle = [nn.Conv2d(mid, mid, 3, padding=dilation, dilation=dilation)]
-        self.main = nn.Sequential(
-            nn.Conv2d(cin, mid, stride, stride, bias=False), _bn(mid), nn.PReLU(mid),
-            *middle, _bn(mid), nn.PReLU(mid),
-            nn.Conv2d(mid, cout, 1, bias=False), _bn(cout), nn.Dropout2d(dropout),
-        )  # fmt: skip
+        project = [nn.Conv2d(cin, mid, stride, stride, bias=False), _bn(mid), nn.PReLU(mid)]
+        expand = [nn.Conv2d(mid, cout, 1, bias=False), _bn(cout), nn.Dropout2d(dropout)]
+        self.main = nn.Sequential(*project, *middle, _bn(mid), nn.PReLU(mid), *expand)
         self.pool = nn.MaxPool2d(2, 2, ceil_mode=True, return_indices=True) if downsample else None
         self.extra_channels = cout - cin
         self.act = nn.PReLU(cout)
@@ -115,6 +116,11 @@ class DecoderBottleneck(nn.Module):
         return F.relu(self.expand(y) + skip)
 
 
+def _section() -> list[EncoderBottleneck]:
+    """Bottlenecks x.1-x.8 of stages 2 and 3 (128 channels, dropout 0.1)."""
+    return [EncoderBottleneck(128, 128, 0.1, dilation=d, asymmetric=k) for d, k in SECTION]
+
+
 class ENet(nn.Module):
     """Initial block (1/2) -> stage 1 (1/4, 64 ch) -> stages 2-3 (1/8, 128 ch) -> stages 4-5 (max-unpooling
     back to 1/2, 16 ch) -> 2x2 stride-2 transposed conv to the input size.
@@ -135,21 +141,13 @@ class ENet(nn.Module):
             [EncoderBottleneck(16, 64, 0.01, downsample=True)] + [EncoderBottleneck(64, 64, 0.01) for _ in range(4)]
         )
         # bottleneck2.0 (downsampling), then 2.1-2.8; stage 3 repeats 2.1-2.8
-        self.stage2 = nn.ModuleList([EncoderBottleneck(64, 128, 0.1, downsample=True), *self._section()])
-        self.stage3 = nn.ModuleList(self._section())
+        self.stage2 = nn.ModuleList([EncoderBottleneck(64, 128, 0.1, downsample=True), *_section()])
+        self.stage3 = nn.ModuleList(_section())
         self.stage4 = nn.ModuleList(
             [DecoderBottleneck(128, 64, upsample=True), DecoderBottleneck(64, 64), DecoderBottleneck(64, 64)]
         )
         self.stage5 = nn.ModuleList([DecoderBottleneck(64, 16, upsample=True), DecoderBottleneck(16, 16)])
         self.fullconv = nn.ConvTranspose2d(16, num_classes, 2, stride=2)
-
-    @staticmethod
-    def _section() -> list[EncoderBottleneck]:
-        """Bottlenecks x.1-x.8: regular, dilated 2, asymmetric 5, dilated 4, regular, dilated 8, asymmetric 5,
-        dilated 16."""
-        kinds = [{}, {"dilation": 2}, {"asymmetric": 5}, {"dilation": 4},
-                 {}, {"dilation": 8}, {"asymmetric": 5}, {"dilation": 16}]  # fmt: skip
-        return [EncoderBottleneck(128, 128, 0.1, **kind) for kind in kinds]
 
     def forward(self, x: Tensor) -> dict[str, Tensor | list[Tensor]]:
         size = x.shape[-2:]
