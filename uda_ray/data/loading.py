@@ -99,7 +99,8 @@ def build_datasets(cfg: DataConfig, *, source: bool, target: bool, target_labels
         easy, hard = ranking_split(Path(cfg.ranking), cfg.easy_fraction)
     if source:
         src_labels = Path(cfg.ranking) if cfg.ranking else _path(cfg.source_label_root)
-        out["src"] = DATASETS[cfg.source](Path(cfg.source_root), "train",
+        src_root = cfg.source_root or (cfg.target_root if cfg.ranking else None)
+        out["src"] = DATASETS[cfg.source](Path(src_root), "train",
                                           tf(cfg.source_size), src_labels)
         if easy is not None:
             out["src"] = restrict(out["src"], easy)

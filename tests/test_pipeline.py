@@ -1,0 +1,95 @@
+"""Stages and pipelines in-process (LocalSession instead of Ray Train): IntraDA, FDA-MBT, self-training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import tiny_experiment
+from uda_ray.config import ConfigError
+from uda_ray.data.loading import RANKING_FILE, build_datasets, prepare
+from uda_ray.pipeline import load_pipeline, run_pipeline
+from uda_ray.results import read_table
+from uda_ray.train import LocalSession, fit
+
+
+def _local_run(cfg, storage: Path, name: str) -> dict:
+    return fit(cfg, LocalSession(storage / name))
+
+
+def _write(tmp_path: Path, synth_root: Path, stages: list, experiments: dict[str, dict]) -> Path:
+    for name, over in experiments.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(tiny_experiment(synth_root, **over)))
+    p = tmp_path / "pipe.yaml"
+    p.write_text(yaml.safe_dump({"name": "p", "stages": stages}))
+    return p
+
+
+def test_intrada_pipeline_ranks_then_adapts_easy_to_hard(tmp_path, synth_root):
+    path = _write(tmp_path, synth_root, [
+        {"name": "inter", "experiment": "advent.yaml"},
+        {"name": "rank", "intrada_rank": {"from": "inter", "lambda": 0.5}},
+        {"name": "intra", "experiment": "intra.yaml", "set": {"data.ranking": "@rank"}},
+    ], {"advent": {"method": "advent"},
+        "intra": {"method": "advent", "data.source": "cityscapes", "data.source_root": None,
+                  "data.easy_fraction": 0.5}})
+    run_pipeline(load_pipeline(path), tmp_path / "store", _local_run, lambda c: c)
+    pdir = tmp_path / "store" / "pipelines" / "p"
+    ranking = (pdir / "rank" / RANKING_FILE).read_text().split()
+    assert len(ranking) == 12 and len((pdir / "rank" / "easy_split.txt").read_text().split()) == 6
+    assert (pdir / "intra" / "checkpoints" / "step_0000004").is_dir()
+    cfg = yaml.safe_load((pdir / "intra" / "config.yaml").read_text())
+    data = prepare(__import__("uda_ray.config", fromlist=["x"]).build_experiment(cfg).data)
+    ds = build_datasets(data, source=True, target=True, target_labels=False)
+    src = {it[0].name for it in ds["src"].items}
+    tgt = {it[0].name for it in ds["tgt"].items}
+    assert len(src) == 6 and len(tgt) == 6 and not src & tgt
+    assert {Path(n).name for n in ranking[:6]} == src  # the easy half is the source
+
+
+def test_fda_mbt_pipeline_ensembles_pseudo_labels_and_self_trains(tmp_path, synth_root):
+    path = _write(tmp_path, synth_root, [
+        {"name": "a", "experiment": "fda.yaml", "set": {"method_cfg.beta": 0.05}},
+        {"name": "b", "experiment": "fda.yaml", "set": {"method_cfg.beta": 0.09}},
+        {"name": "ens", "evaluate_ensemble": {"from": ["a", "b"]}},
+        {"name": "pl", "pseudo_labels": {"from": ["a", "b"], "percentile": 0.66, "cap": 0.9}},
+        {"name": "st", "experiment": "st.yaml", "set": {"data.target_label_root": "@pl",
+                                                         "train.init_from": "@a:best"}},
+    ], {"fda": {"method": "fda"}, "st": {"method": "self_training"}})
+    summary = run_pipeline(load_pipeline(path), tmp_path / "store", _local_run, lambda c: c)
+    pdir = tmp_path / "store" / "pipelines" / "p"
+    (ens,) = read_table(pdir / "ens" / "results", "evals")
+    assert 0 <= ens["val/miou"] <= 1 and ens["step"] == 4
+    assert len(read_table(pdir / "ens" / "results", "class_iou")) == 19
+    manifest = json.loads((pdir / "pl" / "manifest.json").read_text())
+    assert manifest["percentile"] == 0.66 and len(manifest["model"]["checkpoints"]) == 2
+    assert (pdir / "st" / "checkpoints" / "step_0000004").is_dir()
+    assert [r["stage"] for r in summary] == ["a", "b", "ens", "pl", "st"]
+
+    # running it again skips every completed stage
+    calls = []
+    run_pipeline(load_pipeline(path), tmp_path / "store", lambda *a: calls.append(a), lambda c: c,
+                 log=lambda m: None)
+    assert calls == []
+
+
+@pytest.mark.parametrize("stages, match", [
+    ([{"name": "a", "intrada_rank": {"from": "nope"}}], "earlier stage"),
+    ([{"name": "a"}], "exactly one of"),
+    ([{"name": "a", "experiment": "x.yaml", "set": {"data.ranking": "@later"}}], "not an earlier stage"),
+])
+def test_bad_pipelines_are_rejected(tmp_path, synth_root, stages, match):
+    path = _write(tmp_path, synth_root, stages, {"x": {}})
+    with pytest.raises(ConfigError, match=match):
+        load_pipeline(path)
+
+
+def test_shipped_pipelines_load():
+    root = Path(__file__).resolve().parents[1] / "experiments" / "pipelines"
+    files = sorted(root.glob("*.yaml"))
+    assert files
+    for f in files:
+        assert load_pipeline(f).cfg.stages
