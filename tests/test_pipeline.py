@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tests.conftest import tiny_experiment
-from uda_ray.config import ConfigError
+from uda_ray.config import ConfigError, build_experiment
 from uda_ray.data.loading import RANKING_FILE, build_datasets, prepare
 from uda_ray.pipeline import load_pipeline, run_pipeline
 from uda_ray.results import read_table
@@ -42,7 +42,7 @@ def test_intrada_pipeline_ranks_then_adapts_easy_to_hard(tmp_path, synth_root):
     assert len(ranking) == 12 and len((pdir / "rank" / "easy_split.txt").read_text().split()) == 6
     assert (pdir / "intra" / "checkpoints" / "step_0000004").is_dir()
     cfg = yaml.safe_load((pdir / "intra" / "config.yaml").read_text())
-    data = prepare(__import__("uda_ray.config", fromlist=["x"]).build_experiment(cfg).data)
+    data = prepare(build_experiment(cfg).data)
     ds = build_datasets(data, source=True, target=True, target_labels=False)
     src = {it[0].name for it in ds["src"].items}
     tgt = {it[0].name for it in ds["tgt"].items}

@@ -35,12 +35,14 @@ def _hw(text: str) -> tuple[int, int]:
 
 def _resolve_data(space_or_cfg_data: Any, root: Path) -> Any:
     """Resolve dataset roots (generating the synthetic benchmark on first use) and check they load."""
-    from uda_ray.data.loading import build_datasets, prepare
+    from uda_ray.data.loading import build_datasets, prepare, synthetic_dir
 
     data_dir = Path(os.environ["UDA_RAY_DATA"]) if os.environ.get("UDA_RAY_DATA") else root / "data"
-    if space_or_cfg_data.synthetic is not None and not (space_or_cfg_data.source_root and
-                                                        space_or_cfg_data.target_root):
-        print(f"synthetic benchmark: {data_dir} (generated on first use)", flush=True)
+    d = space_or_cfg_data
+    if d.synthetic is not None and not (d.source_root and d.target_root):
+        where = synthetic_dir(d, data_dir)
+        if not (where / "MANIFEST.json").is_file():
+            print(f"generating the synthetic benchmark in {where} ...", flush=True)
     data = prepare(space_or_cfg_data, data_dir)
     build_datasets(data, source=True, target=True, target_labels=bool(data.target_label_root))
     return data
