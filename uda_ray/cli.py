@@ -414,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except UserError as e:
         print(f"uda-ray: error: {e}", file=sys.stderr)
+        if type(e).__name__ == "ClusterUnreachable":  # ray.init still retries in a thread: do not wait
+            sys.stderr.flush()
+            os._exit(EXIT_USER)
         return EXIT_USER
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

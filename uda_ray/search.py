@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -216,23 +217,80 @@ def check_address(address: str | None, timeout_s: float = 5.0) -> None:
         raise UserError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
 
 
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """A new local cluster when no address is given (the embedded default), else the user's cluster."""
+def _token_available() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or (Path.home() / ".ray" / "auth_token").is_file())
+
+
+AUTH_HINT = ("if the cluster uses token authentication, put its token in ~/.ray/auth_token (or RAY_AUTH_TOKEN) "
+             "and set RAY_AUTH_MODE=token")
+
+
+def init_ray(address: str | None, num_cpus: int | None = None, timeout_s: float | None = None) -> None:
+    """A new local cluster when no address is given (the embedded default), else the user's cluster.
+
+    Connecting to a cluster is bounded: ray.init retries forever on a cluster that rejects our token."""
+    import threading
+
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
     check_address(address)
     logging.getLogger("ray").setLevel(logging.ERROR)  # full logs stay in Ray's session folder
     kwargs: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.ERROR)
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
+    if not address:
         # The Train cleaner asks the State API of "the" cluster; with several Ray instances on one host it
         # must be pointed at ours, so pick the dashboard port first and export it before the start.
         port = _free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, **kwargs)
+        return
+    if "RAY_AUTH_MODE" not in os.environ and _token_available():
+        _enable_token_auth()  # a token is at hand: present it
+    timeout_s = timeout_s or float(os.environ.get("UDA_RAY_CONNECT_TIMEOUT_S", "60"))
+    outcome: list = []
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, **kwargs)
+            outcome.append(None)
+        except Exception as e:  # noqa: BLE001 - reported below as one line
+            outcome.append(e)
+
+    # Ray's C++ client logs every failed retry to fd 2: keep those in a file while we wait
+    log_path = Path(tempfile.gettempdir()) / f"uda_ray_connect_{os.getpid()}.log"
+    saved = os.dup(2)
+    with open(log_path, "w") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            t = threading.Thread(target=connect, daemon=True)
+            t.start()
+            t.join(timeout_s)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    if not outcome:
+        raise ClusterUnreachable(f"no answer from the Ray cluster at {address} within {timeout_s:.0f}s: {AUTH_HINT} "
+                                 f"(client log: {log_path})")
+    if outcome[0] is not None:
+        raise UserError(f"cannot connect to the Ray cluster at {address}: "
+                        f"{str(outcome[0]).splitlines()[0]} ({AUTH_HINT})")
+
+
+def _enable_token_auth() -> None:
+    """RAY_AUTH_MODE=token for this process and its children; Ray caches its config, so use its own setter."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth as enable
+
+        enable()
+    except ImportError:  # another Ray version: the environment variable alone
+        pass
+
+
+class ClusterUnreachable(UserError):
+    """ray.init is still retrying in a thread: the process must end without waiting for it."""
 
 
 def check_resources(train: Any, driver_cpus: float, concurrent: int, local: bool) -> None:
