@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import torch
 
@@ -68,3 +69,22 @@ def test_a_run_makes_its_own_pseudo_labels_from_a_checkpoint(tmp_path, synth_roo
     assert manifest["percentile"] == 0.3 and manifest["cap"] == 0.8 and manifest["num_images"] == 12
     assert all(t <= 0.8 + 1e-6 for t in manifest["thresholds"]) and min(manifest["thresholds"]) < 0.8
     assert [r["step"] for r in s.reports] == [2]
+
+
+def test_synthia_source_trains_and_reports_16_and_13_class_miou(tmp_path):
+    import dataclasses
+
+    from uda_ray.config import load_experiment
+    from uda_ray.data.loading import prepare
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_experiment(root / "experiments/synthetic_synthia_bisenet_r18_source_only.yaml", {
+        "data.synthetic": {"n_source": 6, "n_target": 4, "n_val": 2, "size": [64, 32], "seed": 0},
+        "data.source_size": [64, 32], "data.target_size": [64, 32],
+        "train.max_steps": 2, "train.eval_every": 2, "train.batch_size": 2, "train.profile": False})
+    cfg = dataclasses.replace(cfg, data=prepare(cfg.data, tmp_path / "data"))
+    assert cfg.data.source_root.endswith("synthia")
+    s = LocalSession(tmp_path / "run")
+    fit(cfg, s)
+    (r,) = s.reports
+    assert {"val/miou", "val/miou16", "val/miou13"} <= set(r)
