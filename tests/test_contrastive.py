@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from tests.conftest import NUM_CLASSES, TinySeg, make_batch
+from tests.ddp import assert_ddp_matches_one_worker
 from uda_ray.config import OptimConfig, build
 from uda_ray.errors import ConfigError
 from uda_ray.losses import supcon_loss
@@ -112,42 +108,17 @@ def test_missing_pseudo_labels_raise_and_config_validates():
         build(ContrastiveConfig, {"beta": 0.6})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _make_contrastive(wrap):
+    torch.manual_seed(0)
+    return Contrastive(TinySeg(), ContrastiveConfig(beta=0.1, pixels_per_image=16), OPTIM,
+                       num_classes=NUM_CLASSES, wrap=wrap)
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        wrap = (lambda mod: torch.nn.parallel.DistributedDataParallel(mod)) if world > 1 else None
-        m = Contrastive(TinySeg(), ContrastiveConfig(beta=0.1, pixels_per_image=16), OPTIM,
-                        num_classes=NUM_CLASSES, wrap=wrap)
-        per = 4 // world
-        for step in range(2):
-            full = make_batch(step, b=4)
-            sl = slice(rank * per, (rank + 1) * per)
-            part = UDABatch(full.src_img[sl], full.src_lbl[sl], full.tgt_img[sl], full.tgt_lbl[sl])
-            m.train_step(part, step)
-        if rank == 0:
-            out[world] = [p.detach().clone() for p in [*m.model_raw.parameters(), *m.head_raw.parameters()]]
-    finally:
-        dist.destroy_process_group()
+def _model_and_head(m) -> list[torch.Tensor]:
+    return [*m.model_raw.parameters(), *m.head_raw.parameters()]
 
 
 def test_two_worker_ddp_samples_and_steps_like_one_worker():
     """16 of 96 feature pixels per image: the shared DDP test (256 per image) samples them all; here the
     workers must draw the global batch's random numbers and keep their slice."""
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        out = manager.dict()
-        for world in (1, 2):
-            mp.start_processes(_ddp_worker, args=(world, _free_port(), out), nprocs=world,
-                               start_method="spawn", join=True)
-        one, two = out[1], out[2]
-    for a, b in zip(one, two):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_ddp_matches_one_worker(_make_contrastive, _model_and_head, steps=2)

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import copy
-import os
-import socket
+import functools
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from tests.conftest import NUM_CLASSES, TinySeg, make_batch
+from tests.ddp import assert_ddp_matches_one_worker
 from uda_ray.config import OptimConfig
 from uda_ray.methods import METHODS
-from uda_ray.methods.base import UDABatch
 
 OPTIM = OptimConfig(name="sgd", lr=1e-2, momentum=0.9, weight_decay=1e-4)
 
@@ -62,40 +59,16 @@ def test_checkpoint_round_trip_gives_identical_next_step(name):
         assert torch.equal(a, b)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, name: str, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        wrap = (lambda mod: torch.nn.parallel.DistributedDataParallel(mod)) if world > 1 else None
-        m = make_method(name, wrap=wrap)
-        full = make_batch(0, b=4)
-        per = 4 // world
-        sl = slice(rank * per, (rank + 1) * per)
-        batch = UDABatch(full.src_img[sl], full.src_lbl[sl], full.tgt_img[sl], full.tgt_lbl[sl])
-        m.train_step(batch, 0)
-        if rank == 0:
-            out[world] = [p.detach().clone() for p in m.eval_model().parameters()]
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_two_worker_ddp_step_matches_one_worker_with_same_global_batch(name):
     if not getattr(METHODS[name], "ddp_exact", True):
         pytest.skip(f"{name} draws per-worker random numbers; covered by its own DDP test")
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        out = manager.dict()
-        for world in (1, 2):
-            mp.start_processes(_ddp_worker, args=(world, _free_port(), name, out), nprocs=world,
-                               start_method="spawn", join=True)
-        one, two = out[1], out[2]
-    for a, b in zip(one, two):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_ddp_matches_one_worker(functools.partial(_make_wrapped, name), _eval_params)
+
+
+def _make_wrapped(name: str, wrap):
+    return make_method(name, wrap=wrap)
+
+
+def _eval_params(m) -> list[torch.Tensor]:
+    return list(m.eval_model().parameters())

@@ -121,8 +121,9 @@ def _fit(tuner: Any, sweep_dir: Path, meta: dict, args: argparse.Namespace) -> i
     if meta["status"] == "interrupted":
         print(f"interrupted: `uda-ray resume {sweep_dir.name}` continues it", file=sys.stderr)
         return 130
-    print(f"sweep '{sweep_dir.name}' {meta['status'].replace('_', ' ')} in "
-          f"{meta['finished'] - meta['created']:.0f}s", flush=True)
+    started = meta.get("resumed") or meta["created"]
+    print(f"sweep '{sweep_dir.name}' {meta['status'].replace('_', ' ')} in {meta['finished'] - started:.0f}s"
+          + (" (since the resume)" if meta.get("resumed") else ""), flush=True)
     _print_best(sweep_dir, top=args.top if hasattr(args, "top") else 5)
     return 0
 
