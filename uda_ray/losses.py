@@ -66,10 +66,10 @@ def symmetric_ce(logits: Tensor, target: Tensor, alpha: float = 0.1, beta: float
 
     logits (B, C, H, W), target (B, H, W) with 255 ignored.
     """
-    ce = F.cross_entropy(logits, target, ignore_index=IGNORE)
     keep = target != IGNORE
-    if not keep.any():
-        return ce * 0.0
+    if not keep.any():  # every pixel ignored: CE's mean over zero pixels would be NaN
+        return logits.sum() * 0.0
+    ce = F.cross_entropy(logits, target, ignore_index=IGNORE)
     probs = F.softmax(logits, 1).clamp(min=1e-7, max=1.0).permute(0, 2, 3, 1)[keep]  # (N, C)
     one_hot = F.one_hot(target[keep], logits.shape[1]).float().clamp(min=1e-4, max=1.0)
     rce = -(probs * torch.log(one_hot)).sum(1).mean()

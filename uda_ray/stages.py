@@ -68,15 +68,20 @@ def resolve_ref(ref: str, storage: Path) -> str:
     return str(p)
 
 
-def resolve_refs(raw: dict, storage: Path) -> dict:
-    """The experiment dict with its checkpoint references (train.init_from, data.pseudo_from) resolved
-    against the storage root."""
-    out = dict(raw)
-    for section, key in (("train", "init_from"), ("data", "pseudo_from")):
-        ref = (raw.get(section) or {}).get(key)
-        if ref:
-            out[section] = {**out[section], key: resolve_ref(ref, storage)}
-    return out
+def resolve_refs(raw: Any, storage: Path) -> Any:
+    """The experiment dict with every `run:NAME` / `sweep:NAME` value (train.init_from, data.pseudo_from,
+    method_cfg.teacher_checkpoint, ...) resolved to a checkpoint folder, and train.init_from checked."""
+    if isinstance(raw, dict):
+        out = {k: resolve_refs(v, storage) for k, v in raw.items()}
+        init = (out.get("train") or {}).get("init_from") if isinstance(out.get("train"), dict) else None
+        if init:
+            out["train"] = {**out["train"], "init_from": resolve_ref(init, storage)}
+        return out
+    if isinstance(raw, list):
+        return [resolve_refs(v, storage) for v in raw]
+    if isinstance(raw, str) and raw.startswith(("run:", "sweep:")):
+        return resolve_ref(raw, storage)
+    return raw
 
 
 def checkpoint_experiment(checkpoint: Path) -> tuple[ExperimentConfig, dict]:
@@ -86,13 +91,19 @@ def checkpoint_experiment(checkpoint: Path) -> tuple[ExperimentConfig, dict]:
     return build_experiment(state["config"], str(checkpoint)), state
 
 
-def load_trained(checkpoint: Path, device: str = "cpu") -> tuple[ExperimentConfig, torch.nn.Module]:
-    """The experiment of a checkpoint and its segmenter (eval mode) with the trained weights."""
+def load_trained(checkpoint: Path, device: str = "cpu", weights: str = "model"
+                 ) -> tuple[ExperimentConfig, torch.nn.Module]:
+    """The experiment of a checkpoint and its segmenter (eval mode) with the trained weights: "model" the
+    student, "teacher" the method's teacher (EMA teacher of CPSL / MPL) when it has one."""
     from uda_ray.train import build_model
 
     cfg, state = checkpoint_experiment(checkpoint)
+    if weights not in ("model", "teacher"):
+        raise UserError(f"weights: 'model' or 'teacher', got {weights!r}")
+    if weights not in state["method"]:
+        raise UserError(f"{checkpoint}: the {cfg.method} checkpoint has no '{weights}' weights")
     model = build_model(cfg.model)
-    model.load_state_dict(state["method"]["model"])
+    model.load_state_dict(state["method"][weights])
     return cfg, model.to(device).eval()
 
 
@@ -124,7 +135,8 @@ class Stylized(torch.utils.data.Dataset):
 
 
 def pseudo_labels(checkpoints: list[Path], out: Path, percentile: float = 0.5, cap: float = 0.9,
-                  stylize_beta: float | None = None, device: str = "cpu") -> dict[str, Any]:
+                  stylize_beta: float | None = None, weights: str = "model", device: str = "cpu"
+                  ) -> dict[str, Any]:
     """Class-wise thresholded pseudo-labels of the target train set from one model or an ensemble (mean
     softmax: FDA-MBT). With `stylize_beta`, predictions are made on target images FDA-stylized toward the
     source (seed 003's pseudo-labels)."""
@@ -133,14 +145,14 @@ def pseudo_labels(checkpoints: list[Path], out: Path, percentile: float = 0.5, c
     from uda_ray.data.transforms import eval_transform
     from uda_ray.pseudo_labels import generate
 
-    loaded = [load_trained(c, device) for c in checkpoints]
+    loaded = [load_trained(c, device, weights) for c in checkpoints]
     cfg = loaded[0][0]
     ds = _target_train(cfg)
     if stylize_beta:
         tf = input_transform(eval_transform(cfg.data.target_size), cfg.data)
         src = DATASETS[cfg.data.source](Path(cfg.data.source_root), "train", tf)
         ds = Stylized(ds, src, stylize_beta)
-    desc = {"checkpoints": [str(c) for c in checkpoints], "stylize_beta": stylize_beta,
+    desc = {"checkpoints": [str(c) for c in checkpoints], "weights": weights, "stylize_beta": stylize_beta,
             "target_root": cfg.data.target_root}
     return generate([m for _, m in loaded], ds, out, percentile=percentile, cap=cap, device=device,
                     source_desc=desc)

@@ -179,7 +179,8 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
         h, w = ds["val"][0]["img"].shape[-2:]
         profile = model_profile(method.eval_model(), (int(h), int(w)), device)
 
-    sums: dict[str, float] = {}
+    sums: dict[str, float] = {}  # per loss: sum and count since the last report (some losses skip steps)
+    counts: dict[str, int] = {}
     n_sum, t0, t_last = 0, time.time(), time.time()
     metrics: dict[str, float] = {}
     for step in range(start, tc.max_steps):
@@ -198,6 +199,7 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
             if not np.isfinite(val_):
                 raise FloatingPointError(f"{k} became {val_} at step {step} (learning rate too high?)")
             sums[k] = sums.get(k, 0.0) + val_
+            counts[k] = counts.get(k, 0) + 1
         n_sum += 1
 
         done = step + 1
@@ -207,13 +209,13 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
             metrics = {
                 "step": done,
                 **{f"val/{k}": v for k, v in ev.items()},
-                **{f"train/{k}": v / max(n_sum, 1) for k, v in sums.items()},
+                **{f"train/{k}": v / counts[k] for k, v in sums.items()},
                 "train/lr": method.optimizers[0].param_groups[0]["lr"],
                 "time/elapsed_s": now - t0,
                 "time/step_s": (now - t_last) / max(n_sum, 1),
                 **profile,
             }
-            sums, n_sum, t_last = {}, 0, now
+            sums, counts, n_sum, t_last = {}, {}, 0, now
             rng = _gather(_rng_state(), session.world_size)
             tmp = Path(tempfile.mkdtemp(prefix="uda_ray_ckpt_")) if session.rank == 0 else None
             try:
