@@ -54,6 +54,24 @@ def sync_grads(module: nn.Module, last: bool) -> contextlib.AbstractContextManag
     return contextlib.nullcontext()
 
 
+def backward_first_then_last(model: nn.Module, first: Callable[[], Tensor],
+                             last: Callable[[], Tensor]) -> None:
+    """Accumulate the gradients of two losses, each from its own forward of `model`.
+
+    `first()` runs forwards that may leave some parameters unused (e.g. a target loss on the main head
+    only); `last()` runs a forward that touches every parameter (the source CE with its aux heads). On a plain
+    module: one backward of the sum. Under DDP (default settings, no find_unused_parameters) several forwards
+    before one backward are not allowed: two backward passes, the first with its forward inside no_sync, the
+    last synchronized (its backward must reach every parameter for DDP to finalize the all-reduce).
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        with sync_grads(model, last=False):
+            first().backward()
+        last().backward()
+    else:
+        (first() + last()).backward()
+
+
 def build_optimizer(params: list[dict] | Any, cfg: OptimConfig) -> torch.optim.Optimizer:
     """Optimizer from param groups (each may carry its own "lr"); records "initial_lr" for the poly schedule."""
     groups = list(params)

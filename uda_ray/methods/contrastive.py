@@ -35,8 +35,7 @@ from uda_ray.data.labels import IGNORE
 from uda_ray.errors import ConfigError
 from uda_ray.fda import fda_source_to_target
 from uda_ray.losses import entropy_loss, supcon_loss
-from uda_ray.methods.base import Method, UDABatch, seg_loss, upsample
-from uda_ray.methods.fda import backward_first_then_last
+from uda_ray.methods.base import Method, UDABatch, backward_first_then_last, seg_loss, upsample
 
 
 @dataclass(frozen=True)

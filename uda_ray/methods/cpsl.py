@@ -35,9 +35,8 @@ from uda_ray.config import OptimConfig
 from uda_ray.data.labels import IGNORE
 from uda_ray.errors import ConfigError
 from uda_ray.losses import kl_distill, symmetric_ce
-from uda_ray.methods.base import Method, UDABatch, seg_loss, upsample
+from uda_ray.methods.base import Method, UDABatch, backward_first_then_last, seg_loss, upsample
 from uda_ray.methods.contrastive import GeneratorState, feature_channels, projection_head
-from uda_ray.methods.fda import backward_first_then_last
 
 MIN_PIXELS = 10  # a class mean needs >= 10 pixels (ProDA's calculate_mean_vector)
 

@@ -30,10 +30,9 @@ from torch import Tensor, nn
 from uda_ray.config import OptimConfig
 from uda_ray.errors import ConfigError
 from uda_ray.losses import kl_distill
-from uda_ray.methods.base import Method, UDABatch, seg_loss, upsample
+from uda_ray.methods.base import Method, UDABatch, backward_first_then_last, seg_loss, upsample
 from uda_ray.methods.contrastive import GeneratorState
 from uda_ray.methods.cpsl import global_rand, photometric
-from uda_ray.methods.fda import backward_first_then_last
 from uda_ray.methods.self_training import pseudo_label_loss
 
 STATE_FILE = "state.pt"  # the loop's checkpoint file (uda_ray.train.STATE_FILE; train imports methods)

@@ -8,34 +8,15 @@ runs, `uda_ray.pseudo_labels.generate` over their models, then a `self_training`
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from uda_ray.errors import ConfigError
 from uda_ray.fda import fda_source_to_target
 from uda_ray.losses import charbonnier_entropy
-from uda_ray.methods.base import Method, UDABatch, seg_loss, sync_grads
-
-
-def backward_first_then_last(model: nn.Module, first: Callable[[], Tensor],
-                             last: Callable[[], Tensor]) -> None:
-    """Accumulate the gradients of two losses, each from its own forward of `model`.
-
-    `first()` runs forwards that may leave some parameters unused (e.g. a target loss on the main head
-    only); `last()` runs a forward that touches every parameter (the source CE with its aux heads). On a plain
-    module: one backward of the sum. Under DDP (default settings, no find_unused_parameters) several forwards
-    before one backward are not allowed: two backward passes, the first with its forward inside no_sync, the
-    last synchronized (its backward must reach every parameter for DDP to finalize the all-reduce).
-    """
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        with sync_grads(model, last=False):
-            first().backward()
-        last().backward()
-    else:
-        (first() + last()).backward()
+from uda_ray.methods.base import Method, UDABatch, backward_first_then_last, seg_loss
 
 
 @dataclass(frozen=True)

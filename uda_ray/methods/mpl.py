@@ -46,8 +46,15 @@ from uda_ray.config import OptimConfig
 from uda_ray.data.labels import IGNORE
 from uda_ray.errors import ConfigError
 from uda_ray.fda import fda_source_to_target
-from uda_ray.methods.base import Method, UDABatch, build_optimizer, seg_loss, sync_grads, upsample
-from uda_ray.methods.fda import backward_first_then_last
+from uda_ray.methods.base import (
+    Method,
+    UDABatch,
+    backward_first_then_last,
+    build_optimizer,
+    seg_loss,
+    sync_grads,
+    upsample,
+)
 
 
 @dataclass(frozen=True)
