@@ -149,3 +149,18 @@ def test_self_training_without_adversarial_term_has_no_discriminator_and_survive
     assert logs["loss/seg_tgt"].item() == 0.0 and torch.isfinite(logs["loss/seg_src"])
     with pytest.raises(ValueError):
         m.train_step(UDABatch(b.src_img, b.src_lbl, b.tgt_img, None), 1)
+
+
+def test_self_training_with_fda_beta_trains_on_stylized_source():
+    import torch
+
+    from tests.conftest import NUM_CLASSES, TinySeg, make_batch
+    from uda_ray.config import OptimConfig
+    from uda_ray.methods.self_training import SelfTraining, SelfTrainingConfig
+
+    def loss(beta: float) -> float:
+        torch.manual_seed(0)
+        m = SelfTraining(TinySeg(), SelfTrainingConfig(fda_beta=beta), OptimConfig(lr=1e-2), num_classes=NUM_CLASSES)
+        return m.train_step(make_batch(0, h=32, w=32), 0)["loss/seg_src"].item()
+
+    assert loss(0.0) != loss(0.2)  # the source CE sees other (stylized) images

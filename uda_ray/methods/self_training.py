@@ -8,6 +8,7 @@ from `uda_ray.pseudo_labels.generate`; the loop loads their folder as the target
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from uda_ray.config import OptimConfig
 from uda_ray.data.labels import IGNORE
 from uda_ray.errors import ConfigError
+from uda_ray.fda import fda_source_to_target
 from uda_ray.losses import bce_domain, entropy_loss
 from uda_ray.methods.adversarial import (
     SOURCE,
@@ -43,10 +45,13 @@ class SelfTrainingConfig:
     multi_level: bool = False  # second discriminator on the first aux output
     lambda_seg_aux: float | None = None  # CE weight of every aux head (source and target); None = the model's
     d_optim: OptimConfig = field(default_factory=lambda: AdversarialConfig().d_optim)  # Adam 1e-4
+    fda_beta: float = 0.0  # > 0: source CE on FDA-stylized source (FDA's self-training round, FDA-MBT)
 
     def __post_init__(self) -> None:
         for name in ("lambda_tgt", "lambda_ent", "lambda_adv", "lambda_adv_aux", "lambda_seg_aux"):
             check_weight(name, getattr(self, name))
+        if not 0.0 <= self.fda_beta < 0.5:
+            raise ConfigError(f"method_cfg.fda_beta must be in [0, 0.5), got {self.fda_beta}")
         if self.discriminator not in DISCRIMINATORS:
             raise ConfigError(f"method_cfg.discriminator: unknown '{self.discriminator}' "
                               f"(valid: {', '.join(DISCRIMINATORS)})")
@@ -117,6 +122,9 @@ class SelfTraining(Adversarial):
     def train_step(self, batch: UDABatch, step: int) -> dict[str, Tensor]:
         """Logged: loss/seg_src, loss/seg_tgt (unweighted pseudo-label CE), loss/ent (if on); with the
         adversarial term also loss/adv, loss/d_src, loss/d_tgt as in `adversarial`."""
+        if self.cfg.fda_beta > 0:  # FDA (Yang & Soatto 2020): the source restyled with the target's amplitude
+            batch = dataclasses.replace(batch, src_img=fda_source_to_target(batch.src_img, batch.tgt_img,
+                                                                            self.cfg.fda_beta))
         logs, src_maps, tgt_maps = self._segmenter_step(batch)
         if self.levels:
             logs.update(self._discriminator_step(src_maps, tgt_maps))
