@@ -139,7 +139,7 @@ def test_shift_is_real_but_both_domains_are_learnable(bench: Path) -> None:
 
 def test_existing_benchmark_is_reused_and_other_parameters_are_refused(bench: Path) -> None:
     before = (bench / "MANIFEST.json").stat().st_mtime_ns
-    assert synthetic.ensure_synthetic(bench, **SMALL, synthia=True) == bench
+    assert synthetic.generate(bench, **SMALL, synthia=True) == bench
     assert synthetic.generate(bench, **SMALL) == bench  # a SYNTHIA-including set serves a GTA5-only request
     assert (bench / "MANIFEST.json").stat().st_mtime_ns == before
     assert json.loads((bench / "MANIFEST.json").read_text())["params"]["size"] == [96, 48]

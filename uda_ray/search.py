@@ -326,14 +326,10 @@ def _free_port() -> int:
 # sweeps
 
 
-def sweep_context(space: SearchSpace, sweep_dir: Path) -> dict:
-    return {"base_raw": space.base_raw, "dir": str(sweep_dir)}
-
-
 def build_tuner(space: SearchSpace, sweep_dir: Path, seed: int, restore: bool = False) -> Any:
     from ray import tune
 
-    sweep = sweep_context(space, sweep_dir)
+    sweep = {"base_raw": space.base_raw, "dir": str(sweep_dir)}  # what every trial driver needs
     trainable = tune.with_resources(tune.with_parameters(trial_driver, sweep=sweep), {"cpu": space.driver_cpus})
     tune_path = sweep_dir / TUNE_DIR
     if restore:

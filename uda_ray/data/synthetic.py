@@ -421,8 +421,3 @@ def generate(out: Path, n_source: int = 200, n_target: int = 200, n_val: int = 5
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("synthetic benchmark written to %s in %.1f s", out, time.perf_counter() - start)
     return out
-
-
-def ensure_synthetic(root: Path, **params: object) -> Path:
-    """Idempotent `generate`: returns `root`, generating it only when it is not there yet."""
-    return generate(Path(root), **params)  # type: ignore[arg-type]
