@@ -110,3 +110,10 @@ def test_a_trial_that_cannot_fit_the_local_cluster_exits_2_before_writing(tmp_pa
     base = tiny_experiment(synth_root, **{"train.cpus_per_worker": 64.0})
     code, _, err = _run(capsys, "sweep", str(_space(tmp_path, base)), "--storage", str(tmp_path / "store"))
     _assert_user_error(code, err, tmp_path / "store", "a trial needs 64.25 CPUs")
+
+
+def test_unknown_objective_metric_exits_2_before_any_compute(tmp_path, capsys, synth_root):
+    space = _space(tmp_path, tiny_experiment(synth_root), objective={"metric": "uv/bogus"})
+    code, _, err = _run(capsys, "sweep", str(space), "--storage", str(tmp_path / "store"))
+    _assert_user_error(code, err, tmp_path / "store", "unknown metric 'uv/bogus'")
+    assert not (tmp_path / "store").exists()

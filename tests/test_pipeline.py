@@ -62,7 +62,7 @@ def test_fda_mbt_pipeline_ensembles_pseudo_labels_and_self_trains(tmp_path, synt
     summary = run_pipeline(load_pipeline(path), tmp_path / "store", _local_run, lambda c: c)
     pdir = tmp_path / "store" / "pipelines" / "p"
     (ens,) = read_table(pdir / "ens" / "results", "evals")
-    assert 0 <= ens["val/miou"] <= 1 and ens["step"] == 4
+    assert 0 <= ens["test/miou"] <= 1 and ens["step"] == 4
     assert len(read_table(pdir / "ens" / "results", "class_iou")) == 19
     manifest = json.loads((pdir / "pl" / "manifest.json").read_text())
     assert manifest["percentile"] == 0.66 and len(manifest["model"]["checkpoints"]) == 2

@@ -48,14 +48,14 @@ def test_sweep_end_to_end_then_best_export_then_train(tmp_path, synth_root):
     space = _write_space(tmp_path, synth_root, {"train.cpus_per_worker": 0.5},
                          scheduler={"asha": {"grace_period": 2, "reduction_factor": 2}})
     out = _cli(tmp_path, "sweep", str(space), "--name", "e2e").stdout
-    assert "top 2 by val/miou" in out
+    assert "top 2 by test/miou" in out
 
     trials = _table(tmp_path, "e2e", "trials")
     assert len(trials) == 2 and {t["status"] for t in trials} <= {"completed", "stopped_early"}
     assert all(t["search_seed"] == 3 and t["best_checkpoint"] for t in trials)
     evals = _table(tmp_path, "e2e", "evals")
     keys = [(e["trial_id"], e["step"]) for e in evals]
-    assert len(keys) == len(set(keys)) and all(0 <= e["val/miou"] <= 1 for e in evals)
+    assert len(keys) == len(set(keys)) and all(0 <= e["test/miou"] <= 1 for e in evals)
     assert len(_table(tmp_path, "e2e", "class_iou")) == 19 * len(evals)
 
     best = _cli(tmp_path, "best", "e2e", "--top", "1", "--export", str(tmp_path / "best.yaml")).stdout

@@ -10,11 +10,11 @@ from uda_ray.results import ResultsWriter, TableStore, best_trials, read_table
 
 
 def _writer(d):
-    return ResultsWriter(d, "sw", "val/miou", "max", 7)
+    return ResultsWriter(d, "sw", "test/miou", "max", 7)
 
 
 def _result(step, miou):
-    return {"step": step, "val/miou": miou, "val/iou/road": miou, "val/iou/sky": 1 - miou,
+    return {"step": step, "test/miou": miou, "test/iou/road": miou, "test/iou/sky": 1 - miou,
             "train/loss/seg_src": 1.0 / step, "checkpoint_path": f"/ck/{step}", "time/elapsed_s": float(step)}
 
 
@@ -51,7 +51,7 @@ def test_tables_are_plain_parquet_without_temporary_leftovers(tmp_path, synth_ro
     w = _writer(tmp_path)
     w.result("a", exp, {}, _result(2, 0.1))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["class_iou.parquet", "evals.parquet", "trials.parquet"]
-    assert pq.read_table(tmp_path / "evals.parquet").column("schema_version").to_pylist() == [1]
+    assert pq.read_table(tmp_path / "evals.parquet").column("schema_version").to_pylist() == [2]
 
 
 def test_best_trials_rank_by_metric_and_filter_by_method(tmp_path, synth_root):

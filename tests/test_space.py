@@ -51,7 +51,7 @@ def _space(tmp_path, **kw) -> Path:
     ({"params": {"optim.lr": {"uniform": [-1.0, 0.1]}}}, "lr must be > 0"),
     ({"params": {"method": {"choice": ["source_only", "nope"]}}}, "unknown method 'nope'"),
     ({"num_samples": 0}, "num_samples must be >= 1"),
-    ({"objective": {"metric": "val/miou", "mode": "up"}}, "mode"),
+    ({"objective": {"metric": "test/miou", "mode": "up"}}, "mode"),
     ({"bogus": 1}, "unknown key 'bogus'"),
 ])
 def test_bad_spaces_are_rejected_with_the_reason(tmp_path, kw, match):

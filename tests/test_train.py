@@ -18,7 +18,7 @@ def test_fit_reports_evaluations_and_writes_checkpoints(tmp_path, synth_root):
     s = LocalSession(tmp_path / "run")
     last = fit(cfg, s)
     assert [r["step"] for r in s.reports] == [2, 4]
-    assert 0.0 <= last["val/miou"] <= 1.0 and "val/iou/road" in last and "train/loss/seg_src" in last
+    assert 0.0 <= last["test/miou"] <= 1.0 and "test/iou/road" in last and "train/loss/seg_src" in last
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
 
@@ -36,7 +36,7 @@ def test_resume_from_a_checkpoint_continues_exactly(tmp_path, synth_root):
     fit(cfg, resumed)
     assert [r["step"] for r in resumed.reports] == [4, 6]
     for a, b in zip(full.reports[1:], resumed.reports):
-        for k in ("val/miou", "train/loss/seg_src"):
+        for k in ("test/miou", "train/loss/seg_src"):
             assert a[k] == b[k], k
     sa = torch.load(tmp_path / "full/checkpoints/step_0000006" / STATE_FILE, weights_only=False)
     sb = torch.load(tmp_path / "part/checkpoints/step_0000006" / STATE_FILE, weights_only=False)
@@ -87,4 +87,4 @@ def test_synthia_source_trains_and_reports_16_and_13_class_miou(tmp_path):
     s = LocalSession(tmp_path / "run")
     fit(cfg, s)
     (r,) = s.reports
-    assert {"val/miou", "val/miou16", "val/miou13"} <= set(r)
+    assert {"test/miou", "test/miou16", "test/miou13"} <= set(r)

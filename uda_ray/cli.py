@@ -171,13 +171,16 @@ def _fmt(v: Any) -> str:
 
 
 def _print_best(sweep_dir: Path, top: int = 5, metric: str | None = None, method: str | None = None) -> list:
+    from uda_ray.metric_names import REPORTED_PREFIXES, check_metric
     from uda_ray.results import best_trials, read_table
 
+    if metric:
+        metric = check_metric(metric, "--metric")
     evals = read_table(sweep_dir / "results", "evals")
-    if metric and evals and not any(metric in e for e in evals):
-        known = sorted({k for e in evals for k in e if k.startswith(("val/", "train/", "model/"))
-                        and not k.startswith("val/iou/")})
-        raise UserError(f"unknown metric '{metric}' (known: {', '.join(known)})")
+    if metric and evals and not any(e.get(metric) is not None for e in evals):
+        known = sorted({k for e in evals for k in e if k.startswith(REPORTED_PREFIXES) and e[k] is not None
+                        and not k.startswith("test/iou/")})
+        raise UserError(f"no evaluation of this sweep reports '{metric}' (reported: {', '.join(known)})")
     rows = best_trials(sweep_dir / "results", metric=metric, top=top, method=method)
     if not rows:
         print("no evaluated trials yet" + (f" for method {method}" if method else ""))
@@ -261,8 +264,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     init_ray(address)
     check_resources(cfg.train, 0.0, 1, local=not address)
     m = fit_run(cfg, root / "runs", name)
-    print(f"done: step {m.get('step')} val/miou={m.get('val/miou', float('nan')):.4f} "
-          f"pixel_acc={m.get('val/pixel_acc', float('nan')):.4f}")
+    print(f"done: step {m.get('step')} test/miou={m.get('test/miou', float('nan')):.4f} "
+          f"pixel_acc={m.get('test/pixel_acc', float('nan')):.4f}")
     print(f"latest checkpoint: {m['checkpoint_path']}\nresults: {root / 'runs' / name / 'results'}")
     return 0
 
@@ -291,8 +294,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     summary = run_pipeline(pipe, root, fit_run, prepare)
     print(f"pipeline '{pipe.cfg.name}' done in {time.time() - t0:.0f}s")
     for row in summary:
-        miou = row.get("val/miou")
-        print(f"  {row['stage']:<24} {row['kind']:<14}" + (f" val/miou={miou:.4f} @ {row['step']}" if miou else ""))
+        miou = row.get("test/miou")
+        print(f"  {row['stage']:<24} {row['kind']:<14}" + (f" test/miou={miou:.4f} @ {row['step']}" if miou else ""))
     if args.report:
         pdir = root / "pipelines" / pipe.cfg.name
         runs = [(st.name, pdir / st.name) for st in pipe.cfg.stages if (pdir / st.name / "results").is_dir()]

@@ -12,7 +12,7 @@ stages:
     experiment: ../experiments/synthetic_bisenet_r18_intrada.yaml
     set: {data.ranking: "@rank"}
 ```
-In `set` values, `@STAGE` is that stage's output folder and `@STAGE:best` its best checkpoint (by val/miou).
+In `set` values, `@STAGE` is that stage's output folder and `@STAGE:best` its best checkpoint (by test/miou).
 Everything lives under <storage>/pipelines/<name>/<stage>; a stage already complete is skipped, so running
 the same command again continues an interrupted pipeline.
 """
@@ -152,7 +152,7 @@ def run_pipeline(pipe: Pipeline, root: Path, run_experiment: Callable[[Any, Path
         evals = read_table(pdir / st.name / "results", "evals")
         if evals:
             last = max(evals, key=lambda e: e["step"])
-            row.update({k: last.get(k) for k in ("step", "val/miou", "val/pixel_acc")})
+            row.update({k: last.get(k) for k in ("step", "test/miou", "test/pixel_acc")})
         summary.append(row)
     (pdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

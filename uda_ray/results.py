@@ -20,10 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from uda_ray.config import build_experiment, experiment_dict, flatten
+from uda_ray.metric_names import REPORTED_PREFIXES, SCHEMA_VERSION, upgrade_row
 
-SCHEMA_VERSION = 1
 TABLES = {"trials": ("trial_id",), "evals": ("trial_id", "step"), "class_iou": ("trial_id", "step", "class_name")}
-REPORTED_PREFIXES = ("val/", "train/", "time/", "model/")
 
 
 def _atomic_write(table: pa.Table, path: Path) -> None:
@@ -65,10 +64,8 @@ class TableStore:
         self.dir = Path(directory)
         self.rows: dict[str, dict[tuple, dict]] = {t: {} for t in TABLES}
         for t, key in TABLES.items():
-            p = self.dir / f"{t}.parquet"
-            if p.exists():
-                for r in pq.read_table(p).to_pylist():
-                    self.rows[t][tuple(r[k] for k in key)] = r
+            for r in read_table(self.dir, t):
+                self.rows[t][tuple(r[k] for k in key)] = r
 
     def upsert(self, table: str, rows: Iterable[dict]) -> None:
         key = TABLES[table]
@@ -82,8 +79,13 @@ class TableStore:
 
 
 def read_table(results_dir: Path, table: str) -> list[dict]:
+    """The rows of one table; rows of schema version 1 come back with their `val/...` columns named
+    `test/...` (see uda_ray.metric_names.upgrade_row)."""
     p = Path(results_dir) / f"{table}.parquet"
-    return pq.read_table(p).to_pylist() if p.exists() else []
+    if not p.exists():
+        return []
+    rows = pq.read_table(p).to_pylist()
+    return [upgrade_row(r) if (r.get("schema_version") or 1) < 2 else r for r in rows]
 
 
 def versions() -> dict[str, str]:
@@ -108,8 +110,8 @@ def eval_rows(sweep: str, trial_id: str, result: dict) -> tuple[dict, list[dict]
     ev = dict(base)
     ious = []
     for k, v in result.items():
-        if k.startswith("val/iou/"):
-            ious.append({**base, "class_name": k[len("val/iou/"):], "iou": v})
+        if k.startswith("test/iou/"):
+            ious.append({**base, "class_name": k[len("test/iou/"):], "iou": v})
         elif k.startswith(REPORTED_PREFIXES):
             ev[k] = v
     ev["checkpoint_path"] = result.get("checkpoint_path")
@@ -154,7 +156,7 @@ class TrialSummary:
                 "last_checkpoint": last.get("checkpoint_path"), "n_evals": len(evals),
                 "wall_time_s": last.get("time/elapsed_s"),
             })
-            for k in ("val/miou", "val/miou16", "val/miou13", "val/pixel_acc"):
+            for k in ("test/miou", "test/miou16", "test/miou13", "test/pixel_acc"):
                 if k in best:
                     self.row[f"best_{k.replace('/', '_')}"] = best[k]
             for k in ("model/params", "model/gflops", "model/latency_ms", "model/fps"):
@@ -260,14 +262,14 @@ def markdown_report(title: str, run_dirs: list[tuple[str, Path]], note: str = ""
         if not trials:
             continue
         t = trials[0]
-        evals = [e for e in read_table(d / "results", "evals") if e.get("val/miou") is not None]
+        evals = [e for e in read_table(d / "results", "evals") if e.get("test/miou") is not None]
         if not evals:
             continue
-        best = max(evals, key=lambda e: e["val/miou"])
+        best = max(evals, key=lambda e: e["test/miou"])
         last = max(evals, key=lambda e: e["step"])
         lines.append(f"| {label} | {t['method']} | {t['model']} | {last['step']} | "
-                     f"{100 * best['val/miou']:.1f} ({best['step']}) | {100 * last['val/miou']:.1f} | "
-                     f"{100 * last['val/pixel_acc']:.1f} | {last.get('model/gflops') or float('nan'):.2f} |")
+                     f"{100 * best['test/miou']:.1f} ({best['step']}) | {100 * last['test/miou']:.1f} | "
+                     f"{100 * last['test/pixel_acc']:.1f} | {last.get('model/gflops') or float('nan'):.2f} |")
         ious = {r["class_name"]: r["iou"] for r in read_table(d / "results", "class_iou")
                 if r["step"] == best["step"]}
         per_class.append((label, ious))

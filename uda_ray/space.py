@@ -3,7 +3,7 @@
 ```yaml
 base: ../experiments/x.yaml            # the experiment every trial starts from (relative to this file)
 set: {train.max_steps: 300}            # optional fixed overrides of the base
-objective: {metric: val/miou, mode: max}   # or a list of them for a Pareto search
+objective: {metric: test/miou, mode: max}   # or a list of them for a Pareto search
 num_samples: 8
 max_concurrent_trials: 1
 seed: 0                                # Optuna TPE seed; omit for a fresh one per sweep (recorded)
@@ -30,6 +30,7 @@ from uda_ray.config import (
     load_raw,
     read_yaml,
 )
+from uda_ray.metric_names import check_metric, mode_of
 
 KINDS = ("uniform", "loguniform", "int", "choice")
 
@@ -57,12 +58,19 @@ class Param:
 
 @dataclass(frozen=True)
 class Objective:
-    metric: str = "val/miou"
-    mode: str = "max"
+    metric: str = "test/miou"
+    mode: str | None = None  # default: the metric's mode in the registry (uda_ray.metric_names)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("max", "min"):
+        metric = check_metric(self.metric, "objective.metric")
+        object.__setattr__(self, "metric", metric)
+        if self.mode is None:
+            object.__setattr__(self, "mode", mode_of(metric))
+        elif self.mode not in ("max", "min"):
             raise ConfigError(f"objective mode must be 'max' or 'min', got '{self.mode}'")
+        elif self.mode != mode_of(metric):
+            raise ConfigError(f"objective: {metric} is better when {'higher' if mode_of(metric) == 'max' else 'lower'}"
+                              f" (mode {mode_of(metric)}), got mode {self.mode}")
 
 
 @dataclass(frozen=True)

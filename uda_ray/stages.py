@@ -1,7 +1,7 @@
 """Stages: runs that start from what earlier runs left (best checkpoints, rankings, pseudo-labels).
 
 Ray-free. References an experiment may hold in `train.init_from`:
-    run:NAME     the best checkpoint (by val/miou) of the `uda-ray train` run NAME under the storage root
+    run:NAME     the best checkpoint (by test/miou) of the `uda-ray train` run NAME under the storage root
     sweep:NAME   the best checkpoint of the best trial of sweep NAME (from its Parquet tables)
     a path       a checkpoint folder (holding state.pt) or a state.pt file
 Actions (run on the driver, between training stages), each from the best checkpoint(s) of earlier stages:
@@ -21,6 +21,7 @@ import torch
 
 from uda_ray.config import ExperimentConfig, build_experiment
 from uda_ray.errors import UserError
+from uda_ray.metric_names import upgrade_row
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
@@ -32,12 +33,12 @@ def checkpoints_in(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("checkpoint_step_*")) + sorted((run_dir / "checkpoints").glob("step_*"))
 
 
-def best_checkpoint_in(run_dir: Path, metric: str = "val/miou", mode: str = "max") -> Path:
+def best_checkpoint_in(run_dir: Path, metric: str = "test/miou", mode: str = "max") -> Path:
     found = []
     for ck in checkpoints_in(run_dir):
         m = ck / METRICS_FILE
         if m.is_file():
-            v = json.loads(m.read_text()).get(metric)
+            v = upgrade_row(json.loads(m.read_text())).get(metric)
             if v is not None and v == v:
                 found.append((v, ck))
     if not found:
@@ -47,7 +48,7 @@ def best_checkpoint_in(run_dir: Path, metric: str = "val/miou", mode: str = "max
 
 def latest_metrics(run_dir: Path) -> dict | None:
     cks = [c for c in checkpoints_in(run_dir) if (c / METRICS_FILE).is_file()]
-    return json.loads((cks[-1] / METRICS_FILE).read_text()) if cks else None
+    return upgrade_row(json.loads((cks[-1] / METRICS_FILE).read_text())) if cks else None
 
 
 def resolve_ref(ref: str, storage: Path) -> str:
@@ -185,14 +186,14 @@ def evaluate_ensemble(checkpoints: list[Path], out: Path, device: str = "cpu") -
                      workers=0)
     ev = evaluate(ens, val, cfg.model.num_classes, torch.device(device))
     metrics = {"step": max(checkpoint_experiment(c)[1]["step"] for c in checkpoints),
-               **{f"val/{k}": v for k, v in ev.items()}}
+               **{f"test/{k}": v for k, v in ev.items()}}
     out = Path(out)
     exp = experiment_dict(cfg)
     exp["method"] = f"ensemble({len(checkpoints)})"
-    w = ResultsWriter(out / "results", out.name, "val/miou", "max", None)
+    w = ResultsWriter(out / "results", out.name, "test/miou", "max", None)
     w.result(out.name, exp, {"checkpoints": [str(c) for c in checkpoints]}, metrics)
     w.end(out.name, exp, {}, "completed")
-    manifest = {"checkpoints": [str(c) for c in checkpoints], "val/miou": metrics["val/miou"]}
+    manifest = {"checkpoints": [str(c) for c in checkpoints], "test/miou": metrics["test/miou"]}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

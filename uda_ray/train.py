@@ -208,7 +208,7 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
             now = time.time()
             metrics = {
                 "step": done,
-                **{f"val/{k}": v for k, v in ev.items()},
+                **{f"test/{k}": v for k, v in ev.items()},
                 **{f"train/{k}": v / counts[k] for k, v in sums.items()},
                 "train/lr": method.optimizers[0].param_groups[0]["lr"],
                 "time/elapsed_s": now - t0,
@@ -333,7 +333,7 @@ def make_trainer(cfg: ExperimentConfig, storage: Path, name: str, callbacks: lis
             callbacks=callbacks or [],
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=tc.keep_checkpoints,
-                checkpoint_score_attribute="val/miou",
+                checkpoint_score_attribute="test/miou",
                 checkpoint_score_order="max",
             ),
             # an unsatisfiable worker group fails the run instead of retrying forever
@@ -356,7 +356,7 @@ def run_results_callback(results_dir: Path, run_name: str, cfg: ExperimentConfig
 
         def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
             if self.writer is None:  # created in the controller actor, where results arrive
-                self.writer = ResultsWriter(results_dir, run_name, "val/miou", "max", None)
+                self.writer = ResultsWriter(results_dir, run_name, "test/miou", "max", None)
             m = dict(metrics[0])
             if "step" not in m:
                 return
@@ -365,7 +365,7 @@ def run_results_callback(results_dir: Path, run_name: str, cfg: ExperimentConfig
             self.writer.result(run_name, exp, {}, m)
 
         def after_exception(self, run_context: Any, worker_exceptions: dict) -> None:
-            w = self.writer or ResultsWriter(results_dir, run_name, "val/miou", "max", None)
+            w = self.writer or ResultsWriter(results_dir, run_name, "test/miou", "max", None)
             err = "; ".join(str(e).splitlines()[-1] if str(e) else type(e).__name__
                             for e in worker_exceptions.values())
             w.end(run_name, exp, {}, "errored", err[:500])
@@ -381,7 +381,7 @@ def fit_run(cfg: ExperimentConfig, storage: Path, name: str) -> dict[str, Any]:
     results_dir = storage / name / "results"
     trainer = make_trainer(cfg, storage, name, callbacks=[run_results_callback(results_dir, name, cfg)])
     result = trainer.fit()
-    ResultsWriter(results_dir, name, "val/miou", "max", None).end(name, experiment_dict(cfg), {}, "completed")
+    ResultsWriter(results_dir, name, "test/miou", "max", None).end(name, experiment_dict(cfg), {}, "completed")
     m = dict(result.metrics or {})
     m["checkpoint_path"] = result.checkpoint.path if result.checkpoint else None
     return m
