@@ -10,7 +10,7 @@ import torch
 from tests.conftest import NUM_CLASSES, TinySeg, make_batch
 from uda_ray.config import OptimConfig, build
 from uda_ray.errors import ConfigError
-from uda_ray.fda import fda_source_to_target, low_freq_window, mixed_spectrum, window_half_size
+from uda_ray.fda import fda_reference, fda_source_to_target, low_freq_window, mixed_spectrum, window_half_size
 from uda_ray.losses import charbonnier_entropy
 from uda_ray.methods.fda import FDA, FDAConfig
 
@@ -66,6 +66,17 @@ def test_inverse_of_mixed_spectrum_is_real(h, w):
     full = torch.fft.ifft2(mixed_spectrum(src, tgt, 0.1))
     assert full.real.abs().max() > 10
     assert full.imag.abs().max() < 1e-9  # float64 rounding only: the spectrum is Hermitian
+
+
+@pytest.mark.parametrize("h,w,beta", [(32, 48, 0.1), (33, 47, 0.1), (32, 47, 0.2), (31, 31, 0.45),
+                                     (64, 128, 0.01), (16, 16, 0.49)])
+def test_half_spectrum_version_equals_the_full_spectrum_reference(h, w, beta):
+    src, tgt = images(2, h, w, 0), images(2, h, w, 1)
+    fast, ref = fda_source_to_target(src, tgt, beta), fda_reference(src, tgt, beta)
+    assert (ref - src).abs().max() > 1  # the window is not empty: the images did change
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-9)  # float64 rounding only
+    one = fda_source_to_target(src.float(), tgt[:1].float(), beta)  # float32, one broadcast target
+    torch.testing.assert_close(one, fda_reference(src.float(), tgt[:1].float(), beta), rtol=0, atol=1e-3)
 
 
 def test_batched_matches_per_image_and_single_target_broadcasts():

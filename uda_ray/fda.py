@@ -7,6 +7,11 @@ frequencies 0..b-1, rows h-b..h-1 are -b..-1), so the mixed spectrum is not Herm
 imaginary residue that is silently dropped, and frequencies outside the intended window are touched. Here:
 the full complex `torch.fft.fft2`, an `fftshift`-centred window that is symmetric under negation, and the
 real part of the inverse (whose imaginary residue is then only float rounding).
+
+`fda_source_to_target` computes the same thing with a fraction of the work: the spectrum of a real image is
+Hermitian, so a real FFT along the width (`rfft`) holds it all, and only the columns with |f_w| <= b change;
+the FFT along the height is taken, edited and inverted on those b + 1 columns only. `fda_reference` is the
+full-spectrum version above, kept as the specification the fast one is tested against.
 """
 
 from __future__ import annotations
@@ -52,22 +57,54 @@ def mixed_spectrum(src: Tensor, tgt: Tensor, beta: float) -> Tensor:
     return torch.fft.ifftshift(torch.where(win, swapped, fs), dim=_DIMS)
 
 
+def _check(src: Tensor, tgt: Tensor, beta: float) -> None:
+    if not 0.0 <= beta < 0.5:
+        raise ValueError(f"FDA beta must be in [0, 0.5), got {beta}")
+    if src.dim() != 4 or tgt.dim() != 4 or tgt.shape[0] not in (1, src.shape[0]):
+        raise ValueError(f"FDA needs src (B, 3, H, W) and tgt (B or 1, 3, H, W), got {tuple(src.shape)} "
+                         f"and {tuple(tgt.shape)}")
+
+
+def _float_pair(src: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
+    dtype = torch.promote_types(src.dtype, torch.float32)  # FFT in float32 at least (half in, half out)
+    x, y = src.to(dtype), tgt.to(dtype)
+    if y.shape[-2:] != x.shape[-2:]:
+        y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return x, y
+
+
 def fda_source_to_target(src: Tensor, tgt: Tensor, beta: float) -> Tensor:
     """Stylize `src` (B, 3, H, W) toward `tgt` (B or 1, 3, H', W'); images in 0..255 (before normalization).
 
     The target is resized (bilinear) to the source size if needed. Returns (B, 3, H, W) in src's dtype, not
     clamped (the original feeds the unclamped result to the network). beta == 0 returns `src` itself.
+
+    Equal to `fda_reference` up to float rounding: with X = rfft(x) along the width, the 2-D spectrum's
+    columns 0..W//2 are fft(X) along the height; the window |f_h| <= b, |f_w| <= b meets them in columns
+    0..b (the columns -b..-1 are their conjugates, which irfft restores), so only those b + 1 columns go
+    through the height FFT, the amplitude swap and its inverse; every other column of X is returned as is.
     """
-    if not 0.0 <= beta < 0.5:
-        raise ValueError(f"FDA beta must be in [0, 0.5), got {beta}")
+    _check(src, tgt, beta)
     if beta == 0.0:
         return src
-    if src.dim() != 4 or tgt.dim() != 4 or tgt.shape[0] not in (1, src.shape[0]):
-        raise ValueError(f"FDA needs src (B, 3, H, W) and tgt (B or 1, 3, H, W), got {tuple(src.shape)} "
-                         f"and {tuple(tgt.shape)}")
-    dtype = torch.promote_types(src.dtype, torch.float32)  # FFT in float32 at least (half in, half out)
-    x, y = src.to(dtype), tgt.to(dtype)
-    if y.shape[-2:] != x.shape[-2:]:
-        y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    x, y = _float_pair(src, tgt)
+    h, w = x.shape[-2:]
+    b = window_half_size(h, w, beta)
+    xs = torch.fft.rfft(x, dim=-1)  # (B, 3, H, W // 2 + 1) complex
+    ys = torch.fft.fft(xs[..., : b + 1], dim=-2)  # (B, 3, H, b + 1): the 2-D spectrum's columns 0..b
+    yt = torch.fft.fft(torch.fft.rfft(y, dim=-1)[..., : b + 1], dim=-2)  # (B or 1, 3, H, b + 1)
+    rows = (torch.arange(h, device=x.device) + h // 2) % h - h // 2  # frequency of each unshifted row
+    win = (rows.abs() <= b)[:, None]  # (H, 1): |f_h| <= b (every kept column has |f_w| <= b)
+    ys = torch.where(win, torch.polar(yt.abs(), ys.angle()), ys)  # target amplitude, source phase
+    xs = torch.cat([torch.fft.ifft(ys, dim=-2), xs[..., b + 1:]], dim=-1)
+    return torch.fft.irfft(xs, n=w, dim=-1).to(src.dtype)
+
+
+def fda_reference(src: Tensor, tgt: Tensor, beta: float) -> Tensor:
+    """`fda_source_to_target` on the full complex spectrum (`mixed_spectrum`, real part of `ifft2`)."""
+    _check(src, tgt, beta)
+    if beta == 0.0:
+        return src
+    x, y = _float_pair(src, tgt)
     out = torch.fft.ifft2(mixed_spectrum(x, y, beta))  # (B, 3, H, W) complex, imaginary part ~ 0
     return out.real.to(src.dtype)
