@@ -167,7 +167,12 @@ class OptimConfig:
     momentum: float = 0.9  # SGD / RMSprop
     weight_decay: float = 1.0e-4
     betas: tuple[float, float] = (0.9, 0.99)  # Adam / AdamW
-    poly_power: float = 0.9  # lr = lr0 * (1 - step / max_steps) ** poly_power
+    poly_power: float = 0.9  # lr = lr0 * (1 - step / horizon) ** poly_power
+    # The poly schedule's horizon, separate from the run length: the originals decay over a longer horizon
+    # and stop early (ADVENT: 250k / stop 120k; AdaptSegNet: 250k / 150k; FDA: 150k / 100k), so the lr is
+    # still ~0.5x lr0 at their last step. None: the run's train.max_steps. In a method's own optimizer config
+    # (e.g. method_cfg.d_optim) None means the segmenter's horizon.
+    poly_horizon: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.name in OPTIMIZERS, f"optimizer name '{self.name}' unknown (valid: {', '.join(OPTIMIZERS)})")
@@ -176,6 +181,7 @@ class OptimConfig:
         _check(0 <= self.momentum < 1, "optimizer momentum must be in [0, 1)")
         _check(all(0 <= b < 1 for b in self.betas), "optimizer betas must be in [0, 1)")
         _check(self.poly_power >= 0, "optimizer poly_power must be >= 0")
+        _check(self.poly_horizon is None or self.poly_horizon >= 1, "optimizer poly_horizon must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -214,6 +220,15 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name)),
                f"name '{self.name}' must be letters, digits, '_', '.', '-'")
+        h = self.optim.poly_horizon
+        _check(h is None or h >= self.train.max_steps,
+               f"optim.poly_horizon ({h}) must be >= train.max_steps ({self.train.max_steps}): "
+               "the lr would reach 0 before the run ends")
+
+    @property
+    def poly_horizon(self) -> int:
+        """The segmenter's schedule horizon (the default of every other optimizer of the run)."""
+        return self.optim.poly_horizon or self.train.max_steps
 
 
 # --------------------------------------------------------------------------------------------

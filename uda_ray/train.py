@@ -185,7 +185,7 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for step in range(start, tc.max_steps):
         for opt in method.optimizers:
-            set_lr(opt, step, tc.max_steps)
+            set_lr(opt, step, cfg.poly_horizon)
         s = next(src_it) if src_it else None
         t = next(tgt_it) if tgt_it else None
         batch = UDABatch(

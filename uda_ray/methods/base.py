@@ -73,13 +73,15 @@ def backward_first_then_last(model: nn.Module, first: Callable[[], Tensor],
 
 
 def build_optimizer(params: list[dict] | Any, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Optimizer from param groups (each may carry its own "lr"); records "initial_lr" for the poly schedule."""
+    """Optimizer from param groups (each may carry its own "lr"); records "initial_lr", "poly_power" and
+    "poly_horizon" (None: the run's horizon, given to `set_lr`) for the poly schedule."""
     groups = list(params)
     groups = [dict(g) for g in groups] if groups and isinstance(groups[0], dict) else [{"params": groups}]
     for g in groups:
         g.setdefault("lr", cfg.lr)
         g["initial_lr"] = g["lr"]
         g["poly_power"] = cfg.poly_power
+        g["poly_horizon"] = cfg.poly_horizon
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.name == "adam":
@@ -91,15 +93,17 @@ def build_optimizer(params: list[dict] | Any, cfg: OptimConfig) -> torch.optim.O
     raise ValueError(f"unknown optimizer {cfg.name}")
 
 
-def poly_factor(step: int, max_steps: int, power: float) -> float:
-    """lr multiplier (1 - step / max_steps) ** power of the poly schedule."""
-    return max(0.0, 1.0 - step / max_steps) ** power
+def poly_factor(step: int, horizon: int, power: float) -> float:
+    """lr multiplier (1 - step / horizon) ** power of the poly schedule."""
+    return max(0.0, 1.0 - step / horizon) ** power
 
 
-def set_lr(optimizer: torch.optim.Optimizer, step: int, max_steps: int) -> None:
-    """Poly schedule, each group with the power of the optimizer config it was built from."""
+def set_lr(optimizer: torch.optim.Optimizer, step: int, horizon: int) -> None:
+    """Poly schedule, each group with the power and horizon of the optimizer config it was built from;
+    `horizon` (the run's: optim.poly_horizon, else train.max_steps) where that config left it None."""
     for g in optimizer.param_groups:
-        g["lr"] = g["initial_lr"] * poly_factor(step, max_steps, g.get("poly_power", 0.9))
+        h = g.get("poly_horizon") or horizon
+        g["lr"] = g["initial_lr"] * poly_factor(step, h, g.get("poly_power", 0.9))
 
 
 def upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:

@@ -290,7 +290,7 @@ class CPSL(Method):
         for params, mult in groups:
             lr = mult * optim.lr
             self.opt.add_param_group({"params": params, "lr": lr, "initial_lr": lr,
-                                      "poly_power": optim.poly_power})
+                                      "poly_power": optim.poly_power, "poly_horizon": optim.poly_horizon})
         self.teacher_raw = frozen_copy(self.model_raw)
         self.head_ema = frozen_copy(self.head_raw)
         self.warmup_raw = frozen_copy(self.model_raw) if cfg.soft_labels == "warmup" else None
