@@ -95,3 +95,106 @@ def test_paper_experiments_follow_the_originals_schedule(name):
     d_optim = getattr(cfg.method_cfg, "d_optim", None)
     if d_optim is not None:  # the discriminators decay over the segmenter's horizon
         assert d_optim.poly_horizon is None
+
+
+# -- geometry -----------------------------------------------------------------------------------------
+# (W, H) sizes: source resize, target resize, random width range, random crop, val input. The originals:
+# ADVENT config.py / AdaptSegNet train_gta2cityscapes_multi.py: GTA5 1280x720, SYNTHIA 1280x760, Cityscapes
+# 1024x512, no crop, val at 1024x512. IntraDA intrada.yml: the easy split (Cityscapes) at 1024x512. FDA
+# data/__init__.py: GTA5 1280x720 cropped to 1024x512, Cityscapes 1024x512, val at 1344x576. CPSL (ProDA's
+# loader): both at 2048x1024 (SYNTHIA 1280x760), random width 2200 x U(0.5, 1.5), crop 896x512, val 2048x1024.
+# The BiSeNet / ENet experiments follow the seeds: GTA5 1280x720, Cityscapes 1024x512, no crop.
+GTA, SYN, CS, FULL = (1280, 720), (1280, 760), (1024, 512), (2048, 1024)
+ADVENT_GTA = dict(source=GTA, target=CS, random_width=None, crop=None, val=CS)
+ADVENT_SYN = dict(ADVENT_GTA, source=SYN)
+INTRADA = dict(ADVENT_GTA, source=CS)
+FDA = dict(source=GTA, target=CS, random_width=None, crop=CS, val=(1344, 576))
+CPSL_GTA = dict(source=FULL, target=FULL, random_width=(1100, 3300), crop=(896, 512), val=FULL)
+CPSL_SYN = dict(CPSL_GTA, source=SYN)
+SEED = ADVENT_GTA
+PAPER_GEOMETRY = {
+    "gta5_to_cityscapes_deeplabv2_advent": ADVENT_GTA,
+    "gta5_to_cityscapes_deeplabv2_minent": ADVENT_GTA,
+    "gta5_to_cityscapes_deeplabv2_adaptsegnet": ADVENT_GTA,
+    "gta5_to_cityscapes_deeplabv2_intrada": INTRADA,
+    "gta5_to_cityscapes_deeplabv2_fda": FDA,
+    "gta5_to_cityscapes_deeplabv2_cpsl": CPSL_GTA,
+    "gta5_to_cityscapes_deeplabv2_cpsl_distill": CPSL_GTA,
+    "synthia_to_cityscapes_deeplabv2_advent": ADVENT_SYN,
+    "synthia_to_cityscapes_deeplabv2_cpsl": CPSL_SYN,
+    "synthia_to_cityscapes_deeplabv2_cpsl_distill": CPSL_SYN,
+    "gta5_to_cityscapes_bisenet_r18_adversarial_fc": SEED,
+    "gta5_to_cityscapes_bisenet_r18_adversarial_dsc": SEED,
+    "gta5_to_cityscapes_bisenet_r18_fda": SEED,
+    "gta5_to_cityscapes_bisenet_r18_mpl": SEED,
+    "gta5_to_cityscapes_bisenet_r18_self_training": SEED,
+    "gta5_to_cityscapes_enet_minent": SEED,
+    "gta5_to_cityscapes_enet_contrastive": SEED,
+}
+# Every stage of the paper pipelines: a training stage's geometry, or for an action stage (pseudo-labels,
+# ranking: made from target train images at the `from` run's data.target_size) that input size.
+PIPELINE_GEOMETRY = {
+    "gta5_to_cityscapes_intrada": {"inter": ADVENT_GTA, "rank": CS, "intra": INTRADA},
+    "gta5_to_cityscapes_fda_mbt": {"fda_b01": FDA, "fda_b05": FDA, "fda_b09": FDA, "mbt": (1344, 576),
+                                   "mbt_pl": CS, "mbt_st": FDA},
+    "gta5_to_cityscapes_cpsl": {"warmup": ADVENT_GTA, "stage1": CPSL_GTA, "pl1": FULL, "stage2": CPSL_GTA,
+                                "pl2": FULL, "stage3": CPSL_GTA},
+    "synthia_to_cityscapes_cpsl": {"warmup": ADVENT_SYN, "stage1": CPSL_SYN, "pl1": FULL, "stage2": CPSL_SYN,
+                                   "pl2": FULL, "stage3": CPSL_SYN},
+    "gta5_to_cityscapes_self_training": {"adv": SEED, "pl": CS, "st": SEED},
+    "gta5_to_cityscapes_contrastive": {"m1": SEED, "pl": CS, "m2": SEED},
+}
+
+
+def _geometry(cfg) -> dict:
+    d = cfg.data
+    return dict(source=d.source_size, target=d.target_size, random_width=d.random_width, crop=d.crop_size,
+                val=d.eval_size or d.target_size)
+
+
+def test_every_paper_experiment_and_pipeline_has_a_geometry_row():
+    assert set(PAPER_GEOMETRY) == set(PAPER_SCHEDULES)
+    shipped = {p.stem for p in (EXPERIMENTS / "pipelines").glob("*.yaml") if not p.stem.startswith("synthetic")}
+    assert shipped == set(PIPELINE_GEOMETRY)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_GEOMETRY))
+def test_paper_experiments_follow_the_originals_geometry(name):
+    assert _geometry(load_experiment(EXPERIMENTS / f"{name}.yaml")) == PAPER_GEOMETRY[name]
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINE_GEOMETRY))
+def test_every_pipeline_stage_follows_the_originals_geometry(name):
+    from uda_ray.pipeline import load_pipeline
+
+    pipe = load_pipeline(EXPERIMENTS / "pipelines" / f"{name}.yaml")
+    resolved = {}
+    for st in pipe.cfg.stages:
+        if st.action is None:
+            resolved[st.name] = _geometry(load_experiment(pipe.experiment_path(st), {**pipe.cfg.set, **st.set}))
+        else:
+            kind, args = st.action
+            src = args["from"] if isinstance(args["from"], str) else args["from"][0]
+            key = "val" if kind == "evaluate_ensemble" else "target"
+            resolved[st.name] = resolved[src][key]
+    assert resolved == PIPELINE_GEOMETRY[name]
+
+
+def test_random_width_rescales_keeping_the_aspect_then_crops():
+    import numpy as np
+    from PIL import Image
+
+    from uda_ray.data.transforms import PairTransform
+
+    img = Image.new("RGB", (40, 20))
+    lbl = np.zeros((20, 40), np.uint8)
+    tf = PairTransform(resize=(64, 32), random_width=(80, 120))
+    widths = set()
+    for seed in range(20):
+        x, y = tf(img, lbl, np.random.default_rng(seed))
+        h, w = x.shape[-2:]
+        assert 80 <= w <= 120 and h == w // 2 and tuple(y.shape) == (h, w)
+        widths.add(w)
+    assert len(widths) > 5  # random, not fixed
+    x, _ = PairTransform(resize=(64, 32), random_width=(80, 120), crop=(30, 20))(img, lbl, np.random.default_rng(0))
+    assert tuple(x.shape[-2:]) == (20, 30)

@@ -102,6 +102,10 @@ class DataConfig:
     source_size: tuple[int, int] | None = None  # (W, H) resize of source images, None = as stored
     target_size: tuple[int, int] | None = None  # (W, H) resize of target train and val images
     crop_size: tuple[int, int] | None = None  # (W, H) random crop after resize (train only)
+    # Train only, source and target: after the resize, rescale each image to a random width uniform in
+    # [lo, hi], aspect kept, before the crop (CPSL / ProDA's RandomSized: width 2200 * U(0.5, 1.5)).
+    random_width: tuple[int, int] | None = None
+    eval_size: tuple[int, int] | None = None  # (W, H) input of target val images; None = target_size
     hflip: bool = True
     grayscale: bool = False  # feed every image (source, target, val) as 3-channel grayscale (seed 003)
     target_label_root: str | None = None  # pseudo-label folder (trainIds) replacing target labels
@@ -130,9 +134,11 @@ class DataConfig:
             self.synthetic is not None or (self.target_root and (self.source_root or self.ranking)),
             "data: give source_root and target_root, or `synthetic` to use the built-in benchmark",
         )
-        for key in ("source_size", "target_size", "crop_size"):
+        for key in ("source_size", "target_size", "crop_size", "eval_size", "random_width"):
             v = getattr(self, key)
             _check(v is None or min(v) >= 8, f"data.{key}: both sides must be >= 8")
+        _check(self.random_width is None or self.random_width[0] <= self.random_width[1],
+               "data.random_width: [lo, hi] with lo <= hi")
         _check(self.loader_workers >= 0, "data.loader_workers must be >= 0")
         _check(0.0 < self.easy_fraction < 1.0, "data.easy_fraction must be in (0, 1)")
         _check(0.0 <= self.pseudo_percentile <= 1.0, "data.pseudo_percentile must be in [0, 1]")

@@ -109,11 +109,14 @@ def load_trained(checkpoint: Path, device: str = "cpu", weights: str = "model"
 
 
 def _target_train(cfg: ExperimentConfig, split: str = "train") -> Any:
+    """Target images at the run's input size: data.target_size for train (pseudo-labels, rankings), data.eval_size
+    (else target_size) for the val split."""
     from uda_ray.data.datasets import DATASETS
     from uda_ray.data.loading import input_transform
     from uda_ray.data.transforms import eval_transform
 
-    tf = input_transform(eval_transform(cfg.data.target_size), cfg.data)
+    size = cfg.data.target_size if split == "train" else (cfg.data.eval_size or cfg.data.target_size)
+    tf = input_transform(eval_transform(size), cfg.data)
     return DATASETS[cfg.data.target](Path(cfg.data.target_root), split, tf)
 
 

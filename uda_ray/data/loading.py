@@ -89,7 +89,7 @@ def build_datasets(cfg: DataConfig, *, source: bool, target: bool, target_labels
     `target_label_root` the target labels come from that pseudo-label folder.
     """
     out: dict[str, Dataset] = {}
-    train_tf = dict(crop=cfg.crop_size, hflip=cfg.hflip)
+    train_tf = dict(crop=cfg.crop_size, hflip=cfg.hflip, random_width=cfg.random_width)
 
     def tf(resize: tuple[int, int] | None) -> Any:
         return input_transform(PairTransform(resize=resize, **train_tf), cfg)
@@ -111,7 +111,7 @@ def build_datasets(cfg: DataConfig, *, source: bool, target: bool, target_labels
         if hard is not None:
             out["tgt"] = restrict(out["tgt"], hard)
     out["val"] = DATASETS[cfg.target](Path(cfg.target_root), cfg.val_split,
-                                      input_transform(eval_transform(cfg.target_size), cfg))
+                                      input_transform(eval_transform(cfg.eval_size or cfg.target_size), cfg))
     return out
 
 

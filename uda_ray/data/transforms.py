@@ -23,26 +23,32 @@ def resize_label(lbl: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 class PairTransform:
-    """Resize (bilinear image / nearest label), random crop, random h-flip; sizes are (W, H).
+    """Resize (bilinear image / nearest label), random rescale, random crop, random h-flip; sizes are (W, H).
 
     All randomness comes from the `rng` passed to each call. `eval_mode=True` resizes the image only
     and keeps the label at full resolution (evaluation happens there); no crop, no flip.
     """
 
     def __init__(self, resize: tuple[int, int] | None = None, crop: tuple[int, int] | None = None,
-                 hflip: bool = False, eval_mode: bool = False):
-        if eval_mode and (crop is not None or hflip):
-            raise ValueError("eval_mode takes no crop and no flip")
+                 hflip: bool = False, eval_mode: bool = False, random_width: tuple[int, int] | None = None):
+        if eval_mode and (crop is not None or hflip or random_width is not None):
+            raise ValueError("eval_mode takes no crop, no flip and no random rescale")
         self.resize, self.crop, self.hflip, self.eval_mode = resize, crop, hflip, eval_mode
+        self.random_width = random_width
 
     def __call__(self, img: Image.Image, lbl: np.ndarray, rng: np.random.Generator | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.resize is not None:
-            img = img.resize(tuple(self.resize), Image.Resampling.BILINEAR)
+        if not self.eval_mode and rng is None:
+            raise ValueError("a training-mode PairTransform needs an rng")
+        size = tuple(self.resize) if self.resize is not None else img.size
+        if self.random_width is not None and not self.eval_mode:
+            # one resize to (w, w * H / W) of the resize target: the resize then RandomSized of CPSL / ProDA
+            w = int(rng.uniform(*self.random_width))
+            size = (w, max(1, int(w * size[1] / size[0])))
+        if size != img.size:
+            img = img.resize(size, Image.Resampling.BILINEAR)
         if self.eval_mode:
             return to_tensors(img, lbl)
-        if rng is None:
-            raise ValueError("a training-mode PairTransform needs an rng")
         lbl = resize_label(lbl, img.size)  # also fixes the odd label whose size differs from its image
         x, y = to_tensors(img, lbl)  # (3, H, W), (H, W)
         if self.crop is not None:
