@@ -241,6 +241,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from uda_ray.report import resolve, write_report
+
+    kind, folder = resolve(storage_root(args.storage), args.name)
+    out = Path(args.out) if args.out else folder / "report.html"
+    t0 = time.time()
+    write_report(kind, folder, out, predictions=not args.no_predictions)
+    print(f"wrote {out} ({kind} {folder.name}, {out.stat().st_size / 1e6:.1f} MB, {time.time() - t0:.1f}s)")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------
 # train / data / profile
 
@@ -372,6 +383,14 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("ls", help="list sweeps")
     storage(sp)
     sp.set_defaults(fn=cmd_ls)
+
+    sp = sub.add_parser("report", help="one self-contained HTML page about a sweep, a run or a pipeline")
+    sp.add_argument("name", help="a sweep, a run (runs/NAME) or a pipeline (pipelines/NAME), or a folder")
+    sp.add_argument("--out", metavar="FILE.html", help="where to write it (default: NAME's folder/report.html)")
+    sp.add_argument("--no-predictions", action="store_true",
+                    help="skip running the best checkpoint on target images (e.g. data not on this machine)")
+    storage(sp)
+    sp.set_defaults(fn=cmd_report)
 
     sp = sub.add_parser("train", help="run one experiment (a Ray Train run)")
     sp.add_argument("experiment")

@@ -37,9 +37,9 @@ CITYSCAPES_PALETTE = (
     (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
     (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
 )
-# evaluation metrics drawn as learning curves, by prefix (old and new names of the target test split)
-CURVE_PREFIXES = ("test/", "val/", "src_val/", "sel/", "uv/")
-TEST_METRICS = ("test/miou", "val/miou")
+# evaluation metrics drawn as learning curves, by prefix
+CURVE_PREFIXES = ("test/", "src_val/", "sel/", "uv/")
+TEST_METRICS = ("test/miou",)
 END_STATES = ("completed", "stopped_early", "errored")
 MAX_CURVE_PANELS = 9
 
@@ -221,8 +221,8 @@ def fig_curves(data: ReportData) -> str | None:
     if any(s == "errored" for s in status.values()):
         extra.append(plt.Line2D([], [], ls="", marker="s", mfc="none", color="black", label="errored"))
     if len(handles) <= 20 or extra:
-        fig.legend(handles[:20] + extra, labels[:20] + [h.get_label() for h in extra], loc="upper center",
-                   ncol=min(6, len(handles[:20]) + len(extra)), fontsize=7, bbox_to_anchor=(0.5, 1.0 + 0.06 / nrow))
+        fig.legend(handles[:20] + extra, labels[:20] + [h.get_label() for h in extra], loc="lower center",
+                   ncol=min(8, len(handles[:20]) + len(extra)), fontsize=7, bbox_to_anchor=(0.5, 1.0))
     fig.tight_layout()
     return _png(fig)
 
@@ -269,7 +269,7 @@ def fig_params(data: ReportData) -> str | None:
         axes[k // ncol][k % ncol].axis("off")
     fig.legend(handles=[plt.Line2D([], [], ls="", marker="o", color=c, label=s.replace("_", " "))
                         for s, c in colours.items() if any(t.get("status") == s for t, _ in rows)],
-               loc="upper center", ncol=4, fontsize=7, bbox_to_anchor=(0.5, 1.0 + 0.05 / nrow))
+               loc="lower center", ncol=4, fontsize=7, bbox_to_anchor=(0.5, 1.0))
     fig.tight_layout()
     return _png(fig)
 
@@ -467,6 +467,16 @@ def best_checkpoint(data: ReportData) -> tuple[str, Path] | None:
     return None
 
 
+def _load_state(ck: Path) -> dict:
+    try:
+        from uda_ray.checkpoint import load_state
+    except ImportError:  # before uda_ray.checkpoint existed
+        import torch
+
+        return torch.load(ck / "state.pt", map_location="cpu", weights_only=False)
+    return load_state(ck)
+
+
 def fig_predictions(data: ReportData, n_images: int = 3) -> tuple[str | None, str]:
     """Input | prediction | label of the best checkpoint on the first few target test images."""
     import numpy as np
@@ -481,7 +491,7 @@ def fig_predictions(data: ReportData, n_images: int = 3) -> tuple[str | None, st
     if found is None:
         return None, "no checkpoint of the best trials is on disk"
     tid, ck = found
-    state = torch.load(ck / "state.pt", map_location="cpu", weights_only=False)
+    state = _load_state(ck)
     cfg = build_experiment(state["config"], str(ck))
     try:
         ds = build_datasets(cfg.data, source=False, target=False, target_labels=False)["val"]
