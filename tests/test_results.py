@@ -72,3 +72,15 @@ def test_table_store_survives_mixed_column_types(tmp_path):
     s.flush(["trials"])
     rows = read_table(tmp_path, "trials")
     assert [r["x"] for r in rows] == ["1", "text"] and rows[1]["y"] == "[1, 2]"
+
+
+def test_restarts_reported_by_the_worker_are_counted_per_trial(tmp_path, synth_root):
+    exp = experiment_dict(build_experiment(tiny_experiment(synth_root)))
+    w = _writer(tmp_path)
+    w.result("a", exp, {}, _result(2, 0.1))
+    assert read_table(tmp_path, "trials")[0]["restarts"] == 0
+    w.result("a", exp, {}, {**_result(4, 0.2), "resumed_from": 2, "restarts": 1})
+    w.result("a", exp, {}, {**_result(6, 0.2), "resumed_from": 4, "restarts": 2})
+    (t,) = read_table(tmp_path, "trials")
+    assert (t["restarts"], t["resumed_from"]) == (2, 4)
+    assert [e.get("resumed_from") for e in read_table(tmp_path, "evals")] == [None, 2, 4]

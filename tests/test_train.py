@@ -88,3 +88,37 @@ def test_synthia_source_trains_and_reports_16_and_13_class_miou(tmp_path):
     fit(cfg, s)
     (r,) = s.reports
     assert {"test/miou", "test/miou16", "test/miou13"} <= set(r)
+
+
+def test_the_first_evaluation_after_a_restart_reports_where_it_resumed_and_counts_restarts(tmp_path, synth_root):
+    cfg = build_experiment(tiny_experiment(synth_root, **{"train.max_steps": 6}))
+    fit(cfg, LocalSession(tmp_path / "full"))
+    run = tmp_path / "part"
+    for n in (1, 2):  # two restarts from the step-2 checkpoint
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
+        (run / "checkpoints").mkdir(parents=True)
+        shutil.copytree(tmp_path / "full" / "checkpoints" / "step_0000002", run / "checkpoints" / "step_0000002")
+        s = LocalSession(run)
+        fit(cfg, s)
+        got = [(r["step"], r.get("resumed_from"), r.get("restarts")) for r in s.reports]
+        assert got == [(4, 2, n), (6, None, None)]
+
+
+def test_a_restart_that_would_repeat_a_divergence_fails_at_once(tmp_path, synth_root, monkeypatch):
+    import pytest
+
+    from uda_ray.methods import METHODS
+
+    cls = METHODS["source_only"]
+    real = cls.train_step
+    monkeypatch.setattr(cls, "train_step", lambda self, batch, step: (
+        {"seg_src": torch.tensor(float("nan"))} if step == 3 else real(self, batch, step)))
+    cfg = build_experiment(tiny_experiment(synth_root, **{"train.max_steps": 6}))
+    first = LocalSession(tmp_path / "run")
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        fit(cfg, first)
+    assert [r["step"] for r in first.reports] == [2]  # the step-2 checkpoint exists
+    again = LocalSession(tmp_path / "run")  # a restart from step 2 would replay steps 2, 3 and diverge again
+    with pytest.raises(FloatingPointError, match="in an earlier attempt"):
+        fit(cfg, again)
+    assert again.reports == []

@@ -202,6 +202,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # top-k by val mIoU; the latest is always kept too
     init_from: str | None = None  # a checkpoint dir/file, or `run:NAME` / `sweep:NAME` (their best checkpoint)
     profile: bool = True  # params / GFLOPs / latency of the eval model into the results
+    # a run whose Ray Train worker dies (OOM-killer, lost node, crash) restarts from its latest checkpoint
+    # up to this many times; the restarts are counted in the results tables
+    max_failures: int = 2
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "train.max_steps must be >= 1")
@@ -210,6 +213,7 @@ class TrainConfig:
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker must be > 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        _check(self.max_failures >= 0, "train.max_failures must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,9 @@ from uda_ray.config import build_experiment, experiment_dict, flatten
 from uda_ray.metric_names import REPORTED_PREFIXES, SCHEMA_VERSION, upgrade_row
 
 TABLES = {"trials": ("trial_id",), "evals": ("trial_id", "step"), "class_iou": ("trial_id", "step", "class_name")}
+# on the first evaluation after the run restarted from a checkpoint (a dead worker, a resumed driver): the step
+# it resumed from and how many restarts the run has had so far
+RESTART_KEYS = ("resumed_from", "restarts")
 
 
 def _atomic_write(table: pa.Table, path: Path) -> None:
@@ -112,7 +115,7 @@ def eval_rows(sweep: str, trial_id: str, result: dict) -> tuple[dict, list[dict]
     for k, v in result.items():
         if k.startswith("test/iou/"):
             ious.append({**base, "class_name": k[len("test/iou/"):], "iou": v})
-        elif k.startswith(REPORTED_PREFIXES):
+        elif k.startswith(REPORTED_PREFIXES) or k in RESTART_KEYS:
             ev[k] = v
     ev["checkpoint_path"] = result.get("checkpoint_path")
     ev["reported_at"] = time.time()
@@ -162,6 +165,9 @@ class TrialSummary:
             for k in ("model/params", "model/gflops", "model/latency_ms", "model/fps"):
                 if k in last:
                     self.row[k.replace("/", "_")] = last[k]
+        restarted = [r for r in evals if r.get("restarts") is not None]
+        self.row["restarts"] = max((int(r["restarts"]) for r in restarted), default=0)
+        self.row["resumed_from"] = int(restarted[-1]["resumed_from"]) if restarted else None
         self.row["updated_at"] = time.time()
         return self.row
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 import tempfile
@@ -32,6 +33,8 @@ from uda_ray.stages import METRICS_FILE
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
+RESTARTS_FILE = "restarts.jsonl"  # one line per restart of the run from a checkpoint
+DIVERGED_FILE = "diverged.json"  # where a non-finite loss ended an attempt (a restart would repeat it)
 
 
 class Session(Protocol):
@@ -142,6 +145,7 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
     device = session.device
     method = build_method(cfg, session.wrap, device)
     cls = type(method)
+    digest = _config_digest(cfg)
 
     start = 0
     ckpt = session.latest_checkpoint()
@@ -152,13 +156,18 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
         rng = state["rng"]
         _set_rng_state(rng[session.rank] if len(rng) == session.world_size else rng[0])
         log.info("resumed from %s at step %d", ckpt, start)
+        _refuse_known_divergence(session.run_dir, start, digest)
+        restart = {"resumed_from": start, "restarts": _record_restart(session.run_dir, start)} \
+            if session.rank == 0 else {}
         if getattr(session, "replay_on_resume", False) and state.get("metrics"):
             # The driver may have died after this checkpoint was persisted but before its result reached
             # the results tables: report it again (the tables keep one row per step).
             session.report(state["metrics"], None)
-    elif tc.init_from:
-        load_weights(method, tc.init_from)
-        log.info("initialized from %s", tc.init_from)
+    else:
+        restart = {}
+        if tc.init_from:
+            load_weights(method, tc.init_from)
+            log.info("initialized from %s", tc.init_from)
 
     if cfg.data.pseudo_from and cls.uses_target_labels:
         cfg = _own_pseudo_labels(cfg, session)
@@ -197,6 +206,7 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
         for k, v in losses.items():
             val_ = float(v)
             if not np.isfinite(val_):
+                _mark_divergence(session.run_dir, step, k, digest)
                 raise FloatingPointError(f"{k} became {val_} at step {step} (learning rate too high?)")
             sums[k] = sums.get(k, 0.0) + val_
             counts[k] = counts.get(k, 0) + 1
@@ -214,7 +224,9 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
                 "time/elapsed_s": now - t0,
                 "time/step_s": (now - t_last) / max(n_sum, 1),
                 **profile,
+                **restart,  # on the first evaluation after a restart only
             }
+            restart = {}
             sums, counts, n_sum, t_last = {}, {}, 0, now
             rng = _gather(_rng_state(), session.world_size)
             tmp = Path(tempfile.mkdtemp(prefix="uda_ray_ckpt_")) if session.rank == 0 else None
@@ -226,6 +238,37 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
                 if tmp is not None:
                     shutil.rmtree(tmp, ignore_errors=True)
     return metrics
+
+
+def _record_restart(run_dir: Path, step: int) -> int:
+    """Append this restart to the run's log; returns how many restarts the run has had."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    p = run_dir / RESTARTS_FILE
+    with open(p, "a") as f:
+        f.write(json.dumps({"resumed_from": step, "at": time.time(), "pid": os.getpid()}) + "\n")
+    return sum(1 for ln in p.read_text().splitlines() if ln.strip())
+
+
+def _config_digest(cfg: ExperimentConfig) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(experiment_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _mark_divergence(run_dir: Path, step: int, loss: str, digest: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / DIVERGED_FILE).write_text(json.dumps({"step": step, "loss": loss, "config": digest}))
+
+
+def _refuse_known_divergence(run_dir: Path, start: int, digest: str) -> None:
+    """The loop replays exactly from a checkpoint: a restart of the same config before the step where an earlier
+    attempt's loss became non-finite would diverge there again, so fail now instead of recomputing up to it."""
+    p = run_dir / DIVERGED_FILE
+    if p.is_file():
+        d = json.loads(p.read_text())
+        if d.get("config") == digest and d["step"] >= start:
+            raise FloatingPointError(f"{d['loss']} became non-finite at step {d['step']} in an earlier attempt "
+                                     f"(learning rate too high?); not retried from step {start}")
 
 
 def _own_pseudo_labels(cfg: ExperimentConfig, session: Session) -> ExperimentConfig:
@@ -311,7 +354,11 @@ def ray_train_worker(config: dict) -> None:
     """`train_loop_per_worker` of the TorchTrainer: config = {"experiment": dict, "run_dir": str}."""
     cfg = build_experiment(config["experiment"], "<trial config>")
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    fit(cfg, RaySession(Path(config["run_dir"])))
+    session = RaySession(Path(config["run_dir"]))
+    # which process is this rank's worker (operators and the worker-fault test signal it by pid)
+    session.run_dir.mkdir(parents=True, exist_ok=True)
+    (session.run_dir / f"worker-{session.rank}.pid").write_text(str(os.getpid()))
+    fit(cfg, session)
 
 
 def make_trainer(cfg: ExperimentConfig, storage: Path, name: str, callbacks: list | None = None) -> Any:
@@ -336,8 +383,9 @@ def make_trainer(cfg: ExperimentConfig, storage: Path, name: str, callbacks: lis
                 checkpoint_score_attribute="test/miou",
                 checkpoint_score_order="max",
             ),
+            # a dead worker restarts the worker group from the latest checkpoint (max_failures times);
             # an unsatisfiable worker group fails the run instead of retrying forever
-            failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=1),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures, controller_failure_limit=1),
         ),
     )
 

@@ -1,0 +1,81 @@
+"""Faults under real Ray: a Ray Train worker SIGKILLed mid-trial restarts from its latest checkpoint and the
+trial ends exactly as an undisturbed run of the same config; the restart is visible in the tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.test_ray_integration import _env, _write_space
+from uda_ray.config import build_experiment
+from uda_ray.train import LocalSession, fit
+
+COMPARED = ("test/", "train/")  # everything but timings and the checkpoint path
+
+
+def _wait_for(pred, proc, timeout: float):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.1)
+    return None
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_train_worker_restarts_from_its_checkpoint_and_ends_like_an_undisturbed_run(tmp_path, synth_root):
+    max_steps, every = 30, 5
+    space = _write_space(tmp_path, synth_root, {"train.max_steps": max_steps, "train.eval_every": every,
+                                                 "train.cpus_per_worker": 0.5},
+                         num_samples=1, params={"optim.lr": {"choice": [0.01]}})
+    store = tmp_path / "store" / "wk"
+    evals_path = store / "results" / "evals.parquet"
+    proc = subprocess.Popen([sys.executable, "-m", "uda_ray.cli", "sweep", str(space), "--name", "wk"],
+                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def first_eval_of_a_running_trial():
+        if not evals_path.exists():
+            return None
+        steps = [r["step"] for r in pq.read_table(evals_path).to_pylist()]
+        pids = list(store.glob("train/train-*/worker-0.pid"))
+        return (max(steps), pids[0]) if steps and max(steps) < max_steps and pids else None
+
+    try:
+        got = _wait_for(first_eval_of_a_running_trial, proc, 300)
+        assert got, "the trial never reached its first checkpoint while running"
+        killed_after, pid_file = got
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)  # the Ray Train worker process, not the driver
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+
+    (trial,) = pq.read_table(store / "results" / "trials.parquet").to_pylist()
+    assert trial["status"] == "completed" and trial["restarts"] == 1
+    assert killed_after <= trial["resumed_from"] < max_steps
+    evals = sorted(pq.read_table(evals_path).to_pylist(), key=lambda r: r["step"])
+    assert [r["step"] for r in evals] == list(range(every, max_steps + 1, every))  # none missing, none twice
+    (first_after,) = [r for r in evals if r.get("resumed_from") is not None]
+    assert first_after["step"] == trial["resumed_from"] + every and first_after["restarts"] == 1
+    restarts = (store / "train" / f"train-{trial['trial_id']}" / "restarts.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["resumed_from"] for ln in restarts] == [trial["resumed_from"]]
+
+    # the same config, undisturbed and in-process: identical metrics at every step
+    undisturbed = LocalSession(tmp_path / "undisturbed")
+    fit(build_experiment(json.loads(trial["config_json"])), undisturbed)
+    assert [r["step"] for r in undisturbed.reports] == [r["step"] for r in evals]
+    for ref, got in zip(undisturbed.reports, evals):
+        for k, v in ref.items():
+            if k.startswith(COMPARED) and not k.startswith("test/iou/"):
+                assert got[k] == v, (ref["step"], k, got[k], v)
