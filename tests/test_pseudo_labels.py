@@ -114,6 +114,31 @@ def test_generate_writes_loadable_pngs_and_manifest_matching_the_pure_functions(
     assert 0 < manifest["ignored_fraction"] < 1
 
 
+def test_fixed_threshold_drops_every_pixel_below_it_in_every_class(tmp_path):
+    """CPSL's confidence >= t: unlike percentile 1.0 capped at t, no class keeps its top pixel below t."""
+    ms, data = models(), TinyTarget()
+    probs = [ensemble_probs(ms, it["img"][None], tuple(it["lbl"].shape)) for it in data.items]  # (1, C, H, W)
+    conf, pred = torch.cat(probs).max(dim=1)
+    # a threshold above the best confidence of some predicted class, below the best of all
+    tops = [float(conf[pred == c].max()) for c in pred.unique().tolist()]
+    t = (min(tops) + max(tops)) / 2
+    assert min(tops) < t <= float(conf.max())
+    manifest = generate(ms, data, tmp_path / "pl", threshold=t)
+    assert manifest["threshold"] == t and "percentile" not in manifest and manifest["thresholds"] == [t] * NUM_CLASSES
+    kept = 0
+    for it, p in zip(data.items, probs):
+        png = torch.from_numpy(np.array(Image.open(tmp_path / "pl" / label_path(it["name"]))).astype(np.int64))
+        c, k = p[0].max(dim=0)
+        assert torch.equal(png, torch.where(c >= t, k, torch.full_like(k, 255)))
+        kept += int((png != 255).sum())
+    assert manifest["pixels_kept_per_class"] and sum(manifest["pixels_kept_per_class"]) == kept
+    # the percentile-1.0 / cap-t rule it replaces keeps the top pixel of a class whose best confidence is < t
+    capped = class_thresholds(conf, pred, NUM_CLASSES, 1.0, t)
+    assert any(float(capped[c]) < t for c in pred.unique().tolist())
+    with pytest.raises(ValueError):
+        generate(ms, data, tmp_path / "bad", threshold=0.0)
+
+
 def test_generate_is_deterministic_and_replaces_atomically(tmp_path):
     a = generate(models(), TinyTarget(), tmp_path / "a", percentile=0.5, device="cpu")
     b = generate(models(), TinyTarget(), tmp_path / "b", percentile=0.5, device="cpu")

@@ -9,6 +9,10 @@ Percentile, as both originals compute it ("nearest rank"): sort the n confidence
 round(n * percentile), round half to even (numpy's np.round, Python's round). The originals index out of range
 when that rounds to n (e.g. n = 1, percentile 0.66); we clip the index to n - 1. Classes never predicted get
 `cap` (the originals use 0; no pixel is ever compared against it).
+
+A fixed `threshold` instead (CPSL's stages 2 and 3: confidence >= 0.95, `--threshold 0.95`) keeps exactly the
+pixels whose confidence reaches it, in every class: a percentile-1.0 threshold capped at 0.95 would keep each
+class's most confident pixel even below 0.95.
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 
 def generate(models: list[nn.Module], dataset: Dataset, out_dir: str | Path, percentile: float = 0.5,
              cap: float = 0.9, device: torch.device | str = "cpu", source_desc: dict | None = None,
-             num_workers: int = 0) -> dict[str, Any]:
+             num_workers: int = 0, threshold: float | None = None) -> dict[str, Any]:
     """Pseudo-label a target train set with one model or an ensemble (mean softmax); write a label folder.
 
     Items of `dataset`: {"img": float (3, H, W) 0..255, "lbl": (H, W) (only its size is used: the output
@@ -124,13 +128,19 @@ def generate(models: list[nn.Module], dataset: Dataset, out_dir: str | Path, per
     pixels predicted per class and keeps the confidences below `cap` (4 bytes each; the thresholds need only
     those, see `_nearest_rank`), the second writes uint8 train-id PNGs under out_dir/gtFine/... and
     out_dir/manifest.json. The models are moved to `device` and set to eval mode. Written into a temporary
-    sibling folder, then moved into place. Returns the manifest.
+    sibling folder, then moved into place. Returns the manifest. With a fixed `threshold` (percentile and cap
+    unused): one pass, every pixel with confidence < threshold becomes 255.
     """
     _check(percentile, cap)
+    if threshold is not None and not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     device = torch.device(device)
     out_dir = Path(out_dir)
     for m in models:
         m.to(device).eval()
+    if threshold is not None:
+        return _write(models, dataset, out_dir, device, num_workers, None, threshold, source_desc,
+                      {"threshold": threshold})
     counts: Tensor | None = None  # (C,) pixels predicted per class
     below_pred: list[Tensor] = []  # per image: (n_i,) uint8 classes of the pixels with conf < cap
     below_conf: list[Tensor] = []  # (n_i,) float32 their confidences
@@ -148,25 +158,41 @@ def generate(models: list[nn.Module], dataset: Dataset, out_dir: str | Path, per
     thresholds = torch.tensor([_nearest_rank(all_conf[all_pred == c], int(counts[c]), percentile, cap)
                                for c in range(len(counts))], dtype=torch.float32)  # (C,)
     del all_pred, all_conf
+    rule = {"percentile": percentile, "cap": cap,
+            "percentile_method": "nearest rank: ascending sort, index round_half_even(n * percentile), "
+                                 "clipped to n - 1 (BDL / FDA)"}
+    return _write(models, dataset, out_dir, device, num_workers, thresholds, None, source_desc, rule)
 
+
+def _write(models: list[nn.Module], dataset: Dataset, out_dir: Path, device: torch.device, num_workers: int,
+           thresholds: Tensor | None, fixed: float | None, source_desc: dict | None, rule: dict) -> dict[str, Any]:
+    """The writing pass: class-wise `thresholds` (C,), or one `fixed` threshold for every class."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    kept = torch.zeros_like(counts)
+    counts: Tensor | None = None  # (C,) pixels predicted per class
+    kept: Tensor | None = None  # (C,) pixels kept per class
     n_images = 0
     try:
-        for name, conf, pred, _ in _predictions(models, dataset, device, num_workers):
+        for name, conf, pred, num_classes in _predictions(models, dataset, device, num_workers):
+            if thresholds is None:
+                thresholds = torch.full((num_classes,), float(fixed), dtype=torch.float32)
+            if counts is None or kept is None:
+                counts = torch.zeros(num_classes, dtype=torch.int64)
+                kept = torch.zeros(num_classes, dtype=torch.int64)
+            counts += torch.bincount(pred.flatten().cpu(), minlength=num_classes)
             lbl = mask_below(conf, pred, thresholds).cpu()  # (H, W) int64, 255 = below threshold
-            kept += torch.bincount(lbl[lbl != IGNORE], minlength=len(counts))
+            kept += torch.bincount(lbl[lbl != IGNORE], minlength=num_classes)
             path = tmp / label_path(name)
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(lbl.numpy().astype(np.uint8)).save(path)
             n_images += 1
+        if counts is None or kept is None or thresholds is None:
+            raise ValueError("pseudo-labels: the dataset is empty")
         total = int(counts.sum())
         manifest = {
             "format": 1,
             "model": source_desc or {},
-            "percentile": percentile,
-            "cap": cap,
+            **rule,
             "num_classes": len(counts),
             "thresholds": [float(t) for t in thresholds],
             "num_images": n_images,
@@ -174,8 +200,6 @@ def generate(models: list[nn.Module], dataset: Dataset, out_dir: str | Path, per
             "pixels_predicted_per_class": [int(c) for c in counts],
             "pixels_kept_per_class": [int(c) for c in kept],
             "ignored_fraction": 1.0 - int(kept.sum()) / max(total, 1),
-            "percentile_method": "nearest rank: ascending sort, index round_half_even(n * percentile), "
-                                 "clipped to n - 1 (BDL / FDA)",
             "probs": "mean softmax of the models, bilinear (align_corners) upsampled to the label size",
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -139,8 +139,8 @@ class Stylized(torch.utils.data.Dataset):
 
 
 def pseudo_labels(checkpoints: list[Path], out: Path, percentile: float = 0.5, cap: float = 0.9,
-                  stylize_beta: float | None = None, weights: str = "model", device: str = "cpu"
-                  ) -> dict[str, Any]:
+                  stylize_beta: float | None = None, weights: str = "model", device: str = "cpu",
+                  threshold: float | None = None) -> dict[str, Any]:
     """Class-wise thresholded pseudo-labels of the target train set from one model or an ensemble (mean
     softmax: FDA-MBT). With `stylize_beta`, predictions are made on target images FDA-stylized toward the
     source (seed 003's pseudo-labels)."""
@@ -159,7 +159,7 @@ def pseudo_labels(checkpoints: list[Path], out: Path, percentile: float = 0.5, c
     desc = {"checkpoints": [str(c) for c in checkpoints], "weights": weights, "stylize_beta": stylize_beta,
             "target_root": cfg.data.target_root}
     return generate([m for _, m in loaded], ds, out, percentile=percentile, cap=cap, device=device,
-                    source_desc=desc)
+                    source_desc=desc, threshold=threshold)
 
 
 class Ensemble(torch.nn.Module):

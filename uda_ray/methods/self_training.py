@@ -1,9 +1,11 @@
 """Self-training on class-wise thresholded pseudo-labels: BDL's SSL round (Li et al., "Bidirectional Learning
 for Domain Adaptation of Semantic Segmentation", CVPR 2019) and FDA-MBT's (Yang & Soatto, CVPR 2020).
 
-Source CE + lambda_tgt * target CE on the pseudo-labels (255 ignored) + optional lambda_ent * ADVENT entropy
-+ optional lambda_adv * AdaptSegNet's adversarial term (seed 000 self-trains with it). The pseudo-labels come
-from `uda_ray.pseudo_labels.generate`; the loop loads their folder as the target labels.
+Source CE + lambda_tgt * target CE on the pseudo-labels (255 ignored) + optional lambda_ent * an entropy of the
+target predictions (ADVENT's, or FDA's Charbonnier entropy, which FDA's self-training round SStrain.py keeps:
+source CE + pseudo-label CE + entW * Charbonnier entropy of the pseudo-labelled target) + optional lambda_adv *
+AdaptSegNet's adversarial term (seed 000 self-trains with it). The pseudo-labels come from
+`uda_ray.pseudo_labels.generate`; the loop loads their folder as the target labels.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from uda_ray.config import OptimConfig
 from uda_ray.data.labels import IGNORE
 from uda_ray.errors import ConfigError
 from uda_ray.fda import fda_source_to_target
-from uda_ray.losses import bce_domain, entropy_loss
+from uda_ray.losses import bce_domain, charbonnier_entropy, entropy_loss
 from uda_ray.methods.adversarial import (
     SOURCE,
     Adversarial,
@@ -38,7 +40,9 @@ from uda_ray.models.discriminators import DISCRIMINATORS
 @dataclass(frozen=True)
 class SelfTrainingConfig:
     lambda_tgt: float = 1.0  # target CE on the pseudo-labels
-    lambda_ent: float = 0.0  # ADVENT entropy on target (off by default)
+    lambda_ent: float = 0.0  # entropy on target (off by default)
+    entropy: str = "advent"  # "advent" (mean self-information) | "charbonnier" (FDA's, exponent eta)
+    eta: float = 2.0  # Charbonnier exponent (FDA's ita)
     lambda_adv: float = 0.0  # > 0: AdaptSegNet's adversarial term and its discriminator(s); 0: none built
     lambda_adv_aux: float = 2e-4  # ... on the first aux output (multi_level only)
     discriminator: str = "fc"  # "fc" | "dsc", as in `adversarial`
@@ -50,6 +54,10 @@ class SelfTrainingConfig:
     def __post_init__(self) -> None:
         for name in ("lambda_tgt", "lambda_ent", "lambda_adv", "lambda_adv_aux", "lambda_seg_aux"):
             check_weight(name, getattr(self, name))
+        if self.entropy not in ("advent", "charbonnier"):
+            raise ConfigError(f"method_cfg.entropy must be 'advent' or 'charbonnier', got '{self.entropy}'")
+        if not self.eta > 0.0:
+            raise ConfigError(f"method_cfg.eta must be > 0, got {self.eta}")
         if not 0.0 <= self.fda_beta < 0.5:
             raise ConfigError(f"method_cfg.fda_beta must be in [0, 0.5), got {self.fda_beta}")
         if self.discriminator not in DISCRIMINATORS:
@@ -98,7 +106,12 @@ class SelfTraining(Adversarial):
             ce = pseudo_label_loss(tgt_out, batch.tgt_lbl, self.seg_aux_weights)
             logs["loss/seg_tgt"] = ce.detach()
             loss = cfg.lambda_tgt * ce
-            if cfg.lambda_ent > 0:
+            if cfg.lambda_ent > 0 and cfg.entropy == "charbonnier":
+                # at the native resolution, as FDA computes it before upsampling
+                ent = charbonnier_entropy(F.softmax(tgt_out["out"], dim=1), cfg.eta)
+                logs["loss/ent"] = ent.detach()
+                loss = loss + cfg.lambda_ent * ent
+            elif cfg.lambda_ent > 0:
                 ent = entropy_loss(F.softmax(upsample(tgt_out["out"], size), dim=1))  # in [0, 1]
                 logs["loss/ent"] = ent.detach()
                 loss = loss + cfg.lambda_ent * ent
