@@ -125,7 +125,20 @@ def _fit(tuner: Any, sweep_dir: Path, meta: dict, args: argparse.Namespace) -> i
     print(f"sweep '{sweep_dir.name}' {meta['status'].replace('_', ' ')} in {meta['finished'] - started:.0f}s"
           + (" (since the resume)" if meta.get("resumed") else ""), flush=True)
     _print_best(sweep_dir, top=args.top if hasattr(args, "top") else 5)
+    _print_vs_oracle(sweep_dir, meta)
     return 0
+
+
+def _print_vs_oracle(sweep_dir: Path, meta: dict) -> None:
+    """How the sweep's pick compares with choosing by the test labels (when it has them)."""
+    from uda_ray.results import read_table
+    from uda_ray.trust import pick_vs_oracle
+
+    objective = (meta.get("objective") or [{}])[0]
+    if objective.get("metric"):
+        line = pick_vs_oracle(read_table(sweep_dir / "results", "evals"), objective["metric"], objective["mode"])
+        if line:
+            print(line)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -249,6 +262,81 @@ def cmd_report(args: argparse.Namespace) -> int:
     t0 = time.time()
     write_report(kind, folder, out, predictions=not args.no_predictions)
     print(f"wrote {out} ({kind} {folder.name}, {out.stat().st_size / 1e6:.1f} MB, {time.time() - t0:.1f}s)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# validators / rerun
+
+
+def validators(name: str, storage: str | None = None) -> tuple[list[dict], Path]:
+    """Measure every validator of a sweep, pipeline or run against test mIoU (uda_ray.trust); writes
+    results/validators.parquet beside the other tables and returns (rows, path)."""
+    from uda_ray import trust
+
+    _, results_dir, sources = trust.locate(name, storage_root(storage))
+    rows = trust.validators_table(trust.read_evals(sources))
+    return rows, trust.write_table(results_dir, rows)
+
+
+def cmd_validators(args: argparse.Namespace) -> int:
+    from uda_ray.trust import format_table
+
+    rows, path = validators(args.name, args.storage)
+    print(format_table(rows))
+    print(f"wrote {path}")
+    return 0
+
+
+def rerun(sweep: str, top: int, seeds: int, metric: str | None = None, storage: str | None = None,
+          address: str | None = None, log: Any = print) -> list[dict]:
+    """Retrain the top `top` configurations of a sweep with `seeds` new seeds each (uda_ray.rerun);
+    returns the per-configuration summary (also in results/rerun_summary.parquet)."""
+    from uda_ray import rerun as rr
+    from uda_ray.config import build_experiment
+    from uda_ray.search import check_address, check_resources, init_ray, read_meta
+    from uda_ray.train import fit_run
+
+    root = storage_root(storage)
+    sweep_dir = _sweep_dir(argparse.Namespace(sweep=sweep, storage=storage))
+    meta = read_meta(sweep_dir)
+    objective = (meta.get("objective") or [{"metric": "test/miou", "mode": "max"}])[0]
+    if metric is None:
+        metric, mode = objective["metric"], objective["mode"]
+    else:
+        from uda_ray.metric_names import check_metric, mode_of
+
+        metric = check_metric(metric, "--metric")
+        mode = mode_of(metric)
+    specs = rr.plan(sweep_dir, top, seeds, metric, mode)
+    address = address or os.environ.get("RAY_ADDRESS") or meta.get("address")
+    check_address(address)
+    first = build_experiment(specs[0].experiment, f"sweep {sweep}")
+    data = _resolve_data(first.data, root)  # one line if the sweep's datasets are gone
+    todo = [s for s in specs if not rr.finished(sweep_dir / rr.RERUN_DIR / s.name, s.experiment["train"]["max_steps"])]
+    log(f"rerun of sweep '{sweep}': top {len({s.trial_id for s in specs})} configuration(s) by {metric} ({mode}) "
+        f"x {seeds} seed(s) = {len(specs)} runs ({len(specs) - len(todo)} already complete) under "
+        f"{sweep_dir / rr.RERUN_DIR}")
+    if todo:
+        init_ray(address)
+        check_resources(first.train, 0.0, 1, local=not address)
+
+    def train(spec: rr.RerunSpec, where: Path) -> None:
+        cfg = build_experiment(_with_data(spec.experiment, data), f"rerun {spec.name}")
+        fit_run(cfg, where, spec.name)
+
+    summary = rr.rerun(sweep_dir, specs, train, metric, mode, log=log)
+    return [s for s in summary if s["trial_id"] in {sp.trial_id for sp in specs}]
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    from uda_ray.rerun import format_summary
+
+    summary = rerun(args.sweep, args.top, args.seeds, metric=args.metric, storage=args.storage,
+                    address=args.address)
+    print(format_summary(summary))
+    results = _sweep_dir(args) / "results"
+    print(f"tables: {results / 'reruns.parquet'}, {results / 'rerun_summary.parquet'}")
     return 0
 
 
@@ -379,6 +467,20 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--export", metavar="FILE", help="write the winner as a runnable experiment YAML")
     storage(sp)
     sp.set_defaults(fn=cmd_best)
+
+    sp = sub.add_parser("validators", help="how well each validator tracks test mIoU (Spearman, selection regret)")
+    sp.add_argument("name", help="a sweep, a pipeline or a run")
+    storage(sp)
+    sp.set_defaults(fn=cmd_validators)
+
+    sp = sub.add_parser("rerun", help="retrain a sweep's top configurations with new seeds: mean ± std")
+    sp.add_argument("sweep")
+    sp.add_argument("--top", type=int, default=3, help="configurations to retrain (default 3)")
+    sp.add_argument("--seeds", type=int, default=3, help="new seeds per configuration (default 3)")
+    sp.add_argument("--metric", help="rank configurations by this metric (default: the sweep's objective)")
+    sp.add_argument("--address")
+    storage(sp)
+    sp.set_defaults(fn=cmd_rerun)
 
     sp = sub.add_parser("ls", help="list sweeps")
     storage(sp)

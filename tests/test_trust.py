@@ -1,0 +1,146 @@
+"""Validator trust: Spearman correlation and selection regret against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from uda_ray.trust import RANDOM, measure, rankdata, spearman
+
+# two trials, two evaluations each; C has no test labels and must be ignored
+EVALS = [
+    {"trial_id": "A", "step": 1, "test/miou": 0.30, "uv/entropy": 0.50, "uv/snd": 1.0},
+    {"trial_id": "A", "step": 2, "test/miou": 0.40, "uv/entropy": 0.40, "uv/snd": 2.0},
+    {"trial_id": "B", "step": 1, "test/miou": 0.20, "uv/entropy": 0.45, "uv/snd": 2.0},
+    {"trial_id": "B", "step": 2, "test/miou": 0.35, "uv/entropy": 0.60, "uv/snd": 0.5},
+    {"trial_id": "C", "step": 1, "test/miou": None, "uv/entropy": 0.0, "uv/snd": 9.0},
+]
+
+
+def _rows() -> dict[str, dict]:
+    return {r["validator"]: r for r in measure(EVALS, {"uv/entropy": "min", "uv/snd": "max"})}
+
+
+def test_rankdata_averages_ties():
+    assert rankdata([10, 20, 20, 30]) == [1, 2.5, 2.5, 4]
+    assert rankdata([3, 1, 2]) == [3, 1, 2]
+
+
+def test_spearman_with_ties_matches_hand_computation():
+    # ranks x = 1, 2.5, 2.5, 4; y = 1, 3, 2, 4 -> 4.5 / sqrt(4.5 * 5)
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
+    assert spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))  # constant side: undefined
+    assert math.isnan(spearman([1], [1]))
+
+
+def test_min_mode_validator_is_negated_before_ranking():
+    r = _rows()["uv/entropy"]
+    # scores -0.5, -0.4, -0.45, -0.6 rank 2, 4, 3, 1; test ranks 2, 4, 1, 3: 1 - 6 * 8 / 60
+    assert r["spearman"] == pytest.approx(0.2)
+    assert (r["pick_trial"], r["pick_step"], r["n_tied"]) == ("A", 2, 1)
+    assert r["pick_test"] == pytest.approx(0.40) and r["regret"] == pytest.approx(0.0)
+    assert r["n_checkpoints"] == 4 and r["n_trials"] == 2  # C (no test labels) ignored
+
+
+def test_tied_pick_averages_the_test_metric():
+    r = _rows()["uv/snd"]
+    # score ranks 2, 3.5, 3.5, 1 vs test ranks 2, 4, 1, 3: -0.5 / sqrt(4.5 * 5)
+    assert r["spearman"] == pytest.approx(-0.5 / math.sqrt(22.5))
+    assert (r["pick_trial"], r["pick_step"], r["n_tied"]) == ("A", 2, 2)
+    assert r["pick_test"] == pytest.approx(0.30)  # mean of A@2 (0.40) and B@1 (0.20)
+    assert r["regret"] == pytest.approx(0.10)
+    assert (r["oracle_test"], r["oracle_trial"], r["oracle_step"]) == (0.40, "A", 2)
+
+
+def test_final_variant_ranks_trials_by_their_last_evaluation():
+    for name in ("uv/entropy", "uv/snd"):
+        r = _rows()[name]
+        assert r["spearman_final"] == pytest.approx(1.0)  # A@2 (0.40) above B@2 (0.35) under both
+        assert r["pick_final_trial"] == "A" and r["regret_final"] == pytest.approx(0.0)
+        assert r["oracle_final_test"] == pytest.approx(0.40)
+
+
+def test_random_reference_row_is_the_expected_regret_of_a_uniform_pick():
+    r = _rows()[RANDOM]
+    assert r["regret"] == pytest.approx(0.40 - (0.30 + 0.40 + 0.20 + 0.35) / 4)
+    assert r["regret_final"] == pytest.approx(0.40 - (0.40 + 0.35) / 2)
+    assert math.isnan(r["spearman"])
+
+
+def test_validator_missing_at_some_checkpoints_still_faces_the_full_oracle():
+    evals = [{**e, "uv/im": 1.0 - e["test/miou"]} for e in EVALS if e["test/miou"] is not None]
+    evals[1].pop("uv/im")  # the best checkpoint (A@2) has no value: it cannot be picked
+    r = measure(evals, {"uv/im": "max"})[0]
+    assert r["n_checkpoints"] == 3 and r["spearman"] == pytest.approx(-1.0)
+    assert (r["pick_trial"], r["pick_step"]) == ("B", 1)
+    assert r["regret"] == pytest.approx(0.40 - 0.20)
+
+
+def test_no_test_labels_measures_nothing():
+    assert measure([{"trial_id": "A", "step": 1, "uv/snd": 1.0}], {"uv/snd": "max"}) == []
+
+
+def test_bad_mode_is_rejected():
+    with pytest.raises(ValueError, match="mode"):
+        measure(EVALS, {"uv/snd": "up"})
+
+
+def _write_evals(results_dir, rows) -> None:
+    from uda_ray.results import ResultsWriter
+
+    exp = {"seed": 0, "method": "m", "model": {"name": "x"}, "data": {"source": "s", "target": "t"},
+           "train": {"max_steps": 2}}
+    w = ResultsWriter(results_dir, "s", "uv/snd", "max", 0)
+    for r in rows:
+        w.result(r["trial_id"], exp, {}, {k: v for k, v in r.items() if k != "trial_id"})
+
+
+def test_validators_command_on_a_sweep_prints_and_writes_the_table(tmp_path, capsys):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from uda_ray.cli import main
+
+    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / "sweep.json").write_text(json.dumps({"name": "sw"}))
+    _write_evals(tmp_path / "sw" / "results", [e for e in EVALS if e["test/miou"] is not None])
+    assert main(["validators", "sw", "--storage", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "over 4 checkpoints of 2 trials" in out and "uv/entropy" in out
+    rows = {r["validator"]: r for r in pq.read_table(tmp_path / "sw" / "results" / "validators.parquet").to_pylist()}
+    assert set(rows) == {"uv/entropy", "uv/snd", RANDOM}
+    assert rows["uv/entropy"]["mode"] == "min"  # from the metric registry
+    assert rows["uv/entropy"]["spearman"] == pytest.approx(0.2)
+
+
+def test_validators_command_on_a_pipeline_ranks_every_stage_checkpoint(tmp_path, capsys):
+    from uda_ray.cli import main
+
+    pdir = tmp_path / "pipelines" / "p"
+    for stage in ("A", "B"):
+        _write_evals(pdir / stage / "results",
+                     [{**e, "trial_id": stage} for e in EVALS if e["trial_id"] == stage])
+    assert main(["validators", "p", "--storage", str(tmp_path)]) == 0
+    assert "over 4 checkpoints of 2 trials" in capsys.readouterr().out
+    assert (pdir / "results" / "validators.parquet").is_file()
+
+
+def test_validators_command_unknown_name_is_one_line_exit_2(tmp_path, capsys):
+    from uda_ray.cli import main
+
+    assert main(["validators", "nope", "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown sweep or pipeline 'nope'" in err[0]
+    assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_pick_vs_oracle_line_names_the_pick_the_oracle_and_the_regret():
+    from uda_ray.trust import pick_vs_oracle
+
+    line = pick_vs_oracle(EVALS, "uv/snd", "max")
+    assert "A @ step 2 -> test/miou 30.0, mean over 2 tied" in line
+    assert "oracle: A @ step 2 -> 40.0; regret 10.0 points" in line
+    assert pick_vs_oracle(EVALS, "test/miou", "max") is None  # selecting by the test labels: no comparison
