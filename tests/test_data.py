@@ -186,3 +186,70 @@ def test_cityscapes_pseudo_labels_are_train_ids_and_select_images(tmp_path: Path
     _png(target, np.array([[0, 18], [255, 40]], np.uint8))
     ds = DATASETS["cityscapes"](root, "train", None, pseudo)
     assert len(ds) == 1 and ds[0]["name"] == name and ds[0]["lbl"].tolist() == [[0, 18], [255, 255]]
+
+
+def _gta5_pair(root: Path, n: int = 2) -> Path:
+    ids = np.array([TRAIN_TO_CITYSCAPES_ID[t] for t in range(19)], np.uint8)
+    for i in range(1, n + 1):
+        lbl = _blocks(10 + i, h=40, w=56)
+        _png(root / "images" / f"{i:05d}.png", PALETTE[lbl])
+        _png(root / "labels" / f"{i:05d}.png", ids[lbl])
+    return root
+
+
+@pytest.mark.parametrize("grayscale", [False, True])
+def test_uint8_items_hold_the_float_items_values(tmp_path: Path, grayscale: bool) -> None:
+    from uda_ray.data.loading import _Grayscale
+
+    def tf(uint8: bool) -> object:
+        t = PairTransform(resize=(50, 36), crop=(32, 24), hflip=True, uint8=uint8)
+        return _Grayscale(t) if grayscale else t
+
+    root = _gta5_pair(tmp_path / "gta5")
+    f, u = GTA5(root, tf(False)), GTA5(root, tf(True))
+    for key in [(0, 1), (1, 2), (0, 3)]:
+        a, b = f[key], u[key]
+        assert b["img"].dtype == torch.uint8 and b["lbl"].dtype == torch.uint8
+        assert torch.equal(a["img"], b["img"].float()) and torch.equal(a["lbl"], b["lbl"].long())
+
+
+def test_decoded_cache_gives_the_decoded_items_and_is_not_decoded_again(tmp_path: Path, monkeypatch) -> None:
+    root = _gta5_pair(tmp_path / "gta5")
+    tf = PairTransform(resize=(50, 36), crop=(32, 24), hflip=True, uint8=True)
+    plain, cached = GTA5(root, tf), GTA5(root, tf)
+    cached.cache_dir = tmp_path / "cache"
+    keys = [(i, s) for i in range(2) for s in range(4)]
+    for key in keys:  # the first pass decodes and writes the cache
+        assert torch.equal(plain[key]["img"], cached[key]["img"])
+        assert torch.equal(plain[key]["lbl"], cached[key]["lbl"])
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 2
+
+    def no_decoding(index: int) -> None:
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(cached, "_read", no_decoding)
+    for key in keys:  # the second pass reads the cache only
+        assert torch.equal(plain[key]["img"], cached[key]["img"])
+    other = GTA5(root, PairTransform(resize=(40, 30), crop=(32, 24), uint8=True))
+    other.cache_dir = tmp_path / "cache"
+    assert other[0]["img"].shape == (3, 24, 32)  # another resize is another cache entry
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 3
+
+
+def test_batch_to_device_converts_uint8_to_float_and_int64() -> None:
+    from uda_ray.methods.base import UDABatch
+
+    img = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
+    lbl = torch.tensor([[0, 18, 255]], dtype=torch.uint8)
+    b = UDABatch(src_img=img, src_lbl=lbl, tgt_img=img).to("cpu")
+    assert b.src_img.dtype == torch.float32 and torch.equal(b.src_img, img.float())
+    assert b.src_lbl.dtype == torch.int64 and b.src_lbl.tolist() == [[0, 18, 255]] and b.tgt_lbl is None
+
+
+def test_loader_workers_default_from_the_worker_cpus() -> None:
+    from uda_ray.data.loading import resolve_loader_workers
+
+    assert resolve_loader_workers(-1, 1.0, 2) == 0  # one CPU: load in the training process
+    assert resolve_loader_workers(-1, 0.75, 1) == 0
+    assert resolve_loader_workers(-1, 5.0, 2) == 2  # 4 spare CPUs over source + target
+    assert resolve_loader_workers(3, 1.0, 2) == 3  # an explicit count wins

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from uda_ray.config import ExperimentConfig, ModelConfig, build_experiment, dump_yaml, experiment_dict
-from uda_ray.data.loading import build_datasets, train_loader, val_loader
+from uda_ray.data.loading import build_datasets, resolve_loader_workers, train_loader, val_loader
 from uda_ray.methods import METHODS
 from uda_ray.methods.base import Method, UDABatch, set_lr, upsample
 from uda_ray.metrics import ConfusionMatrix
@@ -173,12 +173,13 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
         cfg = _own_pseudo_labels(cfg, session)
     ds = build_datasets(cfg.data, source=cls.uses_source, target=cls.uses_target or cls.uses_target_labels,
                         target_labels=cls.uses_target_labels)
+    workers = resolve_loader_workers(cfg.data.loader_workers, tc.cpus_per_worker, ("src" in ds) + ("tgt" in ds))
     kw = dict(rank=session.rank, world_size=session.world_size, seed=cfg.seed, start_step=start,
-              workers=cfg.data.loader_workers)
+              workers=workers, pin_memory=device.type == "cuda")
     src_it = train_loader(ds["src"], tc.batch_size, stream=1, **kw) if "src" in ds else None
     tgt_it = train_loader(ds["tgt"], tc.batch_size, stream=2, **kw) if "tgt" in ds else None
     val = val_loader(ds["val"], tc.eval_batch_size, rank=session.rank, world_size=session.world_size,
-                     workers=cfg.data.loader_workers)
+                     workers=workers)
 
     if session.rank == 0:
         session.run_dir.mkdir(parents=True, exist_ok=True)

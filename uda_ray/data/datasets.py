@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -91,6 +93,7 @@ class SegDataset(Dataset):
             raise DatasetError(f"dataset folder {root} has no image/label pairs: expected {layout}")
         self.root, self.image_dir, self.items, self.transform = root, image_dir, items, transform
         self._read_raw, self._lut, self._train_ids = read_raw, lut, train_ids
+        self.cache_dir: Path | None = None  # see `decoded`
 
     def __len__(self) -> int:
         return len(self.items)
@@ -102,19 +105,50 @@ class SegDataset(Dataset):
             return np.where(raw < NUM_CLASSES, raw, IGNORE).astype(np.uint8)
         return self._lut[self._read_raw(path)]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        index, seed = key if isinstance(key, tuple) else (key, 0)
+    def _read(self, index: int) -> tuple[Image.Image, np.ndarray]:
         img_path, lbl_path = self.items[index]
         try:
             with Image.open(img_path) as im:
                 img = im.convert("RGB")
         except OSError as e:
             raise DatasetError(f"cannot read image {img_path}: {e}") from None
-        lbl = self.label(lbl_path)
-        if self.transform is None:
-            x, y = to_tensors(img, lbl)
+        return img, self.label(lbl_path)
+
+    def decoded(self, index: int) -> np.ndarray:
+        """(H, W, 4) uint8, memory-mapped: the transform's `prepare` output (resized image, label as the 4th
+        channel), decoded once into `cache_dir` and read from there afterwards.
+
+        The file's name hashes the image and label paths with their sizes and modification times, the
+        transform's `cache_key()` and the label mapping, so a changed file or setting is decoded again.
+        Written to a temporary name, then renamed: concurrent trials may fill the same cache."""
+        img_path, lbl_path = self.items[index]
+        st_i, st_l = img_path.stat(), lbl_path.stat()
+        key = "|".join(map(str, (img_path, st_i.st_size, st_i.st_mtime_ns, lbl_path, st_l.st_size,
+                                 st_l.st_mtime_ns, self.transform.cache_key(), self._train_ids,
+                                 hashlib.sha1(self._lut.tobytes()).hexdigest())))
+        digest = hashlib.sha1(key.encode()).hexdigest()
+        path = Path(self.cache_dir) / digest[:2] / f"{digest}.npy"
+        if not path.is_file():
+            x, y = self.transform.prepare(*self._read(index))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, np.concatenate([x, y[..., None]], axis=-1))
+            os.replace(tmp, path)
+        return np.load(path, mmap_mode="r")
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, seed = key if isinstance(key, tuple) else (key, 0)
+        img_path = self.items[index][0]
+        if self.cache_dir is not None and getattr(self.transform, "cacheable", False):
+            arr = self.decoded(index)  # (H, W, 4) uint8
+            x, y = self.transform.augment(arr[..., :3], arr[..., 3], np.random.default_rng(seed))
         else:
-            x, y = self.transform(img, lbl, np.random.default_rng(seed))
+            img, lbl = self._read(index)
+            if self.transform is None:
+                x, y = to_tensors(img, lbl)
+            else:
+                x, y = self.transform(img, lbl, np.random.default_rng(seed))
         return {"img": x, "lbl": y, "name": img_path.relative_to(self.image_dir).as_posix()}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,7 +52,7 @@ def prepare(cfg: DataConfig, data_dir: Path | None = None) -> DataConfig:
         src = tgt  # IntraDA: the source is the easy part of the target train set
     return dataclasses.replace(
         cfg, source_root=_abs(src), target_root=_abs(tgt), target_label_root=_abs(cfg.target_label_root),
-        source_label_root=_abs(cfg.source_label_root), ranking=_abs(cfg.ranking),
+        source_label_root=_abs(cfg.source_label_root), ranking=_abs(cfg.ranking), cache_dir=_abs(cfg.cache_dir),
     )
 
 
@@ -87,9 +88,10 @@ def build_datasets(cfg: DataConfig, *, source: bool, target: bool, target_labels
 
     Target train labels are loaded only for methods that use them (oracle, pseudo-labels); with
     `target_label_root` the target labels come from that pseudo-label folder.
+    Training items are uint8 (the loop converts them on its device); with `cache_dir` they are decoded once.
     """
     out: dict[str, Dataset] = {}
-    train_tf = dict(crop=cfg.crop_size, hflip=cfg.hflip, random_width=cfg.random_width)
+    train_tf = dict(crop=cfg.crop_size, hflip=cfg.hflip, random_width=cfg.random_width, uint8=True)
 
     def tf(resize: tuple[int, int] | None) -> Any:
         return input_transform(PairTransform(resize=resize, **train_tf), cfg)
@@ -110,6 +112,10 @@ def build_datasets(cfg: DataConfig, *, source: bool, target: bool, target_labels
                                           tf(cfg.target_size), label_root)
         if hard is not None:
             out["tgt"] = restrict(out["tgt"], hard)
+    if cfg.cache_dir:
+        for key in ("src", "tgt"):
+            if key in out:
+                out[key].cache_dir = Path(cfg.cache_dir)
     out["val"] = DATASETS[cfg.target](Path(cfg.target_root), cfg.val_split,
                                       input_transform(eval_transform(cfg.eval_size or cfg.target_size), cfg))
     return out
@@ -123,6 +129,19 @@ class _Grayscale:
 
     def __call__(self, img: Any, lbl: Any, rng: Any = None) -> Any:
         return self.inner(img.convert("L").convert("RGB"), lbl, rng)
+
+    def prepare(self, img: Any, lbl: Any) -> Any:
+        return self.inner.prepare(img.convert("L").convert("RGB"), lbl)
+
+    def augment(self, img: Any, lbl: Any, rng: Any) -> Any:
+        return self.inner.augment(img, lbl, rng)
+
+    def cache_key(self) -> str:
+        return self.inner.cache_key() + "|grayscale"
+
+    @property
+    def cacheable(self) -> bool:
+        return self.inner.cacheable
 
 
 def input_transform(tf: Any, cfg: DataConfig) -> Any:
@@ -165,12 +184,22 @@ class StepBatches(Sampler[list[tuple[int, int]]]):
         return 2**62
 
 
+def resolve_loader_workers(loader_workers: int, cpus_per_worker: float, streams: int) -> int:
+    """DataLoader processes per stream: `loader_workers`, or with -1 the CPUs a training worker owns beyond
+    its own main process, split over its `streams` training data streams."""
+    if loader_workers >= 0:
+        return loader_workers
+    return max(0, math.floor(cpus_per_worker) - 1) // max(1, streams)
+
+
 def train_loader(ds: Dataset, batch_size: int, *, rank: int, world_size: int, seed: int, start_step: int,
-                 stream: int, workers: int) -> Iterator[dict]:
+                 stream: int, workers: int, pin_memory: bool = False) -> Iterator[dict]:
+    """Batches for steps start_step, start_step + 1, ... (persistent worker processes, pinned memory on a
+    GPU so that the copies to it can be asynchronous)."""
     sampler = StepBatches(len(ds), batch_size, rank=rank, world_size=world_size, seed=seed,
                           start_step=start_step, stream=stream)
-    return iter(DataLoader(ds, batch_sampler=sampler, num_workers=workers,
-                           persistent_workers=workers > 0))
+    return iter(DataLoader(ds, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                           persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None))
 
 
 def val_loader(ds: Dataset, batch_size: int, *, rank: int, world_size: int, workers: int) -> DataLoader:
