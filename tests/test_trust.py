@@ -144,3 +144,16 @@ def test_pick_vs_oracle_line_names_the_pick_the_oracle_and_the_regret():
     assert "A @ step 2 -> test/miou 30.0, mean over 2 tied" in line
     assert "oracle: A @ step 2 -> 40.0; regret 10.0 points" in line
     assert pick_vs_oracle(EVALS, "test/miou", "max") is None  # selecting by the test labels: no comparison
+
+
+def test_markdown_report_puts_the_validator_selected_test_miou_beside_the_oracle(tmp_path):
+    from uda_ray.results import markdown_report
+
+    _write_evals(tmp_path / "run" / "results", [
+        {"trial_id": "run", "step": 2, "test/miou": 0.30, "test/pixel_acc": 0.7, "uv/snd": 0.9},
+        {"trial_id": "run", "step": 4, "test/miou": 0.40, "test/pixel_acc": 0.8, "uv/snd": 0.1}])
+    md = markdown_report("t", [("run", tmp_path / "run")], selection="uv/snd")
+    assert "| selected by uv/snd: test mIoU (step) | oracle: best test mIoU (step) |" in md
+    assert "| run | m | x | 4 | 30.0 (2) | 40.0 (4) | 40.0 |" in md
+    md = markdown_report("t", [("run", tmp_path / "run")], selection="uv/entropy")
+    assert "| 4 | - | 40.0 (4) |" in md  # no uv/entropy in these tables: said, not invented

@@ -254,14 +254,20 @@ def best_trials(results_dir: Path, metric: str | None = None, mode: str | None =
     return out[:top]
 
 
-def markdown_report(title: str, run_dirs: list[tuple[str, Path]], note: str = "") -> str:
-    """A markdown table of runs (label, folder holding results/) built from their Parquet tables:
-    best and final val mIoU (in %), pixel accuracy, model cost, and per-class IoU at the best step."""
+def markdown_report(title: str, run_dirs: list[tuple[str, Path]], note: str = "", selection: str | None = None) -> str:
+    """A markdown table of runs (label, folder holding results/) built from their Parquet tables: the test
+    mIoU (in %) of the checkpoint `selection` picks (default: metric_names.DEFAULT_SELECTION; a label-free
+    validator) beside the test-label oracle's (the best test mIoU of the run), the final test mIoU, pixel
+    accuracy, model cost, and per-class IoU at the oracle's step."""
     from uda_ray.data.labels import CLASSES
+    from uda_ray.metric_names import DEFAULT_SELECTION, mode_of
 
+    selection = selection or DEFAULT_SELECTION
+    pick = max if mode_of(selection) == "max" else min
     lines = [f"# {title}", "", note, ""] if note else [f"# {title}", ""]
-    lines += ["| run | method | model | steps | best mIoU (step) | final mIoU | pixel acc | GFLOPs |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| run | method | model | steps | selected by {selection}: test mIoU (step) | "
+              "oracle: best test mIoU (step) | final mIoU | pixel acc | GFLOPs |",
+              "|---|---|---|---|---|---|---|---|---|"]
     per_class = []
     for label, d in run_dirs:
         trials = read_table(d / "results", "trials")
@@ -273,14 +279,18 @@ def markdown_report(title: str, run_dirs: list[tuple[str, Path]], note: str = ""
             continue
         best = max(evals, key=lambda e: e["test/miou"])
         last = max(evals, key=lambda e: e["step"])
-        lines.append(f"| {label} | {t['method']} | {t['model']} | {last['step']} | "
+        scored = [e for e in evals if e.get(selection) is not None and e[selection] == e[selection]]
+        chosen = pick(scored, key=lambda e: e[selection]) if scored else None
+        sel = f"{100 * chosen['test/miou']:.1f} ({chosen['step']})" if chosen else "-"
+        lines.append(f"| {label} | {t['method']} | {t['model']} | {last['step']} | {sel} | "
                      f"{100 * best['test/miou']:.1f} ({best['step']}) | {100 * last['test/miou']:.1f} | "
                      f"{100 * last['test/pixel_acc']:.1f} | {last.get('model/gflops') or float('nan'):.2f} |")
         ious = {r["class_name"]: r["iou"] for r in read_table(d / "results", "class_iou")
                 if r["step"] == best["step"]}
         per_class.append((label, ious))
     if per_class:
-        lines += ["", "Per-class IoU (%) at each run's best step (- = class absent from labels and predictions):", "",
+        lines += ["", "Per-class IoU (%) at each run's best test step (- = class absent from labels and predictions):",
+                  "",
                   "| run | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES)]
         for label, ious in per_class:
             cells = [f"{100 * ious[c]:.0f}" if ious.get(c) is not None and ious[c] == ious[c] else "-"
