@@ -45,7 +45,9 @@ def make_batch(seed: int = 0, b: int = 2, h: int = 16, w: int = 24, num_classes:
     # colour encodes class a little, so learning is possible
     src = torch.rand(b, 3, h, w, generator=g) * 60 + lbl.clamp(max=num_classes).unsqueeze(1) * 30.0
     tgt = torch.rand(b, 3, h, w, generator=g) * 60 + tlbl.unsqueeze(1) * 25.0 + 20
-    return UDABatch(src_img=src, src_lbl=lbl, tgt_img=tgt, tgt_lbl=tlbl)
+    hlbl = torch.randint(0, num_classes, (b, h, w), generator=g)  # a second, held-out source batch
+    held = torch.rand(b, 3, h, w, generator=g) * 60 + hlbl.unsqueeze(1) * 30.0
+    return UDABatch(src_img=src, src_lbl=lbl, tgt_img=tgt, tgt_lbl=tlbl, src_img_held=held, src_lbl_held=hlbl)
 
 
 @pytest.fixture

@@ -32,7 +32,8 @@ def train_slices(make: Callable, collect: Callable, rank: int, world: int, steps
     sl = slice(rank * per, (rank + 1) * per)
     for step in range(steps):
         full = make_batch(step, b=batch)
-        m.train_step(UDABatch(full.src_img[sl], full.src_lbl[sl], full.tgt_img[sl], full.tgt_lbl[sl]), step)
+        m.train_step(UDABatch(full.src_img[sl], full.src_lbl[sl], full.tgt_img[sl], full.tgt_lbl[sl],
+                              full.src_img_held[sl], full.src_lbl_held[sl]), step)
     return [t.detach().clone() for t in collect(m)]
 
 

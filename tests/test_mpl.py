@@ -12,7 +12,7 @@ from tests.conftest import NUM_CLASSES, TinySeg, make_batch
 from tests.ddp import assert_ddp_matches_one_worker
 from uda_ray.config import OptimConfig, build
 from uda_ray.errors import ConfigError
-from uda_ray.methods.base import upsample
+from uda_ray.methods.base import UDABatch, upsample
 from uda_ray.methods.mpl import MPL, MPLConfig, mpl_teacher_term
 
 OPTIM = OptimConfig(name="sgd", lr=1e-2, momentum=0.9, weight_decay=1e-4)
@@ -128,3 +128,60 @@ def test_two_worker_ddp_matches_one_worker_for_student_teacher_and_baseline():
     assert_ddp_matches_one_worker(_make_mpl_wrapped, _student_teacher, steps=2)
     # 0.01 * (ce_old - ce_new): float32 cancellation, so an absolute tolerance on a ~1e-3 value
     assert_ddp_matches_one_worker(_make_mpl_wrapped, _baseline, steps=2, atol=1e-8)
+
+
+class TinySegBN(TinySeg):
+    """TinySeg with BatchNorm (train and eval mode differ, running statistics count updates)."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__(num_classes)
+        self.body[1] = torch.nn.BatchNorm2d(8)
+
+
+def test_reward_is_measured_on_the_held_out_source_batch_in_eval_mode():
+    from uda_ray.methods.mpl import global_ce
+
+    torch.manual_seed(0)
+    m = MPL(TinySegBN(), MPLConfig(), OPTIM, num_classes=NUM_CLASSES, model_factory=TinySegBN)
+    batch = make_batch(0)
+    before = copy.deepcopy(m.model_raw).eval()
+    bn = m.model_raw.body[1]
+    tracked = int(bn.num_batches_tracked)
+    logs = m.train_step(batch, 0)
+    with torch.no_grad():
+        ce_old = global_ce(before(batch.src_img_held)["out"], batch.src_lbl_held)
+        ce_new = global_ce(copy.deepcopy(m.model_raw).eval()(batch.src_img_held)["out"], batch.src_lbl_held)
+        on_train_batch = global_ce(before(batch.src_img)["out"], batch.src_lbl)
+    torch.testing.assert_close(logs["mpl/ce_old"], ce_old)
+    torch.testing.assert_close(logs["mpl/ce_new"], ce_new)
+    assert abs(logs["mpl/ce_old"].item() - on_train_batch.item()) > 1e-4  # not the batch it trained on
+    # BatchNorm saw exactly the two training forwards (target, source): the measuring forwards left it alone
+    assert int(bn.num_batches_tracked) == tracked + 2
+    assert m.model_raw.training
+
+
+def test_mpl_without_a_held_out_batch_is_an_error():
+    b = make_batch(0)
+    with pytest.raises(ValueError, match="held-out"):
+        make_mpl().train_step(UDABatch(b.src_img, b.src_lbl, b.tgt_img), 0)
+
+
+def test_the_loop_gives_mpl_a_held_out_batch_of_other_source_images(tmp_path, synth_root, monkeypatch):
+    from tests.conftest import tiny_experiment
+    from uda_ray.config import build_experiment
+    from uda_ray.train import LocalSession, fit
+
+    seen = []
+    original = MPL.train_step
+
+    def spy(self, batch, step):
+        seen.append((batch.src_img.clone(), batch.src_img_held.clone(), batch.src_lbl_held.clone()))
+        return original(self, batch, step)
+
+    monkeypatch.setattr(MPL, "train_step", spy)
+    cfg = build_experiment(tiny_experiment(synth_root, method="mpl", **{"train.max_steps": 2}))
+    fit(cfg, LocalSession(tmp_path / "run"))
+    assert len(seen) == 2
+    for src, held, lbl in seen:
+        assert held.shape == src.shape and lbl.shape == held.shape[:1] + held.shape[2:]
+        assert not torch.equal(src, held)

@@ -178,6 +178,7 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
               workers=workers, pin_memory=device.type == "cuda")
     src_it = train_loader(ds["src"], tc.batch_size, stream=1, **kw) if "src" in ds else None
     tgt_it = train_loader(ds["tgt"], tc.batch_size, stream=2, **kw) if "tgt" in ds else None
+    held_it = train_loader(ds["src"], tc.batch_size, stream=3, **kw) if cls.uses_held_out_source else None
     val = val_loader(ds["val"], tc.eval_batch_size, rank=session.rank, world_size=session.world_size,
                      workers=workers)
 
@@ -202,7 +203,11 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
             src_img=s["img"] if s else None, src_lbl=s["lbl"] if s else None,
             tgt_img=t["img"] if t else None,
             tgt_lbl=t["lbl"] if (t and cls.uses_target_labels) else None,
-        ).to(device)
+        )
+        if held_it is not None:
+            h = next(held_it)
+            batch.src_img_held, batch.src_lbl_held = h["img"], h["lbl"]
+        batch = batch.to(device)
         losses = method.train_step(batch, step)
         for k, v in losses.items():
             val_ = float(v)

@@ -31,6 +31,9 @@ class UDABatch:
     src_lbl: Tensor | None = None
     tgt_img: Tensor | None = None
     tgt_lbl: Tensor | None = None  # oracle / pseudo-labels only
+    # a second source batch, other images than src_img's (methods with uses_held_out_source: MPL's reward)
+    src_img_held: Tensor | None = None
+    src_lbl_held: Tensor | None = None
 
     def to(self, device: torch.device | str) -> UDABatch:
         """On `device`, images float32 and labels int64 there: uint8 batches (a quarter of the bytes) are
@@ -39,7 +42,8 @@ class UDABatch:
             return None if t is None else t.to(device, non_blocking=True).to(dtype)
 
         return UDABatch(move(self.src_img, torch.float32), move(self.src_lbl, torch.int64),
-                        move(self.tgt_img, torch.float32), move(self.tgt_lbl, torch.int64))
+                        move(self.tgt_img, torch.float32), move(self.tgt_lbl, torch.int64),
+                        move(self.src_img_held, torch.float32), move(self.src_lbl_held, torch.int64))
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,7 @@ class Method:
     uses_source: ClassVar[bool] = True  # the loop loads source batches
     uses_target: ClassVar[bool] = True  # the loop loads target train images
     uses_target_labels: ClassVar[bool] = False  # oracle or pseudo-labels
+    uses_held_out_source: ClassVar[bool] = False  # the loop also loads src_img_held / src_lbl_held
 
     def __init__(self, model: nn.Module, cfg: Any, optim: OptimConfig, *, num_classes: int,
                  wrap: Wrap | None = None, device: torch.device | str = "cpu",

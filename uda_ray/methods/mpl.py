@@ -4,8 +4,9 @@ per-pixel design below is ours.
 
 One step:
  1. the teacher labels the target pixels: y_hat = argmax (or a sample) of its softmax, (B, H, W);
- 2. the student takes one step on CE(student(tgt), y_hat) + student_source_weight * CE(student(src), y_src),
-    its source CE (main head) measured before (ce_old) and after (ce_new) that step;
+ 2. the student takes one step on CE(student(tgt), y_hat) + student_source_weight * CE(student(src), y_src);
+    its CE (main head) on a HELD-OUT source batch (other images than src, drawn by the loop from its own
+    stream) is measured before (ce_old) and after (ce_new) that step, with the student in eval mode;
  3. reward = (ce_old - ce_new) - baseline, baseline = moving average of the raw ce_old - ce_new;
  4. the teacher steps on CE_teacher(src, y_src) + reward * CE(teacher(tgt), y_hat) (+ lambda_uda * UDA).
 
@@ -25,9 +26,14 @@ good as the student's); teacher optimizer = the experiment's kind with `teacher_
 under the loop's poly schedule; student_source_weight 1.0 (seed 000: the student learns from pseudo-labels
 AND source labels; the paper's student learns from the teacher only: 0.0). With source CE in the student's
 step the student improves on source every step; the moving-average baseline removes that drift from the
-reward. The
-baseline starts at 0 and is the average BEFORE this step's update. Under DDP the source CEs are all-reduced
-(sum and pixel count), so the reward is the global one on every worker. eval_model() is the student.
+reward. The reward's measurement (our choice): on the student's own training batch, the reward would also
+credit the step for fitting those very images (its source CE term lowers their CE), and a second train-mode
+forward would update BatchNorm's running statistics once more per step. A held-out batch measures what the
+teacher's labels did for the student on labeled data it did not just train on, and eval mode makes both
+measuring forwards side-effect free (BatchNorm uses, and keeps, its running statistics), so ce_old - ce_new is
+the step's effect alone. The baseline starts at 0 and is the average BEFORE this step's update. Under DDP the
+held-out CEs are all-reduced (sum and pixel count), so the reward is the global one on every worker.
+eval_model() is the student.
 """
 
 from __future__ import annotations
@@ -119,6 +125,7 @@ class MPL(Method):
     """Meta Pseudo Labels, per pixel: the teacher is rewarded by the student's source improvement."""
 
     Config = MPLConfig
+    uses_held_out_source = True
 
     def __init__(self, model: nn.Module, cfg: MPLConfig, optim: OptimConfig, **kwargs: Any) -> None:
         super().__init__(model, cfg, optim, **kwargs)
@@ -140,12 +147,26 @@ class MPL(Method):
         flat = F.softmax(t_logits.float(), dim=1).permute(0, 2, 3, 1).reshape(-1, t_logits.shape[1])
         return torch.multinomial(flat, 1).view(t_logits.shape[0], *t_logits.shape[2:])
 
+    @torch.no_grad()
+    def _held_out_ce(self, batch: UDABatch) -> Tensor:
+        """Global CE of the student (main head, eval mode: BatchNorm's running statistics, none updated) on the
+        held-out source batch."""
+        was_training = self.model_raw.training
+        self.model_raw.eval()
+        try:
+            return global_ce(self.model_raw(batch.src_img_held)["out"], batch.src_lbl_held)
+        finally:
+            self.model_raw.train(was_training)
+
     def _student_step(self, batch: UDABatch, pseudo: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """One student update; returns (ce_old, ce_new, logs): global source CEs before and after it."""
+        """One student update; returns (ce_old, ce_new, logs): global held-out source CEs before and after it."""
+        if batch.src_img_held is None or batch.src_lbl_held is None:
+            raise ValueError("mpl measures its reward on a held-out source batch (UDABatch.src_img_held / "
+                             "src_lbl_held; the training loop supplies it)")
         w = self.cfg.student_source_weight
+        ce_old = self._held_out_ce(batch)
         self.opt.zero_grad(set_to_none=True)
         logs: dict[str, Tensor] = {}
-        src_logits: list[Tensor] = []
 
         def target_loss() -> Tensor:
             loss = seg_loss(self.model(batch.tgt_img), pseudo, self.aux_weights)
@@ -154,21 +175,15 @@ class MPL(Method):
 
         if w > 0:
             def source_loss() -> Tensor:
-                out = self.model(batch.src_img)
-                src_logits.append(out["out"].detach())  # (B, C, h, w): ce_old at the current weights
-                loss = seg_loss(out, batch.src_lbl, self.aux_weights)
+                loss = seg_loss(self.model(batch.src_img), batch.src_lbl, self.aux_weights)
                 logs["loss/seg_src_student"] = loss.detach()
                 return w * loss
 
             backward_first_then_last(self.model, target_loss, source_loss)
         else:
-            with torch.no_grad():
-                src_logits.append(self.model(batch.src_img)["out"])
             target_loss().backward()  # pseudo-label CE reaches every head (aux included)
-        ce_old = global_ce(src_logits[0], batch.src_lbl)
         self.opt.step()
-        with torch.no_grad():  # same (train) mode as ce_old, so the difference is the step's effect
-            ce_new = global_ce(self.model(batch.src_img)["out"], batch.src_lbl)
+        ce_new = self._held_out_ce(batch)  # same batch, same (eval) mode: the difference is the step's effect
         return ce_old, ce_new, logs
 
     def train_step(self, batch: UDABatch, step: int) -> dict[str, Tensor]:
