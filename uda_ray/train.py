@@ -25,8 +25,9 @@ from torch import nn
 
 from uda_ray.config import ExperimentConfig, ModelConfig, build_experiment, dump_yaml, experiment_dict
 from uda_ray.data.loading import build_datasets, resolve_loader_workers, train_loader, val_loader
+from uda_ray.loop import LossLog, NonFiniteLoss, train_step
 from uda_ray.methods import METHODS
-from uda_ray.methods.base import Method, UDABatch, set_lr, upsample
+from uda_ray.methods.base import Method, upsample
 from uda_ray.metrics import ConfusionMatrix
 from uda_ray.models import MODELS
 from uda_ray.stages import METRICS_FILE
@@ -54,9 +55,17 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 def build_method(cfg: ExperimentConfig, wrap: Callable | None, device: torch.device | str) -> Method:
     cls = METHODS[cfg.method]
-    return cls(build_model(cfg.model), cfg.method_cfg, cfg.optim, num_classes=cfg.model.num_classes,
-               wrap=wrap, device=device, model_factory=lambda: build_model(cfg.model),
-               max_steps=cfg.train.max_steps)
+
+    def segmenter() -> nn.Module:
+        model = build_model(cfg.model)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if cfg.train.compile:
+            model.compile()  # in place: the module, its type and its state_dict keys stay the same
+        return model
+
+    return cls(segmenter(), cfg.method_cfg, cfg.optim, num_classes=cfg.model.num_classes,
+               wrap=wrap, device=device, model_factory=segmenter, max_steps=cfg.train.max_steps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,42 +199,29 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
         h, w = ds["val"][0]["img"].shape[-2:]
         profile = model_profile(method.eval_model(), (int(h), int(w)), device)
 
-    sums: dict[str, float] = {}  # per loss: sum and count since the last report (some losses skip steps)
-    counts: dict[str, int] = {}
+    losses = LossLog()  # per-step losses stay on the device until the loop logs
     n_sum, t0, t_last = 0, time.time(), time.time()
     metrics: dict[str, float] = {}
     for step in range(start, tc.max_steps):
-        for opt in method.optimizers:
-            set_lr(opt, step, cfg.poly_horizon)
         s = next(src_it) if src_it else None
         t = next(tgt_it) if tgt_it else None
-        batch = UDABatch(
-            src_img=s["img"] if s else None, src_lbl=s["lbl"] if s else None,
-            tgt_img=t["img"] if t else None,
-            tgt_lbl=t["lbl"] if (t and cls.uses_target_labels) else None,
-        )
-        if held_it is not None:
-            h = next(held_it)
-            batch.src_img_held, batch.src_lbl_held = h["img"], h["lbl"]
-        batch = batch.to(device)
-        losses = method.train_step(batch, step)
-        for k, v in losses.items():
-            val_ = float(v)
-            if not np.isfinite(val_):
-                _mark_divergence(session.run_dir, step, k, digest)
-                raise FloatingPointError(f"{k} became {val_} at step {step} (learning rate too high?)")
-            sums[k] = sums.get(k, 0.0) + val_
-            counts[k] = counts.get(k, 0) + 1
+        h = next(held_it) if held_it is not None else None
+        losses.add(step, train_step(method, s, t, step, cfg.poly_horizon, device, tc.amp, held=h))
         n_sum += 1
 
         done = step + 1
         if done % tc.eval_every == 0 or done == tc.max_steps:
+            try:
+                train_avg = losses.averages()  # the one device -> host copy of the losses
+            except NonFiniteLoss as e:
+                _mark_divergence(session.run_dir, e.step, e.key, digest)
+                raise
             ev = evaluate(method.eval_model(), val, cfg.model.num_classes, device)
             now = time.time()
             metrics = {
                 "step": done,
                 **{f"test/{k}": v for k, v in ev.items()},
-                **{f"train/{k}": v / counts[k] for k, v in sums.items()},
+                **{f"train/{k}": v for k, v in train_avg.items()},
                 "train/lr": method.optimizers[0].param_groups[0]["lr"],
                 "time/elapsed_s": now - t0,
                 "time/step_s": (now - t_last) / max(n_sum, 1),
@@ -233,7 +229,7 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
                 **restart,  # on the first evaluation after a restart only
             }
             restart = {}
-            sums, counts, n_sum, t_last = {}, {}, 0, now
+            n_sum, t_last = 0, now
             rng = _gather(_rng_state(), session.world_size)
             tmp = Path(tempfile.mkdtemp(prefix="uda_ray_ckpt_")) if session.rank == 0 else None
             try:

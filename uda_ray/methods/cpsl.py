@@ -260,7 +260,8 @@ class FeatureQueue(nn.Module):
         size = self.feat.shape[0]
         feat, logit, label = feat[-size:], logit[-size:], label[-size:]  # (n, ...) newest last
         idx = (int(self.ptr) + torch.arange(feat.shape[0], device=feat.device)) % size
-        self.feat[idx], self.logit[idx], self.label[idx] = feat, logit, label
+        self.feat[idx], self.logit[idx] = feat.to(self.feat.dtype), logit.to(self.logit.dtype)  # float32 under amp
+        self.label[idx] = label
         self.ptr.fill_((int(self.ptr) + feat.shape[0]) % size)
         self.count.fill_(min(int(self.count) + feat.shape[0], size))
 
@@ -325,7 +326,7 @@ class CPSL(Method):
         sums = all_reduce_(onehot.t() @ z.permute(0, 2, 3, 1).flatten(0, 2))  # (C, D)
         new = ~p.seen & (counts >= MIN_PIXELS)
         if bool(new.any()):
-            means = F.normalize(sums[new] / counts[new, None], dim=1)
+            means = F.normalize(sums[new] / counts[new, None], dim=1).to(p.weight.dtype)  # float32 under amp
             p.weight.data[new], p.ema[new] = means, means
             p.seen |= new
 
