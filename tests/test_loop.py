@@ -73,8 +73,9 @@ def test_a_non_finite_loss_is_named_with_its_step_when_read():
 def test_bf16_steps_run_on_cpu_for_every_method(name):
     m = make_method(name)
     before = [p.detach().clone() for p in m.eval_model().parameters()]
+    held = _items(100)[0] if METHODS[name].uses_held_out_source else None
     for step in range(2):
-        losses = train_step(m, *_items(step), step, 10, torch.device("cpu"), amp="bf16")
+        losses = train_step(m, *_items(step), step, 10, torch.device("cpu"), amp="bf16", held=held)
         assert losses and all(torch.isfinite(v).all() for v in losses.values()), losses
     assert all(p.dtype == torch.float32 for p in m.eval_model().parameters())  # weights stay float32
     assert any(not torch.equal(a, b) for a, b in zip(before, m.eval_model().parameters()))
