@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from tests.conftest import tiny_experiment
@@ -44,6 +45,29 @@ def _table(tmp_path: Path, sweep: str, name: str) -> list[dict]:
     return pq.read_table(tmp_path / "store" / sweep / "results" / f"{name}.parquet").to_pylist()
 
 
+def _assert_study_matches_tables(sweep_dir: Path, trials: list[dict], evals: list[dict]) -> None:
+    """The persisted Optuna study (what optuna-dashboard opens), read back with Optuna's API from its file:
+    one study trial per Tune trial, its state from the table's status, an intermediate value per eval."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(sweep_dir / "optuna_journal.log")))
+    study = optuna.load_study(study_name=sweep_dir.name, storage=storage)
+    run = [t for t in study.trials if "tune_trial_id" in t.user_attrs]
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert sorted(t.user_attrs["tune_trial_id"] for t in run) == sorted(t["trial_id"] for t in trials)
+    state = {"completed": "COMPLETE", "stopped_early": "PRUNED", "errored": "FAIL"}
+    metric = trials[0]["objective"]
+    for ot in run:
+        row = next(t for t in trials if t["trial_id"] == ot.user_attrs["tune_trial_id"])
+        assert ot.state.name == state[row["status"]]
+        mine = {e["step"]: e[metric] for e in evals if e["trial_id"] == row["trial_id"]}
+        assert ot.intermediate_values == pytest.approx(mine)
+        if ot.state.name == "COMPLETE":
+            assert ot.value == pytest.approx(mine[max(mine)])
+
+
 def test_sweep_end_to_end_then_best_export_then_train(tmp_path, synth_root):
     space = _write_space(tmp_path, synth_root, {"train.cpus_per_worker": 0.5},
                          scheduler={"asha": {"grace_period": 2, "reduction_factor": 2}})
@@ -57,6 +81,8 @@ def test_sweep_end_to_end_then_best_export_then_train(tmp_path, synth_root):
     keys = [(e["trial_id"], e["step"]) for e in evals]
     assert len(keys) == len(set(keys)) and all(0 <= e["test/miou"] <= 1 for e in evals)
     assert len(_table(tmp_path, "e2e", "class_iou")) == 19 * len(evals)
+
+    _assert_study_matches_tables(tmp_path / "store" / "e2e", trials, evals)
 
     best = _cli(tmp_path, "best", "e2e", "--top", "1", "--export", str(tmp_path / "best.yaml")).stdout
     assert "wrote" in best
@@ -105,6 +131,7 @@ def test_resume_after_sigkill_runs_every_trial_and_every_eval_exactly_once(tmp_p
     trials = _table(tmp_path, "rs", "trials")
     assert len(trials) == 3 and all(t["status"] == "completed" for t in trials)
     evals = _table(tmp_path, "rs", "evals")
+    _assert_study_matches_tables(tmp_path / "store" / "rs", trials, evals)
     keys = sorted((e["trial_id"], e["step"]) for e in evals)
     assert keys == sorted((t["trial_id"], s) for t in trials for s in range(5, max_steps + 1, 5))
     # the interrupted trial continued from its checkpoint: its early evals were not reported again

@@ -12,10 +12,10 @@ from uda_ray.search import _tune_domains, make_searcher
 from uda_ray.space import load_space
 
 
-def _space(tmp_path: Path, synth_root: Path):
+def _space(tmp_path: Path, synth_root: Path, concurrent: int = 1):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_experiment(synth_root)))  # max_steps 4
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({
-        "base": "base.yaml", "num_samples": 3, "seed": 5,
+        "base": "base.yaml", "num_samples": 3, "seed": 5, "max_concurrent_trials": concurrent,
         "params": {"optim.lr": {"loguniform": [1e-3, 1e-2]}, "train.batch_size": {"int": [1, 2]},
                    "method": {"choice": ["source_only", "target_only"]}}}))
     return load_space(tmp_path / "s.yaml")
@@ -51,3 +51,62 @@ def test_same_seed_same_first_suggestions(tmp_path, synth_root):
 
     assert first(5) == first(5)
     assert first(5) != first(6)
+
+
+def _drive(limiter, tid: str, steps: list[int], value: float, error: bool = False) -> None:
+    limiter.suggest(tid)
+    for st in steps:
+        limiter.on_trial_result(tid, {"test/miou": value * st, "step": st})
+    limiter.on_trial_complete(tid, {"test/miou": value * steps[-1], "step": steps[-1]}, error=error)
+
+
+def test_study_is_persisted_in_the_sweep_folder_with_states_and_intermediate_values(tmp_path, synth_root):
+    from uda_ray.search import STUDY_FILE, load_study
+
+    space = _space(tmp_path, synth_root)
+    sweep_dir = tmp_path / "sw"
+    sweep_dir.mkdir()
+    limiter = make_searcher(space, seed=5, sweep_dir=sweep_dir)
+    limiter.set_search_properties(None, None, _tune_domains(space))
+    _drive(limiter, "full", [2, 4], 0.1)
+    _drive(limiter, "early", [2], 0.1)
+    _drive(limiter, "broken", [2], 0.1, error=True)
+    assert (sweep_dir / STUDY_FILE).is_file()
+    study = load_study(sweep_dir)  # a fresh reader of the file, as optuna-dashboard would be
+    by_tune = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    assert {k: t.state.name for k, t in by_tune.items()} == {"full": "COMPLETE", "early": "PRUNED",
+                                                             "broken": "FAIL"}
+    assert by_tune["full"].intermediate_values == {2: 0.2, 4: 0.4} and by_tune["full"].value == 0.4
+    assert set(by_tune["full"].params) == {"params/optim.lr", "params/train.batch_size", "params/method"}
+
+
+def test_a_restored_searcher_keeps_the_study_consistent(tmp_path, synth_root):
+    """Resume: the searcher's snapshot is older than the journal. The trial it knew continues in place; one
+    suggested after the snapshot (never run by the restored experiment) is marked failed, not left RUNNING."""
+    from uda_ray.search import load_study
+
+    space = _space(tmp_path, synth_root, concurrent=2)
+    sweep_dir = tmp_path / "sw"
+    sweep_dir.mkdir()
+    limiter = make_searcher(space, seed=5, sweep_dir=sweep_dir)
+    limiter.set_search_properties(None, None, _tune_domains(space))
+    _drive(limiter, "a", [2, 4], 0.1)
+    limiter.suggest("b")
+    limiter.on_trial_result("b", {"test/miou": 0.05, "step": 2})
+    snapshot = tmp_path / "searcher.pkl"
+    limiter.save(str(snapshot))  # what Tune's experiment checkpoint holds: the searcher and its wrapper
+    wrapper = limiter.get_state()
+    assert limiter.suggest("lost") is not None  # after the snapshot, then the driver dies
+
+    again = make_searcher(space, seed=5, sweep_dir=sweep_dir)  # `uda-ray resume`
+    again.set_search_properties(None, None, _tune_domains(space))
+    again.set_state(wrapper)
+    again.restore(str(snapshot))
+    again.on_trial_result("b", {"test/miou": 0.05, "step": 2})  # replayed
+    again.on_trial_result("b", {"test/miou": 0.15, "step": 4})
+    again.on_trial_complete("b", {"test/miou": 0.15, "step": 4})
+    study = load_study(sweep_dir)
+    by_tune = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    assert {k: t.state.name for k, t in by_tune.items()} == {"a": "COMPLETE", "b": "COMPLETE", "lost": "FAIL"}
+    assert by_tune["b"].intermediate_values == {2: 0.05, 4: 0.15}
+    assert len(study.trials) == 3

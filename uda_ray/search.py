@@ -6,6 +6,7 @@ Layout of a sweep under the storage root:
     <root>/<sweep>/tune/             Ray Tune's experiment (restored by `uda-ray resume`)
     <root>/<sweep>/train/train-<id>/ each trial's Ray Train run: checkpoints, config.yaml
     <root>/<sweep>/results/          trials / evals / class_iou Parquet tables
+    <root>/<sweep>/optuna_journal.log the sweep's Optuna study (JournalStorage): `optuna-dashboard <that file>`
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from uda_ray.space import SearchSpace
 
 log = logging.getLogger(__name__)
 TUNE_DIR = "tune"
+STUDY_FILE = "optuna_journal.log"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,13 +78,54 @@ def _tune_domains(space: SearchSpace) -> dict:
     return {"params": out}
 
 
-def make_searcher(space: SearchSpace, seed: int) -> Any:
-    """OptunaSearch (TPE, seeded) that records trials stopped early by the scheduler as PRUNED."""
+def study_storage(sweep_dir: Path) -> Any:
+    """The sweep's persisted Optuna storage: a journal file under the sweep folder (what optuna-dashboard opens)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(Path(sweep_dir).absolute() / STUDY_FILE)))
+
+
+def load_study(sweep_dir: Path) -> Any:
+    """The Optuna study of a sweep (named after it), read from its journal file."""
+    import optuna
+
+    sweep_dir = Path(sweep_dir)
+    if not (sweep_dir / STUDY_FILE).is_file():
+        raise UserError(f"sweep '{sweep_dir.name}' has no Optuna study ({sweep_dir / STUDY_FILE} is missing)")
+    return optuna.load_study(study_name=sweep_dir.name, storage=study_storage(sweep_dir))
+
+
+def make_searcher(space: SearchSpace, seed: int, sweep_dir: Path | None = None) -> Any:
+    """OptunaSearch (TPE, seeded) that records trials stopped early by the scheduler as PRUNED, with the study
+    persisted in the sweep folder (when given) so that optuna-dashboard can open it."""
     import optuna
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     class PruneAwareOptunaSearch(OptunaSearch):
+        def suggest(self, trial_id: str) -> dict | None:
+            out = super().suggest(trial_id)
+            if out is not None and trial_id in self._ot_trials:  # to find a Tune trial in the study
+                self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
+            return out
+
+        def restore(self, checkpoint_path: str) -> None:
+            # The searcher's snapshot may predate the journal: a trial suggested after it was never run by
+            # the restored Tune experiment (whose snapshot is taken with the searcher's). Mark such trials
+            # failed, so the study holds no trial that stays RUNNING forever.
+            super().restore(checkpoint_path)
+            study = self.__dict__.get("_ot_study")
+            if study is None:
+                return
+            known = {t._trial_id for t in self._ot_trials.values()}
+            live = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+            for ft in study.get_trials(deepcopy=False, states=live):
+                if ft._trial_id not in known:
+                    study._storage.set_trial_user_attr(ft._trial_id, "uda_ray_note",
+                                                       "suggested just before an interruption; never run")
+                    study._storage.set_trial_state_values(ft._trial_id, optuna.trial.TrialState.FAIL)
+
         # Tune tells Optuna a trial that ASHA stopped as COMPLETE with its partial value; that feeds
         # low-fidelity points to TPE and into the Pareto front. A trial that ends before max_steps
         # without an error was stopped early: tell Optuna it was pruned.
@@ -115,6 +158,8 @@ def make_searcher(space: SearchSpace, seed: int) -> Any:
     searcher = PruneAwareOptunaSearch(
         metric=metrics if multi else metrics[0], mode=modes if multi else modes[0],
         sampler=optuna.samplers.TPESampler(seed=seed) if not multi else optuna.samplers.NSGAIISampler(seed=seed),
+        storage=study_storage(sweep_dir) if sweep_dir is not None else None,
+        study_name=Path(sweep_dir).name if sweep_dir is not None else None,
     )
     searcher.max_steps = space.base.train.max_steps
     return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent_trials)
@@ -343,7 +388,7 @@ def build_tuner(space: SearchSpace, sweep_dir: Path, seed: int, restore: bool = 
     return tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(search_alg=make_searcher(space, seed), scheduler=make_scheduler(space),
+        tune_config=tune.TuneConfig(search_alg=make_searcher(space, seed, sweep_dir), scheduler=make_scheduler(space),
                                     num_samples=space.num_samples,
                                     max_concurrent_trials=space.max_concurrent_trials),
         run_config=tune.RunConfig(
