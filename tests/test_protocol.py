@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import TinySeg, tiny_experiment
 from uda_ray.config import ConfigError, OptimConfig, build_experiment, load_experiment
@@ -158,6 +159,14 @@ def test_every_paper_experiment_and_pipeline_has_a_geometry_row():
     assert shipped == set(PIPELINE_GEOMETRY)
 
 
+@pytest.mark.parametrize("name", sorted(PAPER_SCHEDULES))
+def test_synthia_paper_experiments_train_the_16_class_protocol(name):
+    """ADVENT and CPSL train SYNTHIA -> Cityscapes with 16 classes; everything else with the 19."""
+    cfg = load_experiment(EXPERIMENTS / f"{name}.yaml")
+    expected = ("synthia16", 16) if name.startswith("synthia_") else ("cityscapes19", 19)
+    assert (cfg.data.label_set, cfg.model.num_classes) == expected
+
+
 @pytest.mark.parametrize("name", sorted(PAPER_GEOMETRY))
 def test_paper_experiments_follow_the_originals_geometry(name):
     assert _geometry(load_experiment(EXPERIMENTS / f"{name}.yaml")) == PAPER_GEOMETRY[name]
@@ -198,3 +207,84 @@ def test_random_width_rescales_keeping_the_aspect_then_crops():
     assert len(widths) > 5  # random, not fixed
     x, _ = PairTransform(resize=(64, 32), random_width=(80, 120), crop=(30, 20))(img, lbl, np.random.default_rng(0))
     assert tuple(x.shape[-2:]) == (20, 30)
+
+
+# -- the 16-class SYNTHIA protocol ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthia_root(tmp_path_factory):
+    from uda_ray.data.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("synthia") / "bench", n_source=4, n_target=4, n_val=2, size=(64, 32),
+                    seed=0, synthia=True)
+
+
+def test_synthia16_maps_every_split_to_16_classes_and_ignores_terrain_truck_train(synthia_root):
+    from uda_ray.data.datasets import DATASETS
+    from uda_ray.data.labels import MIOU16_CLASSES
+
+    to16 = {t: k for k, t in enumerate(MIOU16_CLASSES)}
+    dropped = 0
+    for name, root, split in [("synthia", "synthia", "train"), ("cityscapes", "cityscapes", "train"),
+                              ("cityscapes", "cityscapes", "val")]:
+        ds19 = DATASETS[name](synthia_root / root, split, None)
+        ds16 = DATASETS[name](synthia_root / root, split, None, label_set="synthia16")
+        for i in range(len(ds19)):
+            a, b = ds19[i]["lbl"], ds16[i]["lbl"]
+            expected = a.clone().apply_(lambda t: to16.get(t, 255))
+            assert torch.equal(b, expected)
+            assert int(b[b != 255].max()) <= 15
+            dropped += int(((a == 9) | (a == 14) | (a == 16)).sum())
+    assert dropped > 0  # the benchmark has terrain / truck / train pixels, and they became 255
+
+
+def test_a_16_class_confusion_matrix_reports_miou16_and_miou13():
+    from uda_ray.data.labels import SYNTHIA16_CLASSES
+    from uda_ray.metrics import metrics_from_confusion
+
+    mat = torch.diag(torch.arange(1, 17)) + 1  # every class: some hits, some confusion
+    m = metrics_from_confusion(mat)
+    iou = torch.tensor([m[f"iou/{c}"] for c in SYNTHIA16_CLASSES])
+    assert m["miou16"] == m["miou"] == pytest.approx(iou.mean().item())
+    keep13 = [c for c in SYNTHIA16_CLASSES if c not in ("wall", "fence", "pole")]
+    assert m["miou13"] == pytest.approx(sum(m[f"iou/{c}"] for c in keep13) / 13)
+    assert "iou/terrain" not in m and "iou/truck" not in m and "iou/train" not in m
+
+
+def test_synthia16_needs_a_16_class_model(synth_root):
+    with pytest.raises(ConfigError, match="num_classes: 16"):
+        build_experiment(tiny_experiment(synth_root, **{"data.label_set": "synthia16"}))
+    with pytest.raises(ConfigError, match="label_set"):
+        build_experiment(tiny_experiment(synth_root, **{"data.label_set": "cityscapes16"}))
+
+
+def test_synthia16_trains_a_16_output_model_and_records_the_protocol(tmp_path, synthia_root):
+    import yaml
+
+    cfg = build_experiment(tiny_experiment(synthia_root, **{
+        "data.source": "synthia", "data.source_root": str(synthia_root / "synthia"),
+        "data.target_root": str(synthia_root / "cityscapes"), "data.label_set": "synthia16",
+        "model.num_classes": 16, "train.max_steps": 2}))
+    s = LocalSession(tmp_path / "run")
+    last = fit(cfg, s)
+    assert last["test/miou16"] == last["test/miou"] and "test/miou13" in last
+    assert "test/iou/terrain" not in last and "test/iou/road" in last
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["data"]["label_set"] == "synthia16" and saved["model"]["num_classes"] == 16
+
+
+def test_markdown_report_names_each_runs_label_protocol(tmp_path):
+    from uda_ray.results import ResultsWriter, markdown_report
+
+    def write(run: str, label_set: str | None) -> None:
+        data = {"source": "synthia", "target": "cityscapes", **({"label_set": label_set} if label_set else {})}
+        exp = {"seed": 0, "method": "m", "model": {"name": "x"}, "data": data, "train": {"max_steps": 2}}
+        w = ResultsWriter(tmp_path / run / "results", "s", "test/miou", "max", 0)
+        w.result(run, exp, {}, {"step": 2, "test/miou": 0.3, "test/pixel_acc": 0.7})
+
+    write("a", "synthia16")
+    write("b", None)  # a table written before data.label_set existed: the 19-class protocol
+    md = markdown_report("t", [("a", tmp_path / "a"), ("b", tmp_path / "b")])
+    assert "Label protocol (data.label_set): a: synthia16, b: cityscapes19." in md
+    assert "synthia16 for every run." in markdown_report("t", [("a", tmp_path / "a")])

@@ -122,6 +122,10 @@ class DataConfig:
     ranking: str | None = None
     easy_fraction: float = 0.67
     val_split: str = "val"
+    # "cityscapes19": the 19 Cityscapes classes. "synthia16": SYNTHIA -> Cityscapes as ADVENT and CPSL train it,
+    # a model with 16 outputs (model.num_classes 16), terrain / truck / train pixels ignored in every split;
+    # its mIoU is the mIoU-16 (test/miou16 = test/miou), test/miou13 the 13-class subset.
+    label_set: str = "cityscapes19"
     # DataLoader processes per data stream (source, target, evaluation); -1 = from the CPUs a Ray Train worker
     # owns: (floor(train.cpus_per_worker) - 1) split over the training streams, 0 (in-process) on one CPU
     loader_workers: int = -1
@@ -145,6 +149,10 @@ class DataConfig:
             _check(v is None or min(v) >= 8, f"data.{key}: both sides must be >= 8")
         _check(self.random_width is None or self.random_width[0] <= self.random_width[1],
                "data.random_width: [lo, hi] with lo <= hi")
+        from uda_ray.data.labels import LABEL_SETS
+
+        _check(self.label_set in LABEL_SETS,
+               f"data.label_set: unknown '{self.label_set}' (valid: {', '.join(LABEL_SETS)})")
         _check(self.loader_workers >= -1, "data.loader_workers must be >= 0, or -1 (from train.cpus_per_worker)")
         _check(0.0 < self.easy_fraction < 1.0, "data.easy_fraction must be in (0, 1)")
         _check(0.0 <= self.pseudo_percentile <= 1.0, "data.pseudo_percentile must be in [0, 1]")
@@ -246,6 +254,11 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name)),
                f"name '{self.name}' must be letters, digits, '_', '.', '-'")
+        from uda_ray.data.labels import LABEL_SETS
+
+        n = LABEL_SETS[self.data.label_set]
+        _check(self.data.label_set == "cityscapes19" or self.model.num_classes == n,
+               f"data.label_set {self.data.label_set} trains a {n}-class model: set model.num_classes: {n}")
         h = self.optim.poly_horizon
         _check(h is None or h >= self.train.max_steps,
                f"optim.poly_horizon ({h}) must be >= train.max_steps ({self.train.max_steps}): "

@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from uda_ray.data.labels import CLASSES, IGNORE, MIOU13_CLASSES, MIOU16_CLASSES
+from uda_ray.data.labels import (
+    CLASSES,
+    IGNORE,
+    MIOU13_CLASSES,
+    MIOU16_CLASSES,
+    SYNTHIA16_CLASSES,
+    SYNTHIA16_MIOU13,
+)
 
 
 class ConfusionMatrix:
@@ -40,11 +47,15 @@ def iou_per_class(mat: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, tp / denom.clamp(min=1), torch.full_like(tp, float("nan")))
 
 
-def metrics_from_confusion(mat: torch.Tensor, class_names: tuple[str, ...] = CLASSES) -> dict[str, float]:
+def metrics_from_confusion(mat: torch.Tensor, class_names: tuple[str, ...] | None = None) -> dict[str, float]:
     """mIoU (over classes present in labels or predictions), mIoU-16 / -13, pixel accuracy, IoU per class.
 
-    Values are fractions in [0, 1]. Keys: miou, miou16, miou13, pixel_acc, iou/<class>.
+    Values are fractions in [0, 1]. Keys: miou, miou16, miou13, pixel_acc, iou/<class>. A 19-class matrix
+    (19-class protocol): miou16 / miou13 are its SYNTHIA subsets (FDA's evaluation). A 16-class matrix (the
+    synthia16 protocol, ADVENT / CPSL): miou16 = miou, miou13 its 13-class subset, classes named accordingly.
     """
+    if class_names is None:
+        class_names = SYNTHIA16_CLASSES if mat.shape[0] == len(SYNTHIA16_CLASSES) else CLASSES
     mat = mat.cpu()
     iou = iou_per_class(mat)
     total = mat.sum().item()
@@ -55,6 +66,9 @@ def metrics_from_confusion(mat: torch.Tensor, class_names: tuple[str, ...] = CLA
     if mat.shape[0] == len(CLASSES):
         out["miou16"] = _nanmean(iou[list(MIOU16_CLASSES)])
         out["miou13"] = _nanmean(iou[list(MIOU13_CLASSES)])
+    elif mat.shape[0] == len(SYNTHIA16_CLASSES):
+        out["miou16"] = out["miou"]
+        out["miou13"] = _nanmean(iou[list(SYNTHIA16_MIOU13)])
     names = class_names if len(class_names) == mat.shape[0] else tuple(str(i) for i in range(mat.shape[0]))
     for name, v in zip(names, iou.tolist()):
         out[f"iou/{name}"] = v

@@ -258,7 +258,8 @@ def markdown_report(title: str, run_dirs: list[tuple[str, Path]], note: str = ""
     """A markdown table of runs (label, folder holding results/) built from their Parquet tables: the test
     mIoU (in %) of the checkpoint `selection` picks (default: metric_names.DEFAULT_SELECTION; a label-free
     validator) beside the test-label oracle's (the best test mIoU of the run), the final test mIoU, pixel
-    accuracy, model cost, and per-class IoU at the oracle's step."""
+    accuracy, model cost, and per-class IoU at the oracle's step. A line under the table names the label protocol
+    of the numbers (data.label_set: cityscapes19, or synthia16 where every mIoU is the 16-class model's)."""
     from uda_ray.data.labels import CLASSES
     from uda_ray.metric_names import DEFAULT_SELECTION, mode_of
 
@@ -269,6 +270,7 @@ def markdown_report(title: str, run_dirs: list[tuple[str, Path]], note: str = ""
               "oracle: best test mIoU (step) | final mIoU | pixel acc | GFLOPs |",
               "|---|---|---|---|---|---|---|---|---|"]
     per_class = []
+    protocols: dict[str, str] = {}  # run label -> data.label_set
     for label, d in run_dirs:
         trials = read_table(d / "results", "trials")
         if not trials:
@@ -277,6 +279,7 @@ def markdown_report(title: str, run_dirs: list[tuple[str, Path]], note: str = ""
         evals = [e for e in read_table(d / "results", "evals") if e.get("test/miou") is not None]
         if not evals:
             continue
+        protocols[label] = t.get("config.data.label_set") or "cityscapes19"  # older tables: 19 classes
         best = max(evals, key=lambda e: e["test/miou"])
         last = max(evals, key=lambda e: e["step"])
         scored = [e for e in evals if e.get(selection) is not None and e[selection] == e[selection]]
@@ -288,6 +291,10 @@ def markdown_report(title: str, run_dirs: list[tuple[str, Path]], note: str = ""
         ious = {r["class_name"]: r["iou"] for r in read_table(d / "results", "class_iou")
                 if r["step"] == best["step"]}
         per_class.append((label, ious))
+    if protocols:
+        kinds = sorted(set(protocols.values()))
+        lines += ["", f"Label protocol (data.label_set): {kinds[0]} for every run." if len(kinds) == 1 else
+                  "Label protocol (data.label_set): " + ", ".join(f"{k}: {v}" for k, v in protocols.items()) + "."]
     if per_class:
         lines += ["", "Per-class IoU (%) at each run's best test step (- = class absent from labels and predictions):",
                   "",

@@ -117,7 +117,7 @@ def _target_train(cfg: ExperimentConfig, split: str = "train") -> Any:
 
     size = cfg.data.target_size if split == "train" else (cfg.data.eval_size or cfg.data.target_size)
     tf = input_transform(eval_transform(size), cfg.data)
-    return DATASETS[cfg.data.target](Path(cfg.data.target_root), split, tf)
+    return DATASETS[cfg.data.target](Path(cfg.data.target_root), split, tf, label_set=cfg.data.label_set)
 
 
 class Stylized(torch.utils.data.Dataset):
@@ -154,7 +154,7 @@ def pseudo_labels(checkpoints: list[Path], out: Path, percentile: float = 0.5, c
     ds = _target_train(cfg)
     if stylize_beta:
         tf = input_transform(eval_transform(cfg.data.target_size), cfg.data)
-        src = DATASETS[cfg.data.source](Path(cfg.data.source_root), "train", tf)
+        src = DATASETS[cfg.data.source](Path(cfg.data.source_root), "train", tf, label_set=cfg.data.label_set)
         ds = Stylized(ds, src, stylize_beta)
     desc = {"checkpoints": [str(c) for c in checkpoints], "weights": weights, "stylize_beta": stylize_beta,
             "target_root": cfg.data.target_root}

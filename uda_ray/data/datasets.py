@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_png, read_file
 
-from uda_ray.data.labels import CITYSCAPES_LUT, IGNORE, NUM_CLASSES, SYNTHIA_LUT
+from uda_ray.data.labels import CITYSCAPES_LUT, IGNORE, LABEL_SETS, SYNTHIA_LUT, label_set_lut
 from uda_ray.data.transforms import to_tensors
 from uda_ray.errors import DatasetError
 
@@ -88,11 +88,15 @@ class SegDataset(Dataset):
 
     def __init__(self, root: Path, image_dir: Path, items: list[tuple[Path, Path]],
                  transform: Transform | None, read_raw: Callable[[Path], np.ndarray], lut: np.ndarray,
-                 train_ids: bool, layout: str):
+                 train_ids: bool, layout: str, label_set: str = "cityscapes19"):
         if not items:
             raise DatasetError(f"dataset folder {root} has no image/label pairs: expected {layout}")
         self.root, self.image_dir, self.items, self.transform = root, image_dir, items, transform
-        self._read_raw, self._lut, self._train_ids = read_raw, lut, train_ids
+        # label_set "synthia16": the 19 train ids mapped to 16 classes (terrain, truck, train -> 255); pseudo-label
+        # folders (train_ids) are in the model's own class ids already
+        to_set = label_set_lut(label_set)
+        self.num_classes = LABEL_SETS[label_set]
+        self._read_raw, self._lut, self._train_ids = read_raw, (lut if to_set is None else to_set[lut]), train_ids
         self.cache_dir: Path | None = None  # see `decoded`
 
     def __len__(self) -> int:
@@ -102,7 +106,7 @@ class SegDataset(Dataset):
         """(H, W) uint8 train ids, IGNORE = 255."""
         if self._train_ids:  # pseudo-labels: train ids already; anything out of range -> ignore
             raw = _read_8bit(path)
-            return np.where(raw < NUM_CLASSES, raw, IGNORE).astype(np.uint8)
+            return np.where(raw < self.num_classes, raw, IGNORE).astype(np.uint8)
         return self._lut[self._read_raw(path)]
 
     def _read(self, index: int) -> tuple[Image.Image, np.ndarray]:
@@ -177,28 +181,30 @@ def _flat(root: Path, img_sub: str, lbl_sub: str, label_root: Path | None, layou
 class GTA5(SegDataset):
     """GTA5: images/NNNNN.png + labels/NNNNN.png (Cityscapes label ids); `label_root`: train-id PNGs."""
 
-    def __init__(self, root: Path, transform: Transform | None = None, label_root: Path | None = None):
+    def __init__(self, root: Path, transform: Transform | None = None, label_root: Path | None = None,
+                 label_set: str = "cityscapes19"):
         root = Path(root)
         items = _flat(root, "images", "labels", label_root, GTA5_LAYOUT)
         super().__init__(root, root / "images", items, transform, _read_8bit, CITYSCAPES_LUT,
-                         label_root is not None, _with_pseudo(GTA5_LAYOUT, label_root))
+                         label_root is not None, _with_pseudo(GTA5_LAYOUT, label_root), label_set)
 
 
 class Synthia(SegDataset):
     """SYNTHIA-RAND-CITYSCAPES: RGB/*.png + GT/LABELS/*.png (16-bit, class id in the first channel)."""
 
-    def __init__(self, root: Path, transform: Transform | None = None, label_root: Path | None = None):
+    def __init__(self, root: Path, transform: Transform | None = None, label_root: Path | None = None,
+                 label_set: str = "cityscapes19"):
         root = Path(root)
         items = _flat(root, "RGB", "GT/LABELS", label_root, SYNTHIA_LAYOUT)
         super().__init__(root, root / "RGB", items, transform, _read_synthia, SYNTHIA_LUT,
-                         label_root is not None, _with_pseudo(SYNTHIA_LAYOUT, label_root))
+                         label_root is not None, _with_pseudo(SYNTHIA_LAYOUT, label_root), label_set)
 
 
 class Cityscapes(SegDataset):
     """A Cityscapes split; `label_root`: train-id pseudo-labels in the gtFine layout (only those kept)."""
 
     def __init__(self, root: Path, split: str, transform: Transform | None = None,
-                 label_root: Path | None = None):
+                 label_root: Path | None = None, label_set: str = "cityscapes19"):
         root = Path(root)
         layout = CITYSCAPES_LAYOUT.format(split=split)
         img_dir = _require_dir(root, f"leftImg8bit/{split}", layout)
@@ -217,7 +223,7 @@ class Cityscapes(SegDataset):
                 return pseudo_label_path(Path(label_root), p.relative_to(root / "leftImg8bit").as_posix())
         items = _pairs(root, images, label_of)
         super().__init__(root, root / "leftImg8bit", items, transform, _read_8bit, CITYSCAPES_LUT,
-                         label_root is not None, _with_pseudo(layout, label_root))
+                         label_root is not None, _with_pseudo(layout, label_root), label_set)
 
 
 def _train_only(name: str, split: str) -> None:
@@ -225,14 +231,16 @@ def _train_only(name: str, split: str) -> None:
         raise DatasetError(f"dataset {name} has only a 'train' split, not {split!r}")
 
 
-def _gta5(root: Path, split: str, transform: Transform | None, label_root: Path | None = None) -> GTA5:
+def _gta5(root: Path, split: str, transform: Transform | None, label_root: Path | None = None,
+          label_set: str = "cityscapes19") -> GTA5:
     _train_only("gta5", split)
-    return GTA5(root, transform, label_root)
+    return GTA5(root, transform, label_root, label_set)
 
 
-def _synthia(root: Path, split: str, transform: Transform | None, label_root: Path | None = None) -> Synthia:
+def _synthia(root: Path, split: str, transform: Transform | None, label_root: Path | None = None,
+             label_set: str = "cityscapes19") -> Synthia:
     _train_only("synthia", split)
-    return Synthia(root, transform, label_root)
+    return Synthia(root, transform, label_root, label_set)
 
 
 DATASETS: dict[str, Callable[..., SegDataset]] = {

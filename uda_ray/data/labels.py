@@ -31,6 +31,14 @@ MIOU16_CLASSES: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15
 MIOU13_CLASSES: tuple[int, ...] = (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 
 
+# The 16-class protocol of SYNTHIA -> Cityscapes (ADVENT, CPSL `--n_class 16`): a model with 16 outputs,
+# the pixels of terrain, truck and train ignored everywhere (source, target, val). Its class k is the
+# 19-class train id MIOU16_CLASSES[k].
+LABEL_SETS: dict[str, int] = {"cityscapes19": NUM_CLASSES, "synthia16": len(MIOU16_CLASSES)}
+SYNTHIA16_CLASSES: tuple[str, ...] = tuple(CLASSES[t] for t in MIOU16_CLASSES)
+SYNTHIA16_MIOU13: tuple[int, ...] = tuple(MIOU16_CLASSES.index(t) for t in MIOU13_CLASSES)  # in 16-class ids
+
+
 def lookup_table(mapping: dict[int, int], size: int = 65536) -> np.ndarray:
     """A dense LUT: raw id -> train id, everything unmapped -> IGNORE."""
     lut = np.full(size, IGNORE, dtype=np.uint8)
@@ -46,3 +54,12 @@ SYNTHIA_LUT = lookup_table(SYNTHIA_ID_TO_TRAIN, 65536)
 def map_labels(raw: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """(H, W) raw ids -> (H, W) uint8 train ids through `lut`."""
     return lut[raw]
+
+
+def label_set_lut(label_set: str) -> np.ndarray | None:
+    """19-class train id (and 255) -> the label set's class id (uint8, 256 entries); None for cityscapes19."""
+    if label_set == "cityscapes19":
+        return None
+    if label_set == "synthia16":
+        return lookup_table({t: k for k, t in enumerate(MIOU16_CLASSES)}, 256)
+    raise ValueError(f"unknown label set {label_set!r} (valid: {', '.join(LABEL_SETS)})")

@@ -103,13 +103,13 @@ def build_datasets(cfg: DataConfig, *, source: bool, target: bool, target_labels
         src_labels = Path(cfg.ranking) if cfg.ranking else _path(cfg.source_label_root)
         src_root = cfg.source_root or (cfg.target_root if cfg.ranking else None)
         out["src"] = DATASETS[cfg.source](Path(src_root), "train",
-                                          tf(cfg.source_size), src_labels)
+                                          tf(cfg.source_size), src_labels, label_set=cfg.label_set)
         if easy is not None:
             out["src"] = restrict(out["src"], easy)
     if target:
         label_root = _path(cfg.target_label_root) if target_labels else None
         out["tgt"] = DATASETS[cfg.target](Path(cfg.target_root), "train",
-                                          tf(cfg.target_size), label_root)
+                                          tf(cfg.target_size), label_root, label_set=cfg.label_set)
         if hard is not None:
             out["tgt"] = restrict(out["tgt"], hard)
     if cfg.cache_dir:
@@ -117,7 +117,8 @@ def build_datasets(cfg: DataConfig, *, source: bool, target: bool, target_labels
             if key in out:
                 out[key].cache_dir = Path(cfg.cache_dir)
     out["val"] = DATASETS[cfg.target](Path(cfg.target_root), cfg.val_split,
-                                      input_transform(eval_transform(cfg.eval_size or cfg.target_size), cfg))
+                                      input_transform(eval_transform(cfg.eval_size or cfg.target_size), cfg),
+                                      label_set=cfg.label_set)
     return out
 
 
