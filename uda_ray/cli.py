@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from uda_ray.driver_lock import DriverLock, running_driver
 from uda_ray.errors import UserError
 
 EXIT_USER = 2
@@ -60,8 +61,8 @@ def _with_data(raw: dict, data: Any) -> dict:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from uda_ray.config import dump_yaml, parse_set, read_yaml
-    from uda_ray.search import build_tuner, check_address, check_resources, init_ray, write_meta
+    from uda_ray.config import parse_set
+    from uda_ray.search import check_address, check_resources, init_ray
     from uda_ray.space import load_space
     from uda_ray.stages import resolve_refs
 
@@ -69,6 +70,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     root = storage_root(args.storage)
     name = args.name or Path(args.space).stem
     sweep_dir = root / name
+    _refuse_running(sweep_dir, f"sweep '{name}'")
     if (sweep_dir / "sweep.json").exists():
         raise UserError(f"sweep '{name}' already exists under {root}: `uda-ray resume {name}` continues it, "
                         "or give another --name")
@@ -81,7 +83,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_resources(space.base.train, space.driver_cpus, space.max_concurrent_trials, local=not address)
 
     # the sweep folder is self-contained: resume never depends on the files it was started from
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with DriverLock(sweep_dir, f"sweep '{name}'"):
+        if (sweep_dir / "sweep.json").exists():  # another driver created it while we were validating
+            raise UserError(f"sweep '{name}' already exists under {root}: `uda-ray resume {name}` continues it")
+        return _start_sweep(args, space, sweep_dir, base_raw, seed, address)
+
+
+def _start_sweep(args: argparse.Namespace, space: Any, sweep_dir: Path, base_raw: dict, seed: int,
+                 address: str | None) -> int:
+    from uda_ray.config import dump_yaml, read_yaml
+    from uda_ray.search import build_tuner, write_meta
+    from uda_ray.space import load_space
+
+    name = sweep_dir.name
     (sweep_dir / "base.yaml").write_text(dump_yaml(base_raw))
     raw_space = read_yaml(args.space)
     raw_space.update(base="base.yaml", seed=seed)
@@ -142,14 +156,19 @@ def _print_vs_oracle(sweep_dir: Path, meta: dict) -> None:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from uda_ray.search import build_tuner, check_address, driver_alive, init_ray, read_meta, write_meta
-    from uda_ray.space import load_space
+    from uda_ray.search import read_meta
 
     sweep_dir = _sweep_dir(args)
     meta = read_meta(sweep_dir)
-    if driver_alive(meta):
-        raise UserError(f"sweep '{meta['name']}' is still running (driver pid {meta['pid']})")
+    with DriverLock(sweep_dir, f"sweep '{meta['name']}'"):
+        return _resume(args, sweep_dir, meta)
+
+
+def _resume(args: argparse.Namespace, sweep_dir: Path, meta: dict) -> int:
     from ray import tune
+
+    from uda_ray.search import build_tuner, check_address, init_ray, write_meta
+    from uda_ray.space import load_space
 
     if not tune.Tuner.can_restore(str(sweep_dir / "tune")):
         raise UserError(f"sweep '{meta['name']}' has no Tune state to restore under {sweep_dir / 'tune'}")
@@ -161,6 +180,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
     print(f"resuming sweep '{meta['name']}' from {sweep_dir}", flush=True)
     init_ray(address)
     return _fit(build_tuner(space, sweep_dir, meta["seed"], restore=True), sweep_dir, meta, args)
+
+
+def _refuse_running(directory: Path, what: str) -> None:
+    """Fail before any work when a live driver already owns the folder (the lock is taken later, atomically)."""
+    info = running_driver(directory)
+    if info is not None:
+        DriverLock(directory, what)._judge_existing()  # raises the one-line refusal
 
 
 def _sweep_dir(args: argparse.Namespace) -> Path:
@@ -231,8 +257,6 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from uda_ray.results import read_table
-    from uda_ray.search import driver_alive
-
     root = storage_root(args.storage)
     sweeps = sorted(root.glob("*/sweep.json"))
     if not sweeps:
@@ -242,7 +266,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for p in sweeps:
         meta = json.loads(p.read_text())
         status = meta.get("status", "?")
-        if status == "running" and not driver_alive(meta):
+        if status == "running" and not running_driver(p.parent):
             status = "interrupted"
         trials = read_table(p.parent / "results", "trials")
         count = {s: sum(t["status"] == s for t in trials) for s in ("completed", "stopped_early", "errored")}
@@ -360,9 +384,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     name = args.name or cfg.name
     print(f"training {cfg.method}/{cfg.model.name} for {cfg.train.max_steps} steps on "
           f"{cfg.train.num_workers} worker(s); run folder {root / 'runs' / name}", flush=True)
+    _refuse_running(root / "runs" / name, f"run '{name}'")
     init_ray(address)
     check_resources(cfg.train, 0.0, 1, local=not address)
-    m = fit_run(cfg, root / "runs", name)
+    with DriverLock(root / "runs" / name, f"run '{name}'"):
+        m = fit_run(cfg, root / "runs", name)
     print(f"done: step {m.get('step')} test/miou={m.get('test/miou', float('nan')):.4f} "
           f"pixel_acc={m.get('test/pixel_acc', float('nan')):.4f}")
     print(f"latest checkpoint: {m['checkpoint_path']}\nresults: {root / 'runs' / name / 'results'}")
@@ -388,9 +414,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
     print(f"pipeline '{pipe.cfg.name}': {len(pipe.cfg.stages)} stages under {root / 'pipelines' / pipe.cfg.name}",
           flush=True)
+    pdir = root / "pipelines" / pipe.cfg.name
+    _refuse_running(pdir, f"pipeline '{pipe.cfg.name}'")
     init_ray(address)
     t0 = time.time()
-    summary = run_pipeline(pipe, root, fit_run, prepare)
+    with DriverLock(pdir, f"pipeline '{pipe.cfg.name}'"):
+        summary = run_pipeline(pipe, root, fit_run, prepare)
     print(f"pipeline '{pipe.cfg.name}' done in {time.time() - t0:.0f}s")
     for row in summary:
         miou = row.get("test/miou")

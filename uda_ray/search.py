@@ -417,16 +417,6 @@ def read_meta(sweep_dir: Path) -> dict:
     return json.loads((sweep_dir / "sweep.json").read_text())
 
 
-def driver_alive(meta: dict) -> bool:
-    if meta.get("host") != socket.gethostname() or not meta.get("pid"):
-        return False
-    try:
-        os.kill(meta["pid"], 0)
-    except OSError:
-        return False
-    return meta["pid"] != os.getpid()
-
-
 def sweep_status_after(grid: Any) -> str:
     errors = getattr(grid, "num_errors", 0)
     return "completed" if not errors else "completed_with_errors"
