@@ -449,6 +449,19 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_weights(args: argparse.Namespace) -> int:
+    from uda_ray.models.convert import convert_file
+
+    if args.num_classes is not None and args.num_classes < 2:
+        raise UserError("--num-classes must be >= 2")
+    s = convert_file(args.src, args.dst, args.num_classes)
+    heads = ", ".join(f"{k} -> {v}" for k, v in s["classifiers"].items()) or "none"
+    dropped = "".join(f"; dropped {k} ({v})" for k, v in s["dropped"].items())
+    print(f"wrote {s['written']}: {s['layout']}, {s['keys']} tensors; classifiers: {heads}{dropped}. "
+          f"Use it with model.kwargs.style: caffe and model.pretrained: {s['written']}")
+    return 0
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from uda_ray.profile import format_report, profile
 
@@ -549,6 +562,14 @@ def parser() -> argparse.ArgumentParser:
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--synthia", action="store_true", help="also write a SYNTHIA-layout source")
     ds.set_defaults(fn=cmd_data_synth)
+
+    sp = sub.add_parser("convert-weights", help="convert an AdaptSegNet / ADVENT DeepLab-v2 checkpoint to this "
+                        "project's keys (for model.kwargs.style: caffe)")
+    sp.add_argument("src", help="the original .pth (e.g. DeepLab_resnet_pretrained_imagenet.pth, a trained model)")
+    sp.add_argument("dst", help="the converted .pth to write (not overwritten)")
+    sp.add_argument("--num-classes", type=int, default=None,
+                    help="keep only classifiers with this many outputs (the init files' other heads are dropped)")
+    sp.set_defaults(fn=cmd_convert_weights)
 
     sp = sub.add_parser("profile", help="params, GFLOPs and latency of a model")
     sp.add_argument("model")

@@ -1,10 +1,53 @@
-"""DeepLab-v2 with a dilated ResNet-101 (Chen et al., TPAMI 2017), as used by the UDA papers."""
+"""DeepLab-v2 with a dilated ResNet-101 (Chen et al., TPAMI 2017), as used by the UDA papers.
+
+Two backbone styles. "torchvision": torchvision's ResNet-101 (v1.5: a block's stride on its 3x3 conv) with
+layer3/layer4 dilated, ImageNet-normalized RGB input. "caffe": the ResNet-101 of DeepLab's Caffe release that
+AdaptSegNet, ADVENT, IntraDA and CPSL build on (wasidennis/AdaptSegNet model/deeplab*.py, valeoai/ADVENT
+advent/model/deeplabv2.py): the stride on the block's first 1x1 conv, a ceil-mode max-pool, the first block of
+layer3 / layer4 already dilated (2 / 4), and BGR input minus the Caffe mean (104.01, 116.67, 122.68), no std.
+The originals' published weights load into the caffe style after `uda-ray convert-weights`
+(`uda_ray.models.convert`); torchvision's ImageNet weights belong to the torchvision style.
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
+from uda_ray.errors import ConfigError
 from uda_ray.models.resnet import Normalize, load_pretrained, read_pretrained, resnet, resnet_stages
+
+CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)  # the originals' IMG_MEAN
+STYLES = ("torchvision", "caffe")
+
+
+class CaffeNormalize(nn.Module):
+    """RGB in 0..255 -> BGR minus the Caffe mean (the input the originals' DeepLab weights expect)."""
+
+    mean: Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flip(1) - self.mean  # (B, 3, H, W): RGB -> BGR
+
+
+def caffe_resnet(blocks: tuple[int, int, int, int] = (3, 4, 23, 3)) -> nn.Module:
+    """torchvision's dilated ResNet rearranged into DeepLab's Caffe ResNet (same parameter names and shapes):
+    layer2's stride moved from the 3x3 conv to the 1x1 conv, ceil-mode max-pool, the first blocks of layer3 and
+    layer4 at dilation 2 and 4 (torchvision keeps them at the previous dilation)."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    net = ResNet(Bottleneck, list(blocks), replace_stride_with_dilation=[False, True, True])
+    net.fc, net.avgpool = nn.Identity(), nn.Identity()
+    net.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+    first = net.layer2[0]
+    first.conv1.stride, first.conv2.stride = (2, 2), (1, 1)
+    for layer, d in ((net.layer3, 2), (net.layer4, 4)):
+        layer[0].conv2.dilation, layer[0].conv2.padding = (d, d), (d, d)
+    return net
 
 
 class ASPPClassifier(nn.Module):
@@ -35,12 +78,22 @@ class DeepLabV2(nn.Module):
     `.train()`, and its affine parameters get requires_grad=False.
     """
 
-    def __init__(self, num_classes: int = 19, multi_level: bool = False, freeze_bn: bool = True) -> None:
+    def __init__(self, num_classes: int = 19, multi_level: bool = False, freeze_bn: bool = True,
+                 style: str = "torchvision", blocks: tuple[int, int, int, int] = (3, 4, 23, 3)) -> None:
         super().__init__()
+        if style not in STYLES:
+            raise ConfigError(f"model.kwargs.style: unknown '{style}' (valid: {', '.join(STYLES)})")
         self.num_classes = num_classes
         self.freeze_bn = freeze_bn
-        self.normalize = Normalize()
-        self.backbone = resnet(101, dilate=(False, True, True))
+        self.style = style
+        if style == "caffe":
+            self.normalize: nn.Module = CaffeNormalize()
+            self.backbone = caffe_resnet(blocks)
+        else:
+            if tuple(blocks) != (3, 4, 23, 3):
+                raise ConfigError("DeepLabV2: `blocks` other than ResNet-101's is for the caffe style's tests only")
+            self.normalize = Normalize()
+            self.backbone = resnet(101, dilate=(False, True, True))
         self.classifier = ASPPClassifier(2048, num_classes)
         self.aux_classifier = ASPPClassifier(1024, num_classes) if multi_level else None
         self.aux_weights: tuple[float, ...] = (0.1,) if multi_level else ()
@@ -77,20 +130,24 @@ class DeepLabV2(nn.Module):
         ]
 
 
-def _build(num_classes: int, pretrained: str | None, multi_level: bool, freeze_bn: bool) -> DeepLabV2:
+def _build(num_classes: int, pretrained: str | None, multi_level: bool, freeze_bn: bool, style: str) -> DeepLabV2:
+    if style == "caffe" and pretrained == "imagenet":
+        raise ConfigError("model.pretrained: imagenet is torchvision's ResNet-101 (another architecture and input "
+                          "normalization); the caffe style takes the originals' init weights, converted with "
+                          "`uda-ray convert-weights`, as a .pth path")
     state = read_pretrained(pretrained, 101)
-    model = DeepLabV2(num_classes, multi_level, freeze_bn)
+    model = DeepLabV2(num_classes, multi_level, freeze_bn, style)
     load_pretrained(model, model.backbone, state, str(pretrained))
     return model
 
 
-def deeplabv2_r101(num_classes: int = 19, pretrained: str | None = None, freeze_bn: bool = True) -> DeepLabV2:
-    """Single-level DeepLab-v2 ResNet-101 (no aux output)."""
-    return _build(num_classes, pretrained, False, freeze_bn)
+def deeplabv2_r101(num_classes: int = 19, pretrained: str | None = None, freeze_bn: bool = True,
+                   style: str = "torchvision") -> DeepLabV2:
+    """Single-level DeepLab-v2 ResNet-101 (no aux output); style "torchvision" or "caffe"."""
+    return _build(num_classes, pretrained, False, freeze_bn, style)
 
 
-def deeplabv2_r101_ml(
-    num_classes: int = 19, pretrained: str | None = None, freeze_bn: bool = True
-) -> DeepLabV2:
+def deeplabv2_r101_ml(num_classes: int = 19, pretrained: str | None = None, freeze_bn: bool = True,
+                      style: str = "torchvision") -> DeepLabV2:
     """Multi-level DeepLab-v2 ResNet-101: extra ASPP classifier on layer3 as aux output (weight 0.1)."""
-    return _build(num_classes, pretrained, True, freeze_bn)
+    return _build(num_classes, pretrained, True, freeze_bn, style)
