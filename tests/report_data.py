@@ -14,7 +14,8 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import tiny_experiment
-from uda_ray.config import build_experiment, experiment_dict
+from uda_ray.build import build_experiment
+from uda_ray.config import experiment_dict
 from uda_ray.results import ResultsWriter
 from uda_ray.train import LocalSession, fit
 

@@ -3,15 +3,14 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import tiny_experiment
+from uda_ray.build import build_experiment, load_experiment
 from uda_ray.config import (
     ConfigError,
     OptimConfig,
     apply_overrides,
     build,
-    build_experiment,
     experiment_dict,
     flatten,
-    load_experiment,
     parse_set,
     parse_yaml,
     unflatten,

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.test_ray_integration import _env, _write_space
-from uda_ray.config import build_experiment
+from uda_ray.build import build_experiment
 from uda_ray.train import LocalSession, fit
 
 COMPARED = ("test/", "train/")  # everything but timings and the checkpoint path

@@ -7,7 +7,8 @@ import torch
 
 from tests.conftest import make_batch, tiny_experiment
 from tests.test_methods import make_method
-from uda_ray.config import ConfigError, build_experiment
+from uda_ray.build import build_experiment
+from uda_ray.config import ConfigError
 from uda_ray.loop import LossLog, NonFiniteLoss, train_step
 from uda_ray.methods import METHODS
 from uda_ray.train import LocalSession, fit

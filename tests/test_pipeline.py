@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from tests.conftest import tiny_experiment
-from uda_ray.config import ConfigError, build_experiment
+from uda_ray.build import build_experiment
+from uda_ray.config import ConfigError
 from uda_ray.data.loading import RANKING_FILE, build_datasets, prepare
 from uda_ray.pipeline import load_pipeline, run_pipeline
 from uda_ray.results import read_table

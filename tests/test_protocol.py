@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from tests.conftest import TinySeg, tiny_experiment
-from uda_ray.config import ConfigError, OptimConfig, build_experiment, load_experiment
+from uda_ray.build import build_experiment, load_experiment
+from uda_ray.config import ConfigError, OptimConfig
 from uda_ray.methods.adversarial import Adversarial, AdversarialConfig
-from uda_ray.methods.base import set_lr
+from uda_ray.optim import set_lr
 from uda_ray.train import LocalSession, fit
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"

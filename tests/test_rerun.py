@@ -104,7 +104,8 @@ def test_rerun_command_trains_new_seeded_ray_train_runs_and_continues(tmp_path, 
     import yaml
 
     from tests.conftest import tiny_experiment
-    from uda_ray.config import build_experiment, experiment_dict
+    from uda_ray.build import build_experiment
+    from uda_ray.config import experiment_dict
 
     store = tmp_path / "store"
     d = store / "sw"

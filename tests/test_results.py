@@ -5,7 +5,8 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 
 from tests.conftest import tiny_experiment
-from uda_ray.config import build_experiment, experiment_dict
+from uda_ray.build import build_experiment
+from uda_ray.config import experiment_dict
 from uda_ray.results import ResultsWriter, TableStore, best_trials, read_table
 
 

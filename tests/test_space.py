@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from uda_ray.config import ConfigError, load_experiment
+from uda_ray.build import load_experiment
+from uda_ray.config import ConfigError
 from uda_ray.space import load_space, sample
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 from tests.conftest import tiny_experiment
-from uda_ray.config import build_experiment
+from uda_ray.build import build_experiment
+from uda_ray.checkpoint import STATE_FILE
 from uda_ray.data.loading import StepBatches
-from uda_ray.train import STATE_FILE, LocalSession, fit
+from uda_ray.train import LocalSession, fit
 
 
 def test_fit_reports_evaluations_and_writes_checkpoints(tmp_path, synth_root):
@@ -74,7 +75,7 @@ def test_a_run_makes_its_own_pseudo_labels_from_a_checkpoint(tmp_path, synth_roo
 def test_synthia_source_trains_and_reports_16_and_13_class_miou(tmp_path):
     import dataclasses
 
-    from uda_ray.config import load_experiment
+    from uda_ray.build import load_experiment
     from uda_ray.data.loading import prepare
 
     root = Path(__file__).resolve().parents[1]

@@ -317,7 +317,7 @@ def rerun(sweep: str, top: int, seeds: int, metric: str | None = None, storage: 
     """Retrain the top `top` configurations of a sweep with `seeds` new seeds each (uda_ray.rerun);
     returns the per-configuration summary (also in results/rerun_summary.parquet)."""
     from uda_ray import rerun as rr
-    from uda_ray.config import build_experiment
+    from uda_ray.build import build_experiment
     from uda_ray.search import check_address, check_resources, init_ray, read_meta
     from uda_ray.train import fit_run
 
@@ -369,7 +369,8 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from uda_ray.config import build_experiment, experiment_dict, load_experiment, parse_set
+    from uda_ray.build import build_experiment, load_experiment
+    from uda_ray.config import experiment_dict, parse_set
     from uda_ray.search import check_address, check_resources, init_ray
     from uda_ray.stages import resolve_refs
     from uda_ray.train import fit_run
@@ -396,7 +397,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from uda_ray.config import build_experiment, experiment_dict
+    from uda_ray.build import build_experiment
+    from uda_ray.config import experiment_dict
     from uda_ray.pipeline import load_pipeline, run_pipeline
     from uda_ray.results import markdown_report
     from uda_ray.search import check_address, init_ray

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from uda_ray.errors import ConfigError
+from uda_ray.optim import OptimConfig
 
 # --------------------------------------------------------------------------------------------
 # YAML
@@ -170,38 +171,8 @@ class ModelConfig:
     pretrained: str | None = None  # None, "imagenet", or a path to a local .pth file
     kwargs: dict = field(default_factory=dict)  # extra builder arguments, e.g. {freeze_bn: true}
 
-    def __post_init__(self) -> None:
-        from uda_ray.models import MODELS
-
-        _check(self.name in MODELS, f"model.name: unknown model '{self.name}' (valid: {', '.join(MODELS)})")
+    def __post_init__(self) -> None:  # the name is checked against MODELS by uda_ray.build
         _check(self.num_classes >= 2, "model.num_classes must be >= 2")
-
-
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    name: str = "sgd"
-    lr: float = 2.5e-2
-    momentum: float = 0.9  # SGD / RMSprop
-    weight_decay: float = 1.0e-4
-    betas: tuple[float, float] = (0.9, 0.99)  # Adam / AdamW
-    poly_power: float = 0.9  # lr = lr0 * (1 - step / horizon) ** poly_power
-    # The poly schedule's horizon, separate from the run length: the originals decay over a longer horizon
-    # and stop early (ADVENT: 250k / stop 120k; AdaptSegNet: 250k / 150k; FDA: 150k / 100k), so the lr is
-    # still ~0.5x lr0 at their last step. None: the run's train.max_steps. In a method's own optimizer config
-    # (e.g. method_cfg.d_optim) None means the segmenter's horizon.
-    poly_horizon: int | None = None
-
-    def __post_init__(self) -> None:
-        _check(self.name in OPTIMIZERS, f"optimizer name '{self.name}' unknown (valid: {', '.join(OPTIMIZERS)})")
-        _check(self.lr > 0, f"optimizer lr must be > 0, got {self.lr}")
-        _check(self.weight_decay >= 0, "optimizer weight_decay must be >= 0")
-        _check(0 <= self.momentum < 1, "optimizer momentum must be in [0, 1)")
-        _check(all(0 <= b < 1 for b in self.betas), "optimizer betas must be in [0, 1)")
-        _check(self.poly_power >= 0, "optimizer poly_power must be >= 0")
-        _check(self.poly_horizon is None or self.poly_horizon >= 1, "optimizer poly_horizon must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -249,7 +220,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     method: str = "source_only"
-    method_cfg: Any = None  # an instance of METHODS[method].Config
+    method_cfg: Any = None  # an instance of METHODS[method].Config (uda_ray.build.build_experiment)
 
     def __post_init__(self) -> None:
         _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name)),
@@ -453,27 +424,7 @@ def load_raw(path: str | Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Experiments
-
-
-def build_experiment(raw: dict, source: str = "<config>") -> ExperimentConfig:
-    """Validate a raw experiment dict (base resolved, overrides applied)."""
-    from uda_ray.methods import METHODS
-
-    raw = dict(raw)
-    method = raw.get("method", "source_only")
-    if not isinstance(method, str) or method not in METHODS:
-        raise ConfigError(f"{source}: unknown method '{method}' (valid: {', '.join(METHODS)})")
-    mcfg = build(METHODS[method].Config, raw.pop("method_cfg", None) or {}, source, prefix="method_cfg.")
-    cfg = build(ExperimentConfig, raw, source)
-    return dataclasses.replace(cfg, method_cfg=mcfg)
-
-
-def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    raw = apply_overrides(load_raw(path), overrides or {})
-    if "name" not in raw:
-        raw["name"] = Path(path).stem
-    return build_experiment(raw, str(path))
+# Experiments (validation against the method and model registries: uda_ray.build)
 
 
 def experiment_dict(cfg: ExperimentConfig) -> dict:

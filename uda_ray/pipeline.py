@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uda_ray.config import ConfigError, build, load_experiment, read_yaml
+from uda_ray.build import load_experiment
+from uda_ray.checkpoint import best_checkpoint_in, latest_metrics
+from uda_ray.config import ConfigError, build, read_yaml
 from uda_ray.results import read_table
-from uda_ray.stages import ACTIONS, best_checkpoint_in, latest_metrics
+from uda_ray.stages import ACTIONS
 
 
 @dataclass(frozen=True)

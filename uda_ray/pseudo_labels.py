@@ -32,8 +32,13 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from uda_ray.build import load_trained
+from uda_ray.data.datasets import DATASETS
 from uda_ray.data.datasets import pseudo_label_relpath as label_path
 from uda_ray.data.labels import IGNORE
+from uda_ray.data.loading import input_transform, target_dataset
+from uda_ray.data.transforms import eval_transform
+from uda_ray.fda import fda_source_to_target
 from uda_ray.methods.base import upsample
 
 log = logging.getLogger(__name__)
@@ -210,3 +215,38 @@ def _write(models: list[nn.Module], dataset: Dataset, out_dir: Path, device: tor
     log.info("pseudo-labels: %d images -> %s (%.1f%% ignored)", n_images, out_dir,
              100 * manifest["ignored_fraction"])
     return manifest
+
+
+class Stylized(Dataset):
+    """Target items whose images are FDA-stylized toward a source image (item i gets source i mod N)."""
+
+    def __init__(self, target: Any, source: Any, beta: float) -> None:
+        self.target, self.source, self.beta = target, source, beta
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def __getitem__(self, i: int) -> dict:
+        item = dict(self.target[i])
+        style = self.source[i % len(self.source)]["img"]
+        item["img"] = fda_source_to_target(item["img"][None], style[None], self.beta)[0]
+        return item
+
+
+def from_checkpoints(checkpoints: list[Path], out: Path, percentile: float = 0.5, cap: float = 0.9,
+                     stylize_beta: float | None = None, weights: str = "model", device: str = "cpu",
+                     threshold: float | None = None) -> dict[str, Any]:
+    """Class-wise thresholded pseudo-labels of the target train set from one trained model or an ensemble
+    (mean softmax: FDA-MBT) given by their checkpoints. With `stylize_beta`, predictions are made on target
+    images FDA-stylized toward the source."""
+    loaded = [load_trained(c, device, weights) for c in checkpoints]
+    cfg = loaded[0][0]
+    ds = target_dataset(cfg.data)
+    if stylize_beta:
+        tf = input_transform(eval_transform(cfg.data.target_size), cfg.data)
+        src = DATASETS[cfg.data.source](Path(cfg.data.source_root), "train", tf, label_set=cfg.data.label_set)
+        ds = Stylized(ds, src, stylize_beta)
+    desc = {"checkpoints": [str(c) for c in checkpoints], "weights": weights, "stylize_beta": stylize_beta,
+            "target_root": cfg.data.target_root}
+    return generate([m for _, m in loaded], ds, out, percentile=percentile, cap=cap, device=device,
+                    source_desc=desc, threshold=threshold)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uda_ray.checkpoint import STATE_FILE
 from uda_ray.errors import UserError
 from uda_ray.results import read_table
 
@@ -462,19 +463,9 @@ def best_checkpoint(data: ReportData) -> tuple[str, Path] | None:
     ranked = sorted(sel.items(), key=lambda kv: kv[1][data.metric], reverse=data.mode == "max")
     for tid, row in ranked:
         ck = row.get("checkpoint_path")
-        if ck and (Path(ck) / "state.pt").is_file():
+        if ck and (Path(ck) / STATE_FILE).is_file():
             return tid, Path(ck)
     return None
-
-
-def _load_state(ck: Path) -> dict:
-    try:
-        from uda_ray.checkpoint import load_state
-    except ImportError:  # before uda_ray.checkpoint existed
-        import torch
-
-        return torch.load(ck / "state.pt", map_location="cpu", weights_only=False)
-    return load_state(ck)
 
 
 def fig_predictions(data: ReportData, n_images: int = 3) -> tuple[str | None, str]:
@@ -482,16 +473,16 @@ def fig_predictions(data: ReportData, n_images: int = 3) -> tuple[str | None, st
     import numpy as np
     import torch
 
-    from uda_ray.config import build_experiment
+    from uda_ray.build import build_experiment, build_method
+    from uda_ray.checkpoint import load_state
     from uda_ray.data.loading import build_datasets
     from uda_ray.methods.base import upsample
-    from uda_ray.train import build_method
 
     found = best_checkpoint(data)
     if found is None:
         return None, "no checkpoint of the best trials is on disk"
     tid, ck = found
-    state = _load_state(ck)
+    state = load_state(ck)
     cfg = build_experiment(state["config"], str(ck))
     try:
         ds = build_datasets(cfg.data, source=False, target=False, target_labels=False)["val"]

@@ -19,7 +19,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from uda_ray.config import build_experiment, experiment_dict, flatten
+from uda_ray.build import build_experiment
+from uda_ray.config import experiment_dict, flatten
 from uda_ray.metric_names import REPORTED_PREFIXES, SCHEMA_VERSION, upgrade_row
 
 TABLES = {"trials": ("trial_id",), "evals": ("trial_id", "step"), "class_iou": ("trial_id", "step", "class_name")}

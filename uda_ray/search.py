@@ -42,7 +42,8 @@ def trial_driver(config: dict, sweep: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from uda_ray.config import apply_overrides, build_experiment
+    from uda_ray.build import build_experiment
+    from uda_ray.config import apply_overrides
     from uda_ray.train import make_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uda_ray.build import build_experiment
 from uda_ray.config import (
     ConfigError,
     ExperimentConfig,
     apply_overrides,
     build,
-    build_experiment,
     load_raw,
     read_yaml,
 )

@@ -19,36 +19,13 @@ from typing import Any
 
 import torch
 
-from uda_ray.config import ExperimentConfig, build_experiment
+from uda_ray.build import checkpoint_experiment, load_trained
+from uda_ray.checkpoint import STATE_FILE, best_checkpoint_in, load_state
+from uda_ray.data.loading import target_dataset
 from uda_ray.errors import UserError
-from uda_ray.metric_names import upgrade_row
+from uda_ray.pseudo_labels import from_checkpoints
 
 log = logging.getLogger(__name__)
-METRICS_FILE = "metrics.json"
-
-
-def checkpoints_in(run_dir: Path) -> list[Path]:
-    """Checkpoint folders of a run: Ray Train's checkpoint_step_* or LocalSession's checkpoints/step_*."""
-    run_dir = Path(run_dir)
-    return sorted(run_dir.glob("checkpoint_step_*")) + sorted((run_dir / "checkpoints").glob("step_*"))
-
-
-def best_checkpoint_in(run_dir: Path, metric: str = "test/miou", mode: str = "max") -> Path:
-    found = []
-    for ck in checkpoints_in(run_dir):
-        m = ck / METRICS_FILE
-        if m.is_file():
-            v = upgrade_row(json.loads(m.read_text())).get(metric)
-            if v is not None and v == v:
-                found.append((v, ck))
-    if not found:
-        raise UserError(f"no evaluated checkpoint under {run_dir}")
-    return (max if mode == "max" else min)(found, key=lambda x: x[0])[1]
-
-
-def latest_metrics(run_dir: Path) -> dict | None:
-    cks = [c for c in checkpoints_in(run_dir) if (c / METRICS_FILE).is_file()]
-    return upgrade_row(json.loads((cks[-1] / METRICS_FILE).read_text())) if cks else None
 
 
 def resolve_ref(ref: str, storage: Path) -> str:
@@ -64,8 +41,9 @@ def resolve_ref(ref: str, storage: Path) -> str:
             raise UserError(f"{ref}: sweep '{name}' under {storage} has no evaluated trial with a checkpoint")
         return rows[0]["rank_checkpoint"]
     p = Path(ref).expanduser().absolute()
-    if not (p.is_file() or (p / "state.pt").is_file()):
+    if not (p.is_file() or (p / STATE_FILE).is_file()):
         raise UserError(f"train.init_from: {ref} is neither a checkpoint folder (with state.pt) nor a file")
+    load_state(p, mmap=True)  # refuses, on the driver and before any run starts, a file that is not safe to load
     return str(p)
 
 
@@ -83,83 +61,6 @@ def resolve_refs(raw: Any, storage: Path) -> Any:
     if isinstance(raw, str) and raw.startswith(("run:", "sweep:")):
         return resolve_ref(raw, storage)
     return raw
-
-
-def checkpoint_experiment(checkpoint: Path) -> tuple[ExperimentConfig, dict]:
-    """The experiment a checkpoint was trained with, and its state."""
-    p = Path(checkpoint)
-    state = torch.load(p / "state.pt" if p.is_dir() else p, map_location="cpu", weights_only=False)
-    return build_experiment(state["config"], str(checkpoint)), state
-
-
-def load_trained(checkpoint: Path, device: str = "cpu", weights: str = "model"
-                 ) -> tuple[ExperimentConfig, torch.nn.Module]:
-    """The experiment of a checkpoint and its segmenter (eval mode) with the trained weights: "model" the
-    student, "teacher" the method's teacher (EMA teacher of CPSL / MPL) when it has one."""
-    from uda_ray.train import build_model
-
-    cfg, state = checkpoint_experiment(checkpoint)
-    if weights not in ("model", "teacher"):
-        raise UserError(f"weights: 'model' or 'teacher', got {weights!r}")
-    if weights not in state["method"]:
-        raise UserError(f"{checkpoint}: the {cfg.method} checkpoint has no '{weights}' weights")
-    model = build_model(cfg.model)
-    model.load_state_dict(state["method"][weights])
-    return cfg, model.to(device).eval()
-
-
-def _target_train(cfg: ExperimentConfig, split: str = "train") -> Any:
-    """Target images at the run's input size: data.target_size for train (pseudo-labels, rankings), data.eval_size
-    (else target_size) for the val split."""
-    from uda_ray.data.datasets import DATASETS
-    from uda_ray.data.loading import input_transform
-    from uda_ray.data.transforms import eval_transform
-
-    size = cfg.data.target_size if split == "train" else (cfg.data.eval_size or cfg.data.target_size)
-    tf = input_transform(eval_transform(size), cfg.data)
-    return DATASETS[cfg.data.target](Path(cfg.data.target_root), split, tf, label_set=cfg.data.label_set)
-
-
-class Stylized(torch.utils.data.Dataset):
-    """Target items whose images are FDA-stylized toward a source image (item i gets source i mod N)."""
-
-    def __init__(self, target: Any, source: Any, beta: float) -> None:
-        self.target, self.source, self.beta = target, source, beta
-
-    def __len__(self) -> int:
-        return len(self.target)
-
-    def __getitem__(self, i: int) -> dict:
-        from uda_ray.fda import fda_source_to_target
-
-        item = dict(self.target[i])
-        style = self.source[i % len(self.source)]["img"]
-        item["img"] = fda_source_to_target(item["img"][None], style[None], self.beta)[0]
-        return item
-
-
-def pseudo_labels(checkpoints: list[Path], out: Path, percentile: float = 0.5, cap: float = 0.9,
-                  stylize_beta: float | None = None, weights: str = "model", device: str = "cpu",
-                  threshold: float | None = None) -> dict[str, Any]:
-    """Class-wise thresholded pseudo-labels of the target train set from one model or an ensemble (mean
-    softmax: FDA-MBT). With `stylize_beta`, predictions are made on target images FDA-stylized toward the
-    source (seed 003's pseudo-labels)."""
-    from uda_ray.data.datasets import DATASETS
-    from uda_ray.data.loading import input_transform
-    from uda_ray.data.transforms import eval_transform
-    from uda_ray.pseudo_labels import generate
-
-    loaded = [load_trained(c, device, weights) for c in checkpoints]
-    cfg = loaded[0][0]
-    ds = _target_train(cfg)
-    if stylize_beta:
-        tf = input_transform(eval_transform(cfg.data.target_size), cfg.data)
-        src = DATASETS[cfg.data.source](Path(cfg.data.source_root), "train", tf, label_set=cfg.data.label_set)
-        ds = Stylized(ds, src, stylize_beta)
-    desc = {"checkpoints": [str(c) for c in checkpoints], "weights": weights, "stylize_beta": stylize_beta,
-            "target_root": cfg.data.target_root}
-    return generate([m for _, m in loaded], ds, out, percentile=percentile, cap=cap, device=device,
-                    source_desc=desc, threshold=threshold)
 
 
 class Ensemble(torch.nn.Module):
@@ -185,7 +86,7 @@ def evaluate_ensemble(checkpoints: list[Path], out: Path, device: str = "cpu") -
     loaded = [load_trained(c, device) for c in checkpoints]
     cfg = loaded[0][0]
     ens = Ensemble([m for _, m in loaded])
-    val = val_loader(_target_train(cfg, cfg.data.val_split), cfg.train.eval_batch_size, rank=0, world_size=1,
+    val = val_loader(target_dataset(cfg.data, cfg.data.val_split), cfg.train.eval_batch_size, rank=0, world_size=1,
                      workers=0)
     ev = evaluate(ens, val, cfg.model.num_classes, torch.device(device))
     metrics = {"step": max(checkpoint_experiment(c)[1]["step"] for c in checkpoints),
@@ -211,7 +112,7 @@ def intrada_rank(checkpoints: list[Path], out: Path, lambda_: float = 0.67, norm
 
     (checkpoint,) = checkpoints
     cfg, model = load_trained(checkpoint, device)
-    ds = _target_train(cfg)
+    ds = target_dataset(cfg.data)
     ranked, _, pseudo = rank_by_entropy(model, ds, lambda_=1.0, normalize_rare=normalize_rare, device=device)
     n_easy = int(len(ranked) * lambda_)
     out = Path(out)
@@ -225,5 +126,5 @@ def intrada_rank(checkpoints: list[Path], out: Path, lambda_: float = 0.67, norm
     return manifest
 
 
-ACTIONS = {"intrada_rank": intrada_rank, "pseudo_labels": pseudo_labels,
+ACTIONS = {"intrada_rank": intrada_rank, "pseudo_labels": from_checkpoints,
            "evaluate_ensemble": evaluate_ensemble}

@@ -14,7 +14,6 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,17 +22,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from uda_ray.config import ExperimentConfig, ModelConfig, build_experiment, dump_yaml, experiment_dict
+from uda_ray.build import build_experiment, build_method
+from uda_ray.checkpoint import load_state, load_weights, rng_state, save_checkpoint, set_rng_state
+from uda_ray.config import ExperimentConfig, dump_yaml, experiment_dict
 from uda_ray.data.loading import build_datasets, resolve_loader_workers, train_loader, val_loader
 from uda_ray.loop import LossLog, NonFiniteLoss, train_step
-from uda_ray.methods import METHODS
-from uda_ray.methods.base import Method, upsample
+from uda_ray.methods.base import upsample
 from uda_ray.metrics import ConfusionMatrix
-from uda_ray.models import MODELS
-from uda_ray.stages import METRICS_FILE
 
 log = logging.getLogger(__name__)
-STATE_FILE = "state.pt"
 RESTARTS_FILE = "restarts.jsonl"  # one line per restart of the run from a checkpoint
 DIVERGED_FILE = "diverged.json"  # where a non-finite loss ended an attempt (a restart would repeat it)
 
@@ -47,25 +44,6 @@ class Session(Protocol):
     def wrap(self, module: nn.Module) -> nn.Module: ...
     def latest_checkpoint(self) -> Path | None: ...
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    return MODELS[cfg.name](num_classes=cfg.num_classes, pretrained=cfg.pretrained, **cfg.kwargs)
-
-
-def build_method(cfg: ExperimentConfig, wrap: Callable | None, device: torch.device | str) -> Method:
-    cls = METHODS[cfg.method]
-
-    def segmenter() -> nn.Module:
-        model = build_model(cfg.model)
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if cfg.train.compile:
-            model.compile()  # in place: the module, its type and its state_dict keys stay the same
-        return model
-
-    return cls(segmenter(), cfg.method_cfg, cfg.optim, num_classes=cfg.model.num_classes,
-               wrap=wrap, device=device, model_factory=segmenter, max_steps=cfg.train.max_steps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,42 +81,12 @@ def model_profile(model: nn.Module, size_hw: tuple[int, int], device: torch.devi
 # checkpoints
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _gather(obj: Any, world_size: int) -> list:
     if world_size == 1:
         return [obj]
     out: list = [None] * world_size
     dist.all_gather_object(out, obj)
     return out
-
-
-def save_checkpoint(path: Path, method: Method, step: int, rng: list, cfg: ExperimentConfig,
-                    metrics: dict[str, Any]) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    torch.save({"method": method.state_dict(), "step": step, "rng": rng, "config": experiment_dict(cfg),
-                "metrics": metrics}, path / STATE_FILE)
-    (path / METRICS_FILE).write_text(json.dumps(metrics))  # read without loading the weights
-
-
-def load_weights(method: Method, path: str | Path) -> None:
-    """Stage start: the segmenter's weights from an earlier run's checkpoint (dir or file)."""
-    p = Path(path)
-    state = torch.load(p / STATE_FILE if p.is_dir() else p, map_location="cpu", weights_only=False)
-    method.model_raw.load_state_dict(state["method"]["model"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,11 +107,11 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
     start = 0
     ckpt = session.latest_checkpoint()
     if ckpt is not None:
-        state = torch.load(ckpt / STATE_FILE, map_location=device, weights_only=False)
+        state = load_state(ckpt, map_location=device)
         method.load_state_dict(state["method"])
         start = state["step"]
         rng = state["rng"]
-        _set_rng_state(rng[session.rank] if len(rng) == session.world_size else rng[0])
+        set_rng_state(rng[session.rank] if len(rng) == session.world_size else rng[0])
         log.info("resumed from %s at step %d", ckpt, start)
         _refuse_known_divergence(session.run_dir, start, digest)
         restart = {"resumed_from": start, "restarts": _record_restart(session.run_dir, start)} \
@@ -175,7 +123,7 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
     else:
         restart = {}
         if tc.init_from:
-            load_weights(method, tc.init_from)
+            load_weights(method.model_raw, tc.init_from)
             log.info("initialized from %s", tc.init_from)
 
     if cfg.data.pseudo_from and cls.uses_target_labels:
@@ -230,11 +178,12 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
             }
             restart = {}
             n_sum, t_last = 0, now
-            rng = _gather(_rng_state(), session.world_size)
+            rng = _gather(rng_state(), session.world_size)
             tmp = Path(tempfile.mkdtemp(prefix="uda_ray_ckpt_")) if session.rank == 0 else None
             try:
                 if tmp is not None:
-                    save_checkpoint(tmp, method, done, rng, cfg, metrics)
+                    save_checkpoint(tmp, method_state=method.state_dict(), step=done, rng=rng,
+                                    config=experiment_dict(cfg), metrics=metrics)
                 session.report(metrics, tmp)
             finally:
                 if tmp is not None:
@@ -277,13 +226,13 @@ def _own_pseudo_labels(cfg: ExperimentConfig, session: Session) -> ExperimentCon
     """Rank 0 writes the run's pseudo-labels (once: a resumed run reuses them), the others wait."""
     import dataclasses
 
-    from uda_ray.stages import pseudo_labels
+    from uda_ray.pseudo_labels import from_checkpoints
 
     d = cfg.data
     out = session.run_dir / "pseudo_labels"
     if session.rank == 0 and not (out / "manifest.json").is_file():
         log.info("pseudo-labels from %s (percentile %s, cap %s)", d.pseudo_from, d.pseudo_percentile, d.pseudo_cap)
-        pseudo_labels([Path(d.pseudo_from)], out, percentile=d.pseudo_percentile, cap=d.pseudo_cap,
+        from_checkpoints([Path(d.pseudo_from)], out, percentile=d.pseudo_percentile, cap=d.pseudo_cap,
                       stylize_beta=d.pseudo_stylize_beta, device=str(session.device))
     if session.world_size > 1:
         dist.barrier()

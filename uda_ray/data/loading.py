@@ -150,6 +150,14 @@ def input_transform(tf: Any, cfg: DataConfig) -> Any:
     return _Grayscale(tf) if cfg.grayscale else tf
 
 
+def target_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
+    """The target dataset's `split` with the evaluation transform (no crop, no flip) at the run's input size:
+    data.target_size for train (pseudo-labels, rankings), data.eval_size (else target_size) for the val split."""
+    size = cfg.target_size if split == "train" else (cfg.eval_size or cfg.target_size)
+    tf = input_transform(eval_transform(size), cfg)
+    return DATASETS[cfg.target](Path(cfg.target_root), split, tf, label_set=cfg.label_set)
+
+
 def _path(p: str | None) -> Path | None:
     return Path(p) if p else None
 

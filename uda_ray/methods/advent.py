@@ -13,17 +13,18 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from uda_ray.config import OptimConfig
 from uda_ray.losses import entropy_loss, self_information
-from uda_ray.methods.adversarial import (
-    Adversarial,
+from uda_ray.methods.base import Method, UDABatch, upsample
+from uda_ray.methods.common import (
+    AdversarialConfig,
+    OutputAdversarialMethod,
     backward_target_then_source,
     check_multi_level,
     check_weight,
     output_levels,
     resolve_aux_weights,
 )
-from uda_ray.methods.base import Method, UDABatch, upsample
+from uda_ray.optim import OptimConfig
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,12 @@ class MinEnt(Method):
         return logs
 
 
-class AdvEnt(Adversarial):
+class AdvEnt(OutputAdversarialMethod):
     """ADVENT AdvEnt: AdaptSegNet's adversarial training, D seeing weighted self-information maps I(p)
     instead of p (same defaults: lambda_adv 1e-3 main / 2e-4 aux, D Adam 1e-4)."""
 
-    def d_input(self, probs: Tensor) -> Tensor:
+    Config = AdversarialConfig
+
+    @staticmethod
+    def d_input(probs: Tensor) -> Tensor:
         return self_information(probs)  # (B, C, H, W), summed over C in [0, 1]

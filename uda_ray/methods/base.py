@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from uda_ray.config import OptimConfig
 from uda_ray.data.labels import IGNORE
+from uda_ray.optim import OptimConfig, build_optimizer
 
 Wrap = Callable[[nn.Module], nn.Module]
 
@@ -79,40 +79,6 @@ def backward_first_then_last(model: nn.Module, first: Callable[[], Tensor],
         last().backward()
     else:
         (first() + last()).backward()
-
-
-def build_optimizer(params: list[dict] | Any, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Optimizer from param groups (each may carry its own "lr"); records "initial_lr", "poly_power" and
-    "poly_horizon" (None: the run's horizon, given to `set_lr`) for the poly schedule."""
-    groups = list(params)
-    groups = [dict(g) for g in groups] if groups and isinstance(groups[0], dict) else [{"params": groups}]
-    for g in groups:
-        g.setdefault("lr", cfg.lr)
-        g["initial_lr"] = g["lr"]
-        g["poly_power"] = cfg.poly_power
-        g["poly_horizon"] = cfg.poly_horizon
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    if cfg.name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.name}")
-
-
-def poly_factor(step: int, horizon: int, power: float) -> float:
-    """lr multiplier (1 - step / horizon) ** power of the poly schedule."""
-    return max(0.0, 1.0 - step / horizon) ** power
-
-
-def set_lr(optimizer: torch.optim.Optimizer, step: int, horizon: int) -> None:
-    """Poly schedule, each group with the power and horizon of the optimizer config it was built from;
-    `horizon` (the run's: optim.poly_horizon, else train.max_steps) where that config left it None."""
-    for g in optimizer.param_groups:
-        h = g.get("poly_horizon") or horizon
-        g["lr"] = g["initial_lr"] * poly_factor(step, h, g.get("poly_power", 0.9))
 
 
 def upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:

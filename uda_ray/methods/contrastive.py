@@ -26,16 +26,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from uda_ray.config import OptimConfig
 from uda_ray.data.labels import IGNORE
 from uda_ray.errors import ConfigError
 from uda_ray.fda import fda_source_to_target
 from uda_ray.losses import entropy_loss, supcon_loss
 from uda_ray.methods.base import Method, UDABatch, backward_first_then_last, seg_loss, upsample
+from uda_ray.methods.common import GeneratorState, feature_channels, global_rand, projection_head
+from uda_ray.optim import OptimConfig
 
 
 @dataclass(frozen=True)
@@ -60,34 +60,6 @@ class ContrastiveConfig:
             raise ConfigError("method_cfg.proj_dim and method_cfg.pixels_per_image must be >= 1")
 
 
-class GeneratorState:
-    """A torch.Generator with a state_dict (checkpointed like a module)."""
-
-    def __init__(self, seed: int) -> None:
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"state": self.gen.get_state()}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.gen.set_state(state["state"])
-
-
-def feature_channels(model: nn.Module, device: torch.device) -> int:
-    """F of the model's "feat" output, from one tiny eval-mode forward (the contract does not expose it)."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        f = model(torch.zeros(1, 3, 64, 64, device=device))["feat"].shape[1]
-    model.train(was_training)
-    return int(f)
-
-
-def projection_head(in_dim: int, out_dim: int) -> nn.Module:
-    hidden = min(in_dim, 512)
-    return nn.Sequential(nn.Conv2d(in_dim, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, out_dim, 1))
-
-
 class Contrastive(Method):
     """Seed 003 model 2: FDA source CE + target entropy + pixel SupCon between a target image and its twin."""
 
@@ -105,11 +77,8 @@ class Contrastive(Method):
 
     def _sample(self, lbl: Tensor, k: int) -> Tensor:
         """(B, N) labels -> (B, k) pixel indices: random, valid (non-255) ones first."""
-        world, rank = 1, 0
-        if dist.is_available() and dist.is_initialized():
-            world, rank = dist.get_world_size(), dist.get_rank()
         b, n = lbl.shape
-        scores = torch.rand(world * b, n, generator=self.rng.gen)[rank * b:(rank + 1) * b].to(lbl.device)
+        scores = global_rand(self.rng.gen, b, n).to(lbl.device)  # the same draws as one worker's
         scores = scores - 2.0 * (lbl == IGNORE).float()  # (B, N): ignored pixels only if too few valid ones
         return scores.topk(min(k, n), dim=1).indices
 

@@ -22,21 +22,30 @@ Sinkhorn on every worker), counts and class sums all-reduced, random draws made 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from uda_ray.config import OptimConfig
 from uda_ray.data.labels import IGNORE
 from uda_ray.errors import ConfigError
 from uda_ray.losses import kl_distill, symmetric_ce
 from uda_ray.methods.base import Method, UDABatch, backward_first_then_last, seg_loss, upsample
-from uda_ray.methods.contrastive import GeneratorState, feature_channels, projection_head
+from uda_ray.methods.common import (
+    GeneratorState,
+    all_gather_cat,
+    all_reduce_,
+    ema_update,
+    feature_channels,
+    frozen_copy,
+    global_rand,
+    photometric,
+    projection_head,
+    world_rank,
+)
+from uda_ray.optim import OptimConfig
 
 MIN_PIXELS = 10  # a class mean needs >= 10 pixels (ProDA's calculate_mean_vector)
 
@@ -79,35 +88,6 @@ class CPSLConfig:  # sources: the original's parser_train.py and README stage-1 
         if self.soft_labels not in ("warmup", "teacher"):
             raise ConfigError(f"method_cfg.soft_labels must be 'warmup' or 'teacher', "
                               f"got '{self.soft_labels}'")
-
-
-# -- distributed helpers ---------------------------------------------------------------------------
-def world_rank() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def all_reduce_(t: Tensor) -> Tensor:
-    if world_rank()[0] > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def all_gather_cat(t: Tensor) -> Tensor:
-    """(B, ...) per worker -> (world * B, ...) in rank order, identical on every worker."""
-    world = world_rank()[0]
-    if world == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
-def global_rand(gen: torch.Generator, b: int, *shape: int) -> Tensor:
-    """Uniform draws for the whole global batch (world * b, *shape); returns this worker's (b, *shape)."""
-    world, rank = world_rank()
-    return torch.rand(world * b, *shape, generator=gen)[rank * b:(rank + 1) * b]
 
 
 # -- pure pieces -----------------------------------------------------------------------------------
@@ -188,43 +168,9 @@ def paste_box(dst: Tensor, src: Tensor, box: tuple[int, int, int, int]) -> Tenso
     return out
 
 
-def _gray(x: Tensor) -> Tensor:
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]  # (B, 1, H, W)
-
-
-def photometric(img: Tensor, r: Tensor, strength: float = 0.4) -> Tensor:
-    """Strong view, photometric part of the original's RandAugmentMC: with p 0.5 colour jitter (brightness,
-    contrast, saturation factors in [1 - s, 1 + s], s = --jitter 0.4), with p 0.5 Gaussian blur (sigma 1).
-    img (B, 3, H, W) in 0..255; r (B, 5) uniform draws (flags, then the three factors)."""
-    f = (1.0 - strength + 2.0 * strength * r[:, 2:5])[:, :, None, None, None]  # (B, 3, 1, 1, 1)
-    x = img * f[:, 0]
-    m = _gray(x).mean((1, 2, 3), keepdim=True)
-    x = (x - m) * f[:, 1] + m
-    g = _gray(x)
-    x = ((x - g) * f[:, 2] + g).clamp(0.0, 255.0)
-    x = torch.where((r[:, 0] < 0.5)[:, None, None, None], x, img)
-    k = torch.exp(-torch.arange(-2.0, 3.0, device=img.device) ** 2 / 2.0)
-    k = (k[:, None] * k[None, :] / k.sum() ** 2).expand(3, 1, 5, 5)  # (3, 1, 5, 5) normalized
-    blurred = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), k.to(x.dtype), groups=3)
-    return torch.where((r[:, 1] < 0.5)[:, None, None, None], blurred, x)
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, rate: float) -> None:
-    """teacher <- rate * teacher + (1 - rate) * student for parameters; buffers copied (the original)."""
-    for pt, ps in zip(teacher.parameters(), student.parameters()):
-        pt.mul_(rate).add_(ps.detach(), alpha=1.0 - rate)
-    for bt, bs in zip(teacher.buffers(), student.buffers()):
-        bt.copy_(bs)
-
-
 def take(x: Tensor, idx: Tensor) -> Tensor:
     """x (B, K', h, w), idx (B, K) flat pixel indices -> (B, K, K')."""
     return x.flatten(2).gather(2, idx[:, None].expand(-1, x.shape[1], -1)).transpose(1, 2)
-
-
-def frozen_copy(m: nn.Module) -> nn.Module:
-    return copy.deepcopy(m).requires_grad_(False).eval()
 
 
 # -- stateful pieces -------------------------------------------------------------------------------

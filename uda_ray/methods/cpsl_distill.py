@@ -27,15 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from uda_ray.config import OptimConfig
+from uda_ray.checkpoint import STATE_FILE, load_state
 from uda_ray.errors import ConfigError
 from uda_ray.losses import kl_distill
 from uda_ray.methods.base import Method, UDABatch, backward_first_then_last, seg_loss, upsample
-from uda_ray.methods.contrastive import GeneratorState
-from uda_ray.methods.cpsl import global_rand, photometric
-from uda_ray.methods.self_training import pseudo_label_loss
-
-STATE_FILE = "state.pt"  # the loop's checkpoint file (uda_ray.train.STATE_FILE; train imports methods)
+from uda_ray.methods.common import GeneratorState, global_rand, photometric, pseudo_label_loss
+from uda_ray.optim import OptimConfig
 
 
 @dataclass(frozen=True)
@@ -64,7 +61,7 @@ def load_teacher_state(path: str | Path, key: str = "teacher") -> dict[str, Tens
     f = p / STATE_FILE if p.is_dir() else p
     if not f.is_file():
         raise ConfigError(f"method_cfg.teacher_checkpoint: no checkpoint at {p}")
-    state = torch.load(f, map_location="cpu", weights_only=False)
+    state = load_state(f)
     method = state.get("method", {}) if isinstance(state, dict) else {}
     if key == "teacher" and "teacher" in method:
         return method["teacher"]

@@ -48,19 +48,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from uda_ray.config import OptimConfig
 from uda_ray.data.labels import IGNORE
 from uda_ray.errors import ConfigError
 from uda_ray.fda import fda_source_to_target
-from uda_ray.methods.base import (
-    Method,
-    UDABatch,
-    backward_first_then_last,
-    build_optimizer,
-    seg_loss,
-    sync_grads,
-    upsample,
-)
+from uda_ray.methods.base import Method, UDABatch, backward_first_then_last, seg_loss, sync_grads, upsample
+from uda_ray.methods.common import is_distributed
+from uda_ray.optim import OptimConfig, build_optimizer
 
 
 @dataclass(frozen=True)
@@ -116,7 +109,7 @@ def global_ce(logits: Tensor, lbl: Tensor) -> Tensor:
     """Mean CE (255 ignored) of logits (B, C, h, w) upsampled to lbl (B, H, W), over all workers' pixels."""
     ce = F.cross_entropy(upsample(logits, tuple(lbl.shape[-2:])), lbl, ignore_index=IGNORE, reduction="sum")
     stats = torch.stack([ce.float(), (lbl != IGNORE).sum().float()])  # (2,) sum, count
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.all_reduce(stats)
     return stats[0] / stats[1].clamp(min=1.0)
 

@@ -11,30 +11,28 @@ AdaptSegNet's adversarial term (seed 000 self-trains with it). The pseudo-labels
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from uda_ray.config import OptimConfig
-from uda_ray.data.labels import IGNORE
 from uda_ray.errors import ConfigError
 from uda_ray.fda import fda_source_to_target
-from uda_ray.losses import bce_domain, charbonnier_entropy, entropy_loss
-from uda_ray.methods.adversarial import (
-    SOURCE,
-    Adversarial,
-    AdversarialConfig,
-    backward_target_then_source,
+from uda_ray.losses import charbonnier_entropy, entropy_loss
+from uda_ray.methods.base import Method, UDABatch, upsample
+from uda_ray.methods.common import (
+    OutputAdversary,
+    adversarial_segmenter_step,
+    check_discriminator,
     check_multi_level,
     check_weight,
-    frozen,
+    d_optim_default,
+    pseudo_label_loss,
     resolve_aux_weights,
 )
-from uda_ray.methods.base import Method, UDABatch, seg_loss, unwrap, upsample
-from uda_ray.models.discriminators import DISCRIMINATORS
+from uda_ray.optim import OptimConfig
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,7 @@ class SelfTrainingConfig:
     discriminator: str = "fc"  # "fc" | "dsc", as in `adversarial`
     multi_level: bool = False  # second discriminator on the first aux output
     lambda_seg_aux: float | None = None  # CE weight of every aux head (source and target); None = the model's
-    d_optim: OptimConfig = field(default_factory=lambda: AdversarialConfig().d_optim)  # Adam 1e-4
+    d_optim: OptimConfig = field(default_factory=d_optim_default)  # Adam 1e-4
     fda_beta: float = 0.0  # > 0: source CE on FDA-stylized source (FDA's self-training round, FDA-MBT)
 
     def __post_init__(self) -> None:
@@ -60,49 +58,32 @@ class SelfTrainingConfig:
             raise ConfigError(f"method_cfg.eta must be > 0, got {self.eta}")
         if not 0.0 <= self.fda_beta < 0.5:
             raise ConfigError(f"method_cfg.fda_beta must be in [0, 0.5), got {self.fda_beta}")
-        if self.discriminator not in DISCRIMINATORS:
-            raise ConfigError(f"method_cfg.discriminator: unknown '{self.discriminator}' "
-                              f"(valid: {', '.join(DISCRIMINATORS)})")
+        check_discriminator(self.discriminator)
 
 
-def pseudo_label_loss(out: dict[str, Any], lbl: Tensor, aux_weights: tuple[float, ...]) -> Tensor:
-    """seg_loss on pseudo-labels (B, H, W); a zero that still reaches every head when all pixels are 255 (a
-    crop can fall entirely below the thresholds; the plain mean would be NaN)."""
-    if bool((lbl != IGNORE).any()):
-        return seg_loss(out, lbl, aux_weights)
-    heads = [out["out"], *(out.get("aux") or [])]
-    return sum((lg.sum() * 0.0 for lg in heads), start=out["out"].new_zeros(()))
-
-
-class SelfTraining(Adversarial):
+class SelfTraining(Method):
     """Source CE + target CE on pseudo-labels (+ entropy, + adversarial with lambda_adv > 0)."""
 
     Config = SelfTrainingConfig
     uses_target_labels = True
 
     def __init__(self, model: nn.Module, cfg: SelfTrainingConfig, optim: OptimConfig, **kwargs: Any) -> None:
-        if cfg.lambda_adv > 0:
-            super().__init__(model, cfg, optim, **kwargs)  # Adversarial: discriminator(s), their optimizers
-            return
-        # no adversarial term: no discriminator to build, train or checkpoint
-        Method.__init__(self, model, cfg, optim, **kwargs)
+        super().__init__(model, cfg, optim, **kwargs)
         check_multi_level(cfg.multi_level, self.aux_weights)
         self.seg_aux_weights = resolve_aux_weights(cfg.lambda_seg_aux, self.aux_weights)
-        self.levels = ()
-        self.lambda_adv = {"main": 0.0, "aux": 0.0}
-        self.discs, self.d_opts = {}, {}
+        self.adversary: OutputAdversary | None = None  # no adversarial term: no discriminator to build or train
+        if cfg.lambda_adv > 0:
+            self.adversary = OutputAdversary(cfg.discriminator, self.num_classes, multi_level=cfg.multi_level,
+                                             lambda_adv=cfg.lambda_adv, lambda_adv_aux=cfg.lambda_adv_aux,
+                                             d_optim=cfg.d_optim, wrap=self.wrap, device=self.device)
+            self.optimizers.extend(self.adversary.optimizers)
+        self.discs = self.adversary.discs if self.adversary else {}
 
-    def _segmenter_step(self, batch: UDABatch) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor]]:
-        if batch.tgt_lbl is None:
-            raise ValueError("self_training needs pseudo-labels as target labels (data.target_label_root)")
-        cfg = self.cfg
-        self.model.train()
-        self.opt.zero_grad(set_to_none=True)
-        size = tuple(batch.tgt_img.shape[-2:])
-        logs: dict[str, Tensor] = {}
-        tgt_maps: list[Tensor] = []
+    def _target_terms(self, batch: UDABatch) -> Callable[[dict[str, Any], dict[str, Tensor]], Tensor]:
+        """lambda_tgt * pseudo-label CE (+ lambda_ent * entropy) of the target outputs."""
+        cfg, size = self.cfg, tuple(batch.tgt_img.shape[-2:])
 
-        def target_loss(tgt_out: dict[str, Any]) -> Tensor:
+        def terms(tgt_out: dict[str, Any], logs: dict[str, Tensor]) -> Tensor:
             ce = pseudo_label_loss(tgt_out, batch.tgt_lbl, self.seg_aux_weights)
             logs["loss/seg_tgt"] = ce.detach()
             loss = cfg.lambda_tgt * ce
@@ -115,30 +96,23 @@ class SelfTraining(Adversarial):
                 ent = entropy_loss(F.softmax(upsample(tgt_out["out"], size), dim=1))  # in [0, 1]
                 logs["loss/ent"] = ent.detach()
                 loss = loss + cfg.lambda_ent * ent
-            for lvl, m in zip(self.levels, self._d_inputs(tgt_out, size)):  # (B, C, H, W) each
-                adv = bce_domain(unwrap(self.discs[lvl])(m), SOURCE)  # fool D: target labeled as source
-                logs[f"loss/adv{self._suffix(lvl)}"] = adv.detach()
-                tgt_maps.append(m.detach())
-                loss = loss + self.lambda_adv[lvl] * adv
             return loss
 
-        with frozen([unwrap(d) for d in self.discs.values()]):
-            src_out, _, loss_src = backward_target_then_source(self.model, batch, self.seg_aux_weights,
-                                                               target_loss)
-        self.opt.step()
-        src_maps: list[Tensor] = []
-        if self.levels:
-            with torch.no_grad():
-                src_maps = self._d_inputs(src_out, tuple(batch.src_img.shape[-2:]))
-        return {"loss/seg_src": loss_src, **logs}, src_maps, tgt_maps
+        return terms
 
     def train_step(self, batch: UDABatch, step: int) -> dict[str, Tensor]:
         """Logged: loss/seg_src, loss/seg_tgt (unweighted pseudo-label CE), loss/ent (if on); with the
         adversarial term also loss/adv, loss/d_src, loss/d_tgt as in `adversarial`."""
+        if batch.tgt_lbl is None:
+            raise ValueError("self_training needs pseudo-labels as target labels (data.target_label_root)")
         if self.cfg.fda_beta > 0:  # FDA (Yang & Soatto 2020): the source restyled with the target's amplitude
             batch = dataclasses.replace(batch, src_img=fda_source_to_target(batch.src_img, batch.tgt_img,
                                                                             self.cfg.fda_beta))
-        logs, src_maps, tgt_maps = self._segmenter_step(batch)
-        if self.levels:
-            logs.update(self._discriminator_step(src_maps, tgt_maps))
+        logs, src_maps, tgt_maps = adversarial_segmenter_step(self, batch, self.seg_aux_weights, self.adversary,
+                                                              self._target_terms(batch))
+        if self.adversary is not None:
+            logs.update(self.adversary.train_discriminators(src_maps, tgt_maps))
         return logs
+
+    def stateful(self) -> dict[str, Any]:
+        return {**super().stateful(), **(self.adversary.stateful() if self.adversary else {})}

@@ -1,0 +1,131 @@
+"""The shape of the package: no import cycles, Ray only at the edges, no method importing another method.
+
+Read from the source (the AST of every module), so the tests are fast and see imports inside functions too.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import uda_ray
+
+PKG = Path(uda_ray.__file__).parent
+# The modules that may import ray (at module level or inside functions): the Ray edge. Everything else
+# (methods, models, data, losses, metrics, configs, checkpoints, stages, ...) is plain PyTorch / Python.
+RAY_EDGE = {"uda_ray.train", "uda_ray.search", "uda_ray.results", "uda_ray.cli", "uda_ray.api"}
+# files under uda_ray/methods/ that are building blocks, not methods
+METHOD_BLOCKS = {"uda_ray.methods", "uda_ray.methods.base", "uda_ray.methods.common"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def imported_modules(name: str, *, skip_root_getattr: bool = True) -> set[str]:
+    """The uda_ray modules `name` imports anywhere in its file (module level and inside functions).
+    `from uda_ray.x import y` counts as uda_ray.x.y when that is a module, else as uda_ray.x. The root
+    package's module-level `__getattr__` (lazy re-exports of the API) is skipped: deferring is its purpose."""
+    tree = ast.parse(MODULES[name].read_text())
+    if name == "uda_ray" and skip_root_getattr:
+        tree.body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name == "__getattr__")]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative imports are not used in this package; resolve them anyway
+                base = name.split(".")[: -node.level + (1 if MODULES[name].name == "__init__.py" else 0) or None]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in MODULES else mod for a in node.names]
+        else:
+            continue
+        out.update(t for t in targets if t in MODULES and t != name)
+    return out
+
+
+def imports_ray(name: str) -> bool:
+    tree = ast.parse(MODULES[name].read_text())
+    for node in ast.walk(tree):
+        mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+        if any(m == "ray" or m.startswith("ray.") for m in mods):
+            return True
+    return False
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of the directed graph as a list of nodes (first == last), or None."""
+    state: dict[str, int] = {}  # 1 on the stack, 2 done
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (found := visit(m)):
+                return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (found := visit(n)):
+            return found
+    return None
+
+
+def test_cycle_finder_finds_a_planted_cycle_and_accepts_a_dag():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_import_graph_of_the_package_has_no_cycles_including_function_level_imports():
+    graph = {name: imported_modules(name) for name in MODULES}
+    assert graph["uda_ray.train"], "the import walker must see train.py's imports"
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_train_does_not_import_stages():
+    assert "uda_ray.stages" not in imported_modules("uda_ray.train")
+
+
+def test_config_imports_neither_methods_nor_models():
+    deps = imported_modules("uda_ray.config")
+    assert not {d for d in deps if d.startswith(("uda_ray.methods", "uda_ray.models", "uda_ray.build"))}, deps
+
+
+def test_ray_is_imported_only_in_the_ray_edge_modules():
+    importers = {name for name in MODULES if imports_ray(name)}
+    assert importers, "the check must see the edge modules' ray imports"
+    assert importers <= RAY_EDGE, f"ray imported outside the edge: {sorted(importers - RAY_EDGE)}"
+
+
+def test_no_method_file_imports_another_method_file():
+    methods = {n for n in MODULES if n.startswith("uda_ray.methods.")} - METHOD_BLOCKS
+    assert len(methods) >= 10
+    for name in sorted(methods):
+        others = {d for d in imported_modules(name) if d in methods}
+        assert not others, f"{name} imports the method module(s) {sorted(others)}"
+
+
+def test_methods_use_the_shared_blocks_rather_than_copies():
+    def defines(name: str, what: str) -> bool:
+        return re.search(rf"^\s*{what}\b", MODULES[name].read_text(), flags=re.M) is not None
+
+    for what in ("def global_rand", "def ema_update", "def projection_head", "class GeneratorState",
+                 "class OutputAdversary", "def eval_mode", "def is_distributed", "def photometric",
+                 "def pseudo_label_loss"):
+        assert defines("uda_ray.methods.common", what)
+        copies = [n for n in MODULES if n != "uda_ray.methods.common" and defines(n, what)]
+        assert not copies, f"{what} is defined again in {copies}"
