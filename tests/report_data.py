@@ -34,7 +34,7 @@ def selection_metric(report: dict) -> str:
     return "sel/miou"
 
 
-def make_sweep(root: Path, synth_root: Path, multi: bool = True) -> Path:
+def make_sweep(root: Path, synth_root: Path, multi: bool = True, constraints: list[dict] | None = None) -> Path:
     d = Path(root) / "tinysweep"
     res = d / "results"
     sessions = []
@@ -72,7 +72,8 @@ def make_sweep(root: Path, synth_root: Path, multi: bool = True) -> Path:
                  "checkpoint_path": None}
             w.result(tid, exp, params, r)
         w.end(tid, exp, params, status, "boom" if status == "errored" else None)
-    meta = {"name": d.name, "objective": objectives, "seed": 0, "num_samples": 7, "status": "completed"}
+    meta = {"name": d.name, "objective": objectives, "seed": 0, "num_samples": 7, "status": "completed",
+            "constraints": constraints or []}
     (d / "sweep.json").write_text(json.dumps(meta))
     (d / "space.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "params": SPACE}))
     return d

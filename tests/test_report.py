@@ -45,7 +45,7 @@ def test_table_lists_every_trial_with_its_status(page, sweep):
 
 def test_pareto_front_is_the_non_dominated_set(sweep):
     data = load("sweep", sweep)
-    pts = {tid: (v, front) for tid, v, front in pareto_points(data)}
+    pts = {tid: (v, front) for tid, v, front, _ in pareto_points(data)}
     # t5 ended early and t6 errored: only completed trials compete
     assert set(pts) == {"t0", "t1", "t2", "t3", "t4"}
     for tid, (v, front) in pts.items():

@@ -110,3 +110,29 @@ def test_a_restored_searcher_keeps_the_study_consistent(tmp_path, synth_root):
     assert {k: t.state.name for k, t in by_tune.items()} == {"a": "COMPLETE", "b": "COMPLETE", "lost": "FAIL"}
     assert by_tune["b"].intermediate_values == {2: 0.05, 4: 0.15}
     assert len(study.trials) == 3
+
+
+def test_constraints_reach_the_sampler_and_survive_the_searcher_snapshot(tmp_path, synth_root):
+    """Multi-objective with a constraint: each told trial carries its violations, Optuna's sampler records
+    them (FrozenTrial.constraints, what its constrained TPE reads), and the snapshot Tune takes pickles."""
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_experiment(synth_root)))  # max_steps 4
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({
+        "base": "base.yaml", "num_samples": 2, "seed": 1, "max_concurrent_trials": 2,
+        "objective": [{"metric": "test/miou"}, {"metric": "model/gflops"}],
+        "constraints": {"model/fps": ">= 30"},
+        "params": {"model.name": {"choice": ["bisenet_r18", "enet"]}}}))
+    space = load_space(tmp_path / "p.yaml")
+    sweep_dir = tmp_path / "sw"
+    sweep_dir.mkdir()
+    limiter = make_searcher(space, seed=1, sweep_dir=sweep_dir)
+    limiter.set_search_properties(None, None, _tune_domains(space))
+    for tid, fps in (("fast", 50.0), ("slow", 10.0)):
+        limiter.suggest(tid)
+        limiter.on_trial_complete(tid, {"test/miou": 0.3, "model/gflops": 1.0, "model/fps": fps, "step": 4})
+    limiter.save(str(tmp_path / "snap.pkl"))
+    from uda_ray.search import load_study
+
+    by_tune = {t.user_attrs["tune_trial_id"]: t for t in load_study(sweep_dir).trials}
+    assert by_tune["fast"].values == [0.3, 1.0] and by_tune["fast"].state.name == "COMPLETE"
+    assert by_tune["fast"].constraints == {"model/fps >= 30": -20.0}
+    assert by_tune["slow"].constraints == {"model/fps >= 30": 20.0}

@@ -64,3 +64,20 @@ def test_int_params_sample_integers_within_inclusive_bounds(tmp_path):
     space = load_space(_space(tmp_path, params={"train.batch_size": {"int": [1, 3]}}))
     vals = {p["train.batch_size"] for p, _ in sample(space, 40)}
     assert vals == {1, 2, 3}
+
+
+def test_constraints_parse_and_measure_their_violation(tmp_path):
+    space = load_space(_space(tmp_path, constraints={"model/fps": ">= 30", "model/gflops": "<=2.5"}))
+    fps, gflops = space.constraints
+    assert (fps.metric, fps.op, fps.bound) == ("model/fps", ">=", 30.0) and str(gflops) == "model/gflops <= 2.5"
+    assert fps.violation(45.0) < 0 < fps.violation(20.0) and gflops.violation(3.0) == pytest.approx(0.5)
+    assert fps.violation(None) > 0 and fps.violation(float("nan")) > 0  # never reported: infeasible
+
+
+@pytest.mark.parametrize("bad, match", [({"model/fps": "> 30"}, "expected '>= NUMBER'"),
+                                        ({"model/fps": ">= fast"}, "expected '>= NUMBER'"),
+                                        ({"model/speed": ">= 30"}, "unknown metric 'model/speed'"),
+                                        (["model/fps >= 30"], "'constraints' must be a mapping")])
+def test_bad_constraints_are_config_errors(tmp_path, bad, match):
+    with pytest.raises(ConfigError, match=match):
+        load_space(_space(tmp_path, constraints=bad))

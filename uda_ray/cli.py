@@ -103,6 +103,7 @@ def _start_sweep(args: argparse.Namespace, space: Any, sweep_dir: Path, base_raw
     (sweep_dir / "space.yaml").write_text(dump_yaml(raw_space))
     meta = {"name": name, "space_file": str(Path(args.space).absolute()), "seed": seed,
             "objective": [dataclasses.asdict(o) for o in space.objectives], "num_samples": space.num_samples,
+            "constraints": [dataclasses.asdict(c) for c in space.constraints],
             "address": address, "created": time.time(), "status": "running",
             "pid": os.getpid(), "host": socket.gethostname()}
     write_meta(sweep_dir, meta)
@@ -232,21 +233,66 @@ def _print_best(sweep_dir: Path, top: int = 5, metric: str | None = None, method
     return rows
 
 
+def _print_pareto(sweep_dir: Path, meta: dict, method: str | None = None) -> list[dict]:
+    """The Pareto front of a multi-objective sweep (values at each completed trial's last evaluation)."""
+    from uda_ray.results import pareto_front
+
+    objectives, constraints = meta["objective"], meta.get("constraints") or []
+    rows = [r for r in pareto_front(sweep_dir / "results", objectives, constraints)
+            if not method or r["method"] == method]
+    front = [r for r in rows if r["on_front"]]
+    names = ", ".join(f"{o['metric']} ({o['mode']})" for o in objectives)
+    if not front:
+        print("no completed trial on a Pareto front yet" + (f" for method {method}" if method else "")
+              + (f" ({sum(not r['feasible'] for r in rows)} completed but infeasible)" if rows else ""))
+        return []
+    cons = "; constraints " + ", ".join(f"{c['metric']} {c['op']} {c['bound']:g}" for c in constraints) \
+        if constraints else ""
+    print(f"Pareto front: {len(front)} of {len(rows)} completed trials over {names}{cons}:")
+    for i, r in enumerate(front, 1):
+        vals = "  ".join(f"{o['metric']}={v:.4g}" for o, v in zip(objectives, r["values"]))
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in json.loads(r["params"]).items())
+        print(f"{i:>2}. {r['trial_id']}  {vals}  @ step {r['step']}  {r['method']}/{r['model']}  {params}")
+    bad = [r for r in rows if not r["feasible"]]
+    if bad:
+        print("infeasible: " + ", ".join(f"{r['trial_id']} ({'; '.join(r['violated'])})" for r in bad))
+    for r in front:  # the fields an export names
+        r.update(rank_metric=objectives[0]["metric"], rank_value=r["values"][0], rank_step=r["step"],
+                 rank_checkpoint=r["checkpoint"])
+    return front
+
+
 def cmd_best(args: argparse.Namespace) -> int:
     from uda_ray.config import dump_yaml
+    from uda_ray.search import read_meta
 
     sweep_dir = _sweep_dir(args)
     if args.top < 1:
         raise UserError("--top must be >= 1")
-    rows = _print_best(sweep_dir, top=args.top, metric=args.metric, method=args.method)
+    if args.index < 1:
+        raise UserError("--index must be >= 1")
+    meta = read_meta(sweep_dir)
+    pareto = len(meta.get("objective") or []) > 1 and not args.metric
+    if pareto:
+        rows = _print_pareto(sweep_dir, meta, method=args.method)
+    else:
+        rows = _print_best(sweep_dir, top=max(args.top, args.index), metric=args.metric, method=args.method)
     if args.export:
         if not rows:
             raise UserError("nothing to export: no evaluated trial")
-        cfg = json.loads(rows[0]["config_json"])
-        cfg["name"] = f"{sweep_dir.name}-best"
-        head = (f"# best trial {rows[0]['trial_id']} of sweep {sweep_dir.name}: {rows[0]['rank_metric']}="
-                f"{rows[0]['rank_value']:.4f} at step {rows[0]['rank_step']}\n"
-                f"# its checkpoint: {rows[0]['rank_checkpoint']}\n")
+        if args.index > len(rows):
+            raise UserError(f"--index {args.index}: the list above has only {len(rows)}")
+        pick = rows[args.index - 1]
+        cfg = json.loads(pick["config_json"])
+        cfg["name"] = f"{sweep_dir.name}-{'pareto' if pareto else 'best'}{args.index if args.index > 1 else ''}"
+        if pareto:
+            vals = ", ".join(f"{o['metric']}={v:.4g}" for o, v in zip(meta["objective"], pick["values"]))
+            what = f"Pareto-front trial {args.index} ({vals})"
+        else:
+            what = "best trial" if args.index == 1 else f"trial number {args.index}"
+        head = (f"# {what} {pick['trial_id']} of sweep {sweep_dir.name}: {pick['rank_metric']}="
+                f"{pick['rank_value']:.4f} at step {pick['rank_step']}\n"
+                f"# its checkpoint: {pick['rank_checkpoint']}\n")
         out = Path(args.export)
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(head + dump_yaml(cfg))
@@ -509,6 +555,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--metric", help="rank by this reported metric (default: the sweep's objective)")
     sp.add_argument("--method")
     sp.add_argument("--export", metavar="FILE", help="write the winner as a runnable experiment YAML")
+    sp.add_argument("--index", type=int, default=1,
+                    help="export the N-th entry of the printed list (the Pareto front of a multi-objective sweep)")
     storage(sp)
     sp.set_defaults(fn=cmd_best)
 

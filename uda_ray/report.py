@@ -328,26 +328,23 @@ def fig_importance(imp: dict[str, float]) -> str:
     return _png(fig)
 
 
-def pareto_points(data: ReportData) -> list[tuple[str, list[float], bool]]:
-    """(trial, objective values at its last evaluation, on the front?) of the completed trials."""
+def pareto_points(data: ReportData) -> list[tuple[str, list[float], bool, bool]]:
+    """(trial, objective values at its last evaluation, on the front?, feasible?) of the completed trials; the
+    front is taken among the trials that meet the sweep's constraints."""
+    from uda_ray.results import non_dominated
+    from uda_ray.space import Constraint
+
     ms = [o["metric"] for o in data.objectives]
-    signs = [1 if o["mode"] == "max" else -1 for o in data.objectives]
+    cons = [Constraint(**c) for c in data.meta.get("constraints") or []]
     status = {t["trial_id"]: t.get("status") for t in data.trials}
     pts = []
     for tid, rows in _evals_by_trial(data).items():
-        if status.get(tid) != "completed":
+        if status.get(tid) != "completed" or not all(_finite(rows[-1].get(m)) for m in ms):
             continue
-        last = {}
-        for r in rows:
-            last.update({m: r[m] for m in ms if _finite(r.get(m))})
-        if len(last) == len(ms):
-            pts.append((tid, [last[m] for m in ms]))
-
-    def dominates(a: list[float], b: list[float]) -> bool:
-        ge = all(s * x >= s * y for s, x, y in zip(signs, a, b))
-        return ge and any(s * x > s * y for s, x, y in zip(signs, a, b))
-
-    return [(tid, v, not any(dominates(w, v) for _, w in pts)) for tid, v in pts]
+        last = rows[-1]
+        pts.append((tid, [last[m] for m in ms], all(c.violation(last.get(c.metric)) <= 0 for c in cons)))
+    front = non_dominated([(tid, v) for tid, v, ok in pts if ok], [o["mode"] for o in data.objectives])
+    return [(tid, v, tid in front, ok) for tid, v, ok in pts]
 
 
 def fig_pareto(data: ReportData) -> str | None:
@@ -357,9 +354,14 @@ def fig_pareto(data: ReportData) -> str | None:
     plt = _plt()
     (mx, my) = data.objectives[1]["metric"], data.objectives[0]["metric"]
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    ax.scatter([v[1] for _, v, f in pts if not f], [v[0] for _, v, f in pts if not f], c="grey", s=25,
-               label="dominated")
-    front = sorted(((v[1], v[0], tid) for tid, v, f in pts if f))
+    dom = [v for _, v, f, ok in pts if ok and not f]
+    bad = [v for _, v, _, ok in pts if not ok]
+    if dom:
+        ax.scatter([v[1] for v in dom], [v[0] for v in dom], c="grey", s=25, label="dominated")
+    if bad:
+        ax.scatter([v[1] for v in bad], [v[0] for v in bad], marker="x", c="grey", s=30,
+                   label="violates a constraint")
+    front = sorted(((v[1], v[0], tid) for tid, v, f, _ in pts if f))
     ax.plot([x for x, _, _ in front], [y for _, y, _ in front], "-o", color="crimson", label="Pareto front")
     for x, y, tid in front:
         ax.annotate(tid, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -614,7 +616,7 @@ def render(data: ReportData, predictions: bool = True) -> str:
         parts.append(_section("Parameter importance", fig_importance(imp) if imp else None, why, "importance"))
         if len(data.objectives) > 1:
             pf = fig_pareto(data)
-            front = [tid for tid, _, f in pareto_points(data) if f]
+            front = [tid for tid, _, f, _ in pareto_points(data) if f]
             parts.append(_section("Pareto front", pf, (f"{len(front)} non-dominated of the completed trials "
                                                        f"(values at their last evaluation): {', '.join(front)}")
                                   if pf else "no completed trial has every objective yet", "pareto"))

@@ -255,6 +255,50 @@ def best_trials(results_dir: Path, metric: str | None = None, mode: str | None =
     return out[:top]
 
 
+def non_dominated(points: list[tuple[Any, list[float]]], modes: list[str]) -> set:
+    """Keys of the points no other point dominates (at least as good in every objective, better in one)."""
+    signs = [1.0 if m == "max" else -1.0 for m in modes]
+
+    def dominates(a: list[float], b: list[float]) -> bool:
+        return all(s * x >= s * y for s, x, y in zip(signs, a, b)) and any(s * x > s * y
+                                                                           for s, x, y in zip(signs, a, b))
+
+    return {k for k, v in points if not any(dominates(w, v) for _, w in points)}
+
+
+def pareto_front(results_dir: Path, objectives: list[dict], constraints: list[dict] = ()) -> list[dict]:
+    """Completed trials with their objective values at their last evaluation (the values the searcher was told),
+    marked `feasible` (every constraint met there) and `on_front` (non-dominated among the feasible trials).
+    Front first, ordered by the first objective (best first), then the rest."""
+    from uda_ray.space import Constraint
+
+    metrics = [o["metric"] for o in objectives]
+    modes = [o["mode"] for o in objectives]
+    cons = [c if isinstance(c, Constraint) else Constraint(**c) for c in constraints]
+    evals = read_table(results_dir, "evals")
+    out = []
+    for t in read_table(results_dir, "trials"):
+        if t["status"] != "completed":
+            continue
+        mine = sorted((e for e in evals if e["trial_id"] == t["trial_id"]), key=lambda e: e["step"])
+        if not mine:
+            continue
+        last = mine[-1]
+        vals = [last.get(m) for m in metrics]
+        if not all(isinstance(v, (int, float)) and v == v for v in vals):
+            continue
+        violations = [c.violation(last.get(c.metric)) for c in cons]
+        out.append({**t, "values": vals, "step": last["step"], "checkpoint": last.get("checkpoint_path"),
+                    "feasible": all(v <= 0 for v in violations), "violated": [str(c) for c, v in
+                                                                         zip(cons, violations) if v > 0]})
+    front = non_dominated([(r["trial_id"], r["values"]) for r in out if r["feasible"]], modes)
+    for r in out:
+        r["on_front"] = r["trial_id"] in front
+    sign = -1.0 if modes[0] == "max" else 1.0
+    out.sort(key=lambda r: (not r["on_front"], sign * r["values"][0]))
+    return out
+
+
 def markdown_report(title: str, run_dirs: list[tuple[str, Path]], note: str = "", selection: str | None = None) -> str:
     """A markdown table of runs (label, folder holding results/) built from their Parquet tables: the test
     mIoU (in %) of the checkpoint `selection` picks (default: metric_names.DEFAULT_SELECTION; a label-free

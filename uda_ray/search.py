@@ -143,6 +143,8 @@ def make_searcher(space: SearchSpace, seed: int, sweep_dir: Path | None = None) 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
                 return super().on_trial_complete(trial_id, result, error)
+            for c in constraints:  # Optuna's samplers treat a trial with any value > 0 as infeasible
+                self._ot_trials[trial_id].set_constraint(str(c), c.violation((result or {}).get(c.metric)))
             step = (result or {}).get("step")
             if error:  # Tune would tell an errored trial with a partial value as COMPLETE
                 state = optuna.trial.TrialState.FAIL
@@ -156,9 +158,16 @@ def make_searcher(space: SearchSpace, seed: int, sweep_dir: Path | None = None) 
     metrics = [o.metric for o in space.objectives]
     modes = [o.mode for o in space.objectives]
     multi = len(metrics) > 1
+    constraints = space.constraints
     searcher = PruneAwareOptunaSearch(
         metric=metrics if multi else metrics[0], mode=modes if multi else modes[0],
-        sampler=optuna.samplers.TPESampler(seed=seed) if not multi else optuna.samplers.NSGAIISampler(seed=seed),
+        # TPE for one objective and for several (MOTPE: Ozaki et al., "Multiobjective Tree-Structured Parzen
+        # Estimator for Computationally Expensive Optimization Problems", GECCO 2020): a sweep has tens of
+        # trials, fewer than one NSGA-II generation. Constraints are set on each trial before it is told (Optuna's
+        # Trial.set_constraint); Optuna's TPE treats a trial with any positive value as infeasible and models
+        # feasible and infeasible trials apart (see its TPESampler documentation; background: Watanabe & Hutter,
+        # "c-TPE", IJCAI 2023).
+        sampler=optuna.samplers.TPESampler(seed=seed),
         storage=study_storage(sweep_dir) if sweep_dir is not None else None,
         study_name=Path(sweep_dir).name if sweep_dir is not None else None,
     )

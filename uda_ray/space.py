@@ -4,6 +4,7 @@
 base: ../experiments/x.yaml            # the experiment every trial starts from (relative to this file)
 set: {train.max_steps: 300}            # optional fixed overrides of the base
 objective: {metric: test/miou, mode: max}   # or a list of them for a Pareto search
+constraints: {model/fps: ">= 30"}      # optional: the sampler and the Pareto front keep to these
 num_samples: 8
 max_concurrent_trials: 1
 seed: 0                                # Optuna TPE seed; omit for a fresh one per sweep (recorded)
@@ -74,6 +75,48 @@ class Objective:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """`metric op bound` a trial must meet to count (e.g. model/fps >= 30), honoured by the Optuna sampler
+    (its constraints_func) and by the Pareto front. `violation` is > 0 when the constraint is violated."""
+
+    metric: str
+    op: str  # ">=" or "<="
+    bound: float
+
+    MISSING = 1.0e9  # violation of a trial that never reported the metric
+
+    def violation(self, value: Any) -> float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+            return self.MISSING
+        return float(self.bound - value) if self.op == ">=" else float(value - self.bound)
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.bound:g}"
+
+
+def parse_constraints(raw: Any, source: str) -> tuple[Constraint, ...]:
+    """`{model/fps: ">= 30", model/gflops: "<= 5"}` -> constraints (metric names checked against the registry)."""
+    import re
+
+    if raw in (None, {}):
+        return ()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: constraints must be a mapping like {{model/fps: \">= 30\"}}, got {raw!r}")
+    out = []
+    for metric, spec in raw.items():
+        name = check_metric(metric, f"{source}: constraints")
+        m = re.fullmatch(r"\s*(>=|<=)\s*([-+0-9.eE]+)\s*", str(spec))
+        try:
+            bound = float(m.group(2)) if m else None
+        except ValueError:
+            bound = None
+        if m is None or bound is None or bound != bound:
+            raise ConfigError(f"{source}: constraints.{metric}: expected '>= NUMBER' or '<= NUMBER', got {spec!r}")
+        out.append(Constraint(name, m.group(1), bound))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class ASHAConfig:
     grace_period: int = 100
     reduction_factor: float = 3.0
@@ -99,6 +142,7 @@ class _SpaceFile:
     seed: int | None = None
     scheduler: SchedulerConfig | None = None
     driver_cpus: float = 0.25
+    constraints: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +157,7 @@ class SearchSpace:
     seed: int | None
     scheduler: SchedulerConfig | None
     driver_cpus: float
+    constraints: tuple[Constraint, ...] = ()
 
     @property
     def metric(self) -> str:
@@ -181,7 +226,7 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None) -> Sea
         raise ConfigError(f"{p}: scheduler.asha.grace_period exceeds train.max_steps ({base.train.max_steps})")
     params = {k: _parse_param(k, v, str(p)) for k, v in (sf.params or {}).items()}
     space = SearchSpace(str(p), base_raw, base, params, objectives, sf.num_samples, sf.max_concurrent_trials,
-                        sf.seed, sf.scheduler, sf.driver_cpus)
+                        sf.seed, sf.scheduler, sf.driver_cpus, parse_constraints(sf.constraints, str(p)))
     for key, prm in params.items():  # each corner, the others at their first corner
         for v in prm.corners():
             sample = {k: q.corners()[0] for k, q in params.items()}
