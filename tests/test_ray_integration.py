@@ -140,3 +140,34 @@ def test_resume_after_sigkill_runs_every_trial_and_every_eval_exactly_once(tmp_p
             now = next(e["reported_at"] for e in evals if (e["trial_id"], e["step"]) == (tid, step))
             if step <= max(s for (t2, s) in before if t2 == victim) - 5:
                 assert now == t_rep, f"step {step} of {tid} was recomputed after the resume"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pareto_sweep_over_networks_completes_and_best_prints_its_front(tmp_path, synth_root):
+    space = _write_space(
+        tmp_path, synth_root, {"train.cpus_per_worker": 0.5, "train.max_steps": 2, "train.eval_every": 2,
+                               "train.profile": True},
+        objective=[{"metric": "test/miou", "mode": "max"}, {"metric": "model/gflops", "mode": "min"}],
+        constraints={"model/gflops": "<= 100"},
+        params={"model.name": {"choice": ["bisenet_r18", "enet"]}, "optim.lr": {"loguniform": [1e-3, 1e-2]}})
+    _cli(tmp_path, "sweep", str(space), "--name", "pf")
+    trials = _table(tmp_path, "pf", "trials")
+    assert len(trials) == 2 and all(t["status"] == "completed" for t in trials)
+    out = _cli(tmp_path, "best", "pf").stdout
+    assert "Pareto front:" in out and "of 2 completed trials over test/miou (max), model/gflops (min)" in out
+    assert "constraints model/gflops <= 100" in out
+
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    path = tmp_path / "store" / "pf" / "optuna_journal.log"
+    study = optuna.load_study(study_name="pf", storage=JournalStorage(JournalFileBackend(str(path))))
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 2 and all(len(t.values) == 2 and t.constraints["model/gflops <= 100"] < 0 for t in done)
+    evals = _table(tmp_path, "pf", "evals")
+    for t in done:  # the study holds the final values the tables hold
+        e = next(e for e in evals if e["trial_id"] == t.user_attrs["tune_trial_id"] and e["step"] == 2)
+        assert t.values == pytest.approx([e["test/miou"], e["model/gflops"]])
