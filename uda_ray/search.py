@@ -39,6 +39,9 @@ def trial_driver(config: dict, sweep: dict) -> None:
     The name is deterministic (`train-<trial id>`), so a restored trial resumes its Train run from the
     latest checkpoint instead of starting over.
     """
+    from uda_ray.timing import mark
+
+    mark("trial_driver_start")
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -51,7 +54,9 @@ def trial_driver(config: dict, sweep: dict) -> None:
     cfg = build_experiment(apply_overrides(sweep["base_raw"], params), f"trial {trial_id}")
     trainer = make_trainer(cfg, Path(sweep["dir"]) / "train", f"train-{trial_id}",
                            callbacks=[TuneReportCallback()])
+    mark("trainer_fit_start", trial=trial_id)
     trainer.fit()
+    mark("trainer_fit_end", trial=trial_id)
 
 
 def plain(d: dict) -> dict:

@@ -29,6 +29,7 @@ from uda_ray.data.loading import build_datasets, resolve_loader_workers, train_l
 from uda_ray.loop import LossLog, NonFiniteLoss, train_step
 from uda_ray.methods.base import upsample
 from uda_ray.metrics import ConfusionMatrix
+from uda_ray.timing import mark
 
 log = logging.getLogger(__name__)
 RESTARTS_FILE = "restarts.jsonl"  # one line per restart of the run from a checkpoint
@@ -96,11 +97,13 @@ def _gather(obj: Any, world_size: int) -> list:
 def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
     """Train `cfg.method` for `cfg.train.max_steps` steps, evaluating and checkpointing every `eval_every`."""
     tc = cfg.train
+    mark("fit_start", run=str(session.run_dir))
     torch.manual_seed(cfg.seed)  # identical init on every rank
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     device = session.device
     method = build_method(cfg, session.wrap, device)
+    mark("model_built", run=str(session.run_dir))
     cls = type(method)
     digest = _config_digest(cfg)
 
@@ -143,10 +146,13 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
         session.run_dir.mkdir(parents=True, exist_ok=True)
         (session.run_dir / "config.yaml").write_text(dump_yaml(experiment_dict(cfg)))
     profile: dict[str, float] = {}
+    mark("data_ready", run=str(session.run_dir))
     if tc.profile and session.rank == 0:
         h, w = ds["val"][0]["img"].shape[-2:]
         profile = model_profile(method.eval_model(), (int(h), int(w)), device)
+    mark("profiled", run=str(session.run_dir))
 
+    mark("loop_start", run=str(session.run_dir), steps=tc.max_steps - start)
     losses = LossLog()  # per-step losses stay on the device until the loop logs
     n_sum, t0, t_last = 0, time.time(), time.time()
     metrics: dict[str, float] = {}
@@ -188,6 +194,7 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
             finally:
                 if tmp is not None:
                     shutil.rmtree(tmp, ignore_errors=True)
+    mark("fit_end", run=str(session.run_dir))
     return metrics
 
 
@@ -303,6 +310,7 @@ class RaySession:
 
 def ray_train_worker(config: dict) -> None:
     """`train_loop_per_worker` of the TorchTrainer: config = {"experiment": dict, "run_dir": str}."""
+    mark("train_worker_start", run=config["run_dir"])
     cfg = build_experiment(config["experiment"], "<trial config>")
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     session = RaySession(Path(config["run_dir"]))
