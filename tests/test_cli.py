@@ -117,3 +117,29 @@ def test_unknown_objective_metric_exits_2_before_any_compute(tmp_path, capsys, s
     code, _, err = _run(capsys, "sweep", str(space), "--storage", str(tmp_path / "store"))
     _assert_user_error(code, err, tmp_path / "store", "unknown metric 'uv/bogus'")
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"data.target_holdout_fraction": 1.0}, "data.target_holdout_fraction must be in (0, 1)"),
+    ({"data.source_val_fraction": 0.0}, "data.source_val_fraction must be in (0, 1)"),
+    ({"data.selection_labeled": 11}, "data.selection_labeled=11"),  # 12 target train images, 1 held out
+    ({"select": "uv/bogus"}, "unknown metric 'uv/bogus'"),
+    ({"select": "sel/miou"}, "sel/miou needs a labeled selection split"),
+])
+def test_bad_splits_or_selection_exit_2_before_any_compute(tmp_path, capsys, synth_root, over, needle):
+    for cmd, path in (("sweep", _space(tmp_path, tiny_experiment(synth_root, **over))),
+                      ("train", tmp_path / "base.yaml")):
+        code, _, err = _run(capsys, cmd, str(path), "--storage", str(tmp_path / "store"))
+        _assert_user_error(code, err, tmp_path / "store", needle)
+        assert not (tmp_path / "store" / "runs").exists()
+
+
+def test_test_metric_selection_on_an_unlabeled_target_exits_2(tmp_path, capsys, synth_root):
+    import shutil
+
+    tgt = tmp_path / "cs_nolabels"
+    shutil.copytree(synth_root / "cityscapes" / "leftImg8bit", tgt / "leftImg8bit")
+    base = tiny_experiment(synth_root, **{"data.target_root": str(tgt)})
+    space = _space(tmp_path, base, objective={"metric": "test/miou"})
+    code, _, err = _run(capsys, "sweep", str(space), "--storage", str(tmp_path / "store"))
+    _assert_user_error(code, err, tmp_path / "store", "test/miou needs target test labels")

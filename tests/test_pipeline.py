@@ -47,8 +47,11 @@ def test_intrada_pipeline_ranks_then_adapts_easy_to_hard(tmp_path, synth_root):
     ds = build_datasets(data, source=True, target=True, target_labels=False)
     src = {it[0].name for it in ds["src"].items}
     tgt = {it[0].name for it in ds["tgt"].items}
-    assert len(src) == 6 and len(tgt) == 6 and not src & tgt
-    assert {Path(n).name for n in ranking[:6]} == src  # the easy half is the source
+    sp = {k: {Path(n).name for n in v} for k, v in json.loads((pdir / "intra" / "splits.json").read_text()).items()
+          if isinstance(v, list)}
+    assert not src & tgt and not (src | tgt) & sp["target_holdout"]  # held-out images are never trained on
+    assert src | sp["source_val"] == {Path(n).name for n in ranking[:6]} - sp["target_holdout"]  # the easy half
+    assert tgt == {Path(n).name for n in ranking[6:]} - sp["target_holdout"]  # the hard half
 
 
 def test_fda_mbt_pipeline_ensembles_pseudo_labels_and_self_trains(tmp_path, synth_root):
@@ -94,3 +97,40 @@ def test_shipped_pipelines_load():
     assert files
     for f in files:
         assert load_pipeline(f).cfg.stages
+
+
+def _ckpt(run: Path, step: int, metrics: dict) -> Path:
+    d = run / "checkpoints" / f"step_{step:07d}"
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps({"step": step, **metrics}))
+    return d
+
+
+def test_stage_best_follows_the_named_selection_metric(tmp_path):
+    from uda_ray.pipeline import resolve_stage_refs
+
+    a = _ckpt(tmp_path / "s", 1, {"uv/snd": 0.9, "test/miou": 0.1, "uv/entropy": 0.5})
+    b = _ckpt(tmp_path / "s", 2, {"uv/snd": 0.2, "test/miou": 0.8, "uv/entropy": 0.3})
+    c = _ckpt(tmp_path / "s", 3, {"uv/snd": 0.5, "test/miou": 0.4, "uv/entropy": 0.1})
+    ref = {"train.init_from": "@s:best"}
+    assert resolve_stage_refs(ref, tmp_path, "uv/snd") == {"train.init_from": str(a)}
+    assert resolve_stage_refs(ref, tmp_path, "test/miou") == {"train.init_from": str(b)}
+    assert resolve_stage_refs(ref, tmp_path, "uv/entropy") == {"train.init_from": str(c)}  # mode min
+
+
+def test_run_reference_uses_the_runs_own_selection_metric(tmp_path):
+    from uda_ray.stages import resolve_ref
+
+    run = tmp_path / "runs" / "r"
+    _ckpt(run, 1, {"uv/snd": 0.9, "src_val/miou": 0.1})
+    b = _ckpt(run, 2, {"uv/snd": 0.1, "src_val/miou": 0.7})
+    (run / "config.yaml").write_text("select: src_val/miou\n")
+    assert resolve_ref("run:r", tmp_path) == str(b)
+
+
+def test_unknown_pipeline_selection_metric_is_rejected(tmp_path, synth_root):
+    path = _write(tmp_path, synth_root, [{"name": "a", "experiment": "fda.yaml"}], {})
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "select": "uv/nope"}))
+    with pytest.raises(ConfigError, match="unknown metric 'uv/nope'"):
+        load_pipeline(path)

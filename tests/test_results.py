@@ -85,3 +85,12 @@ def test_restarts_reported_by_the_worker_are_counted_per_trial(tmp_path, synth_r
     (t,) = read_table(tmp_path, "trials")
     assert (t["restarts"], t["resumed_from"]) == (2, 4)
     assert [e.get("resumed_from") for e in read_table(tmp_path, "evals")] == [None, 2, 4]
+
+
+def test_best_trials_by_another_metric_uses_that_metrics_mode_and_reports_test_at_the_pick(tmp_path, synth_root):
+    exp = experiment_dict(build_experiment(tiny_experiment(synth_root)))
+    w = _writer(tmp_path)
+    for tid, ent, miou in (("a", 0.2, 0.1), ("b", 0.6, 0.9)):
+        w.result(tid, exp, {}, {"step": 2, "uv/entropy": ent, "test/miou": miou, "checkpoint_path": f"/{tid}"})
+    (top,) = best_trials(tmp_path, metric="uv/entropy", top=1)  # lower is better, whatever the objective
+    assert (top["trial_id"], top["rank_mode"], top["rank_test_miou"]) == ("a", "min", 0.1)

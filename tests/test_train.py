@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import tiny_experiment
@@ -21,6 +23,10 @@ def test_fit_reports_evaluations_and_writes_checkpoints(tmp_path, synth_root):
     assert [r["step"] for r in s.reports] == [2, 4]
     assert 0.0 <= last["test/miou"] <= 1.0 and "test/iou/road" in last and "train/loss/seg_src" in last
     assert (tmp_path / "run" / "config.yaml").is_file()
+    assert {"src_val/miou", "src_val/pixel_acc", "uv/entropy", "uv/im", "uv/snd", "uv/bnm", "time/eval_s"} <= set(last)
+    assert "sel/miou" not in last  # no labeled selection split asked for
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    assert splits["counts"]["target_holdout"] == 1 and splits["counts"]["test"] == 4
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
 
 
@@ -123,3 +129,37 @@ def test_a_restart_that_would_repeat_a_divergence_fails_at_once(tmp_path, synth_
     with pytest.raises(FloatingPointError, match="in an earlier attempt"):
         fit(cfg, again)
     assert again.reports == []
+
+
+def _unlabeled_targets(tmp_path, synth_root):
+    """The tiny benchmark's target as Cityscapes images without gtFine/, and as a flat folder of frames."""
+    cs = tmp_path / "cs_images_only"
+    shutil.copytree(synth_root / "cityscapes" / "leftImg8bit", cs / "leftImg8bit")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for p in sorted((synth_root / "cityscapes" / "leftImg8bit" / "train").glob("*/*.png")):
+        shutil.copy(p, frames / p.name)
+    return {"cityscapes": cs, "frames": frames}
+
+
+def test_fit_on_an_unlabeled_target_reports_validators_and_no_test_metrics(tmp_path, synth_root):
+    for kind, root in _unlabeled_targets(tmp_path, synth_root).items():
+        raw = tiny_experiment(synth_root, **{"data.target": kind, "data.target_root": str(root),
+                                             "method": "minent", "train.max_steps": 2})
+        s = LocalSession(tmp_path / kind)
+        last = fit(build_experiment(raw), s)
+        assert not [k for k in last if k.startswith("test/")], kind  # absent, not zero or NaN
+        assert {"uv/snd", "uv/entropy", "src_val/miou"} <= set(last)
+        assert json.loads((tmp_path / kind / "splits.json").read_text())["counts"]["test"] == 0
+
+
+def test_test_selection_on_an_unlabeled_target_is_refused_before_training(tmp_path, synth_root):
+    from uda_ray.errors import ConfigError
+
+    root = _unlabeled_targets(tmp_path, synth_root)["frames"]
+    raw = tiny_experiment(synth_root, **{"data.target": "frames", "data.target_root": str(root),
+                                         "select": "test/miou"})
+    s = LocalSession(tmp_path / "r")
+    with pytest.raises(ConfigError, match="test/miou needs target test labels"):
+        fit(build_experiment(raw), s)
+    assert s.reports == [] and not (tmp_path / "r").exists()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from uda_ray.errors import UserError
-from uda_ray.metric_names import upgrade_row
+from uda_ray.metric_names import DEFAULT_SELECTION, mode_of, upgrade_row
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
@@ -120,8 +120,20 @@ def checkpoints_in(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("checkpoint_step_*")) + sorted((run_dir / "checkpoints").glob("step_*"))
 
 
-def best_checkpoint_in(run_dir: Path, metric: str = "test/miou", mode: str = "max") -> Path:
-    """The checkpoint folder of a run with the best `metric` (from metrics.json; NaN and missing skipped)."""
+def run_select(run_dir: Path) -> str:
+    """The selection metric a run was trained with (its config.yaml's `select`), else the default."""
+    import yaml
+
+    p = Path(run_dir) / "config.yaml"
+    sel = (yaml.safe_load(p.read_text()) or {}).get("select") if p.is_file() else None
+    return sel or DEFAULT_SELECTION
+
+
+def best_checkpoint_in(run_dir: Path, metric: str | None = None, mode: str | None = None) -> Path:
+    """The checkpoint folder of a run with the best `metric` (from metrics.json; NaN and missing skipped).
+    Default: the run's own selection metric (`select`), in its mode."""
+    metric = metric or run_select(run_dir)
+    mode = mode or mode_of(metric)
     found = []
     for ck in checkpoints_in(run_dir):
         m = ck / METRICS_FILE

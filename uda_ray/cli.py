@@ -34,9 +34,11 @@ def _hw(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _resolve_data(space_or_cfg_data: Any, root: Path) -> Any:
-    """Resolve dataset roots (generating the synthetic benchmark on first use) and check they load."""
-    from uda_ray.data.loading import build_datasets, prepare, synthetic_dir
+def _resolve_data(space_or_cfg_data: Any, root: Path, select: str | None = None) -> Any:
+    """Resolve dataset roots (generating the synthetic benchmark on first use), check they load and split
+    as configured, and that the selection metric `select` can be computed on them."""
+    from uda_ray.data.loading import build_datasets, has_test_split, prepare, synthetic_dir
+    from uda_ray.metric_names import DEFAULT_SELECTION, needs_test_labels
 
     data_dir = Path(os.environ["UDA_RAY_DATA"]) if os.environ.get("UDA_RAY_DATA") else root / "data"
     d = space_or_cfg_data
@@ -46,6 +48,11 @@ def _resolve_data(space_or_cfg_data: Any, root: Path) -> Any:
             print(f"generating the synthetic benchmark in {where} ...", flush=True)
     data = prepare(space_or_cfg_data, data_dir)
     build_datasets(data, source=True, target=True, target_labels=bool(data.target_label_root))
+    if not has_test_split(data):
+        if select and needs_test_labels(select):
+            raise UserError(f"{select} needs target test labels, and the target at {data.target_root} has none "
+                            f"(select a label-free metric, e.g. {DEFAULT_SELECTION})")
+        print(f"the target at {data.target_root} has no labeled test split: test metrics are absent", flush=True)
     return data
 
 
@@ -76,7 +83,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                         "or give another --name")
     address = args.address or os.environ.get("RAY_ADDRESS")
     check_address(address)
-    data = _resolve_data(space.base.data, root)
+    data = _resolve_data(space.base.data, root, space.metric)
     base_raw = resolve_refs(_with_data(space.base_raw, data), root)
     seed = space.seed if space.seed is not None else random.SystemRandom().randrange(2**31)
     init_ray(address)
@@ -225,10 +232,12 @@ def _print_best(sweep_dir: Path, top: int = 5, metric: str | None = None, method
     if not rows:
         print("no evaluated trials yet" + (f" for method {method}" if method else ""))
         return rows
-    print(f"top {len(rows)} by {rows[0]['rank_metric']} ({rows[0]['mode']}):")
+    print(f"top {len(rows)} by {rows[0]['rank_metric']} ({rows[0]['rank_mode']}):")
     for i, r in enumerate(rows, 1):
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in json.loads(r["params"]).items())
-        print(f"{i:>2}. {r['trial_id']}  {r['rank_metric']}={r['rank_value']:.4f} @ step {r['rank_step']}  "
+        test = "" if r["rank_metric"] == "test/miou" else (
+            f"  test/miou={r['rank_test_miou']:.4f}" if r["rank_test_miou"] is not None else "  test/miou: absent")
+        print(f"{i:>2}. {r['trial_id']}  {r['rank_metric']}={r['rank_value']:.4f} @ step {r['rank_step']}{test}  "
               f"[{r['status']}]  {r['method']}  {params}")
     return rows
 
@@ -414,6 +423,13 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 # train / data / profile
 
 
+def _metrics_line(m: dict, select: str) -> str:
+    """`select=v test/miou=v` — a test metric the run does not report is said to be absent."""
+    parts = [f"{k}={m[k]:.4f}" if isinstance(m.get(k), float) else f"{k}: absent"
+             for k in dict.fromkeys((select, "test/miou"))]
+    return " ".join(parts)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from uda_ray.build import build_experiment, load_experiment
     from uda_ray.config import experiment_dict, parse_set
@@ -426,7 +442,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_experiment(resolve_refs(experiment_dict(cfg), root), str(args.experiment))
     address = args.address or os.environ.get("RAY_ADDRESS")
     check_address(address)
-    data = _resolve_data(cfg.data, root)
+    data = _resolve_data(cfg.data, root, cfg.select)
     cfg = build_experiment(_with_data(experiment_dict(cfg), data), str(args.experiment))
     name = args.name or cfg.name
     print(f"training {cfg.method}/{cfg.model.name} for {cfg.train.max_steps} steps on "
@@ -436,8 +452,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_resources(cfg.train, 0.0, 1, local=not address)
     with DriverLock(root / "runs" / name, f"run '{name}'"):
         m = fit_run(cfg, root / "runs", name)
-    print(f"done: step {m.get('step')} test/miou={m.get('test/miou', float('nan')):.4f} "
-          f"pixel_acc={m.get('test/pixel_acc', float('nan')):.4f}")
+    print(f"done: step {m.get('step')} " + _metrics_line(m, cfg.select))
     print(f"latest checkpoint: {m['checkpoint_path']}\nresults: {root / 'runs' / name / 'results'}")
     return 0
 
@@ -457,7 +472,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     check_address(address)
 
     def prepare(cfg: Any) -> Any:
-        data = _resolve_data(cfg.data, root)
+        data = _resolve_data(cfg.data, root, cfg.select)
         return build_experiment(resolve_refs(_with_data(experiment_dict(cfg), data), root), cfg.name)
 
     print(f"pipeline '{pipe.cfg.name}': {len(pipe.cfg.stages)} stages under {root / 'pipelines' / pipe.cfg.name}",
@@ -470,8 +485,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         summary = run_pipeline(pipe, root, fit_run, prepare)
     print(f"pipeline '{pipe.cfg.name}' done in {time.time() - t0:.0f}s")
     for row in summary:
-        miou = row.get("test/miou")
-        print(f"  {row['stage']:<24} {row['kind']:<14}" + (f" test/miou={miou:.4f} @ {row['step']}" if miou else ""))
+        print(f"  {row['stage']:<24} {row['kind']:<14}"
+              + (f" {_metrics_line(row, pipe.cfg.select)} @ step {row['step']}" if row.get("step") else ""))
     if args.report:
         pdir = root / "pipelines" / pipe.cfg.name
         runs = [(st.name, pdir / st.name) for st in pipe.cfg.stages if (pdir / st.name / "results").is_dir()]

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from uda_ray.errors import ConfigError
+from uda_ray.metric_names import DEFAULT_SELECTION, check_metric
 from uda_ray.optim import OptimConfig
 
 # --------------------------------------------------------------------------------------------
@@ -122,7 +123,14 @@ class DataConfig:
     # the target train set with the ranking's pseudo-labels, the target its hard rest.
     ranking: str | None = None
     easy_fraction: float = 0.67
-    val_split: str = "val"
+    val_split: str | None = "val"  # the target TEST split (test/... metrics); null or an unlabeled target: none
+    # Splits that keep the test split out of selection (uda_ray.data.splits), by seeded hash of file names:
+    source_val_fraction: float = 0.05  # of the source set, held out (labeled): src_val/... metrics
+    target_holdout_fraction: float = 0.05  # of target train, held out unlabeled: the uv/... validators
+    held_out_max: int = 200  # at most this many images in each of those two (evaluated at every evaluation)
+    selection_labeled: int = 0  # N labeled target TRAIN images for sel/miou (few-labels protocol); 0 = none
+    split_seed: int = 0  # the splits' seed (separate from `seed`, so reruns with other seeds share splits)
+    validator_pixels: int = 64  # pixels per held-out image sampled for uv/snd and uv/bnm (seeded)
     # "cityscapes19": the 19 Cityscapes classes. "synthia16": SYNTHIA -> Cityscapes as ADVENT and CPSL train it,
     # a model with 16 outputs (model.num_classes 16), terrain / truck / train pixels ignored in every split;
     # its mIoU is the mIoU-16 (test/miou16 = test/miou), test/miou13 the 13-class subset.
@@ -155,6 +163,13 @@ class DataConfig:
         _check(self.label_set in LABEL_SETS,
                f"data.label_set: unknown '{self.label_set}' (valid: {', '.join(LABEL_SETS)})")
         _check(self.loader_workers >= -1, "data.loader_workers must be >= 0, or -1 (from train.cpus_per_worker)")
+        _check(self.source != "frames", "data.source: a `frames` folder has no labels; the source needs them")
+        for key in ("source_val_fraction", "target_holdout_fraction"):
+            v = getattr(self, key)
+            _check(0.0 < v < 1.0, f"data.{key} must be in (0, 1), got {v}")
+        _check(self.selection_labeled >= 0, f"data.selection_labeled must be >= 0, got {self.selection_labeled}")
+        _check(self.validator_pixels >= 2, "data.validator_pixels must be >= 2")
+        _check(self.held_out_max >= 1, "data.held_out_max must be >= 1")
         _check(0.0 < self.easy_fraction < 1.0, "data.easy_fraction must be in (0, 1)")
         _check(0.0 <= self.pseudo_percentile <= 1.0, "data.pseudo_percentile must be in [0, 1]")
         _check(0.0 < self.pseudo_cap <= 1.0, "data.pseudo_cap must be in (0, 1]")
@@ -221,8 +236,14 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     method: str = "source_only"
     method_cfg: Any = None  # an instance of METHODS[method].Config (uda_ray.build.build_experiment)
+    # The metric that ranks this run's checkpoints (kept checkpoints, `run:NAME`, `@stage:best`); any name of
+    # uda_ray.metric_names, default label-free.
+    select: str = DEFAULT_SELECTION
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "select", check_metric(self.select, "select"))
+        _check(self.select != "sel/miou" or self.data.selection_labeled > 0,
+               "select: sel/miou needs a labeled selection split (data.selection_labeled > 0)")
         _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name)),
                f"name '{self.name}' must be letters, digits, '_', '.', '-'")
         from uda_ray.data.labels import LABEL_SETS

@@ -12,7 +12,9 @@ stages:
     experiment: ../experiments/synthetic_bisenet_r18_intrada.yaml
     set: {data.ranking: "@rank"}
 ```
-In `set` values, `@STAGE` is that stage's output folder and `@STAGE:best` its best checkpoint (by test/miou).
+`select:` (optional, default the label-free uda_ray.metric_names.DEFAULT_SELECTION) names the metric that
+picks `@STAGE:best` and the checkpoints actions start `from`; experiment stages keep their checkpoints by it.
+In `set` values, `@STAGE` is that stage's output folder and `@STAGE:best` its best checkpoint (by `select`).
 Everything lives under <storage>/pipelines/<name>/<stage>; a stage already complete is skipped, so running
 the same command again continues an interrupted pipeline.
 """
@@ -30,6 +32,7 @@ from typing import Any
 from uda_ray.build import load_experiment
 from uda_ray.checkpoint import best_checkpoint_in, latest_metrics
 from uda_ray.config import ConfigError, build, read_yaml
+from uda_ray.metric_names import DEFAULT_SELECTION, check_metric, mode_of
 from uda_ray.results import read_table
 from uda_ray.stages import ACTIONS
 
@@ -57,12 +60,22 @@ class PipelineConfig:
     name: str
     stages: list[StageConfig]
     set: dict = field(default_factory=dict)
+    # the metric that picks `@STAGE:best` and the checkpoints actions start from; also every experiment
+    # stage's `select` (its kept checkpoints) unless the stage's `set` names another
+    select: str = DEFAULT_SELECTION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "select", check_metric(self.select, "select"))
 
 
 @dataclass
 class Pipeline:
     cfg: PipelineConfig
     path: Path  # the pipeline file (experiment paths are relative to it)
+
+    def overrides(self, st: StageConfig) -> dict:
+        """The `--set`-style overrides of an experiment stage: the pipeline's select, its set, the stage's."""
+        return {"select": self.cfg.select, **self.cfg.set, **st.set}
 
     def experiment_path(self, st: StageConfig) -> Path:
         p = Path(st.experiment)
@@ -91,7 +104,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
             if not all(isinstance(x, str) and x in seen for x in _as_list(src)):
                 raise ConfigError(f"{where}: 'from' must name earlier stage(s), got {src!r}")
         else:
-            load_experiment(pipe.experiment_path(st), {**cfg.set, **st.set})  # validate now, not hours later
+            load_experiment(pipe.experiment_path(st), pipe.overrides(st))  # validate now, not hours later
         seen.add(st.name)
     return pipe
 
@@ -106,13 +119,15 @@ def _ref_stage(v: Any) -> str | None:
     return None
 
 
-def resolve_stage_refs(values: dict, pdir: Path) -> dict:
-    """'@stage' -> <pdir>/<stage>; '@stage:best' -> its best checkpoint; '@stage/sub' -> a path inside."""
+def resolve_stage_refs(values: dict, pdir: Path, select: str = DEFAULT_SELECTION) -> dict:
+    """'@stage' -> <pdir>/<stage>; '@stage:best' -> its best checkpoint by `select`; '@stage/sub' -> a path
+    inside."""
     out = {}
     for k, v in values.items():
         if _ref_stage(v) is not None:
             stage, _, rest = v[1:].partition(":")
-            out[k] = str(best_checkpoint_in(pdir / stage)) if rest == "best" else str(pdir / stage)
+            out[k] = (str(best_checkpoint_in(pdir / stage, select, mode_of(select))) if rest == "best"
+                      else str(pdir / stage))
         else:
             out[k] = v
     return out
@@ -122,7 +137,7 @@ def stage_done(pipe: Pipeline, st: StageConfig, pdir: Path) -> bool:
     d = pdir / st.name
     if st.action:
         return (d / "manifest.json").is_file()
-    cfg = load_experiment(pipe.experiment_path(st), {**pipe.cfg.set, **st.set})
+    cfg = load_experiment(pipe.experiment_path(st), pipe.overrides(st))
     m = latest_metrics(d)
     return bool(m) and int(m.get("step", 0)) >= cfg.train.max_steps
 
@@ -140,13 +155,14 @@ def run_pipeline(pipe: Pipeline, root: Path, run_experiment: Callable[[Any, Path
             log(f"stage {st.name}: already complete, skipped")
         elif st.action:
             name, args = st.action
-            args = resolve_stage_refs({k: v for k, v in args.items() if k != "from"}, pdir)
+            sel = pipe.cfg.select
+            args = resolve_stage_refs({k: v for k, v in args.items() if k != "from"}, pdir, sel)
             args = {("lambda_" if k == "lambda" else k): v for k, v in args.items()}
-            cks = [best_checkpoint_in(pdir / f) for f in _as_list(st.action[1]["from"])]
+            cks = [best_checkpoint_in(pdir / f, sel, mode_of(sel)) for f in _as_list(st.action[1]["from"])]
             log(f"stage {st.name}: {name} from {', '.join(str(c) for c in cks)}")
             ACTIONS[name](cks, pdir / st.name, **args)
         else:
-            overrides = resolve_stage_refs({**pipe.cfg.set, **st.set}, pdir)
+            overrides = resolve_stage_refs(pipe.overrides(st), pdir, pipe.cfg.select)
             cfg = load_experiment(pipe.experiment_path(st), overrides)
             cfg = dataclasses.replace(prepare_data(cfg), name=st.name)
             log(f"stage {st.name}: {cfg.method}/{cfg.model.name}, {cfg.train.max_steps} steps")
@@ -155,7 +171,7 @@ def run_pipeline(pipe: Pipeline, root: Path, run_experiment: Callable[[Any, Path
         evals = read_table(pdir / st.name / "results", "evals")
         if evals:
             last = max(evals, key=lambda e: e["step"])
-            row.update({k: last.get(k) for k in ("step", "test/miou", "test/pixel_acc")})
+            row.update({k: last.get(k) for k in ("step", pipe.cfg.select, "test/miou", "test/pixel_acc")})
         summary.append(row)
     (pdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -487,7 +487,8 @@ def fig_predictions(data: ReportData, n_images: int = 3) -> tuple[str | None, st
     state = load_state(ck)
     cfg = build_experiment(state["config"], str(ck))
     try:
-        ds = build_datasets(cfg.data, source=False, target=False, target_labels=False)["val"]
+        sets = build_datasets(cfg.data, source=False, target=False, target_labels=False)
+        ds = sets["test"] if "test" in sets else sets["holdout"]  # an unlabeled target: its held-out images
     except Exception as e:  # noqa: BLE001 - the data may live on another machine
         return None, f"target test images not readable here ({str(e).splitlines()[0]})"
     method = build_method(cfg, lambda m: m, "cpu")

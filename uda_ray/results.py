@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from uda_ray.build import build_experiment
 from uda_ray.config import experiment_dict, flatten
-from uda_ray.metric_names import REPORTED_PREFIXES, SCHEMA_VERSION, upgrade_row
+from uda_ray.metric_names import REPORTED_PREFIXES, SCHEMA_VERSION, check_metric, mode_of, upgrade_row
 
 TABLES = {"trials": ("trial_id",), "evals": ("trial_id", "step"), "class_iou": ("trial_id", "step", "class_name")}
 # on the first evaluation after the run restarted from a checkpoint (a dead worker, a resumed driver): the step
@@ -240,17 +240,22 @@ def best_trials(results_dir: Path, metric: str | None = None, mode: str | None =
         trials = [t for t in trials if t["method"] == method]
     if not trials:
         return []
-    metric = metric or trials[0]["objective"]
-    mode = mode or trials[0]["mode"]
+    if metric:
+        metric = check_metric(metric, "metric")
+        mode = mode or mode_of(metric)
+    else:
+        metric, mode = trials[0]["objective"], mode or trials[0]["mode"]
     evals = read_table(results_dir, "evals")
     out = []
     for t in trials:
-        vals = [(e[metric], e["step"], e.get("checkpoint_path")) for e in evals
+        vals = [e for e in evals
                 if e["trial_id"] == t["trial_id"] and e.get(metric) is not None and e[metric] == e[metric]]
         if not vals:
             continue
-        v, step, ckpt = (max if mode == "max" else min)(vals, key=lambda x: x[0])
-        out.append({**t, "rank_metric": metric, "rank_value": v, "rank_step": step, "rank_checkpoint": ckpt})
+        e = (max if mode == "max" else min)(vals, key=lambda x: x[metric])
+        # test/miou at the picked step, None when the target has no test labels (absent, not zero)
+        out.append({**t, "rank_metric": metric, "rank_mode": mode, "rank_value": e[metric], "rank_step": e["step"],
+                    "rank_checkpoint": e.get("checkpoint_path"), "rank_test_miou": e.get("test/miou")})
     out.sort(key=lambda r: r["rank_value"], reverse=(mode == "max"))
     return out[:top]
 

@@ -3,7 +3,8 @@
 ```yaml
 base: ../experiments/x.yaml            # the experiment every trial starts from (relative to this file)
 set: {train.max_steps: 300}            # optional fixed overrides of the base
-objective: {metric: test/miou, mode: max}   # or a list of them for a Pareto search
+objective: {metric: uv/snd}            # default: the base's `select`; mode from uda_ray.metric_names;
+                                       # a list of them for a Pareto search (trials keep checkpoints by the first)
 constraints: {model/fps: ">= 30"}      # optional: the sampler and the Pareto front keep to these
 num_samples: 8
 max_concurrent_trials: 1
@@ -31,7 +32,7 @@ from uda_ray.config import (
     load_raw,
     read_yaml,
 )
-from uda_ray.metric_names import check_metric, mode_of
+from uda_ray.metric_names import DEFAULT_SELECTION, check_metric, mode_of
 
 KINDS = ("uniform", "loguniform", "int", "choice")
 
@@ -59,7 +60,7 @@ class Param:
 
 @dataclass(frozen=True)
 class Objective:
-    metric: str = "test/miou"
+    metric: str = DEFAULT_SELECTION
     mode: str | None = None  # default: the metric's mode in the registry (uda_ray.metric_names)
 
     def __post_init__(self) -> None:
@@ -212,10 +213,14 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None) -> Sea
     base_raw.setdefault("name", base_path.stem)
     base = build_experiment(base_raw, str(base_path))
 
-    objs = sf.objective if isinstance(sf.objective, list) else [sf.objective or {}]
+    # the objective defaults to the base's selection metric; every trial then ranks its checkpoints (kept
+    # checkpoints, best step) by the (first) objective, so a trial's best value and its kept checkpoint agree
+    objs = sf.objective if isinstance(sf.objective, list) else [sf.objective or {"metric": base.select}]
     objectives = tuple(build(Objective, o, str(p), "objective.") for o in objs)
     if not objectives:
         raise ConfigError(f"{p}: objective list is empty")
+    base_raw = {**base_raw, "select": objectives[0].metric}
+    base = build_experiment(base_raw, str(base_path))
     if sf.num_samples < 1:
         raise ConfigError(f"{p}: num_samples must be >= 1, got {sf.num_samples}")
     if sf.max_concurrent_trials < 1:

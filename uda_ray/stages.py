@@ -1,8 +1,9 @@
 """Stages: runs that start from what earlier runs left (best checkpoints, rankings, pseudo-labels).
 
 Ray-free. References an experiment may hold in `train.init_from`:
-    run:NAME     the best checkpoint (by test/miou) of the `uda-ray train` run NAME under the storage root
-    sweep:NAME   the best checkpoint of the best trial of sweep NAME (from its Parquet tables)
+    run:NAME     the best checkpoint of the `uda-ray train` run NAME under the storage root, by the run's
+                 selection metric (its `select`)
+    sweep:NAME   the best checkpoint of the best trial of sweep NAME by the sweep's objective (its tables)
     a path       a checkpoint folder (holding state.pt) or a state.pt file
 Actions (run on the driver, between training stages), each from the best checkpoint(s) of earlier stages:
     intrada_rank       IntraDA's entropy ranking of the target train set, with argmax pseudo-labels
@@ -64,7 +65,8 @@ def resolve_refs(raw: Any, storage: Path) -> Any:
 
 
 class Ensemble(torch.nn.Module):
-    """Mean softmax of several segmenters (FDA-MBT's evaluation); "out" holds probabilities."""
+    """Mean softmax of several segmenters (FDA-MBT's evaluation); "out" holds its log (so its argmax and
+    softmax are those of the mean)."""
 
     def __init__(self, models: list[torch.nn.Module]) -> None:
         super().__init__()
@@ -72,32 +74,33 @@ class Ensemble(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict:
         probs = torch.stack([m(x)["out"].softmax(1) for m in self.models]).mean(0)  # (B, C, h, w)
-        return {"out": probs, "aux": [], "feat": probs}
+        return {"out": probs.clamp_min(1e-12).log(), "aux": [], "feat": probs}  # log: softmax(out) = probs
 
 
 def evaluate_ensemble(checkpoints: list[Path], out: Path, device: str = "cpu") -> dict[str, Any]:
     """Evaluate the mean-softmax ensemble of the checkpoints on the target val split; results tables and
     manifest.json under `out`."""
     from uda_ray.config import experiment_dict
-    from uda_ray.data.loading import val_loader
+    from uda_ray.data.loading import build_datasets
+    from uda_ray.metric_names import mode_of
     from uda_ray.results import ResultsWriter
-    from uda_ray.train import evaluate
+    from uda_ray.train import eval_loaders, evaluate_splits
 
     loaded = [load_trained(c, device) for c in checkpoints]
     cfg = loaded[0][0]
     ens = Ensemble([m for _, m in loaded])
-    val = val_loader(target_dataset(cfg.data, cfg.data.val_split), cfg.train.eval_batch_size, rank=0, world_size=1,
-                     workers=0)
-    ev = evaluate(ens, val, cfg.model.num_classes, torch.device(device))
-    metrics = {"step": max(checkpoint_experiment(c)[1]["step"] for c in checkpoints),
-               **{f"test/{k}": v for k, v in ev.items()}}
+    ds = build_datasets(cfg.data, source=False, target=False, target_labels=False)
+    loaders = eval_loaders(ds, cfg, 0, 1)
+    ev = evaluate_splits(ens, loaders, cfg, torch.device(device))
+    metrics = {"step": max(checkpoint_experiment(c)[1]["step"] for c in checkpoints), **ev}
     out = Path(out)
     exp = experiment_dict(cfg)
     exp["method"] = f"ensemble({len(checkpoints)})"
-    w = ResultsWriter(out / "results", out.name, "test/miou", "max", None)
+    w = ResultsWriter(out / "results", out.name, cfg.select, mode_of(cfg.select), None)
     w.result(out.name, exp, {"checkpoints": [str(c) for c in checkpoints]}, metrics)
     w.end(out.name, exp, {}, "completed")
-    manifest = {"checkpoints": [str(c) for c in checkpoints], "test/miou": metrics["test/miou"]}
+    manifest = {"checkpoints": [str(c) for c in checkpoints],
+                **{k: v for k, v in metrics.items() if k in ("test/miou", cfg.select)}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -7,6 +7,7 @@ two implementations; Ray is imported only inside the Ray pieces.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,11 +26,14 @@ from torch import nn
 from uda_ray.build import build_experiment, build_method
 from uda_ray.checkpoint import load_state, load_weights, rng_state, save_checkpoint, set_rng_state
 from uda_ray.config import ExperimentConfig, dump_yaml, experiment_dict
-from uda_ray.data.loading import build_datasets, resolve_loader_workers, train_loader, val_loader
+from uda_ray.data.loading import build_datasets, resolve_loader_workers, splits_of, train_loader, val_loader
+from uda_ray.errors import ConfigError
 from uda_ray.loop import LossLog, NonFiniteLoss, train_step
 from uda_ray.methods.base import upsample
+from uda_ray.metric_names import DEFAULT_SELECTION, mode_of, needs_test_labels
 from uda_ray.metrics import ConfusionMatrix
 from uda_ray.timing import mark
+from uda_ray.validators import ValidatorAccumulator
 
 log = logging.getLogger(__name__)
 RESTARTS_FILE = "restarts.jsonl"  # one line per restart of the run from a checkpoint
@@ -64,6 +68,65 @@ def evaluate(model: nn.Module, loader: Any, num_classes: int, device: torch.devi
     cm.all_reduce()
     model.train(was_training)
     return cm.compute()
+
+
+@torch.no_grad()
+def evaluate_unlabeled(model: nn.Module, loader: Any, num_classes: int, device: torch.device, pixels: int,
+                       seed: int) -> dict[str, float]:
+    """The label-free validators (uda_ray.validators) of the model's softmax on unlabeled images, at the
+    model's output resolution; pixels for SND / BNM sampled per image by (seed, image name). Under DDP the
+    running sums are summed and the pixel samples gathered over ranks (ValidatorAccumulator.reduce)."""
+    was_training = model.training
+    model.eval()
+    acc = ValidatorAccumulator(num_classes, pixels_per_image=pixels, seed=seed)
+    for item in loader:
+        probs = model(item["img"].to(device))["out"].float().softmax(1)
+        acc.update(probs, [name_key(n) for n in item["name"]])
+    acc.reduce()
+    model.train(was_training)
+    return acc.compute()
+
+
+def name_key(name: str) -> int:
+    """A stable integer of an image name (seeds its validator pixel sample, orders the gathered samples)."""
+    return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16)
+
+
+def evaluate_splits(model: nn.Module, loaders: dict[str, Any], cfg: ExperimentConfig, device: torch.device
+                    ) -> dict[str, float]:
+    """Every evaluation of a run: test/... (when the target has a labeled test split), src_val/miou and
+    src_val/pixel_acc, sel/miou (with a labeled selection split), uv/... validators, time/eval_s."""
+    t0 = time.time()
+    c = cfg.model.num_classes
+    out: dict[str, float] = {}
+    if "test" in loaders:
+        out.update({f"test/{k}": v for k, v in evaluate(model, loaders["test"], c, device).items()})
+    if "src_val" in loaders:
+        ev = evaluate(model, loaders["src_val"], c, device)
+        out.update({"src_val/miou": ev["miou"], "src_val/pixel_acc": ev["pixel_acc"]})
+    if "sel" in loaders:
+        out["sel/miou"] = evaluate(model, loaders["sel"], c, device)["miou"]
+    if "holdout" in loaders:
+        out.update(evaluate_unlabeled(model, loaders["holdout"], c, device, cfg.data.validator_pixels,
+                                      cfg.data.split_seed))
+    out["time/eval_s"] = time.time() - t0
+    return out
+
+
+def eval_loaders(ds: dict, cfg: ExperimentConfig, rank: int, world_size: int, workers: int = 0) -> dict[str, Any]:
+    """This rank's loaders of the evaluation splits. The test and selection splits use eval_batch_size
+    (labels at full resolution); source val and the holdout, at input size, the training batch size."""
+    tc = cfg.train
+    return {k: val_loader(ds[k], tc.eval_batch_size if k in ("test", "sel") else max(tc.batch_size, tc.eval_batch_size),
+                          rank=rank, world_size=world_size, workers=workers)
+            for k in ("test", "src_val", "sel", "holdout") if k in ds}
+
+
+def check_selectable(cfg: ExperimentConfig, has_test: bool) -> None:
+    """The run's selection metric must be one it reports (checked before any compute)."""
+    if needs_test_labels(cfg.select) and not has_test:
+        raise ConfigError(f"select: {cfg.select} needs target test labels, and the target at "
+                          f"{cfg.data.target_root} has none (choose a label-free metric, e.g. {DEFAULT_SELECTION})")
 
 
 def model_profile(model: nn.Module, size_hw: tuple[int, int], device: torch.device) -> dict[str, float]:
@@ -131,24 +194,26 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
 
     if cfg.data.pseudo_from and cls.uses_target_labels:
         cfg = _own_pseudo_labels(cfg, session)
+    splits = splits_of(cfg.data)
+    check_selectable(cfg, bool(splits.test))
     ds = build_datasets(cfg.data, source=cls.uses_source, target=cls.uses_target or cls.uses_target_labels,
-                        target_labels=cls.uses_target_labels)
+                        target_labels=cls.uses_target_labels, splits=splits)
     workers = resolve_loader_workers(cfg.data.loader_workers, tc.cpus_per_worker, ("src" in ds) + ("tgt" in ds))
     kw = dict(rank=session.rank, world_size=session.world_size, seed=cfg.seed, start_step=start,
               workers=workers, pin_memory=device.type == "cuda")
     src_it = train_loader(ds["src"], tc.batch_size, stream=1, **kw) if "src" in ds else None
     tgt_it = train_loader(ds["tgt"], tc.batch_size, stream=2, **kw) if "tgt" in ds else None
     held_it = train_loader(ds["src"], tc.batch_size, stream=3, **kw) if cls.uses_held_out_source else None
-    val = val_loader(ds["val"], tc.eval_batch_size, rank=session.rank, world_size=session.world_size,
-                     workers=workers)
+    loaders = eval_loaders(ds, cfg, session.rank, session.world_size, workers)
 
     if session.rank == 0:
         session.run_dir.mkdir(parents=True, exist_ok=True)
         (session.run_dir / "config.yaml").write_text(dump_yaml(experiment_dict(cfg)))
+        splits.write(session.run_dir)
     profile: dict[str, float] = {}
     mark("data_ready", run=str(session.run_dir))
     if tc.profile and session.rank == 0:
-        h, w = ds["val"][0]["img"].shape[-2:]
+        h, w = ds["holdout"][0]["img"].shape[-2:]
         profile = model_profile(method.eval_model(), (int(h), int(w)), device)
     mark("profiled", run=str(session.run_dir))
 
@@ -170,11 +235,11 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
             except NonFiniteLoss as e:
                 _mark_divergence(session.run_dir, e.step, e.key, digest)
                 raise
-            ev = evaluate(method.eval_model(), val, cfg.model.num_classes, device)
+            ev = evaluate_splits(method.eval_model(), loaders, cfg, device)
             now = time.time()
             metrics = {
                 "step": done,
-                **{f"test/{k}": v for k, v in ev.items()},
+                **ev,
                 **{f"train/{k}": v for k, v in train_avg.items()},
                 "train/lr": method.optimizers[0].param_groups[0]["lr"],
                 "time/elapsed_s": now - t0,
@@ -339,8 +404,8 @@ def make_trainer(cfg: ExperimentConfig, storage: Path, name: str, callbacks: lis
             callbacks=callbacks or [],
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=tc.keep_checkpoints,
-                checkpoint_score_attribute="test/miou",
-                checkpoint_score_order="max",
+                checkpoint_score_attribute=cfg.select,  # the experiment's selection metric
+                checkpoint_score_order=mode_of(cfg.select),
             ),
             # a dead worker restarts the worker group from the latest checkpoint (max_failures times);
             # an unsatisfiable worker group fails the run instead of retrying forever
@@ -363,7 +428,7 @@ def run_results_callback(results_dir: Path, run_name: str, cfg: ExperimentConfig
 
         def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
             if self.writer is None:  # created in the controller actor, where results arrive
-                self.writer = ResultsWriter(results_dir, run_name, "test/miou", "max", None)
+                self.writer = ResultsWriter(results_dir, run_name, cfg.select, mode_of(cfg.select), None)
             m = dict(metrics[0])
             if "step" not in m:
                 return
@@ -372,7 +437,7 @@ def run_results_callback(results_dir: Path, run_name: str, cfg: ExperimentConfig
             self.writer.result(run_name, exp, {}, m)
 
         def after_exception(self, run_context: Any, worker_exceptions: dict) -> None:
-            w = self.writer or ResultsWriter(results_dir, run_name, "test/miou", "max", None)
+            w = self.writer or ResultsWriter(results_dir, run_name, cfg.select, mode_of(cfg.select), None)
             err = "; ".join(str(e).splitlines()[-1] if str(e) else type(e).__name__
                             for e in worker_exceptions.values())
             w.end(run_name, exp, {}, "errored", err[:500])
@@ -388,7 +453,8 @@ def fit_run(cfg: ExperimentConfig, storage: Path, name: str) -> dict[str, Any]:
     results_dir = storage / name / "results"
     trainer = make_trainer(cfg, storage, name, callbacks=[run_results_callback(results_dir, name, cfg)])
     result = trainer.fit()
-    ResultsWriter(results_dir, name, "test/miou", "max", None).end(name, experiment_dict(cfg), {}, "completed")
+    writer = ResultsWriter(results_dir, name, cfg.select, mode_of(cfg.select), None)
+    writer.end(name, experiment_dict(cfg), {}, "completed")
     m = dict(result.metrics or {})
     m["checkpoint_path"] = result.checkpoint.path if result.checkpoint else None
     return m

@@ -116,6 +116,9 @@ class SegDataset(Dataset):
                 img = im.convert("RGB")
         except OSError as e:
             raise DatasetError(f"cannot read image {img_path}: {e}") from None
+        # images without labels (unlabeled target data) get an all-ignore label, so batches keep one shape
+        if lbl_path is None:
+            return img, np.full((img.height, img.width), IGNORE, np.uint8)
         return img, self.label(lbl_path)
 
     def decoded(self, index: int) -> np.ndarray:
@@ -126,9 +129,10 @@ class SegDataset(Dataset):
         transform's `cache_key()` and the label mapping, so a changed file or setting is decoded again.
         Written to a temporary name, then renamed: concurrent trials may fill the same cache."""
         img_path, lbl_path = self.items[index]
-        st_i, st_l = img_path.stat(), lbl_path.stat()
-        key = "|".join(map(str, (img_path, st_i.st_size, st_i.st_mtime_ns, lbl_path, st_l.st_size,
-                                 st_l.st_mtime_ns, self.transform.cache_key(), self._train_ids,
+        st_i = img_path.stat()
+        st_l = lbl_path.stat() if lbl_path is not None else None  # unlabeled: an all-ignore label
+        key = "|".join(map(str, (img_path, st_i.st_size, st_i.st_mtime_ns, lbl_path, st_l and st_l.st_size,
+                                 st_l and st_l.st_mtime_ns, self.transform.cache_key(), self._train_ids,
                                  hashlib.sha1(self._lut.tobytes()).hexdigest())))
         digest = hashlib.sha1(key.encode()).hexdigest()
         path = Path(self.cache_dir) / digest[:2] / f"{digest}.npy"
@@ -201,14 +205,21 @@ class Synthia(SegDataset):
 
 
 class Cityscapes(SegDataset):
-    """A Cityscapes split; `label_root`: train-id pseudo-labels in the gtFine layout (only those kept)."""
+    """A Cityscapes split; `label_root`: train-id pseudo-labels in the gtFine layout (only those kept);
+    `labels=False`: the images only (no gtFine/ needed; labels come back all-ignore)."""
 
     def __init__(self, root: Path, split: str, transform: Transform | None = None,
-                 label_root: Path | None = None, label_set: str = "cityscapes19"):
+                 label_root: Path | None = None, label_set: str = "cityscapes19", labels: bool = True):
         root = Path(root)
         layout = CITYSCAPES_LAYOUT.format(split=split)
         img_dir = _require_dir(root, f"leftImg8bit/{split}", layout)
         images = sorted(img_dir.glob(f"*/*{CITYSCAPES_SUFFIX}"))
+        if not labels:
+            if not images:
+                raise DatasetError(f"dataset folder {root} has no images: expected {layout}")
+            super().__init__(root, root / "leftImg8bit", [(p, None) for p in images], transform, _read_8bit,
+                             CITYSCAPES_LUT, False, layout, label_set)
+            return
         if label_root is None:
             _require_dir(root, f"gtFine/{split}", layout)
 
@@ -226,25 +237,69 @@ class Cityscapes(SegDataset):
                          label_root is not None, _with_pseudo(layout, label_root), label_set)
 
 
+def has_labels(name: str, root: Path) -> bool:
+    """Whether a target dataset folder carries ground-truth labels (a Cityscapes layout with gtFine/);
+    `frames` never does."""
+    if name == "frames":
+        return False
+    if name == "cityscapes":
+        return (Path(root) / "gtFine").is_dir()
+    return True
+
+
+FRAMES_LAYOUT = "a folder of images (*.png, *.jpg, *.jpeg), no labels"
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class Frames(SegDataset):
+    """A flat folder of unlabeled images (e.g. frames from one's own cameras): an unlabeled target domain.
+    Names are the file names; labels come back all-ignore."""
+
+    def __init__(self, root: Path, transform: Transform | None = None, label_set: str = "cityscapes19"):
+        root = Path(root)
+        if not root.is_dir():
+            raise DatasetError(f"dataset folder {root} does not exist: expected {FRAMES_LAYOUT}")
+        images = sorted(p for p in root.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and p.is_file())
+        if not images:
+            raise DatasetError(f"dataset folder {root} has no images: expected {FRAMES_LAYOUT}")
+        super().__init__(root, root, [(p, None) for p in images], transform, _read_8bit, CITYSCAPES_LUT, False,
+                         FRAMES_LAYOUT, label_set)
+
+
+def _frames(root: Path, split: str, transform: Transform | None, label_root: Path | None = None,
+            label_set: str = "cityscapes19", labels: bool = False) -> SegDataset:
+    _train_only("frames", split)
+    if label_root is not None:  # pseudo-labels of the frames (self-training on an unlabeled target)
+        images = [p for p, _ in Frames(root).items]
+        items = _pairs(Path(root), images, lambda p: pseudo_label_path(Path(label_root), p.name))
+        return SegDataset(Path(root), Path(root), items, transform, _read_8bit, CITYSCAPES_LUT, True,
+                          _with_pseudo(FRAMES_LAYOUT, label_root), label_set)
+    if labels:
+        raise DatasetError(f"dataset folder {root} is a `frames` folder: it has no labels")
+    return Frames(root, transform, label_set)
+
+
 def _train_only(name: str, split: str) -> None:
     if split != "train":
         raise DatasetError(f"dataset {name} has only a 'train' split, not {split!r}")
 
 
 def _gta5(root: Path, split: str, transform: Transform | None, label_root: Path | None = None,
-          label_set: str = "cityscapes19") -> GTA5:
+          label_set: str = "cityscapes19", labels: bool = True) -> GTA5:
     _train_only("gta5", split)
     return GTA5(root, transform, label_root, label_set)
 
 
 def _synthia(root: Path, split: str, transform: Transform | None, label_root: Path | None = None,
-             label_set: str = "cityscapes19") -> Synthia:
+             label_set: str = "cityscapes19", labels: bool = True) -> Synthia:
     _train_only("synthia", split)
     return Synthia(root, transform, label_root, label_set)
 
 
+# name -> (root, split, transform, label_root=None, label_set=..., labels=True) -> dataset
 DATASETS: dict[str, Callable[..., SegDataset]] = {
     "gta5": _gta5,
     "cityscapes": Cityscapes,
     "synthia": _synthia,
+    "frames": _frames,
 }

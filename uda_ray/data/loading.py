@@ -22,9 +22,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from uda_ray.config import DataConfig, to_dict
-from uda_ray.data.datasets import DATASETS
+from uda_ray.data.datasets import DATASETS, has_labels
+from uda_ray.data.splits import Splits, make_splits
 from uda_ray.data.transforms import PairTransform, eval_transform
-from uda_ray.errors import DatasetError
+from uda_ray.errors import ConfigError, DatasetError
 
 
 def default_data_dir() -> Path:
@@ -73,52 +74,101 @@ def ranking_split(ranking: Path, fraction: float) -> tuple[list[str], list[str]]
     return names[:n_easy], names[n_easy:]
 
 
-def restrict(ds: Dataset, names: list[str]) -> Dataset:
-    """Keep the items of `ds` whose "name" is in `names` (dataset order)."""
+def names_of(ds: Dataset) -> list[str]:
+    """Every item's "name" (its path relative to the dataset's image folder)."""
+    return [img.relative_to(ds.image_dir).as_posix() for img, _ in ds.items]
+
+
+def keep_only(ds: Dataset, names: list[str], what: str) -> Dataset:
+    """`ds` restricted to the items named in `names` (dataset order): a split of it."""
     keep = set(names)
-    items = [it for it in ds.items if it[0].relative_to(ds.image_dir).as_posix() in keep]
-    if len(items) != len(keep):
-        raise DatasetError(f"{len(keep) - len(items)} listed image(s) are not in the dataset at {ds.root}")
-    ds.items = items
+    ds.items = [it for it in ds.items if it[0].relative_to(ds.image_dir).as_posix() in keep]
+    if not ds.items:
+        raise DatasetError(f"the {what} split of {ds.root} is empty")
     return ds
 
 
-def build_datasets(cfg: DataConfig, *, source: bool, target: bool, target_labels: bool) -> dict[str, Dataset]:
-    """The datasets a method needs: 'src', 'tgt' (train split), 'val' (always). Roots must be resolved.
+def has_test_split(cfg: DataConfig) -> bool:
+    """Whether the target has a labeled test split (test/... metrics): a val_split and labels."""
+    return cfg.val_split is not None and has_labels(cfg.target, Path(cfg.target_root))
 
-    Target train labels are loaded only for methods that use them (oracle, pseudo-labels); with
-    `target_label_root` the target labels come from that pseudo-label folder.
+
+def _source_root(cfg: DataConfig) -> Path:
+    return Path(cfg.source_root or (cfg.target_root if cfg.ranking else None))
+
+
+def _source_labels(cfg: DataConfig) -> Path | None:
+    return Path(cfg.ranking) if cfg.ranking else _path(cfg.source_label_root)
+
+
+def splits_of(cfg: DataConfig) -> Splits:
+    """The run's splits (uda_ray.data.splits) from the file names of its datasets. Roots must be resolved."""
+    tgt_root = Path(cfg.target_root)
+    target = names_of(DATASETS[cfg.target](tgt_root, "train", None, None, labels=False))
+    test = names_of(DATASETS[cfg.target](tgt_root, cfg.val_split, None)) if has_test_split(cfg) else []
+    if cfg.selection_labeled and not has_labels(cfg.target, tgt_root):
+        raise ConfigError(f"data.selection_labeled={cfg.selection_labeled}: the target at {tgt_root} has no labels "
+                          "(a labeled selection split needs gtFine/train)")
+    kw = dict(source_val_fraction=cfg.source_val_fraction, target_holdout_fraction=cfg.target_holdout_fraction,
+              selection_labeled=cfg.selection_labeled, seed=cfg.split_seed, held_out_max=cfg.held_out_max)
+    if cfg.ranking:  # IntraDA: source = the easy target images, target = the hard ones, both minus held-out ones
+        easy, hard = ranking_split(Path(cfg.ranking), cfg.easy_fraction)
+        sp = make_splits(easy, target, test, **kw)
+        held = set(sp.target_holdout) | set(sp.selection)
+        sp = make_splits([n for n in easy if n not in held], target, test, **kw)
+        return dataclasses.replace(sp, target_train=sorted(set(sp.target_train) & set(hard)))
+    source = names_of(DATASETS[cfg.source](_source_root(cfg), "train", None, _source_labels(cfg)))
+    return make_splits(source, target, test, **kw)
+
+
+def build_datasets(cfg: DataConfig, *, source: bool, target: bool, target_labels: bool, evaluation: bool = True,
+                   splits: Splits | None = None) -> dict[str, Dataset]:
+    """The datasets of a run, each restricted to its split (uda_ray.data.splits). Roots must be resolved.
+
+    'src', 'tgt': the training splits a method needs. With `evaluation`: 'src_val' (labeled source
+    holdout), 'holdout' (unlabeled target holdout for the validators), 'sel' (when data.selection_labeled)
+    and 'test' (when the target has a labeled test split). Target train labels are loaded only for methods
+    that use them (oracle, pseudo-labels); with `target_label_root` they come from that folder.
     Training items are uint8 (the loop converts them on its device); with `cache_dir` they are decoded once.
     """
+    sp = splits or splits_of(cfg)
+    ls = cfg.label_set
     out: dict[str, Dataset] = {}
     train_tf = dict(crop=cfg.crop_size, hflip=cfg.hflip, random_width=cfg.random_width, uint8=True)
+    tgt_root = Path(cfg.target_root)
 
     def tf(resize: tuple[int, int] | None) -> Any:
         return input_transform(PairTransform(resize=resize, **train_tf), cfg)
 
-    easy = hard = None
-    if cfg.ranking:
-        easy, hard = ranking_split(Path(cfg.ranking), cfg.easy_fraction)
     if source:
-        src_labels = Path(cfg.ranking) if cfg.ranking else _path(cfg.source_label_root)
-        src_root = cfg.source_root or (cfg.target_root if cfg.ranking else None)
-        out["src"] = DATASETS[cfg.source](Path(src_root), "train",
-                                          tf(cfg.source_size), src_labels, label_set=cfg.label_set)
-        if easy is not None:
-            out["src"] = restrict(out["src"], easy)
+        out["src"] = keep_only(DATASETS[cfg.source](_source_root(cfg), "train", tf(cfg.source_size),
+                                                    _source_labels(cfg), label_set=ls), sp.source_train,
+                               "source train")
     if target:
         label_root = _path(cfg.target_label_root) if target_labels else None
-        out["tgt"] = DATASETS[cfg.target](Path(cfg.target_root), "train",
-                                          tf(cfg.target_size), label_root, label_set=cfg.label_set)
-        if hard is not None:
-            out["tgt"] = restrict(out["tgt"], hard)
+        tgt = DATASETS[cfg.target](tgt_root, "train", tf(cfg.target_size), label_root, label_set=ls,
+                                   labels=target_labels)
+        out["tgt"] = keep_only(tgt, sp.target_train, "target train")
     if cfg.cache_dir:
         for key in ("src", "tgt"):
             if key in out:
                 out[key].cache_dir = Path(cfg.cache_dir)
-    out["val"] = DATASETS[cfg.target](Path(cfg.target_root), cfg.val_split,
-                                      input_transform(eval_transform(cfg.eval_size or cfg.target_size), cfg),
-                                      label_set=cfg.label_set)
+    if evaluation:
+        eval_size = cfg.eval_size or cfg.target_size
+        ev = input_transform(eval_transform(eval_size), cfg)
+        if sp.test:
+            out["test"] = DATASETS[cfg.target](tgt_root, cfg.val_split, ev, label_set=ls)
+        # source val and the holdout are evaluated at the network's input size (labels resized, nearest):
+        # selection signals, cheaper than the test split's full-resolution labels
+        src_ev = input_transform(PairTransform(resize=cfg.source_size), cfg)
+        out["src_val"] = keep_only(DATASETS[cfg.source](_source_root(cfg), "train", src_ev, _source_labels(cfg),
+                                                        label_set=ls), sp.source_val, "source val")
+        hold_ev = input_transform(PairTransform(resize=eval_size), cfg)
+        out["holdout"] = keep_only(DATASETS[cfg.target](tgt_root, "train", hold_ev, None, label_set=ls, labels=False),
+                                   sp.target_holdout, "target holdout")
+        if sp.selection:
+            out["sel"] = keep_only(DATASETS[cfg.target](tgt_root, "train", ev, label_set=ls), sp.selection,
+                                   "selection")
     return out
 
 
@@ -155,7 +205,7 @@ def target_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
     data.target_size for train (pseudo-labels, rankings), data.eval_size (else target_size) for the val split."""
     size = cfg.target_size if split == "train" else (cfg.eval_size or cfg.target_size)
     tf = input_transform(eval_transform(size), cfg)
-    return DATASETS[cfg.target](Path(cfg.target_root), split, tf, label_set=cfg.label_set)
+    return DATASETS[cfg.target](Path(cfg.target_root), split, tf, label_set=cfg.label_set, labels=split != "train")
 
 
 def _path(p: str | None) -> Path | None:

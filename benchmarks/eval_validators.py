@@ -1,0 +1,59 @@
+"""Evaluation cost of the splits and validators: test-split evaluation alone (the evaluation before them)
+vs every evaluation a run now makes (test + source val + label-free validators on the target holdout).
+
+    python benchmarks/eval_validators.py [--experiment experiments/synthetic_bisenet_r18_source_only.yaml]
+                                         [--repeats 3] [--set data.validator_pixels=64 ...]
+
+Builds the experiment's datasets (the synthetic benchmark is generated under $UDA_RAY_DATA or ./uda_ray_data
+when needed), an untrained model, and times both evaluations interleaved in one process (minimum of
+`--repeats`). Prints both times, their ratio, and the split sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import best_of  # noqa: E402
+
+from uda_ray.config import load_experiment, parse_set  # noqa: E402
+from uda_ray.data.loading import build_datasets, prepare, splits_of  # noqa: E402
+from uda_ray.train import build_model, eval_loaders, evaluate, evaluate_splits  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--experiment", default=str(ROOT / "experiments" / "synthetic_bisenet_r18_source_only.yaml"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", action="append", default=[])
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_experiment(args.experiment, parse_set(args.set))
+    data = prepare(cfg.data)
+    cfg = type(cfg)(**{**cfg.__dict__, "data": data})
+    sp = splits_of(data)
+    ds = build_datasets(data, source=False, target=False, target_labels=False, splits=sp)
+    loaders = eval_loaders(ds, cfg, 0, 1)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    dev = torch.device("cpu")
+    best = best_of({
+        "test split only (before)": lambda: evaluate(model, loaders["test"], cfg.model.num_classes, dev),
+        "test + src_val + validators (now)": lambda: evaluate_splits(model, loaders, cfg, dev),
+    }, repeats=args.repeats)
+    print(f"splits: {sp.counts()}")
+    for k, t in best.items():
+        print(f"  {k:<36s} {t:8.2f} s")
+    a, b = best.values()
+    print(f"ratio now / before: {b / a:.3f}")
+
+
+if __name__ == "__main__":
+    main()
