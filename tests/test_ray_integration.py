@@ -5,6 +5,7 @@ private HOME, and the cluster ends with its driver."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,7 +73,7 @@ def test_sweep_end_to_end_then_best_export_then_train(tmp_path, synth_root):
     space = _write_space(tmp_path, synth_root, {"train.cpus_per_worker": 0.5},
                          scheduler={"asha": {"grace_period": 2, "reduction_factor": 2}})
     out = _cli(tmp_path, "sweep", str(space), "--name", "e2e").stdout
-    assert "top 2 by test/miou" in out
+    assert "top 2 by uv/snd (max)" in out and "test/miou=" in out  # label-free default, test shown beside
 
     trials = _table(tmp_path, "e2e", "trials")
     assert len(trials) == 2 and {t["status"] for t in trials} <= {"completed", "stopped_early"}
@@ -89,6 +90,7 @@ def test_sweep_end_to_end_then_best_export_then_train(tmp_path, synth_root):
     exported = yaml.safe_load((tmp_path / "best.yaml").read_text())
     top = max(trials, key=lambda t: t["best_value"])
     assert exported["optim"]["lr"] == top["config.optim.lr"] and exported["method"] == top["method"]
+    assert exported["select"] == "uv/snd" and top["objective"] == "uv/snd"
     ls = _cli(tmp_path, "ls").stdout
     assert "e2e" in ls and "completed" in ls
 
@@ -97,6 +99,27 @@ def test_sweep_end_to_end_then_best_export_then_train(tmp_path, synth_root):
     assert "done: step 2" in out
 
 
+@pytest.mark.ray
+def test_label_free_sweep_on_a_folder_of_frames_then_export_then_train(tmp_path, synth_root):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for p in sorted((synth_root / "cityscapes" / "leftImg8bit" / "train").glob("*/*.png")):
+        shutil.copy(p, frames / p.name)
+    space = _write_space(tmp_path, synth_root, {"data.target": "frames", "data.target_root": str(frames),
+                                                "method": "minent", "train.max_steps": 2,
+                                                "train.cpus_per_worker": 0.5},
+                         params={"optim.lr": {"loguniform": [1e-3, 1e-2]}}, objective={"metric": "uv/entropy"})
+    out = _cli(tmp_path, "sweep", str(space), "--name", "frames").stdout
+    assert "no labeled test split: test metrics are absent" in out and "top 2 by uv/entropy (min)" in out
+    assert "test/miou: absent" in out
+    evals = _table(tmp_path, "frames", "evals")
+    assert len(evals) == 2 and not [k for e in evals for k in e if k.startswith("test/")]
+    _cli(tmp_path, "best", "frames", "--export", str(tmp_path / "best.yaml"))
+    out = _cli(tmp_path, "train", str(tmp_path / "best.yaml"), "--set", "train.max_steps=1").stdout
+    assert "done: step 1 uv/entropy=" in out and "test/miou: absent" in out
+
+
+@pytest.mark.ray
 def test_resume_after_sigkill_runs_every_trial_and_every_eval_exactly_once(tmp_path, synth_root):
     max_steps = 40
     space = _write_space(tmp_path, synth_root, {"train.max_steps": max_steps, "train.eval_every": 5,
