@@ -136,7 +136,7 @@ def test_report_renders_in_headless_chromium(page, tmp_path):
         table = driver.find_element(By.ID, "trials")
         assert len(table.find_elements(By.CSS_SELECTOR, "tbody tr")) == 7
         headers = table.find_elements(By.TAG_NAME, "th")
-        col = [h.text for h in headers].index("best sel/miou")
+        col = [h.text for h in headers].index("best src_val/miou")  # the objective (tests/report_data.py)
 
         def column() -> list[float]:
             cells = [r.find_elements(By.TAG_NAME, "td")[col].get_attribute("data-v")
