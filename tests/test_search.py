@@ -30,9 +30,9 @@ def test_trials_stopped_before_max_steps_are_pruned_in_optuna_not_complete(tmp_p
         cfg = limiter.suggest(tid)
         assert set(cfg["params"]) == {"optim.lr", "train.batch_size", "method"}
         assert 1e-3 <= cfg["params"]["optim.lr"] <= 1e-2 and cfg["params"]["train.batch_size"] in (1, 2)
-        limiter.on_trial_result(tid, {"test/miou": 0.1, "step": 2})
-        limiter.on_trial_result(tid, {"test/miou": 0.1, "step": 2})  # replayed after a resume: reported once
-        last = {"test/miou": 0.2, "step": 4 if tid == "full" else 2}
+        limiter.on_trial_result(tid, {"uv/snd": 0.1, "step": 2})
+        limiter.on_trial_result(tid, {"uv/snd": 0.1, "step": 2})  # replayed after a resume: reported once
+        last = {"uv/snd": 0.2, "step": 4 if tid == "full" else 2}
         limiter.on_trial_complete(tid, last, error=tid == "broken")
     states = {t.number: t.state for t in searcher._ot_study.trials}
     assert states == {0: optuna.trial.TrialState.PRUNED, 1: optuna.trial.TrialState.COMPLETE,
