@@ -20,9 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import best_of  # noqa: E402
 
-from uda_ray.config import load_experiment, parse_set  # noqa: E402
+from uda_ray.build import build_model, load_experiment  # noqa: E402
+from uda_ray.config import parse_set  # noqa: E402
 from uda_ray.data.loading import build_datasets, prepare, splits_of  # noqa: E402
-from uda_ray.train import build_model, eval_loaders, evaluate, evaluate_splits  # noqa: E402
+from uda_ray.train import eval_loaders, evaluate, evaluate_splits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from tests.conftest import tiny_experiment
-from uda_ray.config import build_experiment
+from uda_ray.build import build_experiment
 from uda_ray.data.loading import build_datasets, names_of, splits_of
 from uda_ray.data.splits import make_splits
 from uda_ray.errors import ConfigError
