@@ -290,3 +290,12 @@ def test_markdown_report_names_each_runs_label_protocol(tmp_path):
     md = markdown_report("t", [("a", tmp_path / "a"), ("b", tmp_path / "b")])
     assert "Label protocol (data.label_set): a: synthia16, b: cityscapes19." in md
     assert "synthia16 for every run." in markdown_report("t", [("a", tmp_path / "a")])
+
+
+def test_a_pipeline_pseudo_label_stage_takes_a_fixed_threshold(tmp_path, synth_root):
+    from uda_ray.checkpoint import best_checkpoint_in
+    from uda_ray.stages import ACTIONS
+
+    fit(build_experiment(tiny_experiment(synth_root, **{"train.max_steps": 2})), LocalSession(tmp_path / "run"))
+    manifest = ACTIONS["pseudo_labels"]([best_checkpoint_in(tmp_path / "run")], tmp_path / "pl", threshold=0.5)
+    assert manifest["threshold"] == 0.5 and manifest["thresholds"] == [0.5] * 19
