@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 import uda_ray.train as train_mod
+from uda_ray.build import build_method
 from uda_ray.config import build_experiment
 from uda_ray.data.synthetic import generate
 from uda_ray.methods.base import build_optimizer, seg_loss
-from uda_ray.train import LocalSession, build_method, fit
+from uda_ray.train import LocalSession, fit
 
 GTA5_SIZE = (1914, 1052)
 

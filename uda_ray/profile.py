@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -159,3 +161,40 @@ def format_report(result: dict) -> str:
         )
         lines.append(f"  note     {seed['note']}")
     return "\n".join(lines)
+
+
+PROFILE_CACHE = "model_profiles.json"
+
+
+def measured_once(cache_file: Path, key: dict, measure: Callable[[], dict]) -> dict:
+    """`measure()`'s result for `key`, measured once and kept in `cache_file` (JSON {key: result}).
+
+    For the trials of a sweep: every trial of one model at one input size on one kind of device reports the
+    same params, GFLOPs and latency, measured by whichever trial got there first, instead of each trial
+    spending its start-up on it. Concurrent trials serialize on an advisory lock next to the file (the others
+    wait, then read); the file is replaced atomically."""
+    import fcntl
+    import json
+    import os
+
+    cache_file = Path(cache_file)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    k = json.dumps(key, sort_keys=True)
+    with open(cache_file.with_name(cache_file.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+        except ValueError:  # a damaged cache is measured again
+            cache = {}
+        if k not in cache:
+            cache[k] = measure()
+            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache, indent=1))
+            os.replace(tmp, cache_file)
+        return dict(cache[k])
+
+
+def device_key(device: torch.device) -> dict:
+    """What a latency depends on besides the model and the input size."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "threads": torch.get_num_threads()}

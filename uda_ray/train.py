@@ -214,7 +214,11 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
     mark("data_ready", run=str(session.run_dir))
     if tc.profile and session.rank == 0:
         h, w = ds["holdout"][0]["img"].shape[-2:]
-        profile = model_profile(method.eval_model(), (int(h), int(w)), device)
+        from uda_ray.profile import PROFILE_CACHE, device_key, measured_once
+
+        key = {"model": experiment_dict(cfg)["model"], "size": [int(h), int(w)], **device_key(device)}
+        profile = measured_once(session.run_dir.parent / PROFILE_CACHE, key,  # once per model in a sweep
+                                lambda: model_profile(method.eval_model(), (int(h), int(w)), device))
     mark("profiled", run=str(session.run_dir))
 
     mark("loop_start", run=str(session.run_dir), steps=tc.max_steps - start)
