@@ -12,6 +12,7 @@ from tests.conftest import tiny_experiment
 from uda_ray.build import build_experiment
 from uda_ray.config import ConfigError
 from uda_ray.data.loading import RANKING_FILE, build_datasets, prepare
+from uda_ray.metric_names import needs_test_labels
 from uda_ray.pipeline import load_pipeline, run_pipeline
 from uda_ray.results import read_table
 from uda_ray.train import LocalSession, fit
@@ -97,6 +98,8 @@ def test_shipped_pipelines_load():
     assert files
     for f in files:
         assert load_pipeline(f).cfg.stages
+        assert "select" in yaml.safe_load(f.read_text()), f"{f.name} does not name its selection metric"
+        assert not needs_test_labels(load_pipeline(f).cfg.select)
 
 
 def _ckpt(run: Path, step: int, metrics: dict) -> Path:

@@ -26,6 +26,26 @@ def test_every_experiment_loads(path):
     assert cfg.train.max_steps >= 1
 
 
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_experiment_names_a_label_free_selection_metric(path):
+    from uda_ray.config import read_yaml
+    from uda_ray.metric_names import needs_test_labels
+
+    raw = read_yaml(path)
+    assert "select" in raw, f"{path.name} does not name its selection metric"
+    assert not needs_test_labels(load_experiment(path).select)
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+def test_every_search_space_names_a_label_free_objective(path):
+    from uda_ray.config import read_yaml
+    from uda_ray.metric_names import needs_test_labels
+
+    assert "objective" in read_yaml(path), f"{path.name} does not name its objective"
+    space = load_space(path)
+    assert not needs_test_labels(space.metric) and space.base.select == space.metric  # trials keep by it
+
+
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
 def test_every_search_space_loads_and_samples(path):
     space = load_space(path)
