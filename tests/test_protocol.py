@@ -169,6 +169,13 @@ def test_synthia_paper_experiments_train_the_16_class_protocol(name):
     assert (cfg.data.label_set, cfg.model.num_classes) == expected
 
 
+@pytest.mark.parametrize("name", sorted(n for n in PAPER_SCHEDULES if "deeplabv2" in n))
+def test_batchnorm_is_frozen_as_in_each_original(name):
+    """ADVENT / AdaptSegNet / FDA / IntraDA (batch 1) freeze BatchNorm; CPSL trains it (batch 4, SyncBN)."""
+    cfg = load_experiment(EXPERIMENTS / f"{name}.yaml")
+    assert cfg.model.kwargs["freeze_bn"] is ("cpsl" not in name)
+
+
 @pytest.mark.parametrize("name", sorted(PAPER_GEOMETRY))
 def test_paper_experiments_follow_the_originals_geometry(name):
     assert _geometry(load_experiment(EXPERIMENTS / f"{name}.yaml")) == PAPER_GEOMETRY[name]
