@@ -304,5 +304,6 @@ def test_a_pipeline_pseudo_label_stage_takes_a_fixed_threshold(tmp_path, synth_r
     from uda_ray.stages import ACTIONS
 
     fit(build_experiment(tiny_experiment(synth_root, **{"train.max_steps": 2})), LocalSession(tmp_path / "run"))
-    manifest = ACTIONS["pseudo_labels"]([best_checkpoint_in(tmp_path / "run")], tmp_path / "pl", threshold=0.5)
-    assert manifest["threshold"] == 0.5 and manifest["thresholds"] == [0.5] * 19
+    manifest = ACTIONS["pseudo_labels"]([best_checkpoint_in(tmp_path / "run")], tmp_path / "pl", threshold=0.5,
+                                        flip=True)
+    assert manifest["threshold"] == 0.5 and manifest["thresholds"] == [0.5] * 19 and manifest["model"]["flip"]

@@ -139,6 +139,20 @@ def test_fixed_threshold_drops_every_pixel_below_it_in_every_class(tmp_path):
         generate(ms, data, tmp_path / "bad", threshold=0.0)
 
 
+def test_flip_averaged_predictions_are_the_mean_of_the_image_and_its_mirror():
+    from uda_ray.pseudo_labels import FlipAveraged
+
+    (m,) = models()[:1]
+    m.eval()
+    img = torch.rand(1, 3, 8, 12) * 255
+    with torch.no_grad():
+        p = torch.softmax(m(img)["out"], 1)
+        q = torch.softmax(m(img.flip(-1))["out"], 1).flip(-1)
+        got = ensemble_probs([FlipAveraged(m)], img)
+    torch.testing.assert_close(got, (p + q) / 2, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, p)  # the mirror image really enters
+
+
 def test_generate_is_deterministic_and_replaces_atomically(tmp_path):
     a = generate(models(), TinyTarget(), tmp_path / "a", percentile=0.5, device="cpu")
     b = generate(models(), TinyTarget(), tmp_path / "b", percentile=0.5, device="cpu")

@@ -43,7 +43,8 @@ class StageConfig:
     experiment: str | None = None
     set: dict = field(default_factory=dict)
     intrada_rank: dict | None = None  # {from: STAGE, lambda: 0.67, normalize_rare: false}
-    # {from: STAGE or [STAGES], percentile: 0.5, cap: 0.9, stylize_beta: null} or {from: ..., threshold: 0.95}
+    # {from: STAGE or [STAGES], percentile: 0.5, cap: 0.9, stylize_beta: null, flip: false}
+    # or {from: ..., threshold: 0.95} (a fixed threshold)
     pseudo_labels: dict | None = None
     evaluate_ensemble: dict | None = None  # {from: [STAGES]}
 

@@ -98,6 +98,21 @@ def ensemble_probs(models: list[nn.Module], img: Tensor, size: tuple[int, int] |
     return upsample(probs, size) if size is not None else probs
 
 
+class FlipAveraged(nn.Module):
+    """A segmenter whose prediction is the mean softmax of the image and of its mirror image (mirrored back),
+    as CPSL's pseudo-labels (`generate_pseudo_label.py --flip`). "out" holds the log of that mean, so the
+    softmax `ensemble_probs` takes gives the mean back."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> dict[str, Any]:
+        p = F.softmax(self.model(x)["out"].float(), dim=1)  # (B, C, h, w)
+        q = F.softmax(self.model(x.flip(-1))["out"].float(), dim=1).flip(-1)
+        return {"out": torch.log((p + q) / 2), "aux": []}
+
+
 def _predictions(models: list[nn.Module], dataset: Dataset, device: torch.device, num_workers: int):
     """Yield (name, conf (H, W) float32, pred (H, W) int64, C) per item at its label resolution, on device."""
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers)
@@ -235,10 +250,11 @@ class Stylized(Dataset):
 
 def from_checkpoints(checkpoints: list[Path], out: Path, percentile: float = 0.5, cap: float = 0.9,
                      stylize_beta: float | None = None, weights: str = "model", device: str = "cpu",
-                     threshold: float | None = None) -> dict[str, Any]:
+                     threshold: float | None = None, flip: bool = False) -> dict[str, Any]:
     """Class-wise thresholded pseudo-labels of the target train set from one trained model or an ensemble
     (mean softmax: FDA-MBT) given by their checkpoints. With `stylize_beta`, predictions are made on target
-    images FDA-stylized toward the source."""
+    images FDA-stylized toward the source; with `flip`, each model's softmax is averaged with its softmax on
+    the mirrored image (CPSL)."""
     loaded = [load_trained(c, device, weights) for c in checkpoints]
     cfg = loaded[0][0]
     ds = target_dataset(cfg.data)
@@ -247,6 +263,7 @@ def from_checkpoints(checkpoints: list[Path], out: Path, percentile: float = 0.5
         src = DATASETS[cfg.data.source](Path(cfg.data.source_root), "train", tf, label_set=cfg.data.label_set)
         ds = Stylized(ds, src, stylize_beta)
     desc = {"checkpoints": [str(c) for c in checkpoints], "weights": weights, "stylize_beta": stylize_beta,
-            "target_root": cfg.data.target_root}
-    return generate([m for _, m in loaded], ds, out, percentile=percentile, cap=cap, device=device,
-                    source_desc=desc, threshold=threshold)
+            "flip": flip, "target_root": cfg.data.target_root}
+    models = [FlipAveraged(m) if flip else m for _, m in loaded]
+    return generate(models, ds, out, percentile=percentile, cap=cap, device=device, source_desc=desc,
+                    threshold=threshold)
