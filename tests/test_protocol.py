@@ -105,16 +105,18 @@ def test_paper_experiments_follow_the_originals_schedule(name):
 # 1024x512, no crop, val at 1024x512. IntraDA intrada.yml: the easy split (Cityscapes) at 1024x512. FDA
 # data/__init__.py: GTA5 1280x720 cropped to 1024x512, Cityscapes 1024x512, val at 1344x576. CPSL (ProDA's
 # loader): both at 2048x1024 (SYNTHIA 1280x760), random width 2200 x U(0.5, 1.5), crop 896x512, val 2048x1024.
-# Random mirroring: none in ADVENT / AdaptSegNet (--random-mirror off) / FDA / IntraDA, p 0.5 in CPSL.
+# Random mirroring: none in ADVENT / AdaptSegNet (--random-mirror off) / FDA / IntraDA, p 0.5 in CPSL. Image
+# resizing: bicubic in ADVENT (base_dataset.get_image), AdaptSegNet and FDA (their datasets), bilinear in CPSL.
 # The BiSeNet / ENet experiments follow the seeds: GTA5 1280x720, Cityscapes 1024x512, no crop (flips: ours).
 GTA, SYN, CS, FULL = (1280, 720), (1280, 760), (1024, 512), (2048, 1024)
-ADVENT_GTA = dict(source=GTA, target=CS, random_width=None, crop=None, val=CS, hflip=False)
+ADVENT_GTA = dict(source=GTA, target=CS, random_width=None, crop=None, val=CS, hflip=False, filter="bicubic")
 ADVENT_SYN = dict(ADVENT_GTA, source=SYN)
 INTRADA = dict(ADVENT_GTA, source=CS)
-FDA = dict(source=GTA, target=CS, random_width=None, crop=CS, val=(1344, 576), hflip=False)
-CPSL_GTA = dict(source=FULL, target=FULL, random_width=(1100, 3300), crop=(896, 512), val=FULL, hflip=True)
+FDA = dict(source=GTA, target=CS, random_width=None, crop=CS, val=(1344, 576), hflip=False, filter="bicubic")
+CPSL_GTA = dict(source=FULL, target=FULL, random_width=(1100, 3300), crop=(896, 512), val=FULL, hflip=True,
+                filter="bilinear")
 CPSL_SYN = dict(CPSL_GTA, source=SYN)
-SEED = dict(ADVENT_GTA, hflip=True)  # the project default; the seeds do not say
+SEED = dict(ADVENT_GTA, hflip=True, filter="bilinear")  # the project defaults; the seeds do not say
 PAPER_GEOMETRY = {
     "gta5_to_cityscapes_deeplabv2_advent": ADVENT_GTA,
     "gta5_to_cityscapes_deeplabv2_minent": ADVENT_GTA,
@@ -152,7 +154,7 @@ PIPELINE_GEOMETRY = {
 def _geometry(cfg) -> dict:
     d = cfg.data
     return dict(source=d.source_size, target=d.target_size, random_width=d.random_width, crop=d.crop_size,
-                val=d.eval_size or d.target_size, hflip=d.hflip)
+                val=d.eval_size or d.target_size, hflip=d.hflip, filter=d.resize_filter)
 
 
 def test_every_paper_experiment_and_pipeline_has_a_geometry_row():
@@ -307,3 +309,24 @@ def test_a_pipeline_pseudo_label_stage_takes_a_fixed_threshold(tmp_path, synth_r
     manifest = ACTIONS["pseudo_labels"]([best_checkpoint_in(tmp_path / "run")], tmp_path / "pl", threshold=0.5,
                                         flip=True)
     assert manifest["threshold"] == 0.5 and manifest["thresholds"] == [0.5] * 19 and manifest["model"]["flip"]
+
+
+def test_resize_filter_reaches_every_dataset_transform(synth_root):
+    import numpy as np
+    from PIL import Image
+
+    from uda_ray.data.loading import build_datasets, prepare, target_dataset
+
+    cfg = build_experiment(tiny_experiment(synth_root, **{"data.resize_filter": "bicubic", "data.hflip": False,
+                                                          "data.source_size": [40, 20], "data.target_size": [40, 20]}))
+    data = prepare(cfg.data)
+    ds = build_datasets(data, source=True, target=True, target_labels=False)
+    for d in (*ds.values(), target_dataset(data)):
+        assert getattr(d.transform, "inner", d.transform).filter == "bicubic"
+    with Image.open(ds["src"].items[0][0]) as im:
+        rgb = im.convert("RGB")
+        bicubic = np.asarray(rgb.resize((40, 20), Image.Resampling.BICUBIC))
+        bilinear = np.asarray(rgb.resize((40, 20), Image.Resampling.BILINEAR))
+    assert not np.array_equal(bicubic, bilinear)
+    got = np.asarray(ds["src"][(0, 0)]["img"]).transpose(1, 2, 0)  # (H, W, 3)
+    np.testing.assert_array_equal(got.astype(np.uint8), bicubic)

@@ -107,6 +107,8 @@ class DataConfig:
     # Train only, source and target: after the resize, rescale each image to a random width uniform in
     # [lo, hi], aspect kept, before the crop (CPSL / ProDA's RandomSized: width 2200 * U(0.5, 1.5)).
     random_width: tuple[int, int] | None = None
+    # the image resize filter (labels: nearest). AdaptSegNet, ADVENT, IntraDA and FDA resize images bicubically
+    resize_filter: str = "bilinear"
     eval_size: tuple[int, int] | None = None  # (W, H) input of target val images; None = target_size
     hflip: bool = True
     grayscale: bool = False  # feed every image (source, target, val) as 3-channel grayscale (seed 003)
@@ -156,6 +158,8 @@ class DataConfig:
         for key in ("source_size", "target_size", "crop_size", "eval_size", "random_width"):
             v = getattr(self, key)
             _check(v is None or min(v) >= 8, f"data.{key}: both sides must be >= 8")
+        _check(self.resize_filter in ("bilinear", "bicubic"),
+               f"data.resize_filter must be 'bilinear' or 'bicubic', got '{self.resize_filter}'")
         _check(self.random_width is None or self.random_width[0] <= self.random_width[1],
                "data.random_width: [lo, hi] with lo <= hi")
         from uda_ray.data.labels import LABEL_SETS

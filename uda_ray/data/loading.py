@@ -196,7 +196,9 @@ class _Grayscale:
 
 
 def input_transform(tf: Any, cfg: DataConfig) -> Any:
-    """The dataset transform with the experiment's input options (grayscale) applied."""
+    """The dataset transform with the experiment's input options (resize filter, grayscale) applied."""
+    if isinstance(tf, PairTransform):
+        tf.filter = cfg.resize_filter
     return _Grayscale(tf) if cfg.grayscale else tf
 
 

@@ -39,6 +39,9 @@ def resize_label(lbl: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(lbl).resize(size, Image.Resampling.NEAREST))
 
 
+RESIZE_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
 class PairTransform:
     """Resize (bilinear image / nearest label), random rescale, random crop, random h-flip; sizes are (W, H).
 
@@ -54,13 +57,14 @@ class PairTransform:
         self.resize, self.crop, self.hflip, self.eval_mode = resize, crop, hflip, eval_mode
         self.random_width = random_width
         self.uint8 = uint8
+        self.filter = "bilinear"  # the image resize filter: "bilinear" | "bicubic" (data.resize_filter)
 
     def __call__(self, img: Image.Image, lbl: np.ndarray, rng: np.random.Generator | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.eval_mode:
             size = tuple(self.resize) if self.resize is not None else img.size
             if size != img.size:
-                img = img.resize(size, Image.Resampling.BILINEAR)
+                img = img.resize(size, RESIZE_FILTERS[self.filter])
             return to_tensors(img, lbl, self.uint8)
         if rng is None:
             raise ValueError("a training-mode PairTransform needs an rng")
@@ -79,7 +83,8 @@ class PairTransform:
 
     def cache_key(self) -> str:
         """What `prepare` depends on besides the files (a decoded-once cache's key)."""
-        return f"resize={tuple(self.resize) if self.resize else None}"
+        return f"resize={tuple(self.resize) if self.resize else None}" + \
+            (f",filter={self.filter}" if self.filter != "bilinear" else "")
 
     def prepare(self, img: Image.Image, lbl: np.ndarray, size: tuple[int, int] | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +93,7 @@ class PairTransform:
         differs from its image)."""
         size = size or (tuple(self.resize) if self.resize is not None else img.size)
         if size != img.size:
-            img = img.resize(size, Image.Resampling.BILINEAR)
+            img = img.resize(size, RESIZE_FILTERS[self.filter])
         return np.asarray(img.convert("RGB")), resize_label(np.asarray(lbl, dtype=np.uint8), img.size)
 
     def augment(self, img: np.ndarray, lbl: np.ndarray, rng: np.random.Generator
