@@ -89,6 +89,18 @@ def test_every_paper_experiment_has_a_pinned_schedule():
     assert shipped == set(PAPER_SCHEDULES)
 
 
+# How often the originals evaluate or snapshot (the checkpoints their reported best is picked from): ADVENT
+# SAVE_PRED_EVERY 2000, AdaptSegNet SAVE_PRED_EVERY 5000, FDA --save-pred-every 2500, CPSL --val_interval 1000.
+PAPER_EVAL_EVERY = {"advent": 2000, "minent": 2000, "intrada": 2000, "adaptsegnet": 5000, "fda": 2500,
+                    "cpsl": 1000, "cpsl_distill": 1000}
+
+
+@pytest.mark.parametrize("name", sorted(n for n in PAPER_SCHEDULES if "deeplabv2" in n))
+def test_paper_experiments_evaluate_as_often_as_the_originals_snapshot(name):
+    cfg = load_experiment(EXPERIMENTS / f"{name}.yaml")
+    assert cfg.train.eval_every == PAPER_EVAL_EVERY[name.split("deeplabv2_")[1]]
+
+
 @pytest.mark.parametrize("name", sorted(PAPER_SCHEDULES))
 def test_paper_experiments_follow_the_originals_schedule(name):
     cfg = load_experiment(EXPERIMENTS / f"{name}.yaml")
