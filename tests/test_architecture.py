@@ -129,3 +129,13 @@ def test_methods_use_the_shared_blocks_rather_than_copies():
         assert defines("uda_ray.methods.common", what)
         copies = [n for n in MODULES if n != "uda_ray.methods.common" and defines(n, what)]
         assert not copies, f"{what} is defined again in {copies}"
+
+
+def test_importing_the_package_and_reaching_the_api_loads_neither_torch_nor_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, uda_ray; uda_ray.sweep, uda_ray.best, uda_ray.Sweep; "
+            "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

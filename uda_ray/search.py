@@ -25,6 +25,7 @@ from uda_ray.results import ResultsWriter, experiment_of
 from uda_ray.space import SearchSpace
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger("uda_ray.progress")  # the live view (printed by the CLI)
 TUNE_DIR = "tune"
 STUDY_FILE = "optuna_journal.log"
 
@@ -238,8 +239,8 @@ def make_callbacks(sweep: dict, writer_args: dict) -> list:
             if scored:
                 b = (max if writer_args["mode"] == "max" else min)(scored, key=lambda r: r["best_value"])
                 best = f" | best {b['best_value']:.4f} ({b['trial_id']}: {_short_params(b['params'])})"
-            print(f"[{time.time() - self.t0:6.0f}s] {n['completed']} done, {running} running, "
-                  f"{n['stopped_early']} stopped early, {n['errored']} errored{best} | {what}", flush=True)
+            progress.info(f"[{time.time() - self.t0:6.0f}s] {n['completed']} done, {running} running, "
+                          f"{n['stopped_early']} stopped early, {n['errored']} errored{best} | {what}")
 
     return [ResultsCallback()]
 

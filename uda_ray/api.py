@@ -1,0 +1,524 @@
+"""The Python API: everything the `uda-ray` command line does, callable from a notebook or a Ray Job script.
+
+    import uda_ray
+    s = uda_ray.sweep("search_spaces/my_space.yaml", storage="/shared/uda", name="adv-lr")
+    print(s.status, s.best(top=3))                   # rows as dicts, best first
+    uda_ray.best("adv-lr", storage="/shared/uda", metric="uv/snd")
+    uda_ray.ls("/shared/uda")                        # one dict per sweep
+    uda_ray.train("experiments/x.yaml", overrides=["train.max_steps=2000"])
+    uda_ray.pipeline("experiments/pipelines/fda_mbt.yaml")
+
+Every function returns plain objects (dicts, lists of dicts, a `Sweep` dataclass, pyarrow Tables). Errors a
+user can cause raise `uda_ray.errors.UserError` (the CLI prints them as one line, exit status 2). Progress
+lines (the sweep's live view, stage starts, ...) go to the logger "uda_ray.progress" at INFO: the CLI prints
+them; in a notebook call `show_progress()` (or configure logging) to see them.
+
+Storage: `storage` is the root folder of sweeps and runs (default $UDA_RAY_STORAGE, else ./uda_ray_runs; a
+shared filesystem path on a multi-node cluster). Ray: with `address` (or $RAY_ADDRESS, set inside a Ray Job)
+the functions connect to that cluster; without, they start a local one for the call and stop it after. A Ray
+connection made by the caller before the call is used as is and left open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import random
+import socket
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from uda_ray.driver_lock import DriverLock, running_driver
+from uda_ray.errors import UserError
+
+progress = logging.getLogger("uda_ray.progress")
+INTERRUPTED, ENDED = "interrupted", ("completed", "stopped_early", "errored")
+
+
+class _StdoutHandler(logging.Handler):
+    """Progress lines to the current sys.stdout (looked up per line, so redirections are followed)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stdout, flush=True)
+
+
+def show_progress(enabled: bool = True) -> None:
+    """Print the progress lines (the sweep's live view, ...) on stdout, or stop printing them."""
+    for h in [h for h in progress.handlers if isinstance(h, _StdoutHandler)]:
+        progress.removeHandler(h)
+    if enabled:
+        progress.addHandler(_StdoutHandler())
+        progress.setLevel(logging.INFO)
+        progress.propagate = False
+
+
+# ------------------------------------------------------------------------------------------------
+# shared steps
+
+
+def storage_root(storage: str | os.PathLike | None = None) -> Path:
+    """The storage root: `storage`, else $UDA_RAY_STORAGE, else ./uda_ray_runs (absolute)."""
+    return Path(storage or os.environ.get("UDA_RAY_STORAGE") or "uda_ray_runs").expanduser().absolute()
+
+
+def _overrides(overrides: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
+    """{"optim.lr": 1e-3} or ["optim.lr=1e-3", ...] (the CLI's --set) -> a dict of dotted overrides."""
+    from uda_ray.config import parse_set
+
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    return parse_set(list(overrides))
+
+
+def resolve_data(data: Any, root: Path, select: str | None = None) -> Any:
+    """Dataset roots resolved (the synthetic benchmark generated on first use under <root>/data or
+    $UDA_RAY_DATA), checked to load and split as configured, and checked to allow computing the selection
+    metric `select`: a DataConfig with absolute roots."""
+    from uda_ray.data.loading import build_datasets, has_test_split, prepare, synthetic_dir
+    from uda_ray.metric_names import DEFAULT_SELECTION, needs_test_labels
+
+    data_dir = Path(os.environ["UDA_RAY_DATA"]) if os.environ.get("UDA_RAY_DATA") else root / "data"
+    if data.synthetic is not None and not (data.source_root and data.target_root):
+        where = synthetic_dir(data, data_dir)
+        if not (where / "MANIFEST.json").is_file():
+            progress.info(f"generating the synthetic benchmark in {where} ...")
+    data = prepare(data, data_dir)
+    build_datasets(data, source=True, target=True, target_labels=bool(data.target_label_root))
+    if not has_test_split(data):
+        if select and needs_test_labels(select):
+            raise UserError(f"{select} needs target test labels, and the target at {data.target_root} has none "
+                            f"(select a label-free metric, e.g. {DEFAULT_SELECTION})")
+        progress.info(f"the target at {data.target_root} has no labeled test split: test metrics are absent")
+    return data
+
+
+def with_data(raw: dict, data: Any) -> dict:
+    """The raw experiment with the resolved dataset roots."""
+    raw = dict(raw)
+    raw["data"] = {**raw.get("data", {}), "source_root": data.source_root, "target_root": data.target_root,
+                   "target_label_root": data.target_label_root}
+    return raw
+
+
+def _address(address: str | None, meta: dict | None = None) -> str | None:
+    from uda_ray.search import check_address
+
+    address = address or os.environ.get("RAY_ADDRESS") or (meta or {}).get("address")
+    check_address(address)
+    return address
+
+
+@contextlib.contextmanager
+def ray_connection(address: str | None) -> Iterator[None]:
+    """Ray for the duration of a call: the caller's connection if one is open, else a new one (a local
+    cluster without an address) that ends with the call."""
+    import ray
+
+    from uda_ray.search import init_ray
+
+    if ray.is_initialized():
+        yield
+        return
+    init_ray(address)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def refuse_running(directory: Path, what: str) -> None:
+    """Fail before any work when a live driver already owns the folder (the lock is taken later, atomically)."""
+    if running_driver(directory) is not None:
+        DriverLock(directory, what)._judge_existing()  # raises the one-line refusal
+
+
+def sweep_dir(name: str, storage: str | os.PathLike | None = None) -> Path:
+    """The folder of sweep `name` under the storage root; UserError naming the known sweeps if absent."""
+    root = storage_root(storage)
+    d = root / name
+    if not (d / "sweep.json").is_file():
+        known = sorted(p.parent.name for p in root.glob("*/sweep.json"))
+        raise UserError(f"unknown sweep '{name}' under {root}"
+                        + (f" (known: {', '.join(known)})" if known else " (no sweeps there)"))
+    return d
+
+
+# ------------------------------------------------------------------------------------------------
+# sweeps
+
+
+@dataclasses.dataclass
+class Sweep:
+    """A sweep on disk: its folder, its recorded state (sweep.json), and queries of its results tables."""
+
+    name: str
+    dir: Path
+    meta: dict
+
+    @classmethod
+    def open(cls, name: str, storage: str | os.PathLike | None = None) -> Sweep:
+        from uda_ray.search import read_meta
+
+        d = sweep_dir(name, storage)
+        return cls(name, d, read_meta(d))
+
+    @property
+    def status(self) -> str:
+        """running / completed / interrupted / ... (a dead driver's "running" reads "interrupted")."""
+        status = self.meta.get("status", "?")
+        return INTERRUPTED if status == "running" and not running_driver(self.dir) else status
+
+    @property
+    def objective(self) -> dict:
+        """{"metric": ..., "mode": ...} of the sweep's (first) objective."""
+        return (self.meta.get("objective") or [{"metric": "test/miou", "mode": "max"}])[0]
+
+    def table(self, name: str = "trials") -> Any:
+        """A results table ("trials", "evals", "class_iou") as a pyarrow Table."""
+        import pyarrow as pa
+
+        from uda_ray.results import read_table
+
+        return pa.Table.from_pylist(read_table(self.dir / "results", name))
+
+    def trials(self) -> list[dict]:
+        from uda_ray.results import read_table
+
+        return read_table(self.dir / "results", "trials")
+
+    def best(self, top: int = 5, metric: str | None = None, method: str | None = None) -> list[dict]:
+        return best(self.name, storage=self.dir.parent, top=top, metric=metric, method=method)
+
+    def vs_oracle(self) -> str | None:
+        """One line comparing the sweep's pick with choosing by the test labels (when it has them)."""
+        from uda_ray.results import read_table
+        from uda_ray.trust import pick_vs_oracle
+
+        obj = self.objective
+        if not obj.get("metric"):
+            return None
+        return pick_vs_oracle(read_table(self.dir / "results", "evals"), obj["metric"], obj["mode"])
+
+
+def _write_sweep_folder(space_path: Path, space: Any, sweep_d: Path, base_raw: dict, seed: int,
+                        address: str | None) -> dict:
+    """The sweep folder is self-contained: resume never depends on the files it was started from."""
+    from uda_ray.config import dump_yaml, read_yaml
+    from uda_ray.search import write_meta
+
+    sweep_d.mkdir(parents=True, exist_ok=True)
+    (sweep_d / "base.yaml").write_text(dump_yaml(base_raw))
+    raw_space = read_yaml(space_path)
+    raw_space.update(base="base.yaml", seed=seed)
+    raw_space.pop("set", None)
+    (sweep_d / "space.yaml").write_text(dump_yaml(raw_space))
+    meta = {"name": sweep_d.name, "space_file": str(space_path.absolute()), "seed": seed,
+            "objective": [dataclasses.asdict(o) for o in space.objectives], "num_samples": space.num_samples,
+            "constraints": [dataclasses.asdict(c) for c in space.constraints],
+            "address": address, "created": time.time(), "status": "running",
+            "pid": os.getpid(), "host": socket.gethostname()}
+    write_meta(sweep_d, meta)
+    return meta
+
+
+def _fit_sweep(tuner: Any, sweep_d: Path, meta: dict) -> Sweep:
+    """Run the Tuner to its end (or Ctrl-C) and record the sweep's status."""
+    from uda_ray.results import read_table
+    from uda_ray.search import run, sweep_status_after, write_meta
+
+    try:
+        meta["status"] = sweep_status_after(run(tuner))
+    except KeyboardInterrupt:
+        meta["status"] = INTERRUPTED
+    # Tune turns Ctrl-C into a graceful stop and returns normally: count what really finished
+    ended = sum(t["status"] in ENDED for t in read_table(sweep_d / "results", "trials"))
+    if ended < meta["num_samples"]:
+        meta["status"] = INTERRUPTED
+    meta.update(pid=None, finished=time.time())
+    write_meta(sweep_d, meta)
+    return Sweep(sweep_d.name, sweep_d, meta)
+
+
+def sweep(space: str | os.PathLike, *, storage: str | os.PathLike | None = None, address: str | None = None,
+          name: str | None = None, overrides: Mapping[str, Any] | Iterable[str] = ()) -> Sweep:
+    """Run the search space file `space` to its end: `num_samples` trials, results in
+    <storage>/<name>/results (name: default the space file's stem). `overrides` change the base experiment
+    ({"train.max_steps": 500} or ["train.max_steps=500"]). Returns the Sweep; its status is "interrupted"
+    after Ctrl-C (`resume` continues it)."""
+    from uda_ray.search import check_resources
+    from uda_ray.space import load_space
+    from uda_ray.stages import resolve_refs
+
+    space_path = Path(space)
+    sp = load_space(space_path, _overrides(overrides))
+    root = storage_root(storage)
+    name = name or space_path.stem
+    sweep_d = root / name
+    refuse_running(sweep_d, f"sweep '{name}'")
+    if (sweep_d / "sweep.json").exists():
+        raise UserError(f"sweep '{name}' already exists under {root}: `uda-ray resume {name}` continues it, "
+                        "or give another --name")
+    address = _address(address)
+    data = resolve_data(sp.base.data, root, sp.metric)
+    base_raw = resolve_refs(with_data(sp.base_raw, data), root)
+    seed = sp.seed if sp.seed is not None else random.SystemRandom().randrange(2**31)
+    with ray_connection(address):
+        check_resources(sp.base.train, sp.driver_cpus, sp.max_concurrent_trials, local=not address)
+        with DriverLock(sweep_d, f"sweep '{name}'"):
+            if (sweep_d / "sweep.json").exists():  # another driver created it while we were validating
+                raise UserError(f"sweep '{name}' already exists under {root}: `uda-ray resume {name}` continues it")
+            return _start_sweep(space_path, sp, sweep_d, base_raw, seed, address)
+
+
+def _start_sweep(space_path: Path, sp: Any, sweep_d: Path, base_raw: dict, seed: int, address: str | None) -> Sweep:
+    from uda_ray.search import build_tuner
+    from uda_ray.space import load_space
+
+    meta = _write_sweep_folder(space_path, sp, sweep_d, base_raw, seed, address)
+    progress.info(f"sweep '{sweep_d.name}': {sp.num_samples} trials over {', '.join(sp.params) or 'nothing'} "
+                  f"(base {sp.base.method}/{sp.base.model.name}), objective {sp.metric} ({sp.mode}), "
+                  f"TPE seed {seed}")
+    progress.info(f"storage: {sweep_d}")
+    return _fit_sweep(build_tuner(load_space(sweep_d / "space.yaml"), sweep_d, seed), sweep_d, meta)
+
+
+def resume(name: str, *, storage: str | os.PathLike | None = None, address: str | None = None) -> Sweep:
+    """Continue an interrupted sweep from its folder (finished trials are not rerun). Returns the Sweep."""
+    from uda_ray.search import build_tuner, read_meta, write_meta
+    from uda_ray.space import load_space
+
+    sweep_d = sweep_dir(name, storage)
+    meta = read_meta(sweep_d)
+    with DriverLock(sweep_d, f"sweep '{meta['name']}'"):
+        from ray import tune
+
+        if not tune.Tuner.can_restore(str(sweep_d / "tune")):
+            raise UserError(f"sweep '{meta['name']}' has no Tune state to restore under {sweep_d / 'tune'}")
+        space = load_space(sweep_d / "space.yaml")
+        address = _address(address, meta)
+        meta.update(status="running", pid=os.getpid(), host=socket.gethostname(), resumed=time.time())
+        write_meta(sweep_d, meta)
+        progress.info(f"resuming sweep '{meta['name']}' from {sweep_d}")
+        with ray_connection(address):
+            return _fit_sweep(build_tuner(space, sweep_d, meta["seed"], restore=True), sweep_d, meta)
+
+
+def best(name: str, *, storage: str | os.PathLike | None = None, top: int = 5, metric: str | None = None,
+         method: str | None = None) -> list[dict]:
+    """The `top` trials of sweep `name`, best first, ranked by `metric` (default: the sweep's objective);
+    one dict per trial (rank_metric, rank_value, rank_step, rank_checkpoint, params, config_json, ...)."""
+    from uda_ray.metric_names import REPORTED_PREFIXES, check_metric
+    from uda_ray.results import best_trials, read_table
+
+    d = sweep_dir(name, storage)
+    if top < 1:
+        raise UserError("top must be >= 1")
+    if metric:
+        metric = check_metric(metric, "metric")
+        evals = read_table(d / "results", "evals")
+        if evals and not any(e.get(metric) is not None for e in evals):
+            known = sorted({k for e in evals for k in e if k.startswith(REPORTED_PREFIXES) and e[k] is not None
+                            and not k.startswith("test/iou/")})
+            raise UserError(f"no evaluation of this sweep reports '{metric}' (reported: {', '.join(known)})")
+    return best_trials(d / "results", metric=metric, top=top, method=method)
+
+
+def pareto(name: str, *, storage: str | os.PathLike | None = None, method: str | None = None) -> list[dict]:
+    """The completed trials of a multi-objective sweep at their last evaluation, one dict each: values (per
+    objective), on_front, feasible, violated (constraints), step, checkpoint, params, config_json, ..."""
+    from uda_ray.results import pareto_front
+
+    s = Sweep.open(name, storage)
+    objectives, constraints = s.meta["objective"], s.meta.get("constraints") or []
+    rows = pareto_front(s.dir / "results", objectives, constraints)
+    return [r for r in rows if not method or r["method"] == method]
+
+
+def export_best(name: str, out: str | os.PathLike, *, storage: str | os.PathLike | None = None,
+                metric: str | None = None, method: str | None = None, index: int = 1) -> dict:
+    """Write a trial of sweep `name` as a runnable experiment YAML at `out` (atomically): the `index`-th best
+    (1 = the best; of a multi-objective sweep without `metric`: the `index`-th trial on the Pareto front).
+    Returns its row."""
+    from uda_ray.config import dump_yaml
+
+    if index < 1:
+        raise UserError("index must be >= 1")
+    s = Sweep.open(name, storage)
+    multi = len(s.meta.get("objective") or []) > 1 and not metric
+    if multi:
+        rows = [r for r in pareto(name, storage=storage, method=method) if r["on_front"]]
+        for r in rows:  # the fields an export names
+            r.update(rank_metric=s.meta["objective"][0]["metric"], rank_value=r["values"][0], rank_step=r["step"],
+                     rank_checkpoint=r["checkpoint"])
+    else:
+        rows = best(name, storage=storage, top=index, metric=metric, method=method)
+    if not rows:
+        raise UserError("nothing to export: no evaluated trial")
+    if index > len(rows):
+        raise UserError(f"index {index}: there are only {len(rows)}")
+    pick = rows[index - 1]
+    cfg = json.loads(pick["config_json"])
+    cfg["name"] = f"{name}-{'pareto' if multi else 'best'}{index if index > 1 else ''}"
+    if multi:
+        vals = ", ".join(f"{o['metric']}={v:.4g}" for o, v in zip(s.meta["objective"], pick["values"]))
+        what = f"Pareto-front trial {index} ({vals})"
+    else:
+        what = "best trial" if index == 1 else f"trial number {index}"
+    head = (f"# {what} {pick['trial_id']} of sweep {name}: {pick['rank_metric']}={pick['rank_value']:.4f} "
+            f"at step {pick['rank_step']}\n# its checkpoint: {pick['rank_checkpoint']}\n")
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(head + dump_yaml(cfg))
+    os.replace(tmp, out)
+    return pick
+
+
+def ls(storage: str | os.PathLike | None = None) -> list[dict]:
+    """One dict per sweep under the storage root: name, status, trials, completed, stopped_early, errored,
+    best (the best objective value so far, or None), mode."""
+    out = []
+    for p in sorted(storage_root(storage).glob("*/sweep.json")):
+        s = Sweep.open(p.parent.name, p.parent.parent)
+        trials = s.trials()
+        count = {st: sum(t["status"] == st for t in trials) for st in ENDED}
+        scored = [t["best_value"] for t in trials if t.get("best_value") is not None]
+        mode = s.objective["mode"]
+        out.append({"name": s.meta.get("name", s.name), "status": s.status, "trials": len(trials), **count,
+                    "best": (max if mode == "max" else min)(scored) if scored else None, "mode": mode})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# single runs and pipelines
+
+
+def train(experiment: str | os.PathLike, *, storage: str | os.PathLike | None = None,
+          overrides: Mapping[str, Any] | Iterable[str] = (), name: str | None = None,
+          address: str | None = None) -> dict:
+    """Run one experiment as a Ray Train run under <storage>/runs/<name> (default: the experiment's name; an
+    existing run resumes). Returns the last reported metrics plus checkpoint_path and run_dir."""
+    from uda_ray.build import build_experiment, load_experiment
+    from uda_ray.config import experiment_dict
+    from uda_ray.search import check_resources
+    from uda_ray.stages import resolve_refs
+    from uda_ray.train import fit_run
+
+    cfg = load_experiment(experiment, _overrides(overrides))
+    root = storage_root(storage)
+    cfg = build_experiment(resolve_refs(experiment_dict(cfg), root), str(experiment))
+    address = _address(address)
+    data = resolve_data(cfg.data, root, cfg.select)
+    cfg = build_experiment(with_data(experiment_dict(cfg), data), str(experiment))
+    name = name or cfg.name
+    run_dir = root / "runs" / name
+    progress.info(f"training {cfg.method}/{cfg.model.name} for {cfg.train.max_steps} steps on "
+                  f"{cfg.train.num_workers} worker(s); run folder {run_dir}")
+    refuse_running(run_dir, f"run '{name}'")
+    with ray_connection(address):
+        check_resources(cfg.train, 0.0, 1, local=not address)
+        with DriverLock(run_dir, f"run '{name}'"):
+            return {**fit_run(cfg, root / "runs", name), "run_dir": str(run_dir), "select_metric": cfg.select}
+
+
+def pipeline(path: str | os.PathLike, *, storage: str | os.PathLike | None = None, report: str | None = None,
+             address: str | None = None) -> list[dict]:
+    """Run the stages of a pipeline file in order (completed stages are skipped); one summary dict per
+    stage (with the pipeline's selection metric as select_metric). With `report`, also write a markdown table
+    of the stages' results there."""
+    from uda_ray.build import build_experiment
+    from uda_ray.config import experiment_dict
+    from uda_ray.pipeline import load_pipeline, run_pipeline
+    from uda_ray.results import markdown_report
+    from uda_ray.stages import resolve_refs
+    from uda_ray.train import fit_run
+
+    pipe = load_pipeline(path)
+    root = storage_root(storage)
+    address = _address(address)
+
+    def prepare(cfg: Any) -> Any:
+        data = resolve_data(cfg.data, root, cfg.select)
+        return build_experiment(resolve_refs(with_data(experiment_dict(cfg), data), root), cfg.name)
+
+    pdir = root / "pipelines" / pipe.cfg.name
+    progress.info(f"pipeline '{pipe.cfg.name}': {len(pipe.cfg.stages)} stages under {pdir}")
+    refuse_running(pdir, f"pipeline '{pipe.cfg.name}'")
+    with ray_connection(address), DriverLock(pdir, f"pipeline '{pipe.cfg.name}'"):
+        summary = run_pipeline(pipe, root, fit_run, prepare, log=progress.info)
+    if report:
+        runs = [(st.name, pdir / st.name) for st in pipe.cfg.stages if (pdir / st.name / "results").is_dir()]
+        note = (f"Produced by `uda-ray pipeline {path} --report {report}` from the runs' Parquet tables ({pdir}). "
+                "mIoU on the target val split at the label's full resolution.")
+        Path(report).write_text(markdown_report(f"Pipeline {pipe.cfg.name}", runs, note))
+    return [{**row, "select_metric": pipe.cfg.select} for row in summary]
+
+
+# ------------------------------------------------------------------------------------------------
+# reports, validators, reruns
+
+
+def report(name: str, *, storage: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+           predictions: bool = True) -> Path:
+    """One self-contained HTML page about a sweep, a run or a pipeline; returns its path."""
+    from uda_ray.report import resolve, write_report
+
+    kind, folder = resolve(storage_root(storage), name)
+    out = Path(out) if out else folder / "report.html"
+    write_report(kind, folder, out, predictions=predictions)
+    return out
+
+
+def validators(name: str, *, storage: str | os.PathLike | None = None) -> tuple[list[dict], Path]:
+    """Measure every validator of a sweep, pipeline or run against test mIoU (uda_ray.trust); writes
+    results/validators.parquet beside the other tables and returns (rows, path)."""
+    from uda_ray import trust
+
+    _, results_dir, sources = trust.locate(name, storage_root(storage))
+    rows = trust.validators_table(trust.read_evals(sources))
+    return rows, trust.write_table(results_dir, rows)
+
+
+def rerun(name: str, *, top: int = 3, seeds: int = 3, metric: str | None = None,
+          storage: str | os.PathLike | None = None, address: str | None = None) -> list[dict]:
+    """Retrain the top `top` configurations of sweep `name` with `seeds` new seeds each (uda_ray.rerun);
+    returns the per-configuration summary (also in results/rerun_summary.parquet)."""
+    from uda_ray import rerun as rr
+    from uda_ray.build import build_experiment
+    from uda_ray.search import check_resources, read_meta
+    from uda_ray.train import fit_run
+
+    root = storage_root(storage)
+    sweep_d = sweep_dir(name, storage)
+    meta = read_meta(sweep_d)
+    objective = (meta.get("objective") or [{"metric": "test/miou", "mode": "max"}])[0]
+    if metric is None:
+        metric, mode = objective["metric"], objective["mode"]
+    else:
+        from uda_ray.metric_names import check_metric, mode_of
+
+        metric = check_metric(metric, "--metric")
+        mode = mode_of(metric)
+    specs = rr.plan(sweep_d, top, seeds, metric, mode)
+    address = _address(address, meta)
+    first = build_experiment(specs[0].experiment, f"sweep {name}")
+    data = resolve_data(first.data, root)  # one line if the sweep's datasets are gone
+    todo = [s for s in specs if not rr.finished(sweep_d / rr.RERUN_DIR / s.name, s.experiment["train"]["max_steps"])]
+    progress.info(f"rerun of sweep '{name}': top {len({s.trial_id for s in specs})} configuration(s) by {metric} "
+                  f"({mode}) x {seeds} seed(s) = {len(specs)} runs ({len(specs) - len(todo)} already complete) "
+                  f"under {sweep_d / rr.RERUN_DIR}")
+
+    def train_one(spec: rr.RerunSpec, where: Path) -> None:
+        cfg = build_experiment(with_data(spec.experiment, data), f"rerun {spec.name}")
+        fit_run(cfg, where, spec.name)
+
+    with ray_connection(address) if todo else contextlib.nullcontext():
+        if todo:
+            check_resources(first.train, 0.0, 1, local=not address)
+        summary = rr.rerun(sweep_d, specs, train_one, metric, mode, log=progress.info)
+    return [s for s in summary if s["trial_id"] in {sp.trial_id for sp in specs}]
