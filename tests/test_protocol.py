@@ -342,3 +342,37 @@ def test_resize_filter_reaches_every_dataset_transform(synth_root):
     assert not np.array_equal(bicubic, bilinear)
     got = np.asarray(ds["src"][(0, 0)]["img"]).transpose(1, 2, 0)  # (H, W, 3)
     np.testing.assert_array_equal(got.astype(np.uint8), bicubic)
+
+
+# -- CPSL's network ------------------------------------------------------------------------------------------
+
+
+def test_proda_head_has_cpsl_s_structure():
+    from uda_ray.models.deeplabv2 import ProDAClassifier
+
+    head = ProDAClassifier(2048, 19)
+    # five branches to 256 (1x1, four dilated 3x3) with GroupNorm; SE 1280 -> 80 -> 1280; 3x3 fuse to 256 with
+    # GroupNorm; 1x1 classifier without bias
+    expected = (2048 * 256 + 256 + 512) + 4 * (2048 * 256 * 9 + 256 + 512) + (1280 * 80 + 80 + 80 * 1280 + 1280) \
+        + (1280 * 256 * 9 + 256 + 512) + 256 * 19
+    assert sum(p.numel() for p in head.parameters()) == expected
+    head.eval()
+    logits, feat = head(torch.randn(2, 2048, 5, 7))
+    assert logits.shape == (2, 19, 5, 7) and feat.shape == (2, 256, 5, 7)
+    with pytest.raises(ConfigError, match="single-level"):
+        from uda_ray.models.deeplabv2 import deeplabv2_r101_ml
+
+        deeplabv2_r101_ml(head="proda")
+
+
+@pytest.mark.parametrize("name", ["gta5_to_cityscapes_cpsl", "synthia_to_cityscapes_cpsl"])
+def test_cpsl_stages_share_one_network_so_each_can_start_from_the_last(name):
+    from uda_ray.pipeline import load_pipeline
+
+    pipe = load_pipeline(EXPERIMENTS / "pipelines" / f"{name}.yaml")
+    nets = {}
+    for st in pipe.cfg.stages:
+        if st.action is None:
+            cfg = load_experiment(pipe.experiment_path(st), {**pipe.cfg.set, **st.set})
+            nets[st.name] = (cfg.model.name, cfg.model.num_classes, cfg.model.kwargs.get("head"))
+    assert set(nets.values()) == {("deeplabv2_r101", 16 if name.startswith("synthia") else 19, "proda")}

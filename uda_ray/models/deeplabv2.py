@@ -68,21 +68,67 @@ class ASPPClassifier(nn.Module):
         return out
 
 
+class ProDAClassifier(nn.Module):
+    """The DeepLab-v2 head of CPSL (inherited from ProDA, Zhang et al. CVPR 2021; CPSL models/deeplabv2.py):
+    five parallel branches on the layer4 features, a 1x1 conv and 3x3 convs at dilation 6/12/18/24, each to
+    256 channels with GroupNorm(32) and ReLU; their concatenation (1280 channels) re-weighted by
+    squeeze-and-excitation (reduction 16), fused by a 3x3 conv to 256 channels with GroupNorm (no ReLU): the
+    features CPSL's prototypes see; then Dropout2d(0.1) and a 1x1 conv without bias to the classes.
+    Initialization as there: the fusing conv Kaiming-normal (fan in) with zero bias, the classifier N(0, 0.001),
+    the rest PyTorch's defaults.
+    """
+
+    def __init__(self, cin: int, num_classes: int, rates: tuple[int, ...] = (6, 12, 18, 24), width: int = 256,
+                 droprate: float = 0.1, se_reduction: int = 16) -> None:
+        super().__init__()
+
+        def branch(k: int, r: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, width, k, padding=r if k == 3 else 0, dilation=r, bias=True),
+                                 nn.GroupNorm(32, width), nn.ReLU(inplace=True))
+
+        self.branches = nn.ModuleList([branch(1, 1)] + [branch(3, r) for r in rates])
+        n = width * (len(rates) + 1)
+        self.se = nn.Sequential(nn.Linear(n, n // se_reduction), nn.ReLU(inplace=True),
+                                nn.Linear(n // se_reduction, n), nn.Sigmoid())
+        self.fuse = nn.Sequential(nn.Conv2d(n, width, 3, padding=1, bias=True), nn.GroupNorm(32, width))
+        self.dropout = nn.Dropout2d(droprate)
+        self.cls = nn.Conv2d(width, num_classes, 1, bias=False)
+        nn.init.kaiming_normal_(self.fuse[0].weight, a=0, mode="fan_in")
+        nn.init.zeros_(self.fuse[0].bias)
+        nn.init.normal_(self.cls.weight, 0.0, 0.001)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, cin, h, w) -> (logits (B, C, h, w), features (B, 256, h, w))."""
+        y = torch.cat([b(x) for b in self.branches], dim=1)  # (B, 1280, h, w)
+        y = y * self.se(y.mean(dim=(2, 3)))[:, :, None, None]
+        feat = self.dropout(self.fuse(y))
+        return self.cls(feat), feat
+
+
+HEADS = ("aspp", "proda")
+
+
 class DeepLabV2(nn.Module):
     """torchvision ResNet-101 with layer3/layer4 dilated (output stride 8) + ASPP classifier on layer4.
 
     Input (B, 3, H, W) RGB in 0..255 (normalized inside). Output dict: "out" logits at 1/8;
     "aux" = [ASPP logits from layer3] in train mode if `multi_level` (else / in eval: []);
-    "feat" = layer4 features (B, 2048, H/8, W/8).
+    "feat" = layer4 features (B, 2048, H/8, W/8); with head "proda" the head's features (B, 256, H/8, W/8).
     `freeze_bn` (the UDA papers' setting, batch 1): every BatchNorm stays in eval mode, even after
     `.train()`, and its affine parameters get requires_grad=False.
     """
 
     def __init__(self, num_classes: int = 19, multi_level: bool = False, freeze_bn: bool = True,
-                 style: str = "torchvision", blocks: tuple[int, int, int, int] = (3, 4, 23, 3)) -> None:
+                 style: str = "torchvision", blocks: tuple[int, int, int, int] = (3, 4, 23, 3),
+                 head: str = "aspp") -> None:
         super().__init__()
         if style not in STYLES:
             raise ConfigError(f"model.kwargs.style: unknown '{style}' (valid: {', '.join(STYLES)})")
+        if head not in HEADS:
+            raise ConfigError(f"model.kwargs.head: unknown '{head}' (valid: {', '.join(HEADS)})")
+        if head == "proda" and multi_level:
+            raise ConfigError("model.kwargs.head: proda is single-level (use deeplabv2_r101)")
+        self.head = head
         self.num_classes = num_classes
         self.freeze_bn = freeze_bn
         self.style = style
@@ -94,7 +140,8 @@ class DeepLabV2(nn.Module):
                 raise ConfigError("DeepLabV2: `blocks` other than ResNet-101's is for the caffe style's tests only")
             self.normalize = Normalize()
             self.backbone = resnet(101, dilate=(False, True, True))
-        self.classifier = ASPPClassifier(2048, num_classes)
+        self.classifier: nn.Module = ASPPClassifier(2048, num_classes) if head == "aspp" else \
+            ProDAClassifier(2048, num_classes)
         self.aux_classifier = ASPPClassifier(1024, num_classes) if multi_level else None
         self.aux_weights: tuple[float, ...] = (0.1,) if multi_level else ()
         if freeze_bn:
@@ -115,6 +162,9 @@ class DeepLabV2(nn.Module):
         x = self.normalize(x)  # (B, 3, H, W)
         _, _, f3, f4 = resnet_stages(self.backbone, x)  # (B, 1024, H/8, W/8), (B, 2048, H/8, W/8)
         aux = [self.aux_classifier(f3)] if self.training and self.aux_classifier is not None else []
+        if self.head == "proda":
+            out, feat = self.classifier(f4)  # feat: the head's 256-channel features, as CPSL's prototypes use
+            return {"out": out, "aux": aux, "feat": feat}
         return {"out": self.classifier(f4), "aux": aux, "feat": f4}
 
     def param_groups(self, lr: float) -> list[dict]:
@@ -130,24 +180,26 @@ class DeepLabV2(nn.Module):
         ]
 
 
-def _build(num_classes: int, pretrained: str | None, multi_level: bool, freeze_bn: bool, style: str) -> DeepLabV2:
+def _build(num_classes: int, pretrained: str | None, multi_level: bool, freeze_bn: bool, style: str,
+           head: str = "aspp") -> DeepLabV2:
     if style == "caffe" and pretrained == "imagenet":
         raise ConfigError("model.pretrained: imagenet is torchvision's ResNet-101 (another architecture and input "
                           "normalization); the caffe style takes the originals' init weights, converted with "
                           "`uda-ray convert-weights`, as a .pth path")
     state = read_pretrained(pretrained, 101)
-    model = DeepLabV2(num_classes, multi_level, freeze_bn, style)
+    model = DeepLabV2(num_classes, multi_level, freeze_bn, style, head=head)
     load_pretrained(model, model.backbone, state, str(pretrained))
     return model
 
 
 def deeplabv2_r101(num_classes: int = 19, pretrained: str | None = None, freeze_bn: bool = True,
-                   style: str = "torchvision") -> DeepLabV2:
-    """Single-level DeepLab-v2 ResNet-101 (no aux output); style "torchvision" or "caffe"."""
-    return _build(num_classes, pretrained, False, freeze_bn, style)
+                   style: str = "torchvision", head: str = "aspp") -> DeepLabV2:
+    """Single-level DeepLab-v2 ResNet-101 (no aux output); style "torchvision" or "caffe"; head "aspp"
+    (DeepLab's) or "proda" (CPSL's)."""
+    return _build(num_classes, pretrained, False, freeze_bn, style, head)
 
 
 def deeplabv2_r101_ml(num_classes: int = 19, pretrained: str | None = None, freeze_bn: bool = True,
-                      style: str = "torchvision") -> DeepLabV2:
+                      style: str = "torchvision", head: str = "aspp") -> DeepLabV2:
     """Multi-level DeepLab-v2 ResNet-101: extra ASPP classifier on layer3 as aux output (weight 0.1)."""
-    return _build(num_classes, pretrained, True, freeze_bn, style)
+    return _build(num_classes, pretrained, True, freeze_bn, style, head)
