@@ -143,3 +143,35 @@ def test_test_metric_selection_on_an_unlabeled_target_exits_2(tmp_path, capsys, 
     space = _space(tmp_path, base, objective={"metric": "test/miou"})
     code, _, err = _run(capsys, "sweep", str(space), "--storage", str(tmp_path / "store"))
     _assert_user_error(code, err, tmp_path / "store", "test/miou needs target test labels")
+
+
+def _tiny_sweep(tmp_path, synth_root) -> Path:
+    import json
+
+    from uda_ray.build import build_experiment
+    from uda_ray.config import experiment_dict
+    from uda_ray.results import ResultsWriter
+
+    d = tmp_path / "store" / "sw"
+    w = ResultsWriter(d / "results", "sw", "uv/snd", "max", 0)
+    exp = experiment_dict(build_experiment(tiny_experiment(synth_root)))
+    for tid, snd, ent, miou in (("a", 0.9, 0.5, 0.1), ("b", 0.2, 0.1, 0.6)):
+        w.start(tid, exp, {"optim.lr": 0.01})
+        w.result(tid, exp, {"optim.lr": 0.01}, {"step": 2, "uv/snd": snd, "uv/entropy": ent, "test/miou": miou})
+    (d / "sweep.json").write_text(json.dumps({"name": "sw", "objective": [{"metric": "uv/snd", "mode": "max"}]}))
+    return d
+
+
+def test_best_ranks_by_the_named_metric_in_its_mode_and_shows_test_beside(tmp_path, capsys, synth_root):
+    _tiny_sweep(tmp_path, synth_root)
+    code, out, _ = _run(capsys, "best", "sw", "--top", "1", "--storage", str(tmp_path / "store"))
+    assert code == 0 and "top 1 by uv/snd (max)" in out and " a " in out and "test/miou=0.1000" in out
+    code, out, _ = _run(capsys, "best", "sw", "--top", "1", "--metric", "uv/entropy", "--storage",
+                        str(tmp_path / "store"))
+    assert code == 0 and "top 1 by uv/entropy (min)" in out and " b " in out and "test/miou=0.6000" in out
+
+
+def test_best_with_an_unknown_metric_exits_2(tmp_path, capsys, synth_root):
+    _tiny_sweep(tmp_path, synth_root)
+    code, _, err = _run(capsys, "best", "sw", "--metric", "uv/nope", "--storage", str(tmp_path / "store"))
+    assert code == 2 and "unknown metric 'uv/nope'" in err and len(err.strip().splitlines()) == 1
