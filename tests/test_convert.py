@@ -153,3 +153,13 @@ def test_caffe_style_refuses_torchvision_imagenet_weights():
         deeplabv2_r101(pretrained="imagenet", style="caffe")
     with pytest.raises(ConfigError, match="style"):
         DeepLabV2(19, style="pytorch")
+
+
+def test_convert_weights_is_in_the_python_api(tmp_path):
+    import uda_ray
+
+    src = tmp_path / "advent.pth"
+    torch.save(_orig_state(OrigDeepLab(TINY, {"layer5": (1024, 19), "layer6": (2048, 19)})), src)
+    s = uda_ray.convert_weights(src, tmp_path / "out.pth", num_classes=19)
+    assert s["classifiers"] == {"layer5": "aux_classifier", "layer6": "classifier"} and s["layout"] == "full model"
+    assert (tmp_path / "out.pth").is_file()

@@ -1,15 +1,15 @@
 """uda_ray: Ray-distributed hyperparameter search for unsupervised domain adaptation in segmentation.
 
 The Python API (`uda_ray.sweep`, `resume`, `best`, `export_best`, `ls`, `train`, `pipeline`, `report`,
-`validators`, `rerun`, `Sweep`, `show_progress`) lives in `uda_ray.api`; it is imported on first use, so
-`import uda_ray` stays light (no torch, no ray).
+`validators`, `rerun`, `convert_weights`, `Sweep`, `show_progress`) lives in `uda_ray.api`; it is imported on
+first use, so `import uda_ray` stays light (no torch, no ray).
 """
 
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Sweep", "best", "export_best", "ls", "pipeline", "report", "rerun", "resume", "show_progress",
-           "sweep", "train", "validators"]
+__all__ = ["Sweep", "best", "convert_weights", "export_best", "ls", "pipeline", "report", "rerun", "resume",
+           "show_progress", "sweep", "train", "validators"]
 
 
 def __getattr__(name: str) -> Any:

@@ -522,3 +522,15 @@ def rerun(name: str, *, top: int = 3, seeds: int = 3, metric: str | None = None,
             check_resources(first.train, 0.0, 1, local=not address)
         summary = rr.rerun(sweep_d, specs, train_one, metric, mode, log=progress.info)
     return [s for s in summary if s["trial_id"] in {sp.trial_id for sp in specs}]
+
+
+def convert_weights(src: str | os.PathLike, dst: str | os.PathLike, *, num_classes: int | None = None) -> dict:
+    """Convert an AdaptSegNet / ADVENT DeepLab-v2 checkpoint to this project's keys (uda_ray.models.convert),
+    for `model.kwargs.style: caffe` and `model.pretrained: DST`. `num_classes`: keep only classifiers with that
+    many outputs (the init files' other heads are dropped). Returns the summary (layout, classifiers kept and
+    dropped, tensor count, the written path)."""
+    from uda_ray.models.convert import convert_file
+
+    if num_classes is not None and num_classes < 2:
+        raise UserError("num_classes must be >= 2")
+    return convert_file(src, dst, num_classes)

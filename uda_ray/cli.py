@@ -184,11 +184,7 @@ def cmd_data_synth(a: argparse.Namespace) -> int:
 
 
 def cmd_convert_weights(a: argparse.Namespace) -> int:
-    from uda_ray.models.convert import convert_file
-
-    if a.num_classes is not None and a.num_classes < 2:
-        raise UserError("--num-classes must be >= 2")
-    s = convert_file(a.src, a.dst, a.num_classes)
+    s = api.convert_weights(a.src, a.dst, num_classes=a.num_classes)
     heads = ", ".join(f"{k} -> {v}" for k, v in s["classifiers"].items()) or "none"
     dropped = "".join(f"; dropped {k} ({v})" for k, v in s["dropped"].items())
     print(f"wrote {s['written']}: {s['layout']}, {s['keys']} tensors; classifiers: {heads}{dropped}. "
