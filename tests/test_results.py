@@ -48,11 +48,109 @@ def test_trial_that_ends_before_max_steps_is_stopped_early(tmp_path, synth_root)
 
 
 def test_tables_are_plain_parquet_without_temporary_leftovers(tmp_path, synth_root):
+    import pandas as pd
+
     exp = experiment_dict(build_experiment(tiny_experiment(synth_root)))
     w = _writer(tmp_path)
     w.result("a", exp, {}, _result(2, 0.1))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["class_iou.parquet", "evals.parquet", "trials.parquet"]
-    assert pq.read_table(tmp_path / "evals.parquet").column("schema_version").to_pylist() == [2]
+    w.result("a", exp, {}, _result(4, 0.2))
+    visible = sorted(p.name for p in tmp_path.iterdir())
+    assert visible == ["class_iou.parquet", "evals.parquet", "trials.parquet"]
+    assert not [p for p in tmp_path.rglob(".*")]  # no temporary files left
+    assert pq.read_table(tmp_path / "evals.parquet").column("schema_version").to_pylist() == [2, 2]
+    assert len(pd.read_parquet(tmp_path / "class_iou.parquet")) == 4
+    assert len(pd.read_parquet(tmp_path / "trials.parquet")) == 1
+
+
+def _many(w, exp, n, trial="a", **extra):
+    for step in range(1, n + 1):
+        w.result(trial, exp, {}, {**_result(step, step / (n + 1)), **extra})
+
+
+def test_only_the_last_segment_is_rewritten_and_segments_stay_bounded(tmp_path, synth_root, monkeypatch):
+    import uda_ray.results as results
+
+    monkeypatch.setattr(results, "SEGMENT_ROWS", {"evals": 4, "class_iou": 8})
+    exp = experiment_dict(build_experiment(tiny_experiment(synth_root)))
+    w = _writer(tmp_path)
+    for step in range(1, 5):
+        w.result("a", exp, {}, _result(step, 0.1))
+    first = (tmp_path / "evals.parquet" / "part-000000.parquet").stat().st_mtime_ns
+    for step in range(5, 12):
+        w.result("a", exp, {}, _result(step, 0.1))
+    assert (tmp_path / "evals.parquet" / "part-000000.parquet").stat().st_mtime_ns == first  # full: untouched
+    sizes = [pq.read_metadata(p).num_rows for p in sorted((tmp_path / "evals.parquet").iterdir())]
+    assert sizes == [4, 4, 3]
+    assert [pq.read_metadata(p).num_rows for p in sorted((tmp_path / "class_iou.parquet").iterdir())] == [8, 8, 6]
+    assert sorted(e["step"] for e in read_table(tmp_path, "evals")) == list(range(1, 12))
+    w2 = _writer(tmp_path)  # a resumed driver continues the last segment
+    w2.result("a", exp, {}, _result(12, 0.1))
+    assert [pq.read_metadata(p).num_rows for p in sorted((tmp_path / "evals.parquet").iterdir())] == [4, 4, 4]
+
+
+def test_a_reader_never_sees_a_duplicate_or_a_lost_row_while_results_arrive(tmp_path, synth_root, monkeypatch):
+    import threading
+
+    import uda_ray.results as results
+
+    monkeypatch.setattr(results, "SEGMENT_ROWS", {"evals": 5, "class_iou": 10})
+    exp = experiment_dict(build_experiment(tiny_experiment(synth_root)))
+    w = _writer(tmp_path)
+    w.result("a", exp, {}, _result(1, 0.1))
+    seen, problems, done = [], [], threading.Event()
+
+    def read():
+        while not done.is_set():
+            try:
+                steps = pq.read_table(tmp_path / "evals.parquet", columns=["step"]).column("step").to_pylist()
+            except Exception as e:  # noqa: BLE001 - any failure to read is what this test looks for
+                problems.append(repr(e))
+                continue
+            if len(steps) != len(set(steps)):
+                problems.append(f"duplicates {steps}")
+            if seen and len(steps) < seen[-1]:
+                problems.append(f"{len(steps)} rows after {seen[-1]}")
+            seen.append(len(steps))
+
+    t = threading.Thread(target=read)
+    t.start()
+    for step in range(2, 80):
+        w.result("a", exp, {}, {**_result(step, 0.5), **({"uv/snd": 0.5} if step == 40 else {})})
+    done.set()
+    t.join()
+    assert problems == [] and len(seen) > 5 and seen[-1] == 79
+
+
+def test_declared_types_hold_and_a_new_metric_column_reaches_every_fragment(tmp_path, synth_root):
+    import pyarrow as pa
+    import pytest
+
+    exp = experiment_dict(build_experiment(tiny_experiment(synth_root)))
+    w = _writer(tmp_path)
+    w.result("a", exp, {}, {**_result(2, 0.1), "test/miou": 1})  # an int metric is stored as float64
+    w.result("a", exp, {}, {**_result(4, 0.2), "uv/snd": 0.7})  # a column the first fragment lacks
+    t = pq.read_table(tmp_path / "evals.parquet")
+    assert t.schema.field("step").type == pa.int64() and t.schema.field("test/miou").type == pa.float64()
+    assert t.column("uv/snd").to_pylist() == [None, 0.7] and t.column("test/miou").to_pylist() == [1.0, 0.2]
+    with pytest.raises(TypeError, match="'test/pixel_acc' is double, got 'high'"):
+        w.result("a", exp, {}, {**_result(6, 0.2), "test/pixel_acc": "high"})
+    tr = pq.read_table(tmp_path / "trials.parquet").schema
+    assert tr.field("best_step").type == pa.int64() and tr.field("best_value").type == pa.float64()
+
+
+def test_the_one_file_layout_of_earlier_versions_is_converted_in_place(tmp_path, synth_root):
+    import pyarrow as pa
+
+    rows = [{"schema_version": 1, "sweep": "sw", "trial_id": "a", "step": 2, "val/miou": 0.25,
+             "checkpoint_path": None, "reported_at": 1.0}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "evals.parquet")
+    exp = experiment_dict(build_experiment(tiny_experiment(synth_root)))
+    w = _writer(tmp_path)
+    w.result("a", exp, {}, _result(2, 0.9))  # already recorded: keeps its first row
+    w.result("a", exp, {}, _result(4, 0.5))
+    evals = sorted(read_table(tmp_path, "evals"), key=lambda e: e["step"])
+    assert [(e["step"], e["test/miou"]) for e in evals] == [(2, 0.25), (4, 0.5)]
+    assert (tmp_path / "evals.parquet").is_dir() and not list(tmp_path.glob(".*"))
 
 
 def test_best_trials_rank_by_metric_and_filter_by_method(tmp_path, synth_root):

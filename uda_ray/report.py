@@ -82,7 +82,7 @@ def resolve(root: Path, name: str) -> tuple[str, Path]:
     for kind, d in cands:
         if kind == "sweep" and (d / "sweep.json").is_file():
             return kind, d
-        if kind == "run" and (d / "results" / "evals.parquet").is_file():
+        if kind == "run" and (d / "results" / "evals.parquet").exists():
             return kind, d
         if kind == "pipeline" and d.is_dir() and any(d.glob("*/results/evals.parquet")):
             return kind, d

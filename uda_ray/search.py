@@ -206,7 +206,9 @@ def make_callbacks(sweep: dict, writer_args: dict) -> list:
             self.t0 = time.time()
 
         def setup(self, **info: Any) -> None:
-            self.writer = ResultsWriter(**writer_args)  # reloads existing tables on resume
+            # reloads existing tables on resume; the trials file is rewritten at most once a second by results
+            # (at every start and end), so a sweep of thousands of trials stays cheap to record
+            self.writer = ResultsWriter(**writer_args, trials_every_s=1.0)
 
         def _exp(self, trial: Any) -> tuple[dict, dict]:
             params = plain(trial.config["params"])

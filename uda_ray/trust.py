@@ -177,7 +177,7 @@ def locate(name: str, root: Path) -> tuple[str, Path, list[Path]]:
     if pdir.is_dir() and name:
         stages = sorted(p.parent for p in pdir.glob("*/results/evals.parquet"))
         return "pipeline", pdir / "results", stages
-    if name and (root / "runs" / name / "results" / "evals.parquet").is_file():
+    if name and (root / "runs" / name / "results" / "evals.parquet").exists():
         return "run", root / "runs" / name / "results", [root / "runs" / name / "results"]
     known = sorted({p.parent.name for p in root.glob("*/sweep.json")}
                    | {p.name for p in (root / "pipelines").glob("*") if p.is_dir()})
