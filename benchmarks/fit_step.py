@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 import uda_ray.train as train_mod
-from uda_ray.build import build_method
-from uda_ray.config import build_experiment
+from uda_ray.build import build_experiment, build_method
 from uda_ray.data.synthetic import generate
 from uda_ray.methods.base import build_optimizer, seg_loss
 from uda_ray.train import LocalSession, fit
@@ -101,8 +100,8 @@ def main() -> None:
 
         times: dict[str, list[float]] = {"plain step, preloaded tensors": [], **{k: [] for k in configs}}
         for r in range(a.repeats):
-            for name, raw in configs.items():
-                times[name] += timed_fit(raw, tmp / f"run_{r}_{len(times[name])}")
+            for i, (name, raw) in enumerate(configs.items()):
+                times[name] += timed_fit(raw, tmp / f"run_{r}_{i}")  # a fresh run folder: no resume
                 times["plain step, preloaded tensors"] += [plain() for _ in range(a.steps - 3)]
         base = times["plain step, preloaded tensors"]
         print(f"BiSeNet-R18 source_only, batch {a.batch}, crop {cw}x{ch} of 1280x720-resized {GTA5_SIZE[0]}x"

@@ -1,6 +1,7 @@
 """Training-step overhead of uda_ray's method/loop machinery vs a plain PyTorch step.
 
-    python benchmarks/step_overhead.py [--model bisenet_r18] [--batch 8] [--height 64] [--width 128] [--repeats 10]
+    python benchmarks/step_overhead.py [--model bisenet_r18] [--batch 8] [--height 64] [--width 128]
+                                        [--repeats 6] [--steps 3] [--threads 1]
 
 Both sides train the same model (two copies of one initialization) with the same loss (CE on the main output +
 the model's aux heads, as `seg_loss`) and the same optimizer (SGD with the model's param groups) on the same
@@ -41,9 +42,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--height", type=int, default=64)
     ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=5, help="steps per timed repetition")
+    ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=3, help="steps per timed repetition")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least disturbed by other jobs)")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     dev = torch.device("cpu")
     optim = OptimConfig(name="sgd", lr=1e-3, momentum=0.9, weight_decay=5e-4)
     torch.manual_seed(0)
