@@ -203,7 +203,10 @@ class Sweep:
         obj = self.objective
         if not obj.get("metric"):
             return None
-        return pick_vs_oracle(read_table(self.dir / "results", "evals"), obj["metric"], obj["mode"])
+        from uda_ray.metric_names import mode_of
+
+        return pick_vs_oracle(read_table(self.dir / "results", "evals"), obj["metric"],
+                              obj.get("mode") or mode_of(obj["metric"]))
 
 
 def _write_sweep_folder(space_path: Path, space: Any, sweep_d: Path, base_raw: dict, seed: int,
@@ -498,7 +501,10 @@ def rerun(name: str, *, top: int = 3, seeds: int = 3, metric: str | None = None,
     meta = read_meta(sweep_d)
     objective = (meta.get("objective") or [{"metric": "test/miou", "mode": "max"}])[0]
     if metric is None:
-        metric, mode = objective["metric"], objective["mode"]
+        from uda_ray.metric_names import mode_of
+
+        metric = objective["metric"]
+        mode = objective.get("mode") or mode_of(metric)
     else:
         from uda_ray.metric_names import check_metric, mode_of
 
