@@ -457,8 +457,10 @@ def pipeline(path: str | os.PathLike, *, storage: str | os.PathLike | None = Non
     if report:
         runs = [(st.name, pdir / st.name) for st in pipe.cfg.stages if (pdir / st.name / "results").is_dir()]
         note = (f"Produced by `uda-ray pipeline {path} --report {report}` from the runs' Parquet tables ({pdir}). "
-                "mIoU on the target val split at the label's full resolution.")
-        Path(report).write_text(markdown_report(f"Pipeline {pipe.cfg.name}", runs, note))
+                "mIoU on the target test split (Cityscapes val layout) at the label's full resolution: of the "
+                f"checkpoint each run's selection metric ({pipe.cfg.select}) picks, and of the best checkpoint by "
+                "the test labels themselves (the oracle, an upper bound on selection).")
+        Path(report).write_text(markdown_report(f"Pipeline {pipe.cfg.name}", runs, note, selection=pipe.cfg.select))
     return [{**row, "select_metric": pipe.cfg.select} for row in summary]
 
 
