@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from uda_ray import rerun as rr
+from uda_ray import seed_variance as rr
 from uda_ray.errors import UserError
 from uda_ray.results import ResultsWriter, read_table
 
@@ -139,3 +139,16 @@ def test_rerun_command_trains_new_seeded_ray_train_runs_and_continues(tmp_path, 
     assert [e["reported_at"] for e in read_table(d / rr.RERUN_DIR / "b-seed1" / "results", "evals")] == stamps
     (s,) = read_table(d / "results", "rerun_summary")
     assert s["n_runs"] == 2 and s["test_at_sel_std"] >= 0
+
+
+def test_rerun_command_rejects_bad_counts_and_unknown_sweeps_with_one_line(tmp_path, capsys):
+    from uda_ray.cli import main
+
+    d = _sweep(tmp_path)
+    (d / "sweep.json").write_text(json.dumps({"name": "sw", "objective": [{"metric": SEL, "mode": "max"}]}))
+    for argv, needle in ((["sw", "--top", "0"], "--top must be >= 1"), (["sw", "--seeds", "0"], "--seeds must be"),
+                         (["nope"], "unknown sweep 'nope'")):
+        assert main(["rerun", *argv, "--storage", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert not (d / rr.RERUN_DIR).exists() and not (d / "results" / "reruns.parquet").exists()

@@ -491,9 +491,9 @@ def validators(name: str, *, storage: str | os.PathLike | None = None) -> tuple[
 
 def rerun(name: str, *, top: int = 3, seeds: int = 3, metric: str | None = None,
           storage: str | os.PathLike | None = None, address: str | None = None) -> list[dict]:
-    """Retrain the top `top` configurations of sweep `name` with `seeds` new seeds each (uda_ray.rerun);
+    """Retrain the top `top` configurations of sweep `name` with `seeds` new seeds each (uda_ray.seed_variance);
     returns the per-configuration summary (also in results/rerun_summary.parquet)."""
-    from uda_ray import rerun as rr
+    from uda_ray import seed_variance as rr
     from uda_ray.build import build_experiment
     from uda_ray.search import check_resources, read_meta
     from uda_ray.train import fit_run

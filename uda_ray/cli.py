@@ -135,7 +135,7 @@ def cmd_validators(a: argparse.Namespace) -> int:
 
 
 def cmd_rerun(a: argparse.Namespace) -> int:
-    from uda_ray.rerun import format_summary
+    from uda_ray.seed_variance import format_summary
 
     summary = api.rerun(a.sweep, top=a.top, seeds=a.seeds, metric=a.metric, storage=a.storage, address=a.address)
     print(format_summary(summary))
