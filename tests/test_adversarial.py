@@ -29,7 +29,7 @@ OPTIM = OptimConfig(name="sgd", lr=1e-2, momentum=0.9, weight_decay=1e-4)
 def make(cls: type, seed: int = 0, model: nn.Module | None = None, **cfg):
     torch.manual_seed(seed)
     model = model if model is not None else TinySeg()
-    return cls(model, cls.Config(**cfg), OPTIM, num_classes=NUM_CLASSES, max_steps=10)
+    return cls(model, cls.Config(**cfg), OPTIM, num_classes=NUM_CLASSES)
 
 
 def clone(params) -> list[torch.Tensor]:

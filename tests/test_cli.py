@@ -106,6 +106,7 @@ def test_data_synth_writes_both_layouts(tmp_path, capsys):
     assert code == 2 and "HxW" in err
 
 
+@pytest.mark.ray
 def test_a_trial_that_cannot_fit_the_local_cluster_exits_2_before_writing(tmp_path, capsys, synth_root):
     base = tiny_experiment(synth_root, **{"train.cpus_per_worker": 64.0})
     code, _, err = _run(capsys, "sweep", str(_space(tmp_path, base)), "--storage", str(tmp_path / "store"))

@@ -118,6 +118,7 @@ def _model_and_head(m) -> list[torch.Tensor]:
     return [*m.model_raw.parameters(), *m.head_raw.parameters()]
 
 
+@pytest.mark.ddp
 def test_two_worker_ddp_samples_and_steps_like_one_worker():
     """16 of 96 feature pixels per image: the shared DDP test (256 per image) samples them all; here the
     workers must draw the global batch's random numbers and keep their slice."""

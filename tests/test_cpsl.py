@@ -34,8 +34,7 @@ MARGINAL = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
 
 def make(cls, cfg=None, seed: int = 0):
     torch.manual_seed(seed)
-    return cls(TinySeg(), cfg or cls.Config(), OPTIM, num_classes=NUM_CLASSES, model_factory=TinySeg,
-               max_steps=10)
+    return cls(TinySeg(), cfg or cls.Config(), OPTIM, num_classes=NUM_CLASSES, model_factory=TinySeg)
 
 
 def cosine_scores(n: int = 400, c: int = 5, seed: int = 0) -> torch.Tensor:
@@ -250,8 +249,7 @@ def test_distill_teacher_is_frozen_and_kd_starts_at_zero_as_a_copy():
 # -- DDP: global statistics --------------------------------------------------------------------------
 def _make_cpsl(wrap):
     torch.manual_seed(0)
-    return CPSL(TinySeg(), CPSLConfig(pixels_per_image=16), OPTIM, num_classes=NUM_CLASSES, wrap=wrap,
-                max_steps=10)
+    return CPSL(TinySeg(), CPSLConfig(pixels_per_image=16), OPTIM, num_classes=NUM_CLASSES, wrap=wrap)
 
 
 def _global_state(m) -> list[torch.Tensor]:
@@ -259,6 +257,7 @@ def _global_state(m) -> list[torch.Tensor]:
             *m.queue.state_dict().values()]
 
 
+@pytest.mark.ddp
 def test_two_workers_sample_and_share_queue_prototypes_and_class_counts_like_one_worker():
     """16 of 96 feature pixels per image (the shared DDP test samples them all): the workers draw the
     global batch's random numbers and keep their slice; the queue, the prototypes and the class histogram

@@ -20,7 +20,7 @@ def make_method(name: str, seed: int = 0, wrap=None):
     torch.manual_seed(seed)
     cls = METHODS[name]
     return cls(TinySeg(), cls.Config(), OPTIM, num_classes=NUM_CLASSES, wrap=wrap,
-               model_factory=TinySeg, max_steps=10)
+               model_factory=TinySeg)
 
 
 def _params(m) -> list[torch.Tensor]:
@@ -59,10 +59,9 @@ def test_checkpoint_round_trip_gives_identical_next_step(name):
         assert torch.equal(a, b)
 
 
+@pytest.mark.ddp
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_two_worker_ddp_step_matches_one_worker_with_same_global_batch(name):
-    if not getattr(METHODS[name], "ddp_exact", True):
-        pytest.skip(f"{name} draws per-worker random numbers; covered by its own DDP test")
     assert_ddp_matches_one_worker(functools.partial(_make_wrapped, name), _eval_params)
 
 

@@ -122,6 +122,7 @@ def _baseline(m) -> list[torch.Tensor]:
     return [torch.tensor(m.baseline.value, dtype=torch.float64)]
 
 
+@pytest.mark.ddp
 def test_two_worker_ddp_matches_one_worker_for_student_teacher_and_baseline():
     """The workers' source CEs differ; without the all-reduce each would reward its teacher replica with its
     own, and the averaged teacher gradient (and the baseline) would not be the 1-worker one."""

@@ -4,7 +4,6 @@ User errors: one line on stderr, exit status 2."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -12,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from uda_ray import api
+from uda_ray import api, formatting
 from uda_ray.errors import UserError
 
 EXIT_USER, EXIT_INTERRUPTED = 2, 130
@@ -28,45 +27,6 @@ def _hw(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _print_best(rows: list[dict], method: str | None = None) -> None:
-    if not rows:
-        print("no evaluated trials yet" + (f" for method {method}" if method else ""))
-        return
-    print(f"top {len(rows)} by {rows[0]['rank_metric']} ({rows[0]['rank_mode']}):")
-    for i, r in enumerate(rows, 1):
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in json.loads(r["params"]).items())
-        test = "" if r["rank_metric"] == "test/miou" else (
-            f"  test/miou={r['rank_test_miou']:.4f}" if r["rank_test_miou"] is not None else "  test/miou: absent")
-        print(f"{i:>2}. {r['trial_id']}  {r['rank_metric']}={r['rank_value']:.4f} @ step {r['rank_step']}{test}  "
-              f"[{r['status']}]  {r['method']}  {params}")
-
-
-def _print_pareto(s: api.Sweep, method: str | None = None) -> None:
-    """The Pareto front of a multi-objective sweep (values at each completed trial's last evaluation)."""
-    objectives, constraints = s.meta["objective"], s.meta.get("constraints") or []
-    rows = api.pareto(s.name, storage=s.dir.parent, method=method)
-    front = [r for r in rows if r["on_front"]]
-    if not front:
-        print("no completed trial on a Pareto front yet" + (f" for method {method}" if method else "")
-              + (f" ({sum(not r['feasible'] for r in rows)} completed but infeasible)" if rows else ""))
-        return
-    names = ", ".join(f"{o['metric']} ({o['mode']})" for o in objectives)
-    cons = "; constraints " + ", ".join(f"{c['metric']} {c['op']} {c['bound']:g}" for c in constraints) \
-        if constraints else ""
-    print(f"Pareto front: {len(front)} of {len(rows)} completed trials over {names}{cons}:")
-    for i, r in enumerate(front, 1):
-        vals = "  ".join(f"{o['metric']}={v:.4g}" for o, v in zip(objectives, r["values"]))
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in json.loads(r["params"]).items())
-        print(f"{i:>2}. {r['trial_id']}  {vals}  @ step {r['step']}  {r['method']}/{r['model']}  {params}")
-    bad = [r for r in rows if not r["feasible"]]
-    if bad:
-        print("infeasible: " + ", ".join(f"{r['trial_id']} ({'; '.join(r['violated'])})" for r in bad))
-
-
 def _finished(s: api.Sweep, top: int = 5) -> int:
     if s.status == api.INTERRUPTED:
         print(f"interrupted: `uda-ray resume {s.name}` continues it", file=sys.stderr)
@@ -74,7 +34,7 @@ def _finished(s: api.Sweep, top: int = 5) -> int:
     started = s.meta.get("resumed") or s.meta["created"]
     print(f"sweep '{s.name}' {s.status.replace('_', ' ')} in {s.meta['finished'] - started:.0f}s"
           + (" (since the resume)" if s.meta.get("resumed") else ""), flush=True)
-    _print_best(s.best(top=top))
+    print(formatting.best_table(s.best(top=top)))
     line = s.vs_oracle()
     if line:
         print(line)
@@ -95,10 +55,11 @@ def cmd_best(a: argparse.Namespace) -> int:
         raise UserError("--top and --index must be >= 1")
     s = api.Sweep.open(a.sweep, a.storage)
     if len(s.meta.get("objective") or []) > 1 and not a.metric:
-        _print_pareto(s, a.method)
+        rows = api.pareto(a.sweep, storage=a.storage, method=a.method)
+        print(formatting.pareto_table(s.meta["objective"], s.meta.get("constraints") or [], rows, a.method))
     else:
-        _print_best(api.best(a.sweep, storage=a.storage, top=max(a.top, a.index), metric=a.metric,
-                             method=a.method), a.method)
+        rows = api.best(a.sweep, storage=a.storage, top=max(a.top, a.index), metric=a.metric, method=a.method)
+        print(formatting.best_table(rows, a.method))
     if a.export:
         api.export_best(a.sweep, a.export, storage=a.storage, metric=a.metric, method=a.method, index=a.index)
         print(f"wrote {a.export}")
@@ -107,14 +68,7 @@ def cmd_best(a: argparse.Namespace) -> int:
 
 def cmd_ls(a: argparse.Namespace) -> int:
     sweeps = api.ls(a.storage)
-    if not sweeps:
-        print(f"no sweeps under {api.storage_root(a.storage)}")
-        return 0
-    print(f"{'sweep':<32} {'status':<22} {'trials':>6} {'done':>5} {'early':>5} {'err':>4} {'best':>8}")
-    for s in sweeps:
-        best = f"{s['best']:.4f}" if s["best"] is not None else "-"
-        print(f"{s['name']:<32} {s['status']:<22} {s['trials']:>6} {s['completed']:>5} "
-              f"{s['stopped_early']:>5} {s['errored']:>4} {best:>8}")
+    print(formatting.sweeps_table(sweeps) if sweeps else f"no sweeps under {api.storage_root(a.storage)}")
     return 0
 
 
@@ -144,15 +98,9 @@ def cmd_rerun(a: argparse.Namespace) -> int:
     return 0
 
 
-def _metrics_line(m: dict, select: str) -> str:
-    """`select=v test/miou=v` — a test metric the run does not report is said to be absent."""
-    return " ".join(f"{k}={m[k]:.4f}" if isinstance(m.get(k), float) else f"{k}: absent"
-                    for k in dict.fromkeys((select, "test/miou")))
-
-
 def cmd_train(a: argparse.Namespace) -> int:
     m = api.train(a.experiment, storage=a.storage, overrides=a.set, name=a.name, address=a.address)
-    print(f"done: step {m.get('step')} " + _metrics_line(m, m["select_metric"]))
+    print(f"done: step {m.get('step')} " + formatting.metrics_line(m, m["select_metric"]))
     print(f"latest checkpoint: {m['checkpoint_path']}\nresults: {Path(m['run_dir']) / 'results'}")
     return 0
 
@@ -162,8 +110,8 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
     summary = api.pipeline(a.pipeline, storage=a.storage, report=a.report, address=a.address)
     print(f"pipeline done in {time.time() - t0:.0f}s")
     for row in summary:
-        print(f"  {row['stage']:<24} {row['kind']:<14}"
-              + (f" {_metrics_line(row, row['select_metric'])} @ step {row['step']}" if row.get("step") else ""))
+        done = f" {formatting.metrics_line(row, row['select_metric'])} @ step {row['step']}" if row.get("step") else ""
+        print(f"  {row['stage']:<24} {row['kind']:<14}{done}")
     if a.report:
         print(f"wrote {a.report}")
     return 0

@@ -111,7 +111,7 @@ class DataConfig:
     resize_filter: str = "bilinear"
     eval_size: tuple[int, int] | None = None  # (W, H) input of target val images; None = target_size
     hflip: bool = True
-    grayscale: bool = False  # feed every image (source, target, val) as 3-channel grayscale (seed 003)
+    grayscale: bool = False  # feed every image (source, target, val) as 3-channel grayscale
     target_label_root: str | None = None  # pseudo-label folder (trainIds) replacing target labels
     source_label_root: str | None = None  # pseudo-label folder (trainIds) replacing source labels
     # Pseudo-labels made by the run itself (rank 0, on the training device, before training) from this

@@ -62,7 +62,8 @@ def supcon_loss(feat_a: Tensor, feat_b: Tensor, lbl_a: Tensor, lbl_b: Tensor, te
 
 
 def symmetric_ce(logits: Tensor, target: Tensor, alpha: float = 0.1, beta: float = 1.0) -> Tensor:
-    """Symmetric CE (Wang et al. 2019): alpha * CE(p, y) + beta * RCE, RCE = -sum_c p_c log y_c with log 0 := -4.
+    """Symmetric CE (Wang et al. 2019): alpha * CE(p, y) + beta * RCE, RCE = -sum_c p_c log y_c with y clamped to
+    [1e-4, 1], i.e. log 0 := log(1e-4) ~ -9.21 (the original code's clamp; the paper's analysis writes A = -4).
 
     logits (B, C, H, W), target (B, H, W) with 255 ignored.
     """

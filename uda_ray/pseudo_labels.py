@@ -161,6 +161,17 @@ def generate(models: list[nn.Module], dataset: Dataset, out_dir: str | Path, per
     if threshold is not None:
         return _write(models, dataset, out_dir, device, num_workers, None, threshold, source_desc,
                       {"threshold": threshold})
+    thresholds = _class_thresholds_pass(models, dataset, device, num_workers, percentile, cap)
+    rule = {"percentile": percentile, "cap": cap,
+            "percentile_method": "nearest rank: ascending sort, index round_half_even(n * percentile), "
+                                 "clipped to n - 1 (BDL / FDA)"}
+    return _write(models, dataset, out_dir, device, num_workers, thresholds, None, source_desc, rule)
+
+
+def _class_thresholds_pass(models: list[nn.Module], dataset: Dataset, device: torch.device, num_workers: int,
+                           percentile: float, cap: float) -> Tensor:
+    """The counting pass: pixels predicted per class and the confidences below `cap` (4 bytes each), then
+    each class's threshold (C,) by `_nearest_rank`."""
     counts: Tensor | None = None  # (C,) pixels predicted per class
     below_pred: list[Tensor] = []  # per image: (n_i,) uint8 classes of the pixels with conf < cap
     below_conf: list[Tensor] = []  # (n_i,) float32 their confidences
@@ -175,13 +186,8 @@ def generate(models: list[nn.Module], dataset: Dataset, out_dir: str | Path, per
         raise ValueError("pseudo-labels: the dataset is empty")
     all_pred, all_conf = torch.cat(below_pred), torch.cat(below_conf)
     del below_pred, below_conf
-    thresholds = torch.tensor([_nearest_rank(all_conf[all_pred == c], int(counts[c]), percentile, cap)
-                               for c in range(len(counts))], dtype=torch.float32)  # (C,)
-    del all_pred, all_conf
-    rule = {"percentile": percentile, "cap": cap,
-            "percentile_method": "nearest rank: ascending sort, index round_half_even(n * percentile), "
-                                 "clipped to n - 1 (BDL / FDA)"}
-    return _write(models, dataset, out_dir, device, num_workers, thresholds, None, source_desc, rule)
+    return torch.tensor([_nearest_rank(all_conf[all_pred == c], int(counts[c]), percentile, cap)
+                         for c in range(len(counts))], dtype=torch.float32)  # (C,)
 
 
 def _write(models: list[nn.Module], dataset: Dataset, out_dir: Path, device: torch.device, num_workers: int,

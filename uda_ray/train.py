@@ -15,6 +15,7 @@ import random
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,7 +30,7 @@ from uda_ray.config import ExperimentConfig, dump_yaml, experiment_dict
 from uda_ray.data.loading import build_datasets, resolve_loader_workers, splits_of, train_loader, val_loader
 from uda_ray.errors import ConfigError
 from uda_ray.loop import LossLog, NonFiniteLoss, train_step
-from uda_ray.methods.base import upsample
+from uda_ray.methods.base import Method, upsample
 from uda_ray.metric_names import DEFAULT_SELECTION, mode_of, needs_test_labels
 from uda_ray.metrics import ConfusionMatrix
 from uda_ray.timing import mark
@@ -158,80 +159,129 @@ def _gather(obj: Any, world_size: int) -> list:
 
 
 def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
-    """Train `cfg.method` for `cfg.train.max_steps` steps, evaluating and checkpointing every `eval_every`."""
-    tc = cfg.train
+    """Train `cfg.method` for `cfg.train.max_steps` steps, evaluating and checkpointing every `eval_every`:
+    seed, build the method, resume (or start from `init_from`), load the data, write the run's files, profile
+    the model, then the loop. Returns the last evaluation's metrics."""
     mark("fit_start", run=str(session.run_dir))
-    torch.manual_seed(cfg.seed)  # identical init on every rank
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
-    device = session.device
-    method = build_method(cfg, session.wrap, device)
+    _seed_all(cfg.seed)  # identical init on every rank
+    method = build_method(cfg, session.wrap, session.device)
     mark("model_built", run=str(session.run_dir))
-    cls = type(method)
     digest = _config_digest(cfg)
-
-    start = 0
-    ckpt = session.latest_checkpoint()
-    if ckpt is not None:
-        state = load_state(ckpt, map_location=device)
-        method.load_state_dict(state["method"])
-        start = state["step"]
-        rng = state["rng"]
-        set_rng_state(rng[session.rank] if len(rng) == session.world_size else rng[0])
-        log.info("resumed from %s at step %d", ckpt, start)
-        _refuse_known_divergence(session.run_dir, start, digest)
-        restart = {"resumed_from": start, "restarts": _record_restart(session.run_dir, start)} \
-            if session.rank == 0 else {}
-        if getattr(session, "replay_on_resume", False) and state.get("metrics"):
-            # The driver may have died after this checkpoint was persisted but before its result reached
-            # the results tables: report it again (the tables keep one row per step).
-            session.report(state["metrics"], None)
-    else:
-        restart = {}
-        if tc.init_from:
-            load_weights(method.model_raw, tc.init_from)
-            log.info("initialized from %s", tc.init_from)
-
-    if cfg.data.pseudo_from and cls.uses_target_labels:
+    start, restart = _resume_or_init(cfg, session, method, digest)
+    if cfg.data.pseudo_from and type(method).uses_target_labels:
         cfg = _own_pseudo_labels(cfg, session)
-    splits = splits_of(cfg.data)
-    check_selectable(cfg, bool(splits.test))
-    ds = build_datasets(cfg.data, source=cls.uses_source, target=cls.uses_target or cls.uses_target_labels,
-                        target_labels=cls.uses_target_labels, splits=splits)
-    workers = resolve_loader_workers(cfg.data.loader_workers, tc.cpus_per_worker, ("src" in ds) + ("tgt" in ds))
-    kw = dict(rank=session.rank, world_size=session.world_size, seed=cfg.seed, start_step=start,
-              workers=workers, pin_memory=device.type == "cuda")
-    src_it = train_loader(ds["src"], tc.batch_size, stream=1, **kw) if "src" in ds else None
-    tgt_it = train_loader(ds["tgt"], tc.batch_size, stream=2, **kw) if "tgt" in ds else None
-    held_it = train_loader(ds["src"], tc.batch_size, stream=3, **kw) if cls.uses_held_out_source else None
-    loaders = eval_loaders(ds, cfg, session.rank, session.world_size, workers)
-
+    data = _RunData.build(cfg, session, type(method), start)
     if session.rank == 0:
-        session.run_dir.mkdir(parents=True, exist_ok=True)
-        (session.run_dir / "config.yaml").write_text(dump_yaml(experiment_dict(cfg)))
-        splits.write(session.run_dir)
-    profile: dict[str, float] = {}
+        _write_run_files(cfg, session, data.splits)
     mark("data_ready", run=str(session.run_dir))
-    if tc.profile and session.rank == 0:
-        h, w = ds["holdout"][0]["img"].shape[-2:]
-        from uda_ray.profile import PROFILE_CACHE, device_key, measured_once
-
-        key = {"model": experiment_dict(cfg)["model"], "size": [int(h), int(w)], **device_key(device)}
-        profile = measured_once(session.run_dir.parent / PROFILE_CACHE, key,  # once per model in a sweep
-                                lambda: model_profile(method.eval_model(), (int(h), int(w)), device))
+    profile = _profile(cfg, session, method, data.ds) if cfg.train.profile and session.rank == 0 else {}
     mark("profiled", run=str(session.run_dir))
+    metrics = _loop(cfg, session, method, data, start, restart, profile, digest)
+    mark("fit_end", run=str(session.run_dir))
+    return metrics
 
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _resume_or_init(cfg: ExperimentConfig, session: Session, method: Method, digest: str
+                    ) -> tuple[int, dict[str, Any]]:
+    """Resume from the session's latest checkpoint (method state, step, every RNG), or load `init_from`'s
+    weights into a fresh run. Returns (the step to start at, the restart fields of the first evaluation)."""
+    ckpt = session.latest_checkpoint()
+    if ckpt is None:
+        if cfg.train.init_from:
+            load_weights(method.model_raw, cfg.train.init_from)
+            log.info("initialized from %s", cfg.train.init_from)
+        return 0, {}
+    state = load_state(ckpt, map_location=session.device)
+    method.load_state_dict(state["method"])
+    start = state["step"]
+    rng = state["rng"]
+    set_rng_state(rng[session.rank] if len(rng) == session.world_size else rng[0])
+    log.info("resumed from %s at step %d", ckpt, start)
+    _refuse_known_divergence(session.run_dir, start, digest)
+    restart = {"resumed_from": start, "restarts": _record_restart(session.run_dir, start)} \
+        if session.rank == 0 else {}
+    if getattr(session, "replay_on_resume", False) and state.get("metrics"):
+        # The driver may have died after this checkpoint was persisted but before its result reached
+        # the results tables: report it again (the tables keep one row per step).
+        session.report(state["metrics"], None)
+    return start, restart
+
+
+@dataclass
+class _RunData:
+    """The run's datasets and splits, its training streams (source, target, held-out source) positioned at
+    the start step, and its evaluation loaders."""
+
+    ds: dict[str, Any]
+    splits: Any
+    src_it: Any
+    tgt_it: Any
+    held_it: Any
+    loaders: Any
+
+    @classmethod
+    def build(cls, cfg: ExperimentConfig, session: Session, method_cls: type, start: int) -> _RunData:
+        tc = cfg.train
+        splits = splits_of(cfg.data)
+        check_selectable(cfg, bool(splits.test))
+        ds = build_datasets(cfg.data, source=method_cls.uses_source,
+                            target=method_cls.uses_target or method_cls.uses_target_labels,
+                            target_labels=method_cls.uses_target_labels, splits=splits)
+        workers = resolve_loader_workers(cfg.data.loader_workers, tc.cpus_per_worker,
+                                         ("src" in ds) + ("tgt" in ds))
+        kw = dict(rank=session.rank, world_size=session.world_size, seed=cfg.seed, start_step=start,
+                  workers=workers, pin_memory=session.device.type == "cuda")
+        src_it = train_loader(ds["src"], tc.batch_size, stream=1, **kw) if "src" in ds else None
+        tgt_it = train_loader(ds["tgt"], tc.batch_size, stream=2, **kw) if "tgt" in ds else None
+        held_it = train_loader(ds["src"], tc.batch_size, stream=3, **kw) if method_cls.uses_held_out_source else None
+        loaders = eval_loaders(ds, cfg, session.rank, session.world_size, workers)
+        return cls(ds, splits, src_it, tgt_it, held_it, loaders)
+
+    def next_batches(self) -> tuple[Any, Any, Any]:
+        """The next (source, target, held-out source) batches; None for a stream the method does not use."""
+        s = next(self.src_it) if self.src_it else None
+        t = next(self.tgt_it) if self.tgt_it else None
+        h = next(self.held_it) if self.held_it is not None else None
+        return s, t, h
+
+
+def _write_run_files(cfg: ExperimentConfig, session: Session, splits: Any) -> None:
+    """The resolved config and the splits beside the run's checkpoints (rank 0)."""
+    session.run_dir.mkdir(parents=True, exist_ok=True)
+    (session.run_dir / "config.yaml").write_text(dump_yaml(experiment_dict(cfg)))
+    splits.write(session.run_dir)
+
+
+def _profile(cfg: ExperimentConfig, session: Session, method: Method, ds: dict[str, Any]) -> dict[str, float]:
+    """Params / GFLOPs / latency of the eval model at the evaluation input size, measured once per model in a
+    sweep (a cache beside the runs)."""
+    from uda_ray.profile import PROFILE_CACHE, device_key, measured_once
+
+    h, w = ds["holdout"][0]["img"].shape[-2:]
+    key = {"model": experiment_dict(cfg)["model"], "size": [int(h), int(w)], **device_key(session.device)}
+    return measured_once(session.run_dir.parent / PROFILE_CACHE, key,
+                         lambda: model_profile(method.eval_model(), (int(h), int(w)), session.device))
+
+
+def _loop(cfg: ExperimentConfig, session: Session, method: Method, data: _RunData, start: int,
+          restart: dict[str, Any], profile: dict[str, float], digest: str) -> dict[str, float]:
+    """The steps from `start` to max_steps; every eval_every steps (and at the last) an evaluation, a
+    checkpoint and a report."""
+    tc, device = cfg.train, session.device
     mark("loop_start", run=str(session.run_dir), steps=tc.max_steps - start)
     losses = LossLog()  # per-step losses stay on the device until the loop logs
     n_sum, t0, t_last = 0, time.time(), time.time()
     metrics: dict[str, float] = {}
     for step in range(start, tc.max_steps):
-        s = next(src_it) if src_it else None
-        t = next(tgt_it) if tgt_it else None
-        h = next(held_it) if held_it is not None else None
+        s, t, h = data.next_batches()
         losses.add(step, train_step(method, s, t, step, cfg.poly_horizon, device, tc.amp, held=h))
         n_sum += 1
-
         done = step + 1
         if done % tc.eval_every == 0 or done == tc.max_steps:
             try:
@@ -239,7 +289,7 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
             except NonFiniteLoss as e:
                 _mark_divergence(session.run_dir, e.step, e.key, digest)
                 raise
-            ev = evaluate_splits(method.eval_model(), loaders, cfg, device)
+            ev = evaluate_splits(method.eval_model(), data.loaders, cfg, device)
             now = time.time()
             metrics = {
                 "step": done,
@@ -253,18 +303,24 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
             }
             restart = {}
             n_sum, t_last = 0, now
-            rng = _gather(rng_state(), session.world_size)
-            tmp = Path(tempfile.mkdtemp(prefix="uda_ray_ckpt_")) if session.rank == 0 else None
-            try:
-                if tmp is not None:
-                    save_checkpoint(tmp, method_state=method.state_dict(), step=done, rng=rng,
-                                    config=experiment_dict(cfg), metrics=metrics)
-                session.report(metrics, tmp)
-            finally:
-                if tmp is not None:
-                    shutil.rmtree(tmp, ignore_errors=True)
-    mark("fit_end", run=str(session.run_dir))
+            _checkpoint_and_report(cfg, session, method, done, metrics)
     return metrics
+
+
+def _checkpoint_and_report(cfg: ExperimentConfig, session: Session, method: Method, step: int,
+                           metrics: dict[str, Any]) -> None:
+    """Every rank's RNG state gathered; rank 0 writes the checkpoint into a temporary folder that the session
+    persists with the report (all ranks report, as Ray Train requires)."""
+    rng = _gather(rng_state(), session.world_size)
+    tmp = Path(tempfile.mkdtemp(prefix="uda_ray_ckpt_")) if session.rank == 0 else None
+    try:
+        if tmp is not None:
+            save_checkpoint(tmp, method_state=method.state_dict(), step=step, rng=rng,
+                            config=experiment_dict(cfg), metrics=metrics)
+        session.report(metrics, tmp)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _record_restart(run_dir: Path, step: int) -> int:

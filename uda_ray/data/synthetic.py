@@ -15,6 +15,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -203,17 +204,32 @@ def _barrier(c: _Canvas, cls: int, x0: float, x1: float, yb: float, h: float) ->
         c.rect(i, x0, yb - h + ry * h, x1, yb - h + ry * h + max(1.0, 0.12 * h))
 
 
-def _scene(rng: np.random.Generator, w: int, h: int, ego: bool) -> _Canvas:
-    """Draw one street scene, far to near (near objects occlude far ones)."""
-    c = _Canvas(w, h, rng)
-    hy = h * rng.uniform(0.36, 0.5)  # horizon row
-    vx = w * rng.uniform(0.35, 0.65)  # vanishing point column
-    c.rect(c.new(SKY), 0, 0, w, h)
-    y0 = int(np.ceil(hy))
-    ys = np.arange(y0, h) + 0.5
-    t = (ys - hy) / (h - hy)  # 0 at the horizon, 1 at the bottom row
-    c.rect(c.new(TERRAIN), 0, y0, w, h)
-    # background band at the horizon: buildings, trees, gaps showing sky
+@dataclass
+class _Ground:
+    """The ground plane of a scene: per image row y0.. of the ground, t (0 at the horizon, 1 at the bottom),
+    the road's left / right edges xl / xr and the sidewalk widths swl / swr beside them."""
+
+    y0: int
+    t: np.ndarray
+    xl: np.ndarray
+    xr: np.ndarray
+    swl: np.ndarray
+    swr: np.ndarray
+
+    def road_x(self, rng: np.random.Generator, tt: float) -> float:
+        """A column on the road at depth tt, away from its edges."""
+        a, b = np.interp(tt, self.t, self.xl), np.interp(tt, self.t, self.xr)
+        return rng.uniform(a + 0.1 * (b - a), b - 0.1 * (b - a))
+
+    def side_x(self, rng: np.random.Generator, tt: float) -> float:
+        """A column on the left or the right sidewalk at depth tt."""
+        if rng.random() < 0.5:
+            return rng.uniform(np.interp(tt, self.t, self.xl - self.swl), np.interp(tt, self.t, self.xl))
+        return rng.uniform(np.interp(tt, self.t, self.xr), np.interp(tt, self.t, self.xr + self.swr))
+
+
+def _skyline(c: _Canvas, rng: np.random.Generator, w: int, h: int, hy: float) -> None:
+    """The background band at the horizon: buildings (with windows), trees, gaps showing the sky."""
     x = -rng.uniform(0, 0.1) * w
     while x < w:
         bw = rng.uniform(0.08, 0.3) * w
@@ -233,7 +249,13 @@ def _scene(rng: np.random.Generator, w: int, h: int, ego: bool) -> _Canvas:
         if rng.random() < 0.5:
             x0 = rng.uniform(-0.1, 0.7) * w
             _barrier(c, cls, x0, x0 + rng.uniform(0.15, 0.5) * w, hy + 0.02 * h, rng.uniform(0.05, 0.12) * h)
-    # ground: road trapezoid, sidewalks beside it, terrain beyond, dashed centre line
+
+
+def _road(c: _Canvas, rng: np.random.Generator, w: int, h: int, hy: float, vx: float) -> _Ground:
+    """The ground: a road trapezoid towards the vanishing point, sidewalks beside it, a dashed centre line
+    (the terrain beyond is already drawn)."""
+    y0 = int(np.ceil(hy))
+    t = (np.arange(y0, h) + 0.5 - hy) / (h - hy)  # 0 at the horizon, 1 at the bottom row
     xl, xr = vx + (rng.uniform(-0.2, 0.25) * w - vx) * t, vx + (rng.uniform(0.75, 1.2) * w - vx) * t
     swl, swr = rng.uniform(0.15, 0.45) * w * t, rng.uniform(0.15, 0.45) * w * t
     c.spans(c.new(SIDEWALK), y0, xl - swl, xl)
@@ -242,32 +264,24 @@ def _scene(rng: np.random.Generator, w: int, h: int, ego: bool) -> _Canvas:
     xc, lw = (xl + xr) / 2, 0.012 * w * t + 0.3
     dash = (np.floor(10 * np.sqrt(t)) % 2 == 0)
     c.spans(c.new(ROAD, shade=1.6), y0, np.where(dash, xc - lw, 0), np.where(dash, xc + lw, 0))
+    return _Ground(y0, t, xl, xr, swl, swr)
 
-    def road_x(tt: float) -> float:
-        a, b = np.interp(tt, t, xl), np.interp(tt, t, xr)
-        return rng.uniform(a + 0.1 * (b - a), b - 0.1 * (b - a))
 
-    def side_x(tt: float) -> float:
-        if rng.random() < 0.5:
-            return rng.uniform(np.interp(tt, t, xl - swl), np.interp(tt, t, xl))
-        return rng.uniform(np.interp(tt, t, xr), np.interp(tt, t, xr + swr))
-
-    objs: list[tuple[float, Draw]] = []
-
-    def add(tt: float, draw: Draw) -> None:
-        objs.append((tt, draw))
-
+def _objects(c: _Canvas, rng: np.random.Generator) -> list[tuple[float, Draw, bool]]:
+    """The scene's objects as (depth tt in [0, 1], draw function, on the road?): vehicles, two-wheelers,
+    pedestrians (a few crossing), poles, trees, barriers, unlabeled clutter."""
+    placed: list[tuple[float, Draw, bool]] = []
     for _ in range(rng.poisson(2.2)):
-        add(rng.uniform(0.08, 0.7), lambda x, y, d: _vehicle(c, CAR, x, y, d, "car"))
+        placed.append((rng.uniform(0.08, 0.7), lambda x, y, d: _vehicle(c, CAR, x, y, d, "car"), True))
     for cls, kind, p in ((TRUCK, "truck", 0.35), (BUS, "bus", 0.3), (TRAIN, "train", 0.2)):
         if rng.random() < p:
-            add(rng.uniform(0.08, 0.45), lambda x, y, d, cls=cls, kind=kind: _vehicle(c, cls, x, y, d, kind))
+            placed.append((rng.uniform(0.08, 0.45),
+                           lambda x, y, d, cls=cls, kind=kind: _vehicle(c, cls, x, y, d, kind), True))
     for cls, p in ((MOTORCYCLE, 0.35), (BICYCLE, 0.4)):
         if rng.random() < p:
             ridden = rng.random() < 0.75
-            add(rng.uniform(0.1, 0.8),
-                lambda x, y, d, cls=cls, r=ridden: _two_wheeler(c, cls, x, y, d, r))
-    placed: list[tuple[float, Draw, bool]] = [(tt, f, True) for tt, f in objs]
+            placed.append((rng.uniform(0.1, 0.8),
+                           lambda x, y, d, cls=cls, r=ridden: _two_wheeler(c, cls, x, y, d, r), True))
     for _ in range(rng.poisson(1.8)):  # pedestrians, a few of them crossing the road
         crossing = rng.random() < 0.2
         placed.append((rng.uniform(0.1, 0.9), lambda x, y, d: _person(c, PERSON, x, y, d), crossing))
@@ -282,9 +296,21 @@ def _scene(rng: np.random.Generator, w: int, h: int, ego: bool) -> _Canvas:
         col = tuple(rng.uniform(60, 200, 3))
         placed.append((rng.uniform(0.1, 0.8), lambda x, y, d: c.rect(
             c.new(IGNORE, color=col), x - 0.3 * d, y - 0.6 * d, x + 0.3 * d, y), False))
-    for tt, draw, on_road in sorted(placed, key=lambda o: o[0]):
+    return placed
+
+
+def _scene(rng: np.random.Generator, w: int, h: int, ego: bool) -> _Canvas:
+    """Draw one street scene, far to near (near objects occlude far ones)."""
+    c = _Canvas(w, h, rng)
+    hy = h * rng.uniform(0.36, 0.5)  # horizon row
+    vx = w * rng.uniform(0.35, 0.65)  # vanishing point column
+    c.rect(c.new(SKY), 0, 0, w, h)
+    c.rect(c.new(TERRAIN), 0, int(np.ceil(hy)), w, h)
+    _skyline(c, rng, w, h, hy)
+    ground = _road(c, rng, w, h, hy, vx)
+    for tt, draw, on_road in sorted(_objects(c, rng), key=lambda o: o[0]):
         yf = hy + tt * (h - hy)
-        draw(road_x(tt) if on_road else side_x(tt), yf, max(yf - hy, 4.0))
+        draw(ground.road_x(rng, tt) if on_road else ground.side_x(rng, tt), yf, max(yf - hy, 4.0))
     if ego:  # Cityscapes-like ego-vehicle hood at the bottom, unlabeled
         c.ellipse(c.new(IGNORE, color=(28, 28, 32)), w / 2, h * 1.22, 0.75 * w, 0.3 * h)
     return c

@@ -108,14 +108,13 @@ class Method:
 
     def __init__(self, model: nn.Module, cfg: Any, optim: OptimConfig, *, num_classes: int,
                  wrap: Wrap | None = None, device: torch.device | str = "cpu",
-                 model_factory: Callable[[], nn.Module] | None = None, max_steps: int = 1) -> None:
+                 model_factory: Callable[[], nn.Module] | None = None) -> None:
         self.cfg = cfg
         self.optim_cfg = optim
         self.num_classes = num_classes
         self.device = torch.device(device)
         self.wrap: Wrap = wrap or (lambda m: m.to(self.device))
         self.model_factory = model_factory
-        self.max_steps = max_steps
         self.model_raw = model.to(self.device)
         self.aux_weights: tuple[float, ...] = tuple(getattr(model, "aux_weights", ()))
         self.model = self.wrap(self.model_raw)

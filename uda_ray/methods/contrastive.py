@@ -1,4 +1,4 @@
-"""Contrastive learning with pseudo-labels (seed 003), model 2 of its pipeline: CE on target-stylized source
+"""Contrastive learning with pseudo-labels, model 2 of a two-model pipeline: CE on target-stylized source
 (FDA, Yang & Soatto, CVPR 2020) + lambda_ent * ADVENT entropy on target (Vu et al., CVPR 2019) + lambda_con *
 supervised contrastive loss (Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020) between the
 pixels of a target image and of its twin stylized toward the source, positives = same pseudo-label.
@@ -61,7 +61,7 @@ class ContrastiveConfig:
 
 
 class Contrastive(Method):
-    """Seed 003 model 2: FDA source CE + target entropy + pixel SupCon between a target image and its twin."""
+    """Model 2: FDA source CE + target entropy + pixel SupCon between a target image and its twin."""
 
     Config = ContrastiveConfig
     uses_target_labels = True

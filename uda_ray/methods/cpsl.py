@@ -216,6 +216,18 @@ class FeatureQueue(nn.Module):
         return self.feat[:n], self.logit[:n], self.label[:n]  # a ring fills from index 0
 
 
+@dataclass
+class TeacherView:
+    """What the teacher gives one step: logits (B, C, h, w), L2-normalized features z (B, D, h, w), hard
+    pseudo-labels at the logits' size (B, h, w) and at the input size (B, H, W), and (h, w)."""
+
+    logits: Tensor
+    z: Tensor
+    pl_small: Tensor
+    pl: Tensor
+    size: tuple[int, int]
+
+
 class CPSL(Method):
     """CPSL stage 1: rectified, CutMix'ed pseudo-labels + Sinkhorn self-labeling + prototype consistency +
     queue contrast, with an EMA teacher."""
@@ -292,78 +304,125 @@ class CPSL(Method):
             out.append(q.view(g, k, -1)[rank * b:(rank + 1) * b].flatten(0, 1))  # (B * K, C)
         return out[0], out[1]
 
+    @torch.no_grad()
+    def _teacher_view(self, tgt_img: Tensor) -> TeacherView:
+        """The teacher on the plain (weak) target, in eval mode: its logits and features, the soft labels
+        (warm-up model or teacher) rectified by the EMA prototypes, their hard labels at both resolutions."""
+        cfg = self.cfg
+        t_out = self.teacher_raw(tgt_img)
+        logits = t_out["out"]  # (B, C, h, w)
+        size = (logits.shape[-2], logits.shape[-1])
+        z = self._embed(self.head_ema, t_out["feat"], size)  # (B, D, h, w)
+        soft = logits if self.warmup_raw is None else self.warmup_raw(tgt_img)["out"]
+        soft = F.softmax(upsample(soft, size), dim=1)  # (B, C, h, w)
+        self._update_stats(soft, z)
+        rect = rectify(soft, z, self.proto_raw.ema, cfg.temperature)  # (B, C, h, w)
+        pl_small = hard_labels(rect, cfg.pl_threshold)  # (B, h, w): queue and contrast labels
+        pl = hard_labels(upsample(rect, tuple(tgt_img.shape[-2:])), cfg.pl_threshold)  # (B, H, W): CE labels
+        return TeacherView(logits, z, pl_small, pl, size)
+
+    def _cutmix(self, batch: UDABatch, pl: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """With p = cutmix_p (one draw per step, as the original): a source box pasted into the target image
+        and its labels into the pseudo-labels. Returns (target input, its labels, mixed?)."""
+        gen = self.rng.gen
+        mix = bool(torch.rand((), generator=gen) < self.cfg.cutmix_p)
+        if not mix:
+            return batch.tgt_img, pl, False
+        box = cutmix_box(*batch.tgt_img.shape[-2:], gen)
+        return paste_box(batch.tgt_img, batch.src_img, box), paste_box(pl, batch.src_lbl, box), True
+
+    def _sample_pixels(self, t: TeacherView) -> Tensor:
+        """(B, K) random pixel indices at the logits' resolution, drawn for the global batch."""
+        b, n = t.logits.shape[0], t.size[0] * t.size[1]
+        k = min(self.cfg.pixels_per_image, n)
+        return global_rand(self.rng.gen, b, n).topk(k, dim=1).indices.to(t.logits.device)
+
+    @torch.no_grad()
+    def _self_labeling_targets(self, t: TeacherView, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Sinkhorn assignments of this worker's sampled teacher pixels (all workers' pixels and the queue take
+        part); the sampled pixels then enter the queue. Returns (q_feat, q_logit), each (B * K, C)."""
+        lg_all = all_gather_cat(take(F.normalize(t.logits, dim=1), idx))  # (G, K, C)
+        z_all = all_gather_cat(take(t.z, idx))  # (G, K, D)
+        lb_all = all_gather_cat(t.pl_small.flatten(1).gather(1, idx))  # (G, K)
+        q_feat, q_logit = self._sinkhorn_targets(z_all, lg_all, t.logits.shape[0])
+        self.queue.push(z_all.flatten(0, 1), lg_all.flatten(0, 1), lb_all.flatten())
+        return q_feat, q_logit
+
+    def _cts_term(self, out: dict[str, Any], pl: Tensor, b: int, logs: dict[str, Tensor]) -> Tensor:
+        """Symmetric CE of every head (aux weighted) on the (CutMix'ed) pseudo-labels (B, H, W)."""
+        if not bool((pl != IGNORE).any()):  # every pixel below pl_threshold: nothing to learn (mean would be NaN)
+            return 0.0 * out["out"].sum()
+        cfg, size = self.cfg, tuple(pl.shape[-2:])
+        heads = zip((1.0, *self.aux_weights), [out["out"], *(out.get("aux") or [])])
+        cts = sum(w * symmetric_ce(upsample(lg[:b], size), pl, cfg.sce_alpha, cfg.sce_beta) for w, lg in heads)
+        logs["loss/cts"] = cts.detach()
+        return cts
+
+    def _proto_consistency_term(self, z_strong: Tensor, t: TeacherView, logs: dict[str, Tensor]) -> Tensor:
+        """KL between the teacher's and the student's (strong view) pixel-to-EMA-prototype distributions; the
+        original averages its KL over classes too (mean over (B, C, h, w)): weight lambda_proto / C."""
+        ema, tau = self.proto_raw.ema, self.cfg.temperature
+        cons = kl_distill(proto_scores(z_strong, ema) / tau, F.softmax(proto_scores(t.z, ema) / tau, 1))
+        logs["loss/proto_consist"] = cons.detach()
+        return self.cfg.lambda_proto / self.num_classes * cons
+
+    def _self_labeling_term(self, t: TeacherView, idx: Tensor, q: tuple[Tensor, Tensor],
+                            logs: dict[str, Tensor]) -> Tensor:
+        """CE of softmax(f . c / T) of the sampled TEACHER features to their Sinkhorn assignments: as in the
+        original, this trains the learnable prototypes c."""
+        logp = F.log_softmax(self.proto(take(t.z, idx).flatten(0, 1)) / self.cfg.temperature, dim=1)  # (B*K, C)
+        sl = -(q[0] * logp).sum(1).mean() - (q[1] * logp).sum(1).mean()
+        logs["loss/sl"] = sl.detach()
+        return self.cfg.lambda_sl * sl
+
+    def _contrast_term(self, z_tgt: Tensor, t: TeacherView, idx_c: Tensor, logs: dict[str, Tensor]) -> Tensor:
+        """Pixel contrast of student features against the teacher-feature queue, per image then averaged over
+        the images (exact under DDP)."""
+        anchors = take(z_tgt, idx_c)  # (B, K, D)
+        labels = t.pl_small.flatten(1).gather(1, idx_c)  # (B, K)
+        qf, _, ql = self.queue.filled()
+        con = torch.stack([queue_contrastive_loss(anchors[i], labels[i], qf, ql, self.cfg.temperature)
+                           for i in range(len(anchors))]).mean()
+        logs["loss/contrast"] = con.detach()
+        return self.cfg.lambda_contrast * con
+
+    @torch.no_grad()
+    def _ema_updates(self) -> None:
+        """Teacher, its projection head and the EMA prototypes follow the student."""
+        rate = self.cfg.ema
+        ema_update(self.teacher_raw, self.model_raw, rate)
+        ema_update(self.head_ema, self.head_raw, rate)
+        self.proto_raw.ema.mul_(rate).add_(self.proto_raw.weight, alpha=1.0 - rate)
+
     def train_step(self, batch: UDABatch, step: int) -> dict[str, Tensor]:
         """Logged (unweighted): loss/seg_src, loss/cts (symmetric CE on rectified pseudo-labels), loss/sl,
         loss/proto_consist (per-pixel KL), loss/contrast (steps without CutMix), cpsl/cutmix, cpsl/queue."""
-        cfg, gen, tau, c = self.cfg, self.rng.gen, self.cfg.temperature, self.num_classes
+        cfg, b = self.cfg, batch.tgt_img.shape[0]
         if not bool(self.proto_raw.started):
             self._start()
         self.model.train()
         self.head.train()
         self.opt.zero_grad(set_to_none=True)
-        b, _, hh, ww = batch.tgt_img.shape
-        dev = batch.tgt_img.device
-        with torch.no_grad():
-            t_out = self.teacher_raw(batch.tgt_img)  # the plain (weak) target; eval mode
-            t_logits = t_out["out"]  # (B, C, h, w)
-            size = (t_logits.shape[-2], t_logits.shape[-1])
-            z_t = self._embed(self.head_ema, t_out["feat"], size)  # (B, D, h, w)
-            soft = t_logits if self.warmup_raw is None else self.warmup_raw(batch.tgt_img)["out"]
-            soft = F.softmax(upsample(soft, size), dim=1)  # (B, C, h, w)
-            self._update_stats(soft, z_t)
-            rect = rectify(soft, z_t, self.proto_raw.ema, tau)  # (B, C, h, w)
-            pl_small = hard_labels(rect, cfg.pl_threshold)  # (B, h, w): queue and contrast labels
-            pl = hard_labels(upsample(rect, (hh, ww)), cfg.pl_threshold)  # (B, H, W): CE labels
-        mix = bool(torch.rand((), generator=gen) < cfg.cutmix_p)  # one draw per step, as the original
-        tgt_in = batch.tgt_img
-        if mix:
-            box = cutmix_box(hh, ww, gen)
-            tgt_in, pl = paste_box(tgt_in, batch.src_img, box), paste_box(pl, batch.src_lbl, box)
-        strong = photometric(batch.tgt_img, global_rand(gen, b, 5).to(dev))  # (B, 3, H, W)
-        n, k = size[0] * size[1], min(cfg.pixels_per_image, size[0] * size[1])
-        idx = global_rand(gen, b, n).topk(k, dim=1).indices.to(dev)  # (B, K) sampled teacher pixels
-        z_sel = take(z_t, idx)  # (B, K, D)
-        with torch.no_grad():
-            lg_all = all_gather_cat(take(F.normalize(t_logits, dim=1), idx))  # (G, K, C)
-            z_all = all_gather_cat(z_sel)  # (G, K, D)
-            lb_all = all_gather_cat(pl_small.flatten(1).gather(1, idx))  # (G, K)
-            q_feat, q_logit = self._sinkhorn_targets(z_all, lg_all, b)  # (B * K, C) each
-            self.queue.push(z_all.flatten(0, 1), lg_all.flatten(0, 1), lb_all.flatten())
-        idx_c = None if mix else global_rand(gen, b, n).topk(k, dim=1).indices.to(dev)  # contrast anchors
+        t = self._teacher_view(batch.tgt_img)
+        tgt_in, pl, mix = self._cutmix(batch, t.pl)
+        strong = photometric(batch.tgt_img, global_rand(self.rng.gen, b, 5).to(batch.tgt_img.device))  # (B, 3, H, W)
+        idx = self._sample_pixels(t)  # (B, K) teacher pixels for Sinkhorn and the queue
+        q = self._self_labeling_targets(t, idx)
+        idx_c = None if mix else self._sample_pixels(t)  # contrast anchors
         logs: dict[str, Tensor] = {"cpsl/cutmix": torch.tensor(float(mix)),
                                    "cpsl/queue": self.queue.count.detach().float().cpu()}
 
         def target_loss() -> Tensor:
             out = self.model(torch.cat([tgt_in, strong]))  # (2B, ...): the CutMix'ed target, the strong view
-            z = self._embed(self.head, out["feat"], size)  # (2B, D, h, w)
+            z = self._embed(self.head, out["feat"], t.size)  # (2B, D, h, w)
             loss = 0.0 * z.sum()  # the head always receives a gradient (DDP)
-            if bool((pl != IGNORE).any()):
-                heads = zip((1.0, *self.aux_weights), [out["out"], *(out.get("aux") or [])])
-                cts = sum(w * symmetric_ce(upsample(lg[:b], (hh, ww)), pl, cfg.sce_alpha, cfg.sce_beta)
-                          for w, lg in heads)
-                logs["loss/cts"] = cts.detach()
-                loss = loss + cts
-            else:  # every pixel below pl_threshold: nothing to learn (the plain mean would be NaN)
-                loss = loss + 0.0 * out["out"].sum()
+            loss = loss + self._cts_term(out, pl, b, logs)
             if cfg.lambda_proto > 0:
-                ema = self.proto_raw.ema
-                # the original averages its KL over classes too (mean over (B, C, h, w)): weight / C
-                cons = kl_distill(proto_scores(z[b:], ema) / tau, F.softmax(proto_scores(z_t, ema) / tau, 1))
-                logs["loss/proto_consist"] = cons.detach()
-                loss = loss + cfg.lambda_proto / c * cons
-            if cfg.lambda_sl > 0:  # trains the prototypes: teacher features, as the original
-                logp = F.log_softmax(self.proto(z_sel.flatten(0, 1)) / tau, dim=1)  # (B * K, C)
-                sl = -(q_feat * logp).sum(1).mean() - (q_logit * logp).sum(1).mean()
-                logs["loss/sl"] = sl.detach()
-                loss = loss + cfg.lambda_sl * sl
+                loss = loss + self._proto_consistency_term(z[b:], t, logs)
+            if cfg.lambda_sl > 0:
+                loss = loss + self._self_labeling_term(t, idx, q, logs)
             if idx_c is not None and cfg.lambda_contrast > 0:
-                anchors = take(z[:b], idx_c)  # (B, K, D)
-                labels = pl_small.flatten(1).gather(1, idx_c)  # (B, K)
-                qf, _, ql = self.queue.filled()
-                con = torch.stack([queue_contrastive_loss(anchors[i], labels[i], qf, ql, tau)
-                                   for i in range(b)]).mean()  # per image, then over images (DDP-exact)
-                logs["loss/contrast"] = con.detach()
-                loss = loss + cfg.lambda_contrast * con
+                loss = loss + self._contrast_term(z[:b], t, idx_c, logs)
             return loss
 
         def source_loss() -> Tensor:
@@ -373,10 +432,7 @@ class CPSL(Method):
 
         backward_first_then_last(self.model, target_loss, source_loss)
         self.opt.step()
-        ema_update(self.teacher_raw, self.model_raw, cfg.ema)
-        ema_update(self.head_ema, self.head_raw, cfg.ema)
-        with torch.no_grad():
-            self.proto_raw.ema.mul_(cfg.ema).add_(self.proto_raw.weight, alpha=1.0 - cfg.ema)
+        self._ema_updates()
         return logs
 
     def stateful(self) -> dict[str, Any]:

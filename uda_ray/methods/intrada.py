@@ -1,6 +1,6 @@
 """IntraDA (Pan et al., "Unsupervised Intra-domain Adaptation for Semantic Segmentation through
 Self-Supervision", CVPR 2020): the entropy ranking that splits the target train set into an easy and a hard
-subdomain, and the easy split's pseudo-labels. The stages around it are ordinary runs (see DESIGN.md).
+subdomain, and the easy split's pseudo-labels. The stages around it are ordinary runs of a pipeline.
 
 What the original `entropy.py` does, and what we do:
 - Logits of the inter-domain (AdvEnt) model are upsampled (bilinear, align_corners=True) to the input size,

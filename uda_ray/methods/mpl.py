@@ -17,13 +17,13 @@ ce_old - ce_new = the student's IMPROVEMENT. With y_hat drawn from the teacher, 
 of dL/dT is -(ce_old - ce_new - baseline) * d log p_T(y_hat) / dT = reward * d CE(T(tgt), y_hat) / dT: the
 surrogate to minimize is reward * CE(teacher(tgt), y_hat). A positive reward (the labels helped) lowers that
 CE, i.e. RAISES the teacher's probability of the labels that produced it; a negative reward lowers it.
-(METHODS.md writes h = ce_new - ce_old; plugged into "+ h * CE" it would reinforce labels that hurt the
+(Writing h = ce_new - ce_old instead and plugged into "+ h * CE" it would reinforce labels that hurt the
 student.)
 
 Choices (ours, documented): the teacher is a fresh `model_factory()` loaded with the student's initial
 weights (a copy: UDA starts from an ImageNet or source-trained init, so the teacher's first labels are as
 good as the student's); teacher optimizer = the experiment's kind with `teacher_lr` (None: the student's lr),
-under the loop's poly schedule; student_source_weight 1.0 (seed 000: the student learns from pseudo-labels
+under the loop's poly schedule; student_source_weight 1.0 (the student learns from pseudo-labels
 AND source labels; the paper's student learns from the teacher only: 0.0). With source CE in the student's
 step the student improves on source every step; the moving-average baseline removes that drift from the
 reward. The reward's measurement (our choice): on the student's own training batch, the reward would also

@@ -4,7 +4,7 @@ for Domain Adaptation of Semantic Segmentation", CVPR 2019) and FDA-MBT's (Yang 
 Source CE + lambda_tgt * target CE on the pseudo-labels (255 ignored) + optional lambda_ent * an entropy of the
 target predictions (ADVENT's, or FDA's Charbonnier entropy, which FDA's self-training round SStrain.py keeps:
 source CE + pseudo-label CE + entW * Charbonnier entropy of the pseudo-labelled target) + optional lambda_adv *
-AdaptSegNet's adversarial term (seed 000 self-trains with it). The pseudo-labels come from
+AdaptSegNet's adversarial term. The pseudo-labels come from
 `uda_ray.pseudo_labels.generate`; the loop loads their folder as the target labels.
 """
 

@@ -97,7 +97,7 @@ class BiSeNet(nn.Module):
 
     def param_groups(self, lr: float) -> list[dict]:
         """One group at `lr`, as in the original."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr, "lr_mult": 1.0}]
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
 
 
 def _build(depth: int, num_classes: int, pretrained: str | None, fusion_channels: int | None) -> BiSeNet:

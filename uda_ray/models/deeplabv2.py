@@ -171,11 +171,10 @@ class DeepLabV2(nn.Module):
         """Backbone at `lr`, classifier(s) at 10 * lr (the AdaptSegNet / ADVENT recipe)."""
         heads = [self.classifier] + ([self.aux_classifier] if self.aux_classifier is not None else [])
         return [
-            {"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": lr, "lr_mult": 1.0},
+            {"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": lr},
             {
                 "params": [p for h in heads for p in h.parameters() if p.requires_grad],
                 "lr": 10 * lr,
-                "lr_mult": 10.0,
             },
         ]
 

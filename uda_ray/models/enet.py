@@ -170,7 +170,7 @@ class ENet(nn.Module):
 
     def param_groups(self, lr: float) -> list[dict]:
         """One group at `lr`: ENet trains from scratch, with no backbone to treat apart."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr, "lr_mult": 1.0}]
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
 
 
 def enet(num_classes: int = 19, pretrained: str | None = None) -> ENet:
