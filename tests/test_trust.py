@@ -157,3 +157,12 @@ def test_markdown_report_puts_the_validator_selected_test_miou_beside_the_oracle
     assert "| run | m | x | 4 | 30.0 (2) | 40.0 (4) | 40.0 |" in md
     md = markdown_report("t", [("run", tmp_path / "run")], selection="uv/entropy")
     assert "| 4 | - | 40.0 (4) |" in md  # no uv/entropy in these tables: said, not invented
+
+
+def test_validators_command_on_a_single_run(tmp_path, capsys):
+    from uda_ray.cli import main
+
+    _write_evals(tmp_path / "runs" / "r" / "results", [e for e in EVALS if e["test/miou"] is not None])
+    assert main(["validators", "r", "--storage", str(tmp_path)]) == 0
+    assert "over 4 checkpoints of 2 trials" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "r" / "results" / "validators.parquet").is_file()
