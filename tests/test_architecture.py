@@ -131,6 +131,19 @@ def test_methods_use_the_shared_blocks_rather_than_copies():
         assert not copies, f"{what} is defined again in {copies}"
 
 
+def test_no_name_the_package_exports_from_the_api_is_also_a_submodule():
+    """Importing a submodule sets the package attribute of its name: a lazily exported API function of the
+    same name would be hidden by the module (as `uda_ray.rerun` once was)."""
+    for name in uda_ray.__all__:
+        assert f"uda_ray.{name}" not in MODULES, f"uda_ray.{name} is both an API export and a module"
+    import importlib
+
+    for mod in ("uda_ray.cli", "uda_ray.train", "uda_ray.pipeline", "uda_ray.report", "uda_ray.validators"):
+        importlib.import_module(mod)
+    api = importlib.import_module("uda_ray.api")
+    assert all(getattr(uda_ray, name) is getattr(api, name) for name in uda_ray.__all__)
+
+
 def test_importing_the_package_and_reaching_the_api_loads_neither_torch_nor_ray():
     import subprocess
     import sys

@@ -1,15 +1,17 @@
 """uda_ray: Ray-distributed hyperparameter search for unsupervised domain adaptation in segmentation.
 
-The Python API (`uda_ray.sweep`, `resume`, `best`, `export_best`, `ls`, `train`, `pipeline`, `report`,
-`validators`, `rerun`, `convert_weights`, `Sweep`, `show_progress`) lives in `uda_ray.api`; it is imported on
-first use, so `import uda_ray` stays light (no torch, no ray).
+The Python API is `uda_ray.api` (`from uda_ray import api`; `api.sweep`, `api.resume`, `api.best`, `api.train`,
+`api.pipeline`, `api.report`, ...). The API names that are not also the names of submodules are re-exported
+here (`uda_ray.sweep`, `uda_ray.best`, ...), imported on first use, so `import uda_ray` stays light (no torch,
+no ray). `train`, `pipeline`, `report` and `validators` are not: `uda_ray.train` etc. are modules, and importing
+a submodule sets the package attribute of its name, which would hide a function of the same name.
 """
 
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Sweep", "best", "convert_weights", "export_best", "ls", "pipeline", "report", "rerun", "resume",
-           "show_progress", "sweep", "train", "validators"]
+__all__ = ["Sweep", "best", "convert_weights", "export_best", "ls", "pareto", "rerun", "resume", "show_progress",
+           "sweep"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,12 +1,12 @@
 """The Python API: everything the `uda-ray` command line does, callable from a notebook or a Ray Job script.
 
-    import uda_ray
-    s = uda_ray.sweep("search_spaces/my_space.yaml", storage="/shared/uda", name="adv-lr")
+    from uda_ray import api
+    s = api.sweep("search_spaces/my_space.yaml", storage="/shared/uda", name="adv-lr")
     print(s.status, s.best(top=3))                   # rows as dicts, best first
-    uda_ray.best("adv-lr", storage="/shared/uda", metric="uv/snd")
-    uda_ray.ls("/shared/uda")                        # one dict per sweep
-    uda_ray.train("experiments/x.yaml", overrides=["train.max_steps=2000"])
-    uda_ray.pipeline("experiments/pipelines/fda_mbt.yaml")
+    api.best("adv-lr", storage="/shared/uda", metric="uv/snd")
+    api.ls("/shared/uda")                            # one dict per sweep
+    api.train("experiments/x.yaml", overrides=["train.max_steps=2000"])
+    api.pipeline("experiments/pipelines/fda_mbt.yaml")
 
 Every function returns plain objects (dicts, lists of dicts, a `Sweep` dataclass, pyarrow Tables). Errors a
 user can cause raise `uda_ray.errors.UserError` (the CLI prints them as one line, exit status 2). Progress
