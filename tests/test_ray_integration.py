@@ -5,6 +5,7 @@ private HOME, and the cluster ends with its driver."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,9 +27,9 @@ def _env(tmp_path: Path) -> dict:
             "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
 
 
-def _cli(tmp_path: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "uda_ray.cli", *args], env=_env(tmp_path), capture_output=True,
-                       text=True, timeout=timeout)
+def _cli(tmp_path: Path, *args: str, timeout: int = 400, env: dict | None = None) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "uda_ray.cli", *args], env={**_env(tmp_path), **(env or {})},
+                       capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 
@@ -97,6 +98,10 @@ def test_sweep_end_to_end_then_best_export_then_train(tmp_path, synth_root):
     out = _cli(tmp_path, "train", str(tmp_path / "best.yaml"), "--set", "train.max_steps=2",
                "--set", "train.eval_every=2").stdout
     assert "done: step 2" in out
+    from tests.tb_read import scalars
+
+    tb = scalars(tmp_path / "store" / "runs" / "e2e-best" / "tensorboard" / "e2e-best")
+    assert [s for s, _ in tb["test/miou"]] == [2]
 
 
 @pytest.mark.ray
@@ -174,9 +179,17 @@ def test_pareto_sweep_over_networks_completes_and_best_prints_its_front(tmp_path
         objective=[{"metric": "test/miou", "mode": "max"}, {"metric": "model/gflops", "mode": "min"}],
         constraints={"model/gflops": "<= 100"},
         params={"model.name": {"choice": ["bisenet_r18", "enet"]}, "optim.lr": {"loguniform": [1e-3, 1e-2]}})
-    _cli(tmp_path, "sweep", str(space), "--name", "pf")
+    # the live view, made frequent: heartbeats from the workers, plain lines (stdout is a pipe, not a TTY)
+    out = _cli(tmp_path, "sweep", str(space), "--name", "pf",
+               env={"UDA_RAY_HEARTBEAT_S": "0", "UDA_RAY_LIVE_S": "0.5"}).stdout
+    assert re.search(r"\] \w+: step \d/2 \(\d+%\)", out) and "\r" not in out
+    assert len(list((tmp_path / "store" / "pf" / "train").glob("train-*/progress.json"))) == 2
     trials = _table(tmp_path, "pf", "trials")
     assert len(trials) == 2 and all(t["status"] == "completed" for t in trials)
+    from tests.tb_read import scalars  # what `tensorboard --logdir <sweep>/tensorboard` shows: a run per trial
+
+    for t in trials:
+        assert [s for s, _ in scalars(tmp_path / "store" / "pf" / "tensorboard" / t["trial_id"])["test/miou"]] == [2]
     out = _cli(tmp_path, "best", "pf").stdout
     assert "Pareto front:" in out and "of 2 completed trials over test/miou (max), model/gflops (min)" in out
     assert "constraints model/gflops <= 100" in out

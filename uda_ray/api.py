@@ -249,11 +249,13 @@ def _fit_sweep(tuner: Any, sweep_d: Path, meta: dict) -> Sweep:
 
 
 def sweep(space: str | os.PathLike, *, storage: str | os.PathLike | None = None, address: str | None = None,
-          name: str | None = None, overrides: Mapping[str, Any] | Iterable[str] = ()) -> Sweep:
+          name: str | None = None, overrides: Mapping[str, Any] | Iterable[str] = (),
+          warm_start: str | os.PathLike | None = None) -> Sweep:
     """Run the search space file `space` to its end: `num_samples` trials, results in
     <storage>/<name>/results (name: default the space file's stem). `overrides` change the base experiment
-    ({"train.max_steps": 500} or ["train.max_steps=500"]). Returns the Sweep; its status is "interrupted"
-    after Ctrl-C (`resume` continues it)."""
+    ({"train.max_steps": 500} or ["train.max_steps=500"]). `warm_start`: an earlier sweep (name or folder)
+    whose finished trials that fit this space seed the sampler (recorded in sweep.json). Returns the Sweep;
+    its status is "interrupted" after Ctrl-C (`resume` continues it)."""
     from uda_ray.search import check_resources
     from uda_ray.space import load_space
     from uda_ray.stages import resolve_refs
@@ -267,6 +269,7 @@ def sweep(space: str | os.PathLike, *, storage: str | os.PathLike | None = None,
     if (sweep_d / "sweep.json").exists():
         raise UserError(f"sweep '{name}' already exists under {root}: `uda-ray resume {name}` continues it, "
                         "or give another --name")
+    warm = _warm_start(warm_start, root, sp) if warm_start else None  # checked before anything is written
     address = _address(address)
     data = resolve_data(sp.base.data, root, sp.metric)
     base_raw = resolve_refs(with_data(sp.base_raw, data), root)
@@ -276,14 +279,36 @@ def sweep(space: str | os.PathLike, *, storage: str | os.PathLike | None = None,
         with DriverLock(sweep_d, f"sweep '{name}'"):
             if (sweep_d / "sweep.json").exists():  # another driver created it while we were validating
                 raise UserError(f"sweep '{name}' already exists under {root}: `uda-ray resume {name}` continues it")
-            return _start_sweep(space_path, sp, sweep_d, base_raw, seed, address)
+            return _start_sweep(space_path, sp, sweep_d, base_raw, seed, address, warm)
 
 
-def _start_sweep(space_path: Path, sp: Any, sweep_d: Path, base_raw: dict, seed: int, address: str | None) -> Sweep:
-    from uda_ray.search import build_tuner
+def _warm_start(earlier: str | os.PathLike, root: Path, sp: Any) -> dict:
+    """The earlier sweep's trials that fit the space `sp`, and those skipped with the reason."""
+    from uda_ray.search import warm_start_points
+
+    d = Path(earlier) if (Path(earlier) / "sweep.json").is_file() else root / str(earlier)
+    if not (d / "sweep.json").is_file():
+        raise UserError(f"--warm-start {earlier}: no sweep of that name under {root}")
+    points, skipped = warm_start_points(d, sp)
+    progress.info(f"warm start from sweep '{d.name}': {len(points)} of its trials seed the sampler"
+                  + (f", {len(skipped)} skipped:" if skipped else ""))
+    for tid, why in skipped:
+        progress.info(f"  skipped {tid}: {why}")
+    return {"dir": d, "points": points, "skipped": skipped}
+
+
+def _start_sweep(space_path: Path, sp: Any, sweep_d: Path, base_raw: dict, seed: int, address: str | None,
+                 warm: dict | None = None) -> Sweep:
+    from uda_ray.search import build_tuner, seed_study, write_meta
     from uda_ray.space import load_space
 
     meta = _write_sweep_folder(space_path, sp, sweep_d, base_raw, seed, address)
+    if warm is not None:  # the persisted study, created with the earlier trials before the searcher loads it
+        seed_study(sweep_d, sp, warm["points"])
+        meta["warm_start"] = {"from": str(warm["dir"]),
+                              "trials": [p["user_attrs"]["warm_start_trial_id"] for p in warm["points"]],
+                              "skipped": [{"trial_id": t, "reason": r} for t, r in warm["skipped"]]}
+        write_meta(sweep_d, meta)
     progress.info(f"sweep '{sweep_d.name}': {sp.num_samples} trials over {', '.join(sp.params) or 'nothing'} "
                   f"(base {sp.base.method}/{sp.base.model.name}), objective {sp.metric} ({sp.mode}), "
                   f"TPE seed {seed}")
@@ -384,7 +409,10 @@ def export_best(name: str, out: str | os.PathLike, *, storage: str | os.PathLike
 
 def ls(storage: str | os.PathLike | None = None) -> list[dict]:
     """One dict per sweep under the storage root: name, status, trials, completed, stopped_early, errored,
-    best (the best objective value so far, or None), mode."""
+    best (the best objective value so far, or None), mode, progress (running trial -> its heartbeat: step,
+    max_steps, steps_per_s, eta_s, phase, updated_at; only while the sweep runs)."""
+    from uda_ray.progress import read_progress
+
     out = []
     for p in sorted(storage_root(storage).glob("*/sweep.json")):
         s = Sweep.open(p.parent.name, p.parent.parent)
@@ -392,8 +420,15 @@ def ls(storage: str | os.PathLike | None = None) -> list[dict]:
         count = {st: sum(t["status"] == st for t in trials) for st in ENDED}
         scored = [t["best_value"] for t in trials if t.get("best_value") is not None]
         mode = s.objective["mode"]
+        beats = {}
+        if s.status == "running":
+            for t in trials:
+                p = read_progress(s.dir / "train" / f"train-{t['trial_id']}") if t["status"] == "running" else None
+                if p:
+                    beats[t["trial_id"]] = p
         out.append({"name": s.meta.get("name", s.name), "status": s.status, "trials": len(trials), **count,
-                    "best": (max if mode == "max" else min)(scored) if scored else None, "mode": mode})
+                    "best": (max if mode == "max" else min)(scored) if scored else None, "mode": mode,
+                    "progress": beats})
     return out
 
 

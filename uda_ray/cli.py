@@ -42,7 +42,8 @@ def _finished(s: api.Sweep, top: int = 5) -> int:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
-    s = api.sweep(a.space, storage=a.storage, address=a.address, name=a.name, overrides=a.set)
+    s = api.sweep(a.space, storage=a.storage, address=a.address, name=a.name, overrides=a.set,
+                  warm_start=a.warm_start)
     return _finished(s, a.top)
 
 
@@ -176,6 +177,8 @@ def parser() -> argparse.ArgumentParser:
     sp = cmd("sweep", cmd_sweep, "run a search space", "space", address=True, overrides=True)
     sp.add_argument("--name")
     sp.add_argument("--top", type=int, default=5)
+    sp.add_argument("--warm-start", metavar="SWEEP",
+                    help="seed the sampler with an earlier sweep's finished trials that fit this space")
     cmd("resume", cmd_resume, "continue an interrupted sweep", "sweep", address=True)
     sp = cmd("best", cmd_best, "the best trials of a sweep", "sweep")
     sp.add_argument("--top", type=int, default=5)

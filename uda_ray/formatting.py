@@ -49,11 +49,15 @@ def pareto_table(objectives: list[dict], constraints: list[dict], rows: list[dic
 
 def sweeps_table(sweeps: list[dict]) -> str:
     """`uda_ray.ls` rows as a table."""
+    from uda_ray.progress import describe
+
     lines = [f"{'sweep':<32} {'status':<22} {'trials':>6} {'done':>5} {'early':>5} {'err':>4} {'best':>8}"]
     for s in sweeps:
         best = f"{s['best']:.4f}" if s["best"] is not None else "-"
         lines.append(f"{s['name']:<32} {s['status']:<22} {s['trials']:>6} {s['completed']:>5} "
                      f"{s['stopped_early']:>5} {s['errored']:>4} {best:>8}")
+        for tid, p in (s.get("progress") or {}).items():  # each running trial's heartbeat, between evaluations
+            lines.append(f"    {tid}: {describe(p)}")
     return "\n".join(lines)
 
 

@@ -103,6 +103,90 @@ def load_study(sweep_dir: Path) -> Any:
     return optuna.load_study(study_name=sweep_dir.name, storage=study_storage(sweep_dir))
 
 
+def optuna_distributions(space: SearchSpace) -> dict[str, Any]:
+    """The Optuna distributions OptunaSearch derives from the space (names `params/<key>`)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch.convert_search_space(_tune_domains(space))
+
+
+def _fits(value: Any, dist: Any) -> bool:
+    import optuna
+
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return value in dist.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(dist, optuna.distributions.IntDistribution) and value != int(value):
+        return False
+    return dist.low <= value <= dist.high
+
+
+def warm_start_points(earlier_dir: Path, space: SearchSpace) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The finished trials of an earlier sweep that fit `space`, as Optuna trials to seed its study, and the
+    (trial, reason) of those skipped. A completed trial brings its objective value(s) at its last evaluation
+    (what the searcher is told); one stopped early by the scheduler comes as PRUNED with its intermediate
+    values; errored and unfinished trials are skipped, as are trials whose parameters are not exactly the
+    new space's or fall outside its ranges / choices."""
+    import json
+
+    import optuna
+
+    from uda_ray.results import read_table
+
+    earlier_dir = Path(earlier_dir)
+    dists = optuna_distributions(space)
+    metrics = [o.metric for o in space.objectives]
+    evals = read_table(earlier_dir / "results", "evals")
+    points, skipped = [], []
+    for t in read_table(earlier_dir / "results", "trials"):
+        tid = t["trial_id"]
+        if t["status"] not in ("completed", "stopped_early"):
+            skipped.append((tid, f"status {t['status']}"))
+            continue
+        params = {f"params/{k}": v for k, v in json.loads(t.get("params") or "{}").items()}
+        if set(params) != set(dists):
+            extra = sorted(k[len("params/"):] for k in set(params) - set(dists))
+            missing = sorted(k[len("params/"):] for k in set(dists) - set(params))
+            skipped.append((tid, "parameters differ" + (f"; not searched now: {', '.join(extra)}" if extra else "")
+                            + (f"; not searched then: {', '.join(missing)}" if missing else "")))
+            continue
+        bad = [f"{k[len('params/'):]}={v!r}" for k, v in params.items() if not _fits(v, dists[k])]
+        if bad:
+            skipped.append((tid, f"outside the new space: {', '.join(bad)}"))
+            continue
+        mine = sorted((e for e in evals if e["trial_id"] == tid), key=lambda e: e["step"])
+        inter = {int(e["step"]): float(e[metrics[0]]) for e in mine
+                 if isinstance(e.get(metrics[0]), (int, float)) and e[metrics[0]] == e[metrics[0]]}
+        attrs = {"warm_start_from": earlier_dir.name, "warm_start_trial_id": tid}
+        if t["status"] == "stopped_early":
+            points.append(dict(params=params, distributions=dists, state=optuna.trial.TrialState.PRUNED,
+                               intermediate_values=inter if len(metrics) == 1 else None, user_attrs=attrs))
+            continue
+        last = mine[-1] if mine else {}
+        values = [last.get(m) for m in metrics]
+        if not all(isinstance(v, (int, float)) and v == v for v in values):
+            missing = [m for m, v in zip(metrics, values) if not (isinstance(v, (int, float)) and v == v)]
+            skipped.append((tid, f"no {', '.join(missing)} at its last evaluation"))
+            continue
+        points.append(dict(params=params, distributions=dists, state=optuna.trial.TrialState.COMPLETE,
+                           values=[float(v) for v in values],
+                           intermediate_values=inter if len(metrics) == 1 else None, user_attrs=attrs))
+    return points, skipped
+
+
+def seed_study(sweep_dir: Path, space: SearchSpace, points: list[dict]) -> Any:
+    """Create the sweep's persisted study holding `points` (before the searcher loads it: same name, same
+    storage, so TPE's first suggestions already see them)."""
+    import optuna
+
+    study = optuna.create_study(storage=study_storage(sweep_dir), study_name=Path(sweep_dir).name,
+                                directions=["maximize" if o.mode == "max" else "minimize" for o in space.objectives])
+    for p in points:
+        study.add_trial(optuna.trial.create_trial(**p))
+    return study
+
+
 def make_searcher(space: SearchSpace, seed: int, sweep_dir: Path | None = None) -> Any:
     """OptunaSearch (TPE, seeded) that records trials stopped early by the scheduler as PRUNED, with the study
     persisted in the sweep folder (when given) so that optuna-dashboard can open it."""
@@ -196,7 +280,12 @@ def make_scheduler(space: SearchSpace) -> Any:
 
 
 def make_callbacks(sweep: dict, writer_args: dict) -> list:
+    import sys
+
     from ray import tune
+
+    from uda_ray.progress import LiveView, read_progress
+    from uda_ray.tblog import TB_DIR, TensorBoardLog
 
     class ResultsCallback(tune.Callback):
         """Writes the Parquet tables on the driver as results arrive, and prints a concise live view."""
@@ -204,11 +293,29 @@ def make_callbacks(sweep: dict, writer_args: dict) -> list:
         def __init__(self) -> None:
             self.writer: ResultsWriter | None = None
             self.t0 = time.time()
+            tty = sys.stdout if sys.stdout.isatty() and progress.handlers else None  # the CLI on a terminal
+            self.view = LiveView(progress.info, tty)
+            self.polled = 0.0
 
         def setup(self, **info: Any) -> None:
             # reloads existing tables on resume; the trials file is rewritten at most once a second by results
             # (at every start and end), so a sweep of thousands of trials stays cheap to record
             self.writer = ResultsWriter(**writer_args, trials_every_s=1.0)
+            self.tb = TensorBoardLog(Path(sweep["dir"]) / TB_DIR)
+
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            # between evaluations: the running trials' heartbeats (step, steps/s, ETA), calmly
+            now = time.time()
+            if now - self.polled < 1.0:
+                return
+            self.polled = now
+            beats = {}
+            for t in trials:
+                if t.status == "RUNNING":
+                    p = read_progress(Path(sweep["dir"]) / "train" / f"train-{t.trial_id}")
+                    if p:
+                        beats[t.trial_id] = p
+            self.view.update(beats, now - self.t0, now)
 
         def _exp(self, trial: Any) -> tuple[dict, dict]:
             params = plain(trial.config["params"])
@@ -221,14 +328,17 @@ def make_callbacks(sweep: dict, writer_args: dict) -> list:
             if "step" not in result:
                 return
             self.writer.result(trial.trial_id, *self._exp(trial), result)
+            self.tb.log(trial.trial_id, result)
             self._line(trials, f"{trial.trial_id} step {int(result['step'])}: "
                                f"{writer_args['metric']}={result.get(writer_args['metric'], float('nan')):.4f}")
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.tb.close(trial.trial_id)
             row = self.writer.end(trial.trial_id, *self._exp(trial), "completed")
             self._line(trials, f"{trial.trial_id} {row['status'].replace('_', ' ')}")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.tb.close(trial.trial_id)
             self.writer.end(trial.trial_id, *self._exp(trial), "errored", _error_text(trial))
             self._line(trials, f"{trial.trial_id} errored: {_error_text(trial)}")
 
@@ -241,6 +351,7 @@ def make_callbacks(sweep: dict, writer_args: dict) -> list:
             if scored:
                 b = (max if writer_args["mode"] == "max" else min)(scored, key=lambda r: r["best_value"])
                 best = f" | best {b['best_value']:.4f} ({b['trial_id']}: {_short_params(b['params'])})"
+            self.view.before_line()
             progress.info(f"[{time.time() - self.t0:6.0f}s] {n['completed']} done, {running} running, "
                           f"{n['stopped_early']} stopped early, {n['errored']} errored{best} | {what}")
 

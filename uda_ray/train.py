@@ -33,6 +33,7 @@ from uda_ray.loop import LossLog, NonFiniteLoss, train_step
 from uda_ray.methods.base import Method, upsample
 from uda_ray.metric_names import DEFAULT_SELECTION, mode_of, needs_test_labels
 from uda_ray.metrics import ConfusionMatrix
+from uda_ray.progress import Heartbeat
 from uda_ray.timing import mark
 from uda_ray.validators import ValidatorAccumulator
 
@@ -278,12 +279,18 @@ def _loop(cfg: ExperimentConfig, session: Session, method: Method, data: _RunDat
     losses = LossLog()  # per-step losses stay on the device until the loop logs
     n_sum, t0, t_last = 0, time.time(), time.time()
     metrics: dict[str, float] = {}
+    # rank 0's heartbeat: <run>/progress.json every few seconds (step, steps/s, ETA) between evaluations
+    beat = Heartbeat(session.run_dir, tc.max_steps, start) if session.rank == 0 else None
     for step in range(start, tc.max_steps):
         s, t, h = data.next_batches()
         losses.add(step, train_step(method, s, t, step, cfg.poly_horizon, device, tc.amp, held=h))
         n_sum += 1
         done = step + 1
+        if beat is not None:
+            beat.step(done)
         if done % tc.eval_every == 0 or done == tc.max_steps:
+            if beat is not None:
+                beat.evaluating(True)
             try:
                 train_avg = losses.averages()  # the one device -> host copy of the losses
             except NonFiniteLoss as e:
@@ -304,6 +311,8 @@ def _loop(cfg: ExperimentConfig, session: Session, method: Method, data: _RunDat
             restart = {}
             n_sum, t_last = 0, now
             _checkpoint_and_report(cfg, session, method, done, metrics)
+            if beat is not None:
+                beat.evaluating(False)
     return metrics
 
 
@@ -479,12 +488,14 @@ def run_results_callback(results_dir: Path, run_name: str, cfg: ExperimentConfig
     from ray.train import UserCallback
 
     from uda_ray.results import ResultsWriter
+    from uda_ray.tblog import TB_DIR, TensorBoardLog
 
     exp = experiment_dict(cfg)
 
     class RunResults(UserCallback):
         def __init__(self) -> None:
             self.writer: ResultsWriter | None = None
+            self.tb: TensorBoardLog | None = None
 
         def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
             if self.writer is None:  # created in the controller actor, where results arrive
@@ -495,6 +506,9 @@ def run_results_callback(results_dir: Path, run_name: str, cfg: ExperimentConfig
             if checkpoint is not None:
                 m["checkpoint_path"] = checkpoint.path
             self.writer.result(run_name, exp, {}, m)
+            if self.tb is None:
+                self.tb = TensorBoardLog(Path(results_dir).parent / TB_DIR)
+            self.tb.log(run_name, m)
 
         def after_exception(self, run_context: Any, worker_exceptions: dict) -> None:
             w = self.writer or ResultsWriter(results_dir, run_name, cfg.select, mode_of(cfg.select), None)
