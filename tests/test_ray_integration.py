@@ -172,7 +172,7 @@ def test_resume_after_sigkill_runs_every_trial_and_every_eval_exactly_once(tmp_p
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_pareto_sweep_over_networks_completes_and_best_prints_its_front(tmp_path, synth_root):
+def test_pareto_sweep_over_networks_completes_and_best_prints_its_front(tmp_path, synth_root, monkeypatch):
     space = _write_space(
         tmp_path, synth_root, {"train.cpus_per_worker": 0.5, "train.max_steps": 2, "train.eval_every": 2,
                                "train.profile": True},
@@ -180,7 +180,8 @@ def test_pareto_sweep_over_networks_completes_and_best_prints_its_front(tmp_path
         constraints={"model/gflops": "<= 100"},
         params={"model.name": {"choice": ["bisenet_r18", "enet"]}, "optim.lr": {"loguniform": [1e-3, 1e-2]}})
     # the live view, made frequent: heartbeats from the workers, plain lines (stdout is a pipe, not a TTY)
-    out = _cli(tmp_path, "sweep", str(space), "--name", "pf",
+    mlruns = (tmp_path / "mlruns").as_uri()
+    out = _cli(tmp_path, "sweep", str(space), "--name", "pf", "--mlflow", mlruns,
                env={"UDA_RAY_HEARTBEAT_S": "0", "UDA_RAY_LIVE_S": "0.5"}).stdout
     assert re.search(r"\] \w+: step \d/2 \(\d+%\)", out) and "\r" not in out
     assert len(list((tmp_path / "store" / "pf" / "train").glob("train-*/progress.json"))) == 2
@@ -190,6 +191,14 @@ def test_pareto_sweep_over_networks_completes_and_best_prints_its_front(tmp_path
 
     for t in trials:
         assert [s for s, _ in scalars(tmp_path / "store" / "pf" / "tensorboard" / t["trial_id"])["test/miou"]] == [2]
+    from mlflow.tracking import MlflowClient  # the --mlflow callback: one finished run per trial
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    c = MlflowClient(tracking_uri=mlruns)
+    runs = c.search_runs([c.get_experiment_by_name("pf").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(t["trial_id"] for t in trials)
+    assert all(r.info.status == "FINISHED" and [m.step for m in c.get_metric_history(r.info.run_id, "test/miou")]
+               == [2] for r in runs)
     out = _cli(tmp_path, "best", "pf").stdout
     assert "Pareto front:" in out and "of 2 completed trials over test/miou (max), model/gflops (min)" in out
     assert "constraints model/gflops <= 100" in out

@@ -250,11 +250,12 @@ def _fit_sweep(tuner: Any, sweep_d: Path, meta: dict) -> Sweep:
 
 def sweep(space: str | os.PathLike, *, storage: str | os.PathLike | None = None, address: str | None = None,
           name: str | None = None, overrides: Mapping[str, Any] | Iterable[str] = (),
-          warm_start: str | os.PathLike | None = None) -> Sweep:
+          warm_start: str | os.PathLike | None = None, mlflow: str | None = None) -> Sweep:
     """Run the search space file `space` to its end: `num_samples` trials, results in
     <storage>/<name>/results (name: default the space file's stem). `overrides` change the base experiment
     ({"train.max_steps": 500} or ["train.max_steps=500"]). `warm_start`: an earlier sweep (name or folder)
-    whose finished trials that fit this space seed the sampler (recorded in sweep.json). Returns the Sweep;
+    whose finished trials that fit this space seed the sampler (recorded in sweep.json). `mlflow`: a tracking
+    URI; each trial is also logged as an MLflow run (needs mlflow-skinny). Returns the Sweep;
     its status is "interrupted" after Ctrl-C (`resume` continues it)."""
     from uda_ray.search import check_resources
     from uda_ray.space import load_space
@@ -270,6 +271,12 @@ def sweep(space: str | os.PathLike, *, storage: str | os.PathLike | None = None,
         raise UserError(f"sweep '{name}' already exists under {root}: `uda-ray resume {name}` continues it, "
                         "or give another --name")
     warm = _warm_start(warm_start, root, sp) if warm_start else None  # checked before anything is written
+    if mlflow:
+        from uda_ray.mlflow_log import check_available
+
+        check_available()
+        if mlflow.startswith("file:") or "://" not in mlflow:  # MLflow 3 keeps its file store behind a switch
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     address = _address(address)
     data = resolve_data(sp.base.data, root, sp.metric)
     base_raw = resolve_refs(with_data(sp.base_raw, data), root)
@@ -279,7 +286,7 @@ def sweep(space: str | os.PathLike, *, storage: str | os.PathLike | None = None,
         with DriverLock(sweep_d, f"sweep '{name}'"):
             if (sweep_d / "sweep.json").exists():  # another driver created it while we were validating
                 raise UserError(f"sweep '{name}' already exists under {root}: `uda-ray resume {name}` continues it")
-            return _start_sweep(space_path, sp, sweep_d, base_raw, seed, address, warm)
+            return _start_sweep(space_path, sp, sweep_d, base_raw, seed, address, warm, mlflow)
 
 
 def _warm_start(earlier: str | os.PathLike, root: Path, sp: Any) -> dict:
@@ -298,7 +305,7 @@ def _warm_start(earlier: str | os.PathLike, root: Path, sp: Any) -> dict:
 
 
 def _start_sweep(space_path: Path, sp: Any, sweep_d: Path, base_raw: dict, seed: int, address: str | None,
-                 warm: dict | None = None) -> Sweep:
+                 warm: dict | None = None, mlflow: str | None = None) -> Sweep:
     from uda_ray.search import build_tuner, seed_study, write_meta
     from uda_ray.space import load_space
 
@@ -313,7 +320,10 @@ def _start_sweep(space_path: Path, sp: Any, sweep_d: Path, base_raw: dict, seed:
                   f"(base {sp.base.method}/{sp.base.model.name}), objective {sp.metric} ({sp.mode}), "
                   f"TPE seed {seed}")
     progress.info(f"storage: {sweep_d}")
-    return _fit_sweep(build_tuner(load_space(sweep_d / "space.yaml"), sweep_d, seed), sweep_d, meta)
+    if mlflow:
+        meta["mlflow"] = mlflow
+        write_meta(sweep_d, meta)
+    return _fit_sweep(build_tuner(load_space(sweep_d / "space.yaml"), sweep_d, seed, mlflow=mlflow), sweep_d, meta)
 
 
 def resume(name: str, *, storage: str | os.PathLike | None = None, address: str | None = None) -> Sweep:

@@ -43,7 +43,7 @@ def _finished(s: api.Sweep, top: int = 5) -> int:
 
 def cmd_sweep(a: argparse.Namespace) -> int:
     s = api.sweep(a.space, storage=a.storage, address=a.address, name=a.name, overrides=a.set,
-                  warm_start=a.warm_start)
+                  warm_start=a.warm_start, mlflow=a.mlflow)
     return _finished(s, a.top)
 
 
@@ -179,6 +179,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--top", type=int, default=5)
     sp.add_argument("--warm-start", metavar="SWEEP",
                     help="seed the sampler with an earlier sweep's finished trials that fit this space")
+    sp.add_argument("--mlflow", metavar="URI", help="also log every trial as an MLflow run (e.g. file:///abs/mlruns)")
     cmd("resume", cmd_resume, "continue an interrupted sweep", "sweep", address=True)
     sp = cmd("best", cmd_best, "the best trials of a sweep", "sweep")
     sp.add_argument("--top", type=int, default=5)

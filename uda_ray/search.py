@@ -279,7 +279,7 @@ def make_scheduler(space: SearchSpace) -> Any:
     )
 
 
-def make_callbacks(sweep: dict, writer_args: dict) -> list:
+def make_callbacks(sweep: dict, writer_args: dict, mlflow: str | None = None) -> list:
     import sys
 
     from ray import tune
@@ -302,6 +302,11 @@ def make_callbacks(sweep: dict, writer_args: dict) -> list:
             # (at every start and end), so a sweep of thousands of trials stays cheap to record
             self.writer = ResultsWriter(**writer_args, trials_every_s=1.0)
             self.tb = TensorBoardLog(Path(sweep["dir"]) / TB_DIR)
+            self.ml = None
+            if mlflow:
+                from uda_ray.mlflow_log import MLflowLog
+
+                self.ml = MLflowLog(mlflow, Path(sweep["dir"]).name)
 
         def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
             # between evaluations: the running trials' heartbeats (step, steps/s, ETA), calmly
@@ -329,16 +334,22 @@ def make_callbacks(sweep: dict, writer_args: dict) -> list:
                 return
             self.writer.result(trial.trial_id, *self._exp(trial), result)
             self.tb.log(trial.trial_id, result)
+            if self.ml is not None:
+                self.ml.log(trial.trial_id, plain(trial.config["params"]), result)
             self._line(trials, f"{trial.trial_id} step {int(result['step'])}: "
                                f"{writer_args['metric']}={result.get(writer_args['metric'], float('nan')):.4f}")
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.tb.close(trial.trial_id)
             row = self.writer.end(trial.trial_id, *self._exp(trial), "completed")
+            if self.ml is not None:
+                self.ml.end(trial.trial_id, plain(trial.config["params"]), row["status"])
             self._line(trials, f"{trial.trial_id} {row['status'].replace('_', ' ')}")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.tb.close(trial.trial_id)
+            if self.ml is not None:
+                self.ml.end(trial.trial_id, plain(trial.config["params"]), "errored")
             self.writer.end(trial.trial_id, *self._exp(trial), "errored", _error_text(trial))
             self._line(trials, f"{trial.trial_id} errored: {_error_text(trial)}")
 
@@ -508,7 +519,8 @@ def _free_port() -> int:
 # sweeps
 
 
-def build_tuner(space: SearchSpace, sweep_dir: Path, seed: int, restore: bool = False) -> Any:
+def build_tuner(space: SearchSpace, sweep_dir: Path, seed: int, restore: bool = False,
+                mlflow: str | None = None) -> Any:
     from ray import tune
 
     sweep = {"base_raw": space.base_raw, "dir": str(sweep_dir)}  # what every trial driver needs
@@ -529,7 +541,7 @@ def build_tuner(space: SearchSpace, sweep_dir: Path, seed: int, restore: bool = 
                                     num_samples=space.num_samples,
                                     max_concurrent_trials=space.max_concurrent_trials),
         run_config=tune.RunConfig(
-            name=TUNE_DIR, storage_path=str(sweep_dir), callbacks=make_callbacks(sweep, writer_args),
+            name=TUNE_DIR, storage_path=str(sweep_dir), callbacks=make_callbacks(sweep, writer_args, mlflow),
             verbose=0, failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
