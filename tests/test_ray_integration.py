@@ -19,6 +19,8 @@ import yaml
 
 from tests.conftest import tiny_experiment
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # every test here starts Ray and takes more than 20 s
+
 
 def _env(tmp_path: Path) -> dict:
     home = tmp_path / "home"
