@@ -63,8 +63,11 @@ def show_progress(enabled: bool = True) -> None:
 
 
 def storage_root(storage: str | os.PathLike | None = None) -> Path:
-    """The storage root: `storage`, else $UDA_RAY_STORAGE, else ./uda_ray_runs (absolute)."""
-    return Path(storage or os.environ.get("UDA_RAY_STORAGE") or "uda_ray_runs").expanduser().absolute()
+    """The storage root: `storage`, else $UDA_RAY_STORAGE, else ./uda_ray_runs (absolute); a folder, or a path
+    where one can be made (UserError otherwise)."""
+    from uda_ray.validate import storage_root as check
+
+    return check(Path(storage or os.environ.get("UDA_RAY_STORAGE") or "uda_ray_runs").expanduser().absolute())
 
 
 def _overrides(overrides: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
@@ -130,6 +133,12 @@ def ray_connection(address: str | None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _build(raw: dict, source: str) -> Any:
+    from uda_ray.build import build_experiment
+
+    return build_experiment(raw, source)
 
 
 def refuse_running(directory: Path, what: str) -> None:
@@ -257,14 +266,17 @@ def sweep(space: str | os.PathLike, *, storage: str | os.PathLike | None = None,
     whose finished trials that fit this space seed the sampler (recorded in sweep.json). `mlflow`: a tracking
     URI; each trial is also logged as an MLflow run (needs mlflow-skinny). Returns the Sweep;
     its status is "interrupted" after Ctrl-C (`resume` continues it)."""
+    from uda_ray import validate
     from uda_ray.search import check_resources
     from uda_ray.space import load_space
     from uda_ray.stages import resolve_refs
 
     space_path = Path(space)
     sp = load_space(space_path, _overrides(overrides))
+    if "train.max_steps" in sp.params:
+        raise UserError("train.max_steps cannot be searched: ASHA needs one budget per sweep")
     root = storage_root(storage)
-    name = name or space_path.stem
+    name = validate.run_name(name or space_path.stem)
     sweep_d = root / name
     refuse_running(sweep_d, f"sweep '{name}'")
     if (sweep_d / "sweep.json").exists():
@@ -280,6 +292,7 @@ def sweep(space: str | os.PathLike, *, storage: str | os.PathLike | None = None,
     address = _address(address)
     data = resolve_data(sp.base.data, root, sp.metric)
     base_raw = resolve_refs(with_data(sp.base_raw, data), root)
+    validate.space(dataclasses.replace(sp, base_raw=base_raw, base=_build(base_raw, str(space_path))))
     seed = sp.seed if sp.seed is not None else random.SystemRandom().randrange(2**31)
     with ray_connection(address):
         check_resources(sp.base.train, sp.driver_cpus, sp.max_concurrent_trials, local=not address)
@@ -333,11 +346,12 @@ def resume(name: str, *, storage: str | os.PathLike | None = None, address: str 
 
     sweep_d = sweep_dir(name, storage)
     meta = read_meta(sweep_d)
-    with DriverLock(sweep_d, f"sweep '{meta['name']}'"):
-        from ray import tune
+    refuse_running(sweep_d, f"sweep '{meta['name']}'")
+    from ray import tune
 
-        if not tune.Tuner.can_restore(str(sweep_d / "tune")):
-            raise UserError(f"sweep '{meta['name']}' has no Tune state to restore under {sweep_d / 'tune'}")
+    if not tune.Tuner.can_restore(str(sweep_d / "tune")):
+        raise UserError(f"sweep '{meta['name']}' has no Tune state to restore under {sweep_d / 'tune'}")
+    with DriverLock(sweep_d, f"sweep '{meta['name']}'"):
         space = load_space(sweep_d / "space.yaml")
         address = _address(address, meta)
         meta.update(status="running", pid=os.getpid(), host=socket.gethostname(), resumed=time.time())
@@ -384,9 +398,11 @@ def export_best(name: str, out: str | os.PathLike, *, storage: str | os.PathLike
     (1 = the best; of a multi-objective sweep without `metric`: the `index`-th trial on the Pareto front).
     Returns its row."""
     from uda_ray.config import dump_yaml
+    from uda_ray.validate import output_file
 
     if index < 1:
         raise UserError("index must be >= 1")
+    output_file(out, "--export")
     s = Sweep.open(name, storage)
     multi = len(s.meta.get("objective") or []) > 1 and not metric
     if multi:
@@ -451,6 +467,7 @@ def train(experiment: str | os.PathLike, *, storage: str | os.PathLike | None = 
           address: str | None = None) -> dict:
     """Run one experiment as a Ray Train run under <storage>/runs/<name> (default: the experiment's name; an
     existing run resumes). Returns the last reported metrics plus checkpoint_path and run_dir."""
+    from uda_ray import validate
     from uda_ray.build import build_experiment, load_experiment
     from uda_ray.config import experiment_dict
     from uda_ray.search import check_resources
@@ -463,7 +480,8 @@ def train(experiment: str | os.PathLike, *, storage: str | os.PathLike | None = 
     address = _address(address)
     data = resolve_data(cfg.data, root, cfg.select)
     cfg = build_experiment(with_data(experiment_dict(cfg), data), str(experiment))
-    name = name or cfg.name
+    name = validate.run_name(name or cfg.name)
+    validate.experiment(cfg, str(experiment))
     run_dir = root / "runs" / name
     progress.info(f"training {cfg.method}/{cfg.model.name} for {cfg.train.max_steps} steps on "
                   f"{cfg.train.num_workers} worker(s); run folder {run_dir}")
@@ -485,9 +503,12 @@ def pipeline(path: str | os.PathLike, *, storage: str | os.PathLike | None = Non
     from uda_ray.results import markdown_report
     from uda_ray.stages import resolve_refs
     from uda_ray.train import fit_run
+    from uda_ray.validate import output_file
 
     pipe = load_pipeline(path)
     root = storage_root(storage)
+    if report:
+        output_file(report, "--report")
     address = _address(address)
 
     def prepare(cfg: Any) -> Any:

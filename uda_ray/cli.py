@@ -42,6 +42,8 @@ def _finished(s: api.Sweep, top: int = 5) -> int:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
+    if a.top < 1:
+        raise UserError("--top must be >= 1")
     s = api.sweep(a.space, storage=a.storage, address=a.address, name=a.name, overrides=a.set,
                   warm_start=a.warm_start, mlflow=a.mlflow)
     return _finished(s, a.top)

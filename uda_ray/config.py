@@ -56,9 +56,17 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
 
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a folder, not a file")
     if not p.is_file():
         raise ConfigError(f"{p}: no such file")
-    data = parse_yaml(p.read_text(), str(p))
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot be read ({e.strerror or e})") from None
+    data = parse_yaml(text, str(p))
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uda_ray import validate
 from uda_ray.build import load_experiment
 from uda_ray.checkpoint import best_checkpoint_in, latest_metrics
 from uda_ray.config import ConfigError, build, read_yaml
@@ -104,8 +105,9 @@ def load_pipeline(path: str | Path) -> Pipeline:
             src = st.action[1].get("from")
             if not all(isinstance(x, str) and x in seen for x in _as_list(src)):
                 raise ConfigError(f"{where}: 'from' must name earlier stage(s), got {src!r}")
-        else:
-            load_experiment(pipe.experiment_path(st), pipe.overrides(st))  # validate now, not hours later
+            validate.action_args(st.action[0], ACTIONS[st.action[0]], st.action[1], where)
+        else:  # validate now, not hours later (the model too: its kwargs and pretrained weights)
+            validate.experiment(load_experiment(pipe.experiment_path(st), pipe.overrides(st)), where)
         seen.add(st.name)
     return pipe
 

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from uda_ray.build import build_experiment
 from uda_ray.config import experiment_dict, flatten
+from uda_ray.errors import UserError
 from uda_ray.metric_names import REPORTED_PREFIXES, SCHEMA_VERSION, check_metric, mode_of, upgrade_row
 
 TABLES = {"trials": ("trial_id",), "evals": ("trial_id", "step"), "class_iou": ("trial_id", "step", "class_name")}
@@ -302,7 +303,10 @@ def read_table(results_dir: Path, table: str) -> list[dict]:
     p = Path(results_dir) / f"{table}.parquet"
     if not p.exists():
         return []
-    rows = pq.read_table(p).to_pylist()
+    try:
+        rows = pq.read_table(p).to_pylist()
+    except (OSError, pa.ArrowException) as e:
+        raise UserError(f"{p}: not a readable Parquet table ({str(e).splitlines()[0][:200]})") from None
     return [upgrade_row(r) if (r.get("schema_version") or 1) < 2 else r for r in rows]
 
 

@@ -563,7 +563,12 @@ def write_meta(sweep_dir: Path, meta: dict) -> None:
 
 
 def read_meta(sweep_dir: Path) -> dict:
-    return json.loads((sweep_dir / "sweep.json").read_text())
+    from uda_ray.validate import read_json
+
+    meta = read_json(sweep_dir / "sweep.json")
+    if not isinstance(meta, dict) or "name" not in meta:
+        raise UserError(f"{sweep_dir / 'sweep.json'}: not a sweep record (no 'name')")
+    return meta
 
 
 def sweep_status_after(grid: Any) -> str:
