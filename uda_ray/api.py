@@ -608,3 +608,34 @@ def convert_weights(src: str | os.PathLike, dst: str | os.PathLike, *, num_class
     if num_classes is not None and num_classes < 2:
         raise UserError("num_classes must be >= 2")
     return convert_file(src, dst, num_classes)
+
+
+# ------------------------------------------------------------------------------------------------
+# data and models
+
+
+def synthetic_data(out: str | os.PathLike, *, n_source: int = 200, n_target: int = 200, n_val: int = 50,
+                   size_hw: tuple[int, int] = (128, 256), seed: int = 0, synthia: bool = False) -> Path:
+    """Write the synthetic domain-shift benchmark (GTA5 and Cityscapes layouts, optionally SYNTHIA's) under
+    `out`; returns its folder."""
+    from uda_ray.data.synthetic import generate
+
+    for k, v in (("n_source", n_source), ("n_target", n_target), ("n_val", n_val)):
+        if v < 1:
+            raise UserError(f"--{k.replace('_', '-')} must be >= 1")
+    h, w = size_hw
+    return generate(Path(out), n_source=n_source, n_target=n_target, n_val=n_val, size=(w, h), seed=seed,
+                    synthia=synthia)
+
+
+def profile_model(model: str, *, size_hw: tuple[int, int] = (512, 1024), device: str = "cpu",
+                  amp: bool = False) -> dict:
+    """Parameters, GFLOPs and latency of a registered model at input size (H, W)."""
+    from uda_ray.profile import profile
+
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available here")
+    return profile(model, size=size_hw, device=device, amp=amp)

@@ -121,15 +121,9 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(a: argparse.Namespace) -> int:
-    from uda_ray.data.synthetic import generate
-
-    h, w = _hw(a.size)
-    for k in ("n_source", "n_target", "n_val"):
-        if getattr(a, k) < 1:
-            raise UserError(f"--{k.replace('_', '-')} must be >= 1")
     t0 = time.time()
-    out = generate(Path(a.out), n_source=a.n_source, n_target=a.n_target, n_val=a.n_val, size=(w, h),
-                   seed=a.seed, synthia=a.synthia)
+    out = api.synthetic_data(a.out, n_source=a.n_source, n_target=a.n_target, n_val=a.n_val, size_hw=_hw(a.size),
+                             seed=a.seed, synthia=a.synthia)
     print(f"wrote {out} in {time.time() - t0:.1f}s")
     return 0
 
@@ -144,15 +138,9 @@ def cmd_convert_weights(a: argparse.Namespace) -> int:
 
 
 def cmd_profile(a: argparse.Namespace) -> int:
-    from uda_ray.profile import format_report, profile
+    from uda_ray.profile import format_report
 
-    h, w = _hw(a.size)
-    if a.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available here")
-    print(format_report(profile(a.model, size=(h, w), device=a.device, amp=a.amp)))
+    print(format_report(api.profile_model(a.model, size_hw=_hw(a.size), device=a.device, amp=a.amp)))
     return 0
 
 
