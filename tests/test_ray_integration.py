@@ -76,7 +76,7 @@ def test_sweep_end_to_end_then_best_export_then_train(tmp_path, synth_root):
     space = _write_space(tmp_path, synth_root, {"train.cpus_per_worker": 0.5},
                          scheduler={"asha": {"grace_period": 2, "reduction_factor": 2}})
     out = _cli(tmp_path, "sweep", str(space), "--name", "e2e").stdout
-    assert "top 2 by uv/snd (max)" in out and "test/miou=" in out  # label-free default, test shown beside
+    assert "top 2 by uv/im (max)" in out and "test/miou=" in out  # label-free default, test shown beside
 
     trials = _table(tmp_path, "e2e", "trials")
     assert len(trials) == 2 and {t["status"] for t in trials} <= {"completed", "stopped_early"}
@@ -93,7 +93,7 @@ def test_sweep_end_to_end_then_best_export_then_train(tmp_path, synth_root):
     exported = yaml.safe_load((tmp_path / "best.yaml").read_text())
     top = max(trials, key=lambda t: t["best_value"])
     assert exported["optim"]["lr"] == top["config.optim.lr"] and exported["method"] == top["method"]
-    assert exported["select"] == "uv/snd" and top["objective"] == "uv/snd"
+    assert exported["select"] == "uv/im" and top["objective"] == "uv/im"
     ls = _cli(tmp_path, "ls").stdout
     assert "e2e" in ls and "completed" in ls
 

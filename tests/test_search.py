@@ -30,9 +30,9 @@ def test_trials_stopped_before_max_steps_are_pruned_in_optuna_not_complete(tmp_p
         cfg = limiter.suggest(tid)
         assert set(cfg["params"]) == {"optim.lr", "train.batch_size", "method"}
         assert 1e-3 <= cfg["params"]["optim.lr"] <= 1e-2 and cfg["params"]["train.batch_size"] in (1, 2)
-        limiter.on_trial_result(tid, {"uv/snd": 0.1, "step": 2})
-        limiter.on_trial_result(tid, {"uv/snd": 0.1, "step": 2})  # replayed after a resume: reported once
-        last = {"uv/snd": 0.2, "step": 4 if tid == "full" else 2}
+        limiter.on_trial_result(tid, {"uv/im": 0.1, "step": 2})
+        limiter.on_trial_result(tid, {"uv/im": 0.1, "step": 2})  # replayed after a resume: reported once
+        last = {"uv/im": 0.2, "step": 4 if tid == "full" else 2}
         limiter.on_trial_complete(tid, last, error=tid == "broken")
     states = {t.number: t.state for t in searcher._ot_study.trials}
     assert states == {0: optuna.trial.TrialState.PRUNED, 1: optuna.trial.TrialState.COMPLETE,
@@ -56,8 +56,8 @@ def test_same_seed_same_first_suggestions(tmp_path, synth_root):
 def _drive(limiter, tid: str, steps: list[int], value: float, error: bool = False) -> None:
     limiter.suggest(tid)
     for st in steps:
-        limiter.on_trial_result(tid, {"uv/snd": value * st, "step": st})
-    limiter.on_trial_complete(tid, {"uv/snd": value * steps[-1], "step": steps[-1]}, error=error)
+        limiter.on_trial_result(tid, {"uv/im": value * st, "step": st})
+    limiter.on_trial_complete(tid, {"uv/im": value * steps[-1], "step": steps[-1]}, error=error)
 
 
 def test_study_is_persisted_in_the_sweep_folder_with_states_and_intermediate_values(tmp_path, synth_root):
@@ -92,7 +92,7 @@ def test_a_restored_searcher_keeps_the_study_consistent(tmp_path, synth_root):
     limiter.set_search_properties(None, None, _tune_domains(space))
     _drive(limiter, "a", [2, 4], 0.1)
     limiter.suggest("b")
-    limiter.on_trial_result("b", {"uv/snd": 0.05, "step": 2})
+    limiter.on_trial_result("b", {"uv/im": 0.05, "step": 2})
     snapshot = tmp_path / "searcher.pkl"
     limiter.save(str(snapshot))  # what Tune's experiment checkpoint holds: the searcher and its wrapper
     wrapper = limiter.get_state()
@@ -102,9 +102,9 @@ def test_a_restored_searcher_keeps_the_study_consistent(tmp_path, synth_root):
     again.set_search_properties(None, None, _tune_domains(space))
     again.set_state(wrapper)
     again.restore(str(snapshot))
-    again.on_trial_result("b", {"uv/snd": 0.05, "step": 2})  # replayed
-    again.on_trial_result("b", {"uv/snd": 0.15, "step": 4})
-    again.on_trial_complete("b", {"uv/snd": 0.15, "step": 4})
+    again.on_trial_result("b", {"uv/im": 0.05, "step": 2})  # replayed
+    again.on_trial_result("b", {"uv/im": 0.15, "step": 4})
+    again.on_trial_complete("b", {"uv/im": 0.15, "step": 4})
     study = load_study(sweep_dir)
     by_tune = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
     assert {k: t.state.name for k, t in by_tune.items()} == {"a": "COMPLETE", "b": "COMPLETE", "lost": "FAIL"}

@@ -3,7 +3,7 @@
 ```yaml
 base: ../experiments/x.yaml            # the experiment every trial starts from (relative to this file)
 set: {train.max_steps: 300}            # optional fixed overrides of the base
-objective: {metric: uv/snd}            # default: the base's `select`; mode from uda_ray.metric_names;
+objective: {metric: uv/im}             # default: the base's `select`; mode from uda_ray.metric_names;
                                        # a list of them for a Pareto search (trials keep checkpoints by the first)
 constraints: {model/fps: ">= 30"}      # optional: the sampler and the Pareto front keep to these
 num_samples: 8
