@@ -84,7 +84,7 @@ def main() -> int:
     for amp in ("off", "bf16"):
         torch.manual_seed(0)
         method = cls(MODELS["bisenet_r18"](num_classes=19), cls.Config(discriminator="fc"), optim, num_classes=19,
-                     device=dev, max_steps=10**6)
+                     device=dev)
         for i in range(a.warmup):
             train_step(method, src, tgt, i, 10**6, dev, amp)
         with FlopCounterMode(display=False) as counter:

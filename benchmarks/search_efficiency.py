@@ -192,6 +192,8 @@ def record(out: Path, steps: int, eval_every: int) -> None:
     results tables."""
     import itertools
 
+    import torch
+
     from uda_ray.build import build_experiment
     from uda_ray.config import apply_overrides, experiment_dict
     from uda_ray.data.loading import prepare
@@ -212,6 +214,7 @@ def record(out: Path, steps: int, eval_every: int) -> None:
         def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
             super().report(metrics, None)
 
+    torch.set_num_threads(1)  # a loaded machine: no thread oversubscription
     writer = ResultsWriter(out / "results", out.name, "test/miou", "max", None)
     grid = list(itertools.product([0.0, 1e-2, 1e-1], [2.5e-3, 1e-2, 4e-2]))
     for i, (lam, lr) in enumerate(grid):
@@ -238,7 +241,7 @@ def main() -> int:
     ap.add_argument("--sweep", type=Path, nargs="+", help="sweep folder(s) (or their results/ folders)")
     ap.add_argument("--record", type=Path, help="record a 9-configuration grid into this folder first")
     ap.add_argument("--grid-steps", type=int, default=30)
-    ap.add_argument("--grid-eval-every", type=int, default=3)
+    ap.add_argument("--grid-eval-every", type=int, default=5)
     ap.add_argument("--metric", help="default: the table's objective")
     ap.add_argument("--seeds", type=int, default=30)
     ap.add_argument("--within", type=float, default=1.0, help="mIoU points (values in [0, 1] are x100)")

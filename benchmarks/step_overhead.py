@@ -52,8 +52,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = MODELS[a.model](num_classes=19)
     plain_model = copy.deepcopy(model)
-    method = METHODS["source_only"](model, METHODS["source_only"].Config(), optim, num_classes=19, device=dev,
-                                    max_steps=10**6)
+    method = METHODS["source_only"](model, METHODS["source_only"].Config(), optim, num_classes=19, device=dev)
     groups = plain_model.param_groups(optim.lr) if hasattr(plain_model, "param_groups") else plain_model.parameters()
     plain_opt = build_optimizer(groups, optim)
     aux = tuple(getattr(plain_model, "aux_weights", ()))
@@ -84,8 +83,7 @@ def main() -> None:
         def train_step(self, batch, step):  # noqa: ANN001, ANN201
             return {"loss/seg_src": batch.src_img[0, 0, 0, 0]}
 
-    empty = Nothing(copy.deepcopy(plain_model), Nothing.Config(), optim, num_classes=19, device=dev,
-                    max_steps=10**6)
+    empty = Nothing(copy.deepcopy(plain_model), Nothing.Config(), optim, num_classes=19, device=dev)
 
     def machinery() -> None:
         for _ in range(a.steps):
