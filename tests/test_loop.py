@@ -104,3 +104,16 @@ def test_channels_last_and_bf16_fit_runs(tmp_path, synth_root):
     s = LocalSession(tmp_path / "run")
     last = fit(cfg, s)
     assert last["step"] == 2 and all(v == v for v in (last["train/loss/seg_src"], last["test/miou"]))
+
+
+@pytest.mark.slow
+def test_compiled_segmenter_trains_like_the_eager_one_and_keeps_its_state_dict_keys():
+    """train.compile: nn.Module.compile() in place (inductor on CPU, ~25 s of compilation)."""
+    eager, compiled = make_method("source_only"), make_method("source_only")
+    keys = list(compiled.model_raw.state_dict())
+    compiled.model_raw.compile()
+    for step in range(2):
+        a = train_step(eager, *_items(step), step, 10, torch.device("cpu"))
+        b = train_step(compiled, *_items(step), step, 10, torch.device("cpu"))
+        torch.testing.assert_close(b["loss/seg_src"], a["loss/seg_src"], rtol=1e-4, atol=1e-5)
+    assert list(compiled.model_raw.state_dict()) == keys
