@@ -77,6 +77,14 @@ def test_study_is_persisted_in_the_sweep_folder_with_states_and_intermediate_val
     assert {k: t.state.name for k, t in by_tune.items()} == {"full": "COMPLETE", "early": "PRUNED",
                                                              "broken": "FAIL"}
     assert by_tune["full"].intermediate_values == {2: 0.2, 4: 0.4} and by_tune["full"].value == 0.4
+    assert by_tune["early"].intermediate_values == {2: 0.2}
+
+    # the result on which ASHA stops a trial reaches the searcher only through on_trial_complete
+    limiter.suggest("cut")
+    limiter.on_trial_result("cut", {"uv/snd": 0.1, "step": 2})
+    limiter.on_trial_complete("cut", {"uv/snd": 0.3, "step": 3})
+    cut = next(t for t in load_study(sweep_dir).trials if t.user_attrs["tune_trial_id"] == "cut")
+    assert cut.state.name == "PRUNED" and cut.intermediate_values == {2: 0.1, 3: 0.3}
     assert set(by_tune["full"].params) == {"params/optim.lr", "params/train.batch_size", "params/method"}
 
 

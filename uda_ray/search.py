@@ -180,6 +180,7 @@ def seed_study(sweep_dir: Path, space: SearchSpace, points: list[dict]) -> Any:
     storage, so TPE's first suggestions already see them)."""
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line on the console
     study = optuna.create_study(storage=study_storage(sweep_dir), study_name=Path(sweep_dir).name,
                                 directions=["maximize" if o.mode == "max" else "minimize" for o in space.objectives])
     for p in points:
@@ -233,6 +234,10 @@ def make_searcher(space: SearchSpace, seed: int, sweep_dir: Path | None = None) 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
                 return super().on_trial_complete(trial_id, result, error)
+            if result and not error:
+                # Tune does not pass the result on which the scheduler stops a trial to the searcher's
+                # on_trial_result, only here: record it as the trial's last intermediate value
+                self.on_trial_result(trial_id, result)
             for c in constraints:  # Optuna's samplers treat a trial with any value > 0 as infeasible
                 self._ot_trials[trial_id].set_constraint(str(c), c.violation((result or {}).get(c.metric)))
             step = (result or {}).get("step")
