@@ -81,8 +81,8 @@ def test_study_is_persisted_in_the_sweep_folder_with_states_and_intermediate_val
 
     # the result on which ASHA stops a trial reaches the searcher only through on_trial_complete
     limiter.suggest("cut")
-    limiter.on_trial_result("cut", {"uv/snd": 0.1, "step": 2})
-    limiter.on_trial_complete("cut", {"uv/snd": 0.3, "step": 3})
+    limiter.on_trial_result("cut", {space.metric: 0.1, "step": 2})
+    limiter.on_trial_complete("cut", {space.metric: 0.3, "step": 3})
     cut = next(t for t in load_study(sweep_dir).trials if t.user_attrs["tune_trial_id"] == "cut")
     assert cut.state.name == "PRUNED" and cut.intermediate_values == {2: 0.1, 3: 0.3}
     assert set(by_tune["full"].params) == {"params/optim.lr", "params/train.batch_size", "params/method"}
