@@ -12,7 +12,9 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+from tests.conftest import tiny_experiment
 from tests.test_ray_integration import _env, _write_space
 from uda_ray.build import build_experiment
 from uda_ray.train import LocalSession, fit
@@ -54,6 +56,7 @@ def test_a_killed_train_worker_restarts_from_its_checkpoint_and_ends_like_an_und
         assert got, "the trial never reached its first checkpoint while running"
         killed_after, pid_file = got
         os.kill(int(pid_file.read_text()), signal.SIGKILL)  # the Ray Train worker process, not the driver
+        t_kill = time.time()
         out, _ = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:
@@ -68,6 +71,10 @@ def test_a_killed_train_worker_restarts_from_its_checkpoint_and_ends_like_an_und
     assert [r["step"] for r in evals] == list(range(every, max_steps + 1, every))  # none missing, none twice
     (first_after,) = [r for r in evals if r.get("resumed_from") is not None]
     assert first_after["step"] == trial["resumed_from"] + every and first_after["restarts"] == 1
+    steady = sorted(b["reported_at"] - a["reported_at"] for a, b in zip(evals, evals[1:]) if b is not first_after)
+    print(f"\nworker SIGKILL after step {killed_after}: restarted from step {trial['resumed_from']}; next evaluation "
+          f"{first_after['reported_at'] - t_kill:.1f}s after the kill "
+          f"(a normal interval: {steady[len(steady) // 2]:.1f}s)")
     restarts = (store / "train" / f"train-{trial['trial_id']}" / "restarts.jsonl").read_text().splitlines()
     assert [json.loads(ln)["resumed_from"] for ln in restarts] == [trial["resumed_from"]]
 
@@ -79,3 +86,66 @@ def test_a_killed_train_worker_restarts_from_its_checkpoint_and_ends_like_an_und
         for k, v in ref.items():
             if k.startswith(COMPARED) and not k.startswith("test/iou/"):
                 assert got[k] == v, (ref["step"], k, got[k], v)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_a_two_worker_trial_under_ray_train_labels_once_sums_its_sharded_evaluation_and_survives_a_dead_rank(
+        tmp_path, synth_root):
+    from uda_ray.build import load_trained
+    from uda_ray.checkpoint import load_state
+    from uda_ray.data.loading import build_datasets, splits_of
+    from uda_ray.train import eval_loaders, evaluate_splits
+
+    teacher = LocalSession(tmp_path / "teacher")  # the checkpoint the trial makes its pseudo-labels from
+    fit(build_experiment(tiny_experiment(synth_root, **{"train.max_steps": 2})), teacher)
+    max_steps, every = 15, 3
+    space = _write_space(tmp_path, synth_root, {
+        "method": "self_training", "data.pseudo_from": str(tmp_path / "teacher" / "checkpoints" / "step_0000002"),
+        "train.num_workers": 2, "train.cpus_per_worker": 0.5, "train.max_steps": max_steps,
+        "train.eval_every": every}, num_samples=1, params={"optim.lr": {"choice": [0.01]}})
+    store = tmp_path / "store" / "dd"
+    evals_path = store / "results" / "evals.parquet"
+    proc = subprocess.Popen([sys.executable, "-m", "uda_ray.cli", "sweep", str(space), "--name", "dd"],
+                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def rank1_after_a_checkpoint():
+        if not evals_path.exists():
+            return None
+        steps = [r["step"] for r in pq.read_table(evals_path).to_pylist()]
+        pids = list(store.glob("train/train-*/worker-1.pid"))
+        return pids[0] if steps and max(steps) < max_steps and pids else None
+
+    try:
+        pid_file = _wait_for(rank1_after_a_checkpoint, proc, 300)
+        assert pid_file, "the 2-worker trial never reached its first checkpoint while running"
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)  # rank 1's process
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+
+    (trial,) = pq.read_table(store / "results" / "trials.parquet").to_pylist()
+    assert trial["status"] == "completed" and trial["restarts"] == 1
+    evals = sorted(pq.read_table(evals_path).to_pylist(), key=lambda r: r["step"])
+    assert [r["step"] for r in evals] == list(range(every, max_steps + 1, every))
+    run = store / "train" / f"train-{trial['trial_id']}"
+    # rank 0 labelled the target once (the restart reused them); rank 1 waited for them at the barrier
+    manifest = json.loads((run / "pseudo_labels" / "manifest.json").read_text())
+    assert manifest["num_images"] == 12
+    state = load_state(trial["last_checkpoint"])
+    assert state["step"] == max_steps and len(state["rng"]) == 2  # every rank's RNG state is in the checkpoint
+
+    # the reported evaluation is the whole test split: each rank's shard, summed. One process over all of it,
+    # with the final weights, finds the same numbers (up to a few pixels whose argmax flips with the batch
+    # composition); rank 0's shard alone does not.
+    cfg, model = load_trained(trial["last_checkpoint"])
+    ds = build_datasets(cfg.data, source=True, target=True, target_labels=False, splits=splits_of(cfg.data))
+    ref = evaluate_splits(model, eval_loaders(ds, cfg, 0, 1), cfg, torch.device("cpu"))
+    shard = evaluate_splits(model, eval_loaders(ds, cfg, 0, 2), cfg, torch.device("cpu"))
+    assert ref["test/pixel_acc"] == pytest.approx(evals[-1]["test/pixel_acc"], abs=5e-4)
+    assert ref["test/miou"] == pytest.approx(evals[-1]["test/miou"], abs=5e-3)
+    assert abs(shard["test/pixel_acc"] - evals[-1]["test/pixel_acc"]) > 5e-4

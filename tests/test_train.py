@@ -163,3 +163,23 @@ def test_test_selection_on_an_unlabeled_target_is_refused_before_training(tmp_pa
     with pytest.raises(ConfigError, match="test/miou needs target test labels"):
         fit(build_experiment(raw), s)
     assert s.reports == [] and not (tmp_path / "r").exists()
+
+
+class _ReplayingSession(LocalSession):
+    """A LocalSession that, like a Ray Train worker, reports logged evaluations again when it resumes."""
+
+    replay_on_resume = True
+
+
+def test_a_resume_reports_every_evaluation_up_to_its_checkpoint_again_in_order(tmp_path, synth_root):
+    # Ray Train may persist several checkpoints while their results still wait in Tune's queues when the
+    # driver dies: the resumed run must re-report all of them, not only the latest checkpoint's
+    raw = tiny_experiment(synth_root, **{"train.max_steps": 3, "train.eval_every": 1})
+    first = _ReplayingSession(tmp_path / "run")
+    fit(build_experiment(raw), first)
+    assert [r["step"] for r in first.reports] == [1, 2, 3]
+    again = _ReplayingSession(tmp_path / "run")
+    fit(build_experiment({**raw, "train": {**raw["train"], "max_steps": 5}}), again)
+    steps = [r["step"] for r in again.reports]
+    assert steps == [1, 2, 3, 4, 5]
+    assert [again.reports[i]["test/miou"] for i in range(3)] == [r["test/miou"] for r in first.reports]

@@ -39,6 +39,7 @@ from uda_ray.validators import ValidatorAccumulator
 
 log = logging.getLogger(__name__)
 RESTARTS_FILE = "restarts.jsonl"  # one line per restart of the run from a checkpoint
+REPORTED_FILE = "reported.jsonl"  # rank 0: every evaluation's metrics, logged before it is reported
 DIVERGED_FILE = "diverged.json"  # where a non-finite loss ended an attempt (a restart would repeat it)
 
 
@@ -207,11 +208,31 @@ def _resume_or_init(cfg: ExperimentConfig, session: Session, method: Method, dig
     _refuse_known_divergence(session.run_dir, start, digest)
     restart = {"resumed_from": start, "restarts": _record_restart(session.run_dir, start)} \
         if session.rank == 0 else {}
-    if getattr(session, "replay_on_resume", False) and state.get("metrics"):
-        # The driver may have died after this checkpoint was persisted but before its result reached
-        # the results tables: report it again (the tables keep one row per step).
-        session.report(state["metrics"], None)
+    if getattr(session, "replay_on_resume", False):
+        # The driver may have died after checkpoints were persisted but before their results reached the
+        # results tables: Ray Train persists a checkpoint while its result can still wait in Tune's queues
+        # (more than one result can be in flight). Report every evaluation up to this checkpoint again, in
+        # order; the tables keep one row per step, so what the driver already had is not duplicated.
+        replay = _reported_up_to(session.run_dir, start) or ([state["metrics"]] if state.get("metrics") else [])
+        for metrics in replay:
+            session.report(metrics, None)
     return start, restart
+
+
+def _reported_up_to(run_dir: Path, step: int) -> list[dict[str, Any]]:
+    """The evaluations rank 0 logged before reporting them (REPORTED_FILE), one per step, steps <= `step`."""
+    p = Path(run_dir) / REPORTED_FILE
+    if not p.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in p.read_text().splitlines():
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash mid-write
+            continue
+        if isinstance(m, dict) and int(m.get("step", step + 1)) <= step:
+            by_step.setdefault(int(m["step"]), m)
+    return [by_step[k] for k in sorted(by_step)]
 
 
 @dataclass
@@ -326,6 +347,10 @@ def _checkpoint_and_report(cfg: ExperimentConfig, session: Session, method: Meth
         if tmp is not None:
             save_checkpoint(tmp, method_state=method.state_dict(), step=step, rng=rng,
                             config=experiment_dict(cfg), metrics=metrics)
+            if getattr(session, "replay_on_resume", False):  # logged before it is reported: see _resume_or_init
+                session.run_dir.mkdir(parents=True, exist_ok=True)
+                with open(session.run_dir / REPORTED_FILE, "a") as f:
+                    f.write(json.dumps(metrics, default=float) + "\n")
         session.report(metrics, tmp)
     finally:
         if tmp is not None:
