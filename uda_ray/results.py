@@ -70,6 +70,7 @@ def _fsync_dir(d: Path) -> None:
 
 
 def _atomic_write(table: pa.Table, path: Path) -> None:
+    """Atomically (re)place one Parquet file; the temporary name is hidden, so readers skip it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp)
     with open(tmp, "rb") as f:
@@ -186,7 +187,7 @@ class SegmentTable:
         staging.mkdir()
         columns = list(dict.fromkeys(c for r in rows for c in r))
         schema = pa.schema([(c, _metric_type(self.name, c)) for c in columns])
-        _write(rows_to_table(rows, dict(zip(schema.names, schema.types)), columns), staging / self._seg(0))
+        _atomic_write(rows_to_table(rows, dict(zip(schema.names, schema.types)), columns), staging / self._seg(0))
         aside = self.dir / f".{self.name}.parquet.one-file"
         os.replace(self.path, aside)
         os.replace(staging, self.path)
@@ -228,7 +229,7 @@ class SegmentTable:
         self.schema = schema
         parts = [_conform(self.open_table, schema)] if self.open_table is not None else []
         self.open_table = pa.concat_tables([*parts, new])
-        _write(self.open_table, self.path / self.segments[-1])
+        _atomic_write(self.open_table, self.path / self.segments[-1])
         if new_column:
             self._widen(schema, self.segments[:-1])
 
@@ -236,22 +237,13 @@ class SegmentTable:
         """Add the columns of `schema` (null) to `segments`, the first segment last (readers take its schema)."""
         self.schema = schema
         for name in sorted(segments, reverse=True):
-            _write(_conform(pq.read_table(self.path / name), schema), self.path / name)
+            _atomic_write(_conform(pq.read_table(self.path / name), schema), self.path / name)
 
 
 def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
     """`t` with the columns of `schema`, in its order (missing ones null)."""
     return pa.table({c: (t.column(c) if c in t.column_names else pa.nulls(len(t), schema.field(c).type))
                      for c in schema.names}, schema=schema)
-
-
-def _write(table: pa.Table, path: Path) -> None:
-    """Atomically (re)place one Parquet file; the temporary name is hidden, so readers skip it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class TableStore:
