@@ -32,30 +32,27 @@ def _wait_for(pred, proc, timeout: float):
     return None
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_killed_train_worker_restarts_from_its_checkpoint_and_ends_like_an_undisturbed_run(tmp_path, synth_root):
-    max_steps, every = 30, 5
-    space = _write_space(tmp_path, synth_root, {"train.max_steps": max_steps, "train.eval_every": every,
-                                                 "train.cpus_per_worker": 0.5},
-                         num_samples=1, params={"optim.lr": {"choice": [0.01]}})
-    store = tmp_path / "store" / "wk"
+def _sweep_killing_a_worker(tmp_path, space, name: str, rank: int, max_steps: int):
+    """Run the sweep in a subprocess; once its running trial has reported an evaluation (so it has a checkpoint),
+    SIGKILL the process of Ray Train worker `rank` (not the driver) and wait for the sweep to end, which must
+    succeed. Returns (the sweep's store, the last step evaluated before the kill, the time of the kill)."""
+    store = tmp_path / "store" / name
     evals_path = store / "results" / "evals.parquet"
-    proc = subprocess.Popen([sys.executable, "-m", "uda_ray.cli", "sweep", str(space), "--name", "wk"],
+    proc = subprocess.Popen([sys.executable, "-m", "uda_ray.cli", "sweep", str(space), "--name", name],
                             env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def first_eval_of_a_running_trial():
+    def a_running_trial_after_a_checkpoint():
         if not evals_path.exists():
             return None
         steps = [r["step"] for r in pq.read_table(evals_path).to_pylist()]
-        pids = list(store.glob("train/train-*/worker-0.pid"))
+        pids = list(store.glob(f"train/train-*/worker-{rank}.pid"))
         return (max(steps), pids[0]) if steps and max(steps) < max_steps and pids else None
 
     try:
-        got = _wait_for(first_eval_of_a_running_trial, proc, 300)
+        got = _wait_for(a_running_trial_after_a_checkpoint, proc, 300)
         assert got, "the trial never reached its first checkpoint while running"
         killed_after, pid_file = got
-        os.kill(int(pid_file.read_text()), signal.SIGKILL)  # the Ray Train worker process, not the driver
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
         t_kill = time.time()
         out, _ = proc.communicate(timeout=400)
     finally:
@@ -63,6 +60,18 @@ def test_a_killed_train_worker_restarts_from_its_checkpoint_and_ends_like_an_und
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, out[-3000:]
+    return store, killed_after, t_kill
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_train_worker_restarts_from_its_checkpoint_and_ends_like_an_undisturbed_run(tmp_path, synth_root):
+    max_steps, every = 30, 5
+    space = _write_space(tmp_path, synth_root, {"train.max_steps": max_steps, "train.eval_every": every,
+                                                 "train.cpus_per_worker": 0.5},
+                         num_samples=1, params={"optim.lr": {"choice": [0.01]}})
+    store, killed_after, t_kill = _sweep_killing_a_worker(tmp_path, space, "wk", rank=0, max_steps=max_steps)
+    evals_path = store / "results" / "evals.parquet"
 
     (trial,) = pq.read_table(store / "results" / "trials.parquet").to_pylist()
     assert trial["status"] == "completed" and trial["restarts"] == 1
@@ -105,28 +114,8 @@ def test_a_two_worker_trial_under_ray_train_labels_once_sums_its_sharded_evaluat
         "method": "self_training", "data.pseudo_from": str(tmp_path / "teacher" / "checkpoints" / "step_0000002"),
         "train.num_workers": 2, "train.cpus_per_worker": 0.5, "train.max_steps": max_steps,
         "train.eval_every": every}, num_samples=1, params={"optim.lr": {"choice": [0.01]}})
-    store = tmp_path / "store" / "dd"
+    store, _, _ = _sweep_killing_a_worker(tmp_path, space, "dd", rank=1, max_steps=max_steps)
     evals_path = store / "results" / "evals.parquet"
-    proc = subprocess.Popen([sys.executable, "-m", "uda_ray.cli", "sweep", str(space), "--name", "dd"],
-                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def rank1_after_a_checkpoint():
-        if not evals_path.exists():
-            return None
-        steps = [r["step"] for r in pq.read_table(evals_path).to_pylist()]
-        pids = list(store.glob("train/train-*/worker-1.pid"))
-        return pids[0] if steps and max(steps) < max_steps and pids else None
-
-    try:
-        pid_file = _wait_for(rank1_after_a_checkpoint, proc, 300)
-        assert pid_file, "the 2-worker trial never reached its first checkpoint while running"
-        os.kill(int(pid_file.read_text()), signal.SIGKILL)  # rank 1's process
-        out, _ = proc.communicate(timeout=400)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, out[-3000:]
 
     (trial,) = pq.read_table(store / "results" / "trials.parquet").to_pylist()
     assert trial["status"] == "completed" and trial["restarts"] == 1
