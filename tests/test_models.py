@@ -12,9 +12,10 @@ import torchvision
 from torch import nn
 
 from uda_ray.errors import UserError
+from uda_ray.formatting import profile_report
 from uda_ray.models import MODELS
 from uda_ray.models.discriminators import DISCRIMINATORS, DSCDiscriminator, FCDiscriminator
-from uda_ray.profile import SEED_FIGURES, count_gflops, count_params, format_report, profile
+from uda_ray.profile import count_gflops, count_params, profile
 
 H, W = 64, 128  # tiny input
 STRIDES = {"enet": (1, 2)}  # (stride of "out", stride of "feat"); every other model has both at 1/8
@@ -207,13 +208,21 @@ def test_count_gflops_of_one_conv_counts_a_multiply_add_as_two() -> None:
     assert count_gflops(conv, (16, 16), batch=2) == pytest.approx(4 * macs / 1e9)
 
 
-def test_profile_reports_the_seed_figures_beside_ours() -> None:
+def test_profile_measures_params_gflops_and_latency() -> None:
     result = profile("disc_dsc", size=(64, 64), device="cpu")
     assert result["params"] == 191_364
     assert result["gflops"] == pytest.approx(2.135425024 * (64 * 64) / (512 * 1024))
     assert result["latency_ms"] > 0 and result["fps"] == pytest.approx(1000 / result["latency_ms"])
-    report = format_report(result)
-    assert "0.191 M" in report and f"{SEED_FIGURES['disc_dsc']['gflops']:.2f}" in report
+    report = profile_report(result)
+    assert "0.191 M" in report and "paper" not in report  # the DSC discriminator's paper gives no figures
+
+
+def test_profile_report_sets_the_enet_papers_figures_beside_ours() -> None:
+    ours = {"name": "enet", "size": (360, 640), "device": "cpu", "amp": False, "params": 364_000, "gflops": 3.45,
+            "latency_ms": 20.0, "fps": 50.0}
+    lines = profile_report(ours).splitlines()
+    assert "0.364 M" in lines[1] and "3.45" in lines[2]
+    assert "0.370 M params, 3.83 GFLOPs @ 360x640" in lines[5] and "arXiv:1606.02147" in lines[6]
 
 
 def test_profile_rejects_unknown_names() -> None:

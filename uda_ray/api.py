@@ -392,6 +392,23 @@ def pareto(name: str, *, storage: str | os.PathLike | None = None, method: str |
     return [r for r in rows if not method or r["method"] == method]
 
 
+def leaderboard(name: str, *, storage: str | os.PathLike | None = None, top: int = 5, metric: str | None = None,
+                method: str | None = None) -> dict:
+    """What `uda-ray best` shows: of a multi-objective sweep ranked by no `metric`, its Pareto front (kind
+    "pareto": `pareto` rows, objectives, constraints); else its `top` trials (kind "best": `best` rows)."""
+    s = Sweep.open(name, storage)
+    if _multi_objective(s.meta, metric):
+        return {"kind": "pareto", "rows": pareto(name, storage=storage, method=method), "method": method,
+                "objectives": s.meta["objective"], "constraints": s.meta.get("constraints") or []}
+    return {"kind": "best", "rows": best(name, storage=storage, top=top, metric=metric, method=method),
+            "method": method}
+
+
+def _multi_objective(meta: dict, metric: str | None) -> bool:
+    """A sweep of several objectives, not ranked by one named metric, is judged by its Pareto front."""
+    return len(meta.get("objective") or []) > 1 and not metric
+
+
 def export_best(name: str, out: str | os.PathLike, *, storage: str | os.PathLike | None = None,
                 metric: str | None = None, method: str | None = None, index: int = 1) -> dict:
     """Write a trial of sweep `name` as a runnable experiment YAML at `out` (atomically): the `index`-th best
@@ -404,7 +421,7 @@ def export_best(name: str, out: str | os.PathLike, *, storage: str | os.PathLike
         raise UserError("index must be >= 1")
     output_file(out, "--export")
     s = Sweep.open(name, storage)
-    multi = len(s.meta.get("objective") or []) > 1 and not metric
+    multi = _multi_objective(s.meta, metric)
     if multi:
         rows = [r for r in pareto(name, storage=storage, method=method) if r["on_front"]]
         for r in rows:  # the fields an export names
@@ -623,7 +640,7 @@ def synthetic_data(out: str | os.PathLike, *, n_source: int = 200, n_target: int
     for k, v in (("n_source", n_source), ("n_target", n_target), ("n_val", n_val)):
         if v < 1:
             raise UserError(f"--{k.replace('_', '-')} must be >= 1")
-    h, w = size_hw
+    h, w = _check_size(size_hw)
     return generate(Path(out), n_source=n_source, n_target=n_target, n_val=n_val, size=(w, h), seed=seed,
                     synthia=synthia)
 
@@ -633,9 +650,17 @@ def profile_model(model: str, *, size_hw: tuple[int, int] = (512, 1024), device:
     """Parameters, GFLOPs and latency of a registered model at input size (H, W)."""
     from uda_ray.profile import profile
 
+    _check_size(size_hw)
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available here")
     return profile(model, size=size_hw, device=device, amp=amp)
+
+
+def _check_size(size_hw: tuple[int, int]) -> tuple[int, int]:
+    h, w = size_hw
+    if h < 8 or w < 8:
+        raise UserError(f"--size {h}x{w}: both sides must be >= 8")
+    return h, w

@@ -8,10 +8,9 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from uda_ray import api, formatting
+from uda_ray import api, formatting, trust
 from uda_ray.errors import UserError
 
 EXIT_USER, EXIT_INTERRUPTED = 2, 130
@@ -22,126 +21,83 @@ def _hw(text: str) -> tuple[int, int]:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise UserError(f"--size {text}: expected HxW, e.g. 512x1024") from None
-    if h < 8 or w < 8:
-        raise UserError(f"--size {text}: both sides must be >= 8")
-    return h, w
+    return h, w  # the API checks the sizes
 
 
-def _finished(s: api.Sweep, top: int = 5) -> int:
+def _ended(s: api.Sweep, top: int = 5) -> int | None:
     if s.status == api.INTERRUPTED:
         print(f"interrupted: `uda-ray resume {s.name}` continues it", file=sys.stderr)
         return EXIT_INTERRUPTED
-    started = s.meta.get("resumed") or s.meta["created"]
-    print(f"sweep '{s.name}' {s.status.replace('_', ' ')} in {s.meta['finished'] - started:.0f}s"
-          + (" (since the resume)" if s.meta.get("resumed") else ""), flush=True)
-    print(formatting.best_table(s.best(top=top)))
-    line = s.vs_oracle()
-    if line:
-        print(line)
-    return 0
+    print(formatting.sweep_ended(s, top))
+    return None
 
 
-def cmd_sweep(a: argparse.Namespace) -> int:
+def cmd_sweep(a: argparse.Namespace) -> int | None:
     if a.top < 1:
         raise UserError("--top must be >= 1")
     s = api.sweep(a.space, storage=a.storage, address=a.address, name=a.name, overrides=a.set,
                   warm_start=a.warm_start, mlflow=a.mlflow)
-    return _finished(s, a.top)
+    return _ended(s, a.top)
 
 
-def cmd_resume(a: argparse.Namespace) -> int:
-    return _finished(api.resume(a.sweep, storage=a.storage, address=a.address))
+def cmd_resume(a: argparse.Namespace) -> int | None:
+    return _ended(api.resume(a.sweep, storage=a.storage, address=a.address))
 
 
-def cmd_best(a: argparse.Namespace) -> int:
+def cmd_best(a: argparse.Namespace) -> None:
     if a.top < 1 or a.index < 1:
         raise UserError("--top and --index must be >= 1")
-    s = api.Sweep.open(a.sweep, a.storage)
-    if len(s.meta.get("objective") or []) > 1 and not a.metric:
-        rows = api.pareto(a.sweep, storage=a.storage, method=a.method)
-        print(formatting.pareto_table(s.meta["objective"], s.meta.get("constraints") or [], rows, a.method))
-    else:
-        rows = api.best(a.sweep, storage=a.storage, top=max(a.top, a.index), metric=a.metric, method=a.method)
-        print(formatting.best_table(rows, a.method))
+    print(formatting.leaderboard(api.leaderboard(a.sweep, storage=a.storage, top=max(a.top, a.index),
+                                                 metric=a.metric, method=a.method)))
     if a.export:
         api.export_best(a.sweep, a.export, storage=a.storage, metric=a.metric, method=a.method, index=a.index)
         print(f"wrote {a.export}")
-    return 0
 
 
-def cmd_ls(a: argparse.Namespace) -> int:
-    sweeps = api.ls(a.storage)
-    print(formatting.sweeps_table(sweeps) if sweeps else f"no sweeps under {api.storage_root(a.storage)}")
-    return 0
+def cmd_ls(a: argparse.Namespace) -> None:
+    print(formatting.sweeps_table(api.ls(a.storage), api.storage_root(a.storage)))
 
 
-def cmd_report(a: argparse.Namespace) -> int:
+def cmd_report(a: argparse.Namespace) -> None:
     t0 = time.time()
     out = api.report(a.name, storage=a.storage, out=a.out, predictions=not a.no_predictions)
     print(f"wrote {out} ({a.name}, {out.stat().st_size / 1e6:.1f} MB, {time.time() - t0:.1f}s)")
-    return 0
 
 
-def cmd_validators(a: argparse.Namespace) -> int:
-    from uda_ray.trust import format_table
-
+def cmd_validators(a: argparse.Namespace) -> None:
     rows, path = api.validators(a.name, storage=a.storage)
-    print(format_table(rows))
-    print(f"wrote {path}")
-    return 0
+    print(f"{trust.format_table(rows)}\nwrote {path}")
 
 
-def cmd_rerun(a: argparse.Namespace) -> int:
-    from uda_ray.seed_variance import format_summary
-
+def cmd_rerun(a: argparse.Namespace) -> None:
     summary = api.rerun(a.sweep, top=a.top, seeds=a.seeds, metric=a.metric, storage=a.storage, address=a.address)
-    print(format_summary(summary))
-    results = api.sweep_dir(a.sweep, a.storage) / "results"
-    print(f"tables: {results / 'reruns.parquet'}, {results / 'rerun_summary.parquet'}")
-    return 0
+    print(formatting.rerun_ended(summary, api.sweep_dir(a.sweep, a.storage) / "results"))
 
 
-def cmd_train(a: argparse.Namespace) -> int:
-    m = api.train(a.experiment, storage=a.storage, overrides=a.set, name=a.name, address=a.address)
-    print(f"done: step {m.get('step')} " + formatting.metrics_line(m, m["select_metric"]))
-    print(f"latest checkpoint: {m['checkpoint_path']}\nresults: {Path(m['run_dir']) / 'results'}")
-    return 0
+def cmd_train(a: argparse.Namespace) -> None:
+    print(formatting.run_ended(api.train(a.experiment, storage=a.storage, overrides=a.set, name=a.name,
+                                         address=a.address)))
 
 
-def cmd_pipeline(a: argparse.Namespace) -> int:
+def cmd_pipeline(a: argparse.Namespace) -> None:
     t0 = time.time()
     summary = api.pipeline(a.pipeline, storage=a.storage, report=a.report, address=a.address)
-    print(f"pipeline done in {time.time() - t0:.0f}s")
-    for row in summary:
-        done = f" {formatting.metrics_line(row, row['select_metric'])} @ step {row['step']}" if row.get("step") else ""
-        print(f"  {row['stage']:<24} {row['kind']:<14}{done}")
-    if a.report:
-        print(f"wrote {a.report}")
-    return 0
+    print(formatting.pipeline_ended(summary, time.time() - t0, a.report))
 
 
-def cmd_data_synth(a: argparse.Namespace) -> int:
+def cmd_data_synth(a: argparse.Namespace) -> None:
     t0 = time.time()
     out = api.synthetic_data(a.out, n_source=a.n_source, n_target=a.n_target, n_val=a.n_val, size_hw=_hw(a.size),
                              seed=a.seed, synthia=a.synthia)
     print(f"wrote {out} in {time.time() - t0:.1f}s")
-    return 0
 
 
-def cmd_convert_weights(a: argparse.Namespace) -> int:
-    s = api.convert_weights(a.src, a.dst, num_classes=a.num_classes)
-    heads = ", ".join(f"{k} -> {v}" for k, v in s["classifiers"].items()) or "none"
-    dropped = "".join(f"; dropped {k} ({v})" for k, v in s["dropped"].items())
-    print(f"wrote {s['written']}: {s['layout']}, {s['keys']} tensors; classifiers: {heads}{dropped}. "
-          f"Use it with model.kwargs.style: caffe and model.pretrained: {s['written']}")
-    return 0
+def cmd_convert_weights(a: argparse.Namespace) -> None:
+    print(formatting.converted_weights(api.convert_weights(a.src, a.dst, num_classes=a.num_classes)))
 
 
-def cmd_profile(a: argparse.Namespace) -> int:
-    from uda_ray.profile import format_report
-
-    print(format_report(api.profile_model(a.model, size_hw=_hw(a.size), device=a.device, amp=a.amp)))
-    return 0
+def cmd_profile(a: argparse.Namespace) -> None:
+    print(formatting.profile_report(api.profile_model(a.model, size_hw=_hw(a.size), device=a.device, amp=a.amp)))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -225,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     api.show_progress()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
-        return args.fn(args)
+        return args.fn(args) or 0  # a command returns an exit status only when it is not 0
     except UserError as e:
         print(f"uda-ray: error: {e}", file=sys.stderr)
         if type(e).__name__ == "ClusterUnreachable":  # ray.init still retries in a thread: do not wait

@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
+
+# Figures a model's own paper publishes, printed beside ours by `profile_report`. Ours count only convolutions,
+# matmuls and attention (torch's FlopCounterMode), not element-wise ops (BN, activations, adds, pooling), so
+# they come out somewhat lower for the same network.
+PAPER_FIGURES: dict[str, dict] = {
+    "enet": {
+        "params": 0.37e6,
+        "gflops": 3.83,
+        "size": (360, 640),
+        "source": "Paszke et al. 2016, ENet (arXiv:1606.02147), Table 3: FLOPs for a 3x640x360 input",
+    },
+}
 
 
 def fmt(v: Any) -> str:
@@ -47,10 +60,12 @@ def pareto_table(objectives: list[dict], constraints: list[dict], rows: list[dic
     return "\n".join(lines)
 
 
-def sweeps_table(sweeps: list[dict]) -> str:
-    """`uda_ray.ls` rows as a table."""
+def sweeps_table(sweeps: list[dict], root: Path) -> str:
+    """`uda_ray.ls` rows (of the sweeps under storage `root`) as a table."""
     from uda_ray.progress import describe
 
+    if not sweeps:
+        return f"no sweeps under {root}"
     lines = [f"{'sweep':<32} {'status':<22} {'trials':>6} {'done':>5} {'early':>5} {'err':>4} {'best':>8}"]
     for s in sweeps:
         best = f"{s['best']:.4f}" if s["best"] is not None else "-"
@@ -65,3 +80,69 @@ def metrics_line(m: dict, select: str) -> str:
     """`select=v test/miou=v` — a test metric the run does not report is said to be absent."""
     return " ".join(f"{k}={m[k]:.4f}" if isinstance(m.get(k), float) else f"{k}: absent"
                     for k in dict.fromkeys((select, "test/miou")))
+
+
+def leaderboard(board: dict) -> str:
+    """`uda_ray.api.leaderboard`'s answer: the Pareto front or the best trials."""
+    if board["kind"] == "pareto":
+        return pareto_table(board["objectives"], board["constraints"], board["rows"], board["method"])
+    return best_table(board["rows"], board["method"])
+
+
+def sweep_ended(s: Any, top: int = 5) -> str:
+    """How long a finished (not interrupted) `uda_ray.api.Sweep` ran, its best trials, and its pick against
+    choosing by the test labels (when it has them)."""
+    started = s.meta.get("resumed") or s.meta["created"]
+    lines = [f"sweep '{s.name}' {s.status.replace('_', ' ')} in {s.meta['finished'] - started:.0f}s"
+             + (" (since the resume)" if s.meta.get("resumed") else ""), best_table(s.best(top=top))]
+    return "\n".join(lines + [line for line in (s.vs_oracle(),) if line])
+
+
+def run_ended(m: dict) -> str:
+    """`uda_ray.api.train`'s last metrics, its latest checkpoint and its results folder."""
+    return (f"done: step {m.get('step')} " + metrics_line(m, m["select_metric"])
+            + f"\nlatest checkpoint: {m['checkpoint_path']}\nresults: {Path(m['run_dir']) / 'results'}")
+
+
+def pipeline_ended(summary: list[dict], seconds: float, report: str | None = None) -> str:
+    """How long `uda_ray.api.pipeline` took, then a line per stage: its kind and, once it ran, its selection
+    metric; and the markdown `report` it wrote."""
+    lines = [f"pipeline done in {seconds:.0f}s"]
+    for row in summary:
+        done = f" {metrics_line(row, row['select_metric'])} @ step {row['step']}" if row.get("step") else ""
+        lines.append(f"  {row['stage']:<24} {row['kind']:<14}{done}")
+    return "\n".join(lines + ([f"wrote {report}"] if report else []))
+
+
+def converted_weights(s: dict) -> str:
+    """`uda_ray.api.convert_weights`'s summary, with how to use the written file."""
+    heads = ", ".join(f"{k} -> {v}" for k, v in s["classifiers"].items()) or "none"
+    dropped = "".join(f"; dropped {k} ({v})" for k, v in s["dropped"].items())
+    return (f"wrote {s['written']}: {s['layout']}, {s['keys']} tensors; classifiers: {heads}{dropped}. "
+            f"Use it with model.kwargs.style: caffe and model.pretrained: {s['written']}")
+
+
+def rerun_ended(summary: list[dict], results: Path) -> str:
+    """`uda_ray.api.rerun`'s mean ± std per configuration, and where its tables are (the sweep's `results`)."""
+    from uda_ray.seed_variance import format_summary
+
+    return (f"{format_summary(summary)}\n"
+            f"tables: {results / 'reruns.parquet'}, {results / 'rerun_summary.parquet'}")
+
+
+def profile_report(result: dict) -> str:
+    """A few lines for a `uda_ray.profile.profile` result, with the model paper's figures where it gives them."""
+    h, w = result["size"]
+    lines = [
+        f"{result['name']} @ {h}x{w} on {result['device']}{' (amp)' if result['amp'] else ''}",
+        f"  params   {result['params'] / 1e6:10.3f} M",
+        f"  GFLOPs   {result['gflops']:10.2f}   (FlopCounterMode: multiply-add = 2 FLOPs)",
+        f"  latency  {result['latency_ms']:10.1f} ms",
+        f"  fps      {result['fps']:10.1f}",
+    ]
+    paper = PAPER_FIGURES.get(result["name"])
+    if paper is not None:
+        ph, pw = paper["size"]
+        lines.append(f"  paper    {paper['params'] / 1e6:10.3f} M params, {paper['gflops']:.2f} GFLOPs @ {ph}x{pw}")
+        lines.append(f"  source   {paper['source']}")
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Model complexity: parameters, GFLOPs, latency; and a report beside the seed's published figures."""
+"""Model complexity: parameters, GFLOPs, latency (`uda_ray.formatting.profile_report` prints them)."""
 
 from __future__ import annotations
 
@@ -14,40 +14,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from uda_ray.errors import UserError
 from uda_ray.models import MODELS
 from uda_ray.models.discriminators import DISCRIMINATORS
-
-# The seed's figures, and where ours (measured with this module) meet them.
-SEED_FIGURES: dict[str, dict] = {
-    "bisenet_r18": {
-        "params": 12.6e6,
-        "gflops": 51.4,
-        "size": (512, 1024),  # inferred: the only usual size where ours come within 1%
-        "note": "params: ours + the 513,000 of ResNet-18's unused 1000-way fc, which the seed's model keeps, "
-        "= 12.58 M; GFLOPs: ours 50.89 at 512x1024 (-1%; 720x960: 67.3, 1024x2048: 203.6), the 0.5 left "
-        "being about the element-wise ops (BN, ReLU, adds, upsampling) FlopCounterMode skips",
-    },
-    "disc_fc": {
-        "params": 2.78e6,
-        "gflops": 30.9,
-        "size": (512, 1024),
-        "note": "matches at 512x1024: 30.88 conv FLOPs + 0.03 for bias adds and LeakyReLU (1 each) = 30.91",
-    },
-    "disc_dsc": {
-        "params": 191e3,
-        "gflops": 2.17,
-        "size": (512, 1024),
-        "note": "matches at 512x1024: 2.135 conv FLOPs + 0.038 for bias adds and LeakyReLU (1 each) = 2.173",
-    },
-    # Not the seed's own figures: the ENet paper's (Paszke et al. 2016, Table 3, FLOPs for a 3x640x360
-    # input; its abstract's "75x less FLOPs, 79x less parameters" than SegNet are these ratios).
-    "enet": {
-        "params": 0.37e6,
-        "gflops": 3.83,
-        "size": (360, 640),
-        "note": "ENet paper's figures. Ours: 0.364 M params for 19 classes (0.373 M if BN running statistics "
-        "were counted, a guess at the gap); 3.45 GFLOPs at 360x640 (-10%), BN, PReLU, adds and (un)pooling "
-        "not being counted by FlopCounterMode; 7.84 at 512x1024, 2.59 at 360x480",
-    },
-}
 
 
 def count_params(model: nn.Module) -> int:
@@ -141,26 +107,6 @@ def profile(
     }
     result.update(measure_latency(model, size, device, amp, in_channels=in_channels))
     return result
-
-
-def format_report(result: dict) -> str:
-    """A few human-readable lines for a `profile` result, with the seed's figures where known."""
-    h, w = result["size"]
-    lines = [
-        f"{result['name']} @ {h}x{w} on {result['device']}{' (amp)' if result['amp'] else ''}",
-        f"  params   {result['params'] / 1e6:10.3f} M",
-        f"  GFLOPs   {result['gflops']:10.2f}   (FlopCounterMode: multiply-add = 2 FLOPs)",
-        f"  latency  {result['latency_ms']:10.1f} ms",
-        f"  fps      {result['fps']:10.1f}",
-    ]
-    seed = SEED_FIGURES.get(result["name"])
-    if seed is not None:
-        sh, sw = seed["size"]
-        lines.append(
-            f"  seed     {seed['params'] / 1e6:10.3f} M params, {seed['gflops']:.2f} GFLOPs @ {sh}x{sw}"
-        )
-        lines.append(f"  note     {seed['note']}")
-    return "\n".join(lines)
 
 
 PROFILE_CACHE = "model_profiles.json"
