@@ -364,7 +364,9 @@ def resume(name: str, *, storage: str | os.PathLike | None = None, address: str 
 def best(name: str, *, storage: str | os.PathLike | None = None, top: int = 5, metric: str | None = None,
          method: str | None = None) -> list[dict]:
     """The `top` trials of sweep `name`, best first, ranked by `metric` (default: the sweep's objective);
-    one dict per trial (rank_metric, rank_value, rank_step, rank_checkpoint, params, config_json, ...)."""
+    one dict per trial (rank_metric, rank_value, rank_step, rank_checkpoint, params, config_json, ...).
+    Ranked by every evaluation; `rank_checkpoint_kept` says whether the best step's checkpoint is still on
+    disk, and `kept_step` / `kept_checkpoint` name the best step whose checkpoint is (results.best_trials)."""
     from uda_ray.metric_names import REPORTED_PREFIXES, check_metric
     from uda_ray.results import best_trials, read_table
 
@@ -441,8 +443,14 @@ def export_best(name: str, out: str | os.PathLike, *, storage: str | os.PathLike
         what = f"Pareto-front trial {index} ({vals})"
     else:
         what = "best trial" if index == 1 else f"trial number {index}"
+    if pick.get("rank_checkpoint_kept", True):
+        ck = f"# its checkpoint: {pick['rank_checkpoint']}\n"
+    else:
+        from uda_ray.formatting import not_kept_note
+
+        ck = f"# {not_kept_note(pick)}\n"
     head = (f"# {what} {pick['trial_id']} of sweep {name}: {pick['rank_metric']}={pick['rank_value']:.4f} "
-            f"at step {pick['rank_step']}\n# its checkpoint: {pick['rank_checkpoint']}\n")
+            f"at step {pick['rank_step']}\n{ck}")
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(head + dump_yaml(cfg))

@@ -120,6 +120,13 @@ def checkpoints_in(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("checkpoint_step_*")) + sorted((run_dir / "checkpoints").glob("step_*"))
 
 
+def checkpoint_kept(path: str | Path | None) -> bool:
+    """Whether a checkpoint folder recorded in a results table is still on disk: Ray Train keeps only the
+    `train.keep_checkpoints` best by the run's selection metric (and the latest), so a step that another
+    metric ranks first may have lost its weights."""
+    return bool(path) and (Path(path) / STATE_FILE).is_file()
+
+
 def run_select(run_dir: Path) -> str:
     """The selection metric a run was trained with (its config.yaml's `select`), else the default."""
     import yaml

@@ -37,7 +37,20 @@ def best_table(rows: list[dict], method: str | None = None) -> str:
             f"  test/miou={r['rank_test_miou']:.4f}" if r["rank_test_miou"] is not None else "  test/miou: absent")
         lines.append(f"{i:>2}. {r['trial_id']}  {r['rank_metric']}={r['rank_value']:.4f} @ step {r['rank_step']}"
                      f"{test}  [{r['status']}]  {r['method']}  {_params(r)}")
+        if not r.get("rank_checkpoint_kept", True):
+            lines.append(f"    {not_kept_note(r)}")
     return "\n".join(lines)
+
+
+def not_kept_note(r: dict) -> str:
+    """For a `uda_ray.best` row whose best step lost its checkpoint: why, and the kept alternative."""
+    why = (f"the checkpoint of step {r['rank_step']} was not kept (the run keeps its best by "
+           f"{r.get('objective') or 'its selection metric'})")
+    if r.get("kept_step") is None:
+        return f"{why}; no checkpoint of this trial is left"
+    test = f", test/miou={r['kept_test_miou']:.4f}" if r.get("kept_test_miou") is not None else ""
+    return (f"{why}; best kept by {r['rank_metric']}: step {r['kept_step']} ({r['rank_metric']}="
+            f"{r['kept_value']:.4f}{test}) {r['kept_checkpoint']}")
 
 
 def pareto_table(objectives: list[dict], constraints: list[dict], rows: list[dict],

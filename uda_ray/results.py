@@ -447,7 +447,16 @@ def experiment_of(base_raw: dict, params: dict) -> dict:
 
 def best_trials(results_dir: Path, metric: str | None = None, mode: str | None = None, top: int = 5,
                 method: str | None = None) -> list[dict]:
-    """Trials ranked by their best value of `metric` (default: the sweep's objective) over all evals."""
+    """Trials ranked by their best value of `metric` (default: the sweep's objective) over all evals.
+
+    Each row says whether that step's checkpoint is still on disk: Ray Train keeps only the run's
+    `train.keep_checkpoints` best by the run's own selection metric (and the latest), so the best step by
+    another metric may have lost its weights. `rank_checkpoint` is the checkpoint folder when it was kept,
+    else None (`rank_checkpoint_kept` False); `kept_step`, `kept_value`, `kept_checkpoint` and
+    `kept_test_miou` name the best step by `metric` among those whose checkpoint still exists (the same step
+    when it was kept; all None when the trial has no checkpoint left)."""
+    from uda_ray.checkpoint import checkpoint_kept
+
     trials = read_table(results_dir, "trials")
     if method:
         trials = [t for t in trials if t["method"] == method]
@@ -465,10 +474,17 @@ def best_trials(results_dir: Path, metric: str | None = None, mode: str | None =
                 if e["trial_id"] == t["trial_id"] and e.get(metric) is not None and e[metric] == e[metric]]
         if not vals:
             continue
-        e = (max if mode == "max" else min)(vals, key=lambda x: x[metric])
+        pick = max if mode == "max" else min
+        kept = [v for v in vals if checkpoint_kept(v.get("checkpoint_path"))]
+        e = pick(kept + [v for v in vals if v not in kept], key=lambda x: x[metric])  # a tie: the kept one
+        is_kept = checkpoint_kept(e.get("checkpoint_path"))
+        k = e if is_kept else pick(kept, key=lambda x: x[metric]) if kept else {}
         # test/miou at the picked step, None when the target has no test labels (absent, not zero)
         out.append({**t, "rank_metric": metric, "rank_mode": mode, "rank_value": e[metric], "rank_step": e["step"],
-                    "rank_checkpoint": e.get("checkpoint_path"), "rank_test_miou": e.get("test/miou")})
+                    "rank_checkpoint": e.get("checkpoint_path") if is_kept else None,
+                    "rank_checkpoint_kept": is_kept, "rank_test_miou": e.get("test/miou"),
+                    "kept_step": k.get("step"), "kept_value": k.get(metric),
+                    "kept_checkpoint": k.get("checkpoint_path"), "kept_test_miou": k.get("test/miou")})
     out.sort(key=lambda r: r["rank_value"], reverse=(mode == "max"))
     return out[:top]
 

@@ -38,9 +38,13 @@ def resolve_ref(ref: str, storage: Path) -> str:
 
         name = ref[6:]
         rows = best_trials(Path(storage) / name / "results", top=1)
-        if not rows or not rows[0].get("rank_checkpoint"):
+        if not rows or not rows[0].get("kept_checkpoint"):
             raise UserError(f"{ref}: sweep '{name}' under {storage} has no evaluated trial with a checkpoint")
-        return rows[0]["rank_checkpoint"]
+        if not rows[0]["rank_checkpoint_kept"]:
+            from uda_ray.formatting import not_kept_note
+
+            log.warning("%s: %s; starting from that one", ref, not_kept_note(rows[0]))
+        return rows[0]["kept_checkpoint"]
     p = Path(ref).expanduser().absolute()
     if not (p.is_file() or (p / STATE_FILE).is_file()):
         raise UserError(f"train.init_from: {ref} is neither a checkpoint folder (with state.pt) nor a file")
