@@ -152,3 +152,33 @@ def test_importing_the_package_and_reaching_the_api_loads_neither_torch_nor_ray(
             "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# What users cannot open: the team's internal notes and reports, its issue tracker, its shared folder. User-facing
+# text cites the papers and the original repositories instead.
+UNCHECKABLE = re.compile(r"METHODS\.md|DESIGN\.md|RAY_NOTES|PERF_NOTES|STYLE\.md|(?<![/\w])[Ii]ssue #?\d+"
+                         r"|seed report|the seed's|\bseed 0\d\d\b|(?<![/\w.])shared/")
+
+
+def user_facing_files() -> list[Path]:
+    root = PKG.parent
+    return sorted([*PKG.rglob("*.py"), root / "README.md", *root.glob("experiments/**/*.md"),
+                   *root.glob("experiments/**/*.yaml"), *root.glob("search_spaces/*.yaml"),
+                   *root.glob("benchmarks/*.py")])
+
+
+def test_the_uncheckable_pattern_catches_internal_references_and_spares_urls_and_seeds():
+    for bad in ("see METHODS.md", "as in issue 11", "(issue #40)", "the seed report's figure", "the seed's model",
+                "seed 001", "shared/PERF_NOTES"):
+        assert UNCHECKABLE.search(bad), bad
+    for ok in ("https://github.com/YanchaoYang/FDA/issues/40", "the seed recorded", "storage=\"/shared/uda\"",
+               "with the seeds `seed + 1`", "seed 0"):
+        assert not UNCHECKABLE.search(ok), ok
+
+
+def test_user_facing_text_cites_no_document_users_do_not_have():
+    files = user_facing_files()
+    assert len(files) > 50 and any(p.name == "README.md" for p in files)
+    hits = [f"{p.relative_to(PKG.parent)}:{i}: {m.group(0)}" for p in files
+            for i, line in enumerate(p.read_text().splitlines(), 1) if (m := UNCHECKABLE.search(line))]
+    assert not hits, "cite the paper or the original repository instead:\n" + "\n".join(hits)

@@ -1,12 +1,13 @@
 """Fourier Domain Adaptation's style transfer (Yang & Soatto, "FDA: Fourier Domain Adaptation for Semantic
 Segmentation", CVPR 2020): swap the low-frequency amplitude of a source image for a target image's.
 
-Fix of the original (FDA issue #40): the original takes a half-spectrum `rfft` and overwrites four corner
-blocks of the amplitude. Those blocks are not symmetric under frequency negation (rows 0..b-1 are
-frequencies 0..b-1, rows h-b..h-1 are -b..-1), so the mixed spectrum is not Hermitian: the output has an
-imaginary residue that is silently dropped, and frequencies outside the intended window are touched. Here:
-the full complex `torch.fft.fft2`, an `fftshift`-centred window that is symmetric under negation, and the
-real part of the inverse (whose imaginary residue is then only float rounding).
+Fix of the original (reported in https://github.com/YanchaoYang/FDA/issues/40): the original takes a
+half-spectrum `rfft` and overwrites four corner blocks of the amplitude. Those blocks are not symmetric under
+frequency negation (rows 0..b-1 are frequencies 0..b-1, rows h-b..h-1 are -b..-1), so the mixed spectrum is
+not Hermitian: the output has an imaginary residue that is silently dropped, and frequencies outside the
+intended window are touched. Here: the full complex `torch.fft.fft2`, an `fftshift`-centred window that is
+symmetric under negation, and the real part of the inverse (whose imaginary residue is then only float
+rounding).
 
 `fda_source_to_target` computes the same thing with a fraction of the work: the spectrum of a real image is
 Hermitian, so a real FFT along the width (`rfft`) holds it all, and only the columns with |f_w| <= b change;

@@ -56,8 +56,9 @@ class BiSeNet(nn.Module):
     "aux" = [logits from the 1/16 context, logits from the 1/32 context] in train mode ([] in eval),
     "feat" = the FFM output fed to the final 1x1 classifier.
 
-    As in the seed's implementation, the FFM outputs `fusion_channels` = num_classes channels by
-    default with a 3x3 conv, and the 1/32 global-pool context multiplies the 1/32 ARM output.
+    As in the PyTorch BiSeNet of https://github.com/ooooverflow/BiSeNet (`model/build_BiSeNet.py`), the FFM
+    outputs `fusion_channels` = num_classes channels by default with a 3x3 conv, and the 1/32 global-pool
+    context multiplies the 1/32 ARM output.
     """
 
     aux_weights: tuple[float, ...] = (1.0, 1.0)  # loss = main + aux16 + aux32
