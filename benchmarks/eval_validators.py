@@ -7,7 +7,10 @@ vs every evaluation a run now makes (test + source val + label-free validators o
 Builds the experiment's datasets (the synthetic benchmark is generated under $UDA_RAY_DATA or ./uda_ray_data
 when needed), an untrained model, and times both evaluations interleaved in one process (minimum of
 `--repeats`), wall-clock and CPU time of this process (the latter robust to other jobs on a shared
-machine). Prints both times, their ratios, and the split sizes.
+machine). Prints both times, their ratios, and the split sizes, then where the extra CPU time goes: each
+held-out split's evaluation, its data loading alone, and the validators' arithmetic alone (entropy / IM
+sums, SND, BNM on the held-out softmax, without the forward pass), each as a percentage of the test-only
+evaluation.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from _timing import best_of  # noqa: E402
 from uda_ray.build import build_model, load_experiment  # noqa: E402
 from uda_ray.config import parse_set  # noqa: E402
 from uda_ray.data.loading import build_datasets, prepare, splits_of  # noqa: E402
-from uda_ray.train import eval_loaders, evaluate, evaluate_splits  # noqa: E402
+from uda_ray.train import eval_loaders, evaluate, evaluate_splits, evaluate_unlabeled, name_key  # noqa: E402
+from uda_ray.validators import ValidatorAccumulator, bnm, snd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +68,51 @@ def main() -> None:
         print(f"  {k:<36s} wall {best[k]:8.2f} s   cpu {cpu[k]:8.2f} s")
     (a, b), (ca, cb) = best.values(), cpu.values()
     print(f"ratio now / before: wall {b / a:.3f}, cpu {cb / ca:.3f}")
+    breakdown(model, loaders, cfg, dev, ca, args.repeats)
+
+
+def cpu_min(fn, repeats: int) -> float:
+    fn()  # warm-up
+    out = float("inf")
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        out = min(out, time.process_time() - t0)
+    return out
+
+
+@torch.no_grad()
+def breakdown(model, loaders: dict, cfg, dev: torch.device, test_cpu: float, repeats: int) -> None:
+    """CPU time of each part of the extra evaluation, as a percentage of the test-only evaluation."""
+    c, k, seed = cfg.model.num_classes, cfg.data.validator_pixels, cfg.data.split_seed
+    items = list(loaders["holdout"])
+    probs = [model(it["img"].to(dev))["out"].float().softmax(1) for it in items]
+    keys = [[name_key(n) for n in it["name"]] for it in items]
+
+    def math_only() -> dict:
+        acc = ValidatorAccumulator(c, pixels_per_image=k, seed=seed)
+        for p, idx in zip(probs, keys):
+            acc.update(p, idx)
+        return acc.compute()
+
+    acc = ValidatorAccumulator(c, pixels_per_image=k, seed=seed)
+    for p, idx in zip(probs, keys):
+        acc.update(p, idx)
+    sample = torch.cat([s for _, s in sorted(acc.samples, key=lambda s: s[0])])
+    parts = [
+        ("src_val: evaluation (load + forward + confusion)", lambda: evaluate(model, loaders["src_val"], c, dev)),
+        ("  of which loading the images alone", lambda: list(loaders["src_val"])),
+        ("holdout: evaluation (load + forward + validators)",
+         lambda: evaluate_unlabeled(model, loaders["holdout"], c, dev, k, seed)),
+        ("  of which loading the images alone", lambda: list(loaders["holdout"])),
+        ("  of which the validators' arithmetic alone", math_only),
+        (f"    of which SND on the {sample.shape[0]}-pixel sample", lambda: snd(sample)),
+        (f"    of which BNM on the {sample.shape[0]}-pixel sample", lambda: bnm(sample)),
+    ]
+    print(f"where the extra CPU time goes (% of the test-only evaluation, {test_cpu:.3f} s):")
+    for name, fn in parts:
+        t = cpu_min(fn, repeats)
+        print(f"  {name:<52s} {t:8.4f} s  {100 * t / test_cpu:6.1f} %")
 
 
 if __name__ == "__main__":
