@@ -18,22 +18,18 @@ Per sample times are the minimum over the repetitions of the mean over the image
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import best_of, parse, parser, print_table
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import best_of, print_table  # noqa: E402
-
-from uda_ray.data.datasets import GTA5  # noqa: E402
-from uda_ray.data.labels import CITYSCAPES_LUT  # noqa: E402
-from uda_ray.data.transforms import PairTransform  # noqa: E402
+from uda_ray.data.datasets import GTA5
+from uda_ray.data.labels import CITYSCAPES_LUT
+from uda_ray.data.transforms import PairTransform
 
 SIZE, RESIZE, CROP = (1914, 1052), (1280, 720), (1024, 512)  # (W, H)
 
@@ -70,12 +66,11 @@ def baseline_sample(img_path: Path, lbl_path: Path, rng: np.random.Generator) ->
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, repeats=3)
     ap.add_argument("--images", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=None, help="where to write the PNGs (default: a temporary folder)")
-    a = ap.parse_args()
-    torch.set_num_threads(1)
+    a = parse(ap)
+    torch.set_num_threads(1)  # one DataLoader worker's view
     with tempfile.TemporaryDirectory(prefix="uda_ray_bench_") as tmp:
         root = (a.dir or Path(tmp)) / "gta5"
         write_pairs(root, a.images)

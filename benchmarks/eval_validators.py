@@ -15,33 +15,26 @@ evaluation.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import best_of, parse, parser
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import best_of  # noqa: E402
-
-from uda_ray.build import build_model, load_experiment  # noqa: E402
-from uda_ray.config import parse_set  # noqa: E402
-from uda_ray.data.loading import build_datasets, prepare, splits_of  # noqa: E402
-from uda_ray.train import eval_loaders, evaluate, evaluate_splits, evaluate_unlabeled, name_key  # noqa: E402
-from uda_ray.validators import ValidatorAccumulator, bnm, snd  # noqa: E402
+from uda_ray.build import build_model, load_experiment
+from uda_ray.config import parse_set
+from uda_ray.data.loading import build_datasets, prepare, splits_of
+from uda_ray.train import eval_loaders, evaluate, evaluate_splits, evaluate_unlabeled, name_key
+from uda_ray.validators import ValidatorAccumulator, bnm, snd
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__, repeats=3, threads=1)
     ap.add_argument("--experiment", default=str(ROOT / "experiments" / "synthetic_bisenet_r18_source_only.yaml"))
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", action="append", default=[])
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(ap)
     cfg = load_experiment(args.experiment, parse_set(args.set))
     data = prepare(cfg.data)
     cfg = type(cfg)(**{**cfg.__dict__, "data": data})
@@ -57,28 +50,13 @@ def main() -> None:
     }
     best = best_of(fns, repeats=args.repeats)
     # CPU time of this process (one thread): what the evaluation costs, whatever else runs on the machine
-    cpu = {k: float("inf") for k in fns}
-    for _ in range(args.repeats):
-        for k, fn in fns.items():
-            t0 = time.process_time()
-            fn()
-            cpu[k] = min(cpu[k], time.process_time() - t0)
+    cpu = best_of(fns, repeats=args.repeats, warmup=0, clock=time.process_time)
     print(f"splits: {sp.counts()}")
     for k in fns:
         print(f"  {k:<36s} wall {best[k]:8.2f} s   cpu {cpu[k]:8.2f} s")
     (a, b), (ca, cb) = best.values(), cpu.values()
     print(f"ratio now / before: wall {b / a:.3f}, cpu {cb / ca:.3f}")
     breakdown(model, loaders, cfg, dev, ca, args.repeats)
-
-
-def cpu_min(fn, repeats: int) -> float:
-    fn()  # warm-up
-    out = float("inf")
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        out = min(out, time.process_time() - t0)
-    return out
 
 
 @torch.no_grad()
@@ -111,7 +89,7 @@ def breakdown(model, loaders: dict, cfg, dev: torch.device, test_cpu: float, rep
     ]
     print(f"where the extra CPU time goes (% of the test-only evaluation, {test_cpu:.3f} s):")
     for name, fn in parts:
-        t = cpu_min(fn, repeats)
+        t = best_of({name: fn}, repeats, clock=time.process_time)[name]  # one warm-up call, then the minimum
         print(f"  {name:<52s} {t:8.4f} s  {100 * t / test_cpu:6.1f} %")
 
 

@@ -11,17 +11,11 @@ the same math as `uda_ray.fda.fda_reference` (full complex spectrum, torch) and 
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
+from _common import best_of, parse, parser, print_table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import best_of, print_table  # noqa: E402
-
-from uda_ray.fda import fda_reference, fda_source_to_target, window_half_size  # noqa: E402
+from uda_ray.fda import fda_reference, fda_source_to_target, window_half_size
 
 
 def numpy_fda(src: np.ndarray, tgt: np.ndarray, beta: float) -> np.ndarray:
@@ -41,13 +35,9 @@ def numpy_fda(src: np.ndarray, tgt: np.ndarray, beta: float) -> np.ndarray:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--height", type=int, default=512)
-    ap.add_argument("--width", type=int, default=1024)
+    ap = parser(__doc__, repeats=5, image=(8, 512, 1024))
     ap.add_argument("--beta", type=float, default=0.01)
-    ap.add_argument("--repeats", type=int, default=5)
-    a = ap.parse_args()
+    a = parse(ap)
     g = torch.Generator().manual_seed(0)
     src = torch.rand(a.batch, 3, a.height, a.width, generator=g) * 255
     tgt = torch.rand(a.batch, 3, a.height, a.width, generator=g) * 255

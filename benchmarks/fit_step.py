@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 import torch
+from _common import parse, parser, plain_optimizer, plain_step
 
 import uda_ray.train as train_mod
 from uda_ray.build import build_experiment, build_method
 from uda_ray.data.synthetic import generate
-from uda_ray.methods.base import build_optimizer, seg_loss
 from uda_ray.train import LocalSession, fit
 
 GTA5_SIZE = (1914, 1052)
@@ -64,13 +64,12 @@ def timed_fit(raw: dict, run_dir: Path) -> list[float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, repeats=3)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--crop", type=int, nargs=2, default=(512, 256), metavar=("W", "H"))
     ap.add_argument("--workers", type=int, default=0, help="data.loader_workers")
-    a = ap.parse_args()
+    a = parse(ap)
     with tempfile.TemporaryDirectory(prefix="uda_ray_fit_bench_") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -84,7 +83,7 @@ def main() -> None:
         torch.manual_seed(0)
         method = build_method(cfg, None, "cpu")
         model = copy.deepcopy(method.model_raw)
-        opt = build_optimizer(model.param_groups(cfg.optim.lr), cfg.optim)
+        opt = plain_optimizer(model, cfg.optim)
         aux = tuple(model.aux_weights)
         cw, ch = a.crop
         x = torch.rand(a.batch, 3, ch, cw) * 255
@@ -92,10 +91,7 @@ def main() -> None:
 
         def plain() -> float:
             start = time.perf_counter()
-            model.train()
-            opt.zero_grad(set_to_none=True)
-            seg_loss(model(x), y, aux).backward()
-            opt.step()
+            plain_step(model, opt, x, y, aux)
             return time.perf_counter() - start
 
         times: dict[str, list[float]] = {"plain step, preloaded tensors": [], **{k: [] for k in configs}}

@@ -12,7 +12,6 @@ correlation of each validator with test mIoU and the regret of its pick. The dat
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import random
@@ -20,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from _common import parse, parser
 
 from uda_ray.build import load_experiment
 from uda_ray.data.loading import prepare
@@ -31,14 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__, threads=1)
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--eval-every", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(ap)
     rng = random.Random(args.seed)
     evals = []
     with tempfile.TemporaryDirectory() as tmp:

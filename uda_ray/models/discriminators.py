@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import pairwise
 
 from torch import Tensor, nn
 
 
-def _channels(num_classes: int, ndf: int) -> list[int]:
-    return [num_classes, ndf, ndf * 2, ndf * 4, ndf * 8, 1]
+def _five_layers(num_classes: int, ndf: int, layer: Callable[[int, int], list[nn.Module]]) -> nn.Sequential:
+    """Five stride-2 layers C -> ndf -> 2 ndf -> 4 ndf -> 8 ndf -> 1, the modules of each from `layer(cin, cout)`,
+    LeakyReLU(0.2) after the first four."""
+    layers: list[nn.Module] = []
+    for i, (cin, cout) in enumerate(pairwise([num_classes, ndf, ndf * 2, ndf * 4, ndf * 8, 1])):
+        layers += layer(cin, cout)
+        if i < 4:
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+    return nn.Sequential(*layers)
 
 
 class FCDiscriminator(nn.Module):
@@ -20,13 +28,7 @@ class FCDiscriminator(nn.Module):
 
     def __init__(self, num_classes: int, ndf: int = 64) -> None:
         super().__init__()
-        chans = _channels(num_classes, ndf)
-        layers: list[nn.Module] = []
-        for i, (cin, cout) in enumerate(pairwise(chans)):
-            layers.append(nn.Conv2d(cin, cout, 4, stride=2, padding=1))
-            if i < 4:
-                layers.append(nn.LeakyReLU(0.2, inplace=True))
-        self.net = nn.Sequential(*layers)
+        self.net = _five_layers(num_classes, ndf, lambda cin, cout: [nn.Conv2d(cin, cout, 4, stride=2, padding=1)])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)  # (B, 1, H/32, W/32)
@@ -42,14 +44,10 @@ class DSCDiscriminator(nn.Module):
 
     def __init__(self, num_classes: int, ndf: int = 64) -> None:
         super().__init__()
-        chans = _channels(num_classes, ndf)
-        layers: list[nn.Module] = []
-        for i, (cin, cout) in enumerate(pairwise(chans)):
-            layers.append(nn.Conv2d(cin, cin, 4, stride=2, padding=1, groups=cin))  # depthwise
-            layers.append(nn.Conv2d(cin, cout, 1))  # pointwise
-            if i < 4:
-                layers.append(nn.LeakyReLU(0.2, inplace=True))
-        self.net = nn.Sequential(*layers)
+        self.net = _five_layers(num_classes, ndf, lambda cin, cout: [
+            nn.Conv2d(cin, cin, 4, stride=2, padding=1, groups=cin),  # depthwise
+            nn.Conv2d(cin, cout, 1),  # pointwise
+        ])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)  # (B, 1, H/32, W/32)
