@@ -79,3 +79,15 @@ def tiny_experiment(root, **over) -> dict:
     from uda_ray.config import apply_overrides
 
     return apply_overrides(raw, over)
+
+
+@pytest.fixture
+def narrow_discriminators(monkeypatch):
+    """AdaptSegNet's FC discriminator at ndf 8 instead of 64: float16 convolution backward on CPU has no fast
+    kernel (3 s a step at full width here); the step's logic is the same."""
+    import functools
+
+    from uda_ray.methods import common
+    from uda_ray.models.discriminators import FCDiscriminator
+
+    monkeypatch.setitem(common.DISCRIMINATORS, "fc", functools.partial(FCDiscriminator, ndf=8))

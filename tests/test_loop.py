@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from tests.conftest import make_batch, tiny_experiment
 from tests.test_methods import make_method
-from uda_ray.build import build_experiment
+from uda_ray.build import build_experiment, build_method
 from uda_ray.config import ConfigError
 from uda_ray.loop import LossLog, NonFiniteLoss, train_step
 from uda_ray.methods import METHODS
+from uda_ray.methods.base import UDABatch
+from uda_ray.methods.common import eval_mode
+from uda_ray.methods.mpl import global_ce
 from uda_ray.train import LocalSession, fit
 
 
@@ -70,13 +75,14 @@ def test_a_non_finite_loss_is_named_with_its_step_when_read():
     assert e.value.step == 6 and e.value.key == "b" and isinstance(e.value, FloatingPointError)
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_bf16_steps_run_on_cpu_for_every_method(name):
-    m = make_method(name)
+def test_mixed_precision_steps_run_on_cpu_for_every_method(name, amp, narrow_discriminators):
+    m = make_method(name, amp=amp)
     before = [p.detach().clone() for p in m.eval_model().parameters()]
     held = _items(100)[0] if METHODS[name].uses_held_out_source else None
     for step in range(2):
-        losses = train_step(m, *_items(step), step, 10, torch.device("cpu"), amp="bf16", held=held)
+        losses = train_step(m, *_items(step), step, 10, torch.device("cpu"), amp=amp, held=held)
         assert losses and all(torch.isfinite(v).all() for v in losses.values()), losses
     assert all(p.dtype == torch.float32 for p in m.eval_model().parameters())  # weights stay float32
     assert any(not torch.equal(a, b) for a, b in zip(before, m.eval_model().parameters()))
@@ -91,11 +97,89 @@ def test_bf16_autocast_really_lowers_the_precision():
     assert seen == [torch.bfloat16, torch.float32]
 
 
-def test_fp16_and_unknown_amp_are_refused(synth_root):
-    with pytest.raises(ConfigError, match="gradient scaler"):
-        build_experiment(tiny_experiment(synth_root, **{"train.amp": "fp16"}))
+def test_fp16_reaches_the_method_and_unknown_amp_is_refused(synth_root):
+    cfg = build_experiment(tiny_experiment(synth_root, **{"train.amp": "fp16", "method": "adversarial"}))
+    assert build_method(cfg, None, "cpu").scaling.enabled
+    assert not build_method(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp="bf16")),
+                            None, "cpu").scaling.enabled
     with pytest.raises(ConfigError, match="train.amp"):
         build_experiment(tiny_experiment(synth_root, **{"train.amp": "half"}))
+
+
+def _inf_grads(params) -> list:
+    """Hooks turning these parameters' gradients into inf (an overflow); remove() them after."""
+    return [p.register_hook(lambda g: torch.full_like(g, float("inf"))) for p in params]
+
+
+def _copy(params) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_fp16_overflow_skips_the_segmenter_and_discriminator_steps_and_halves_their_scales(
+        narrow_discriminators):
+    m = make_method("adversarial", amp="fp16")
+    seg, d = list(m.model_raw.parameters()), list(m.discs["main"].parameters())
+    seg0, d0 = _copy(seg), _copy(d)
+    hooks = _inf_grads(seg[:1] + d[:1])
+    losses = train_step(m, *_items(0), 0, 10, torch.device("cpu"), amp="fp16")
+    assert all(torch.isfinite(v) for v in losses.values())  # the forward was fine; the gradients overflowed
+    assert _same(seg, seg0) and _same(d, d0)  # both updates skipped, not applied with inf
+    assert not m.opt.state and not m.d_opts["main"].state  # SGD momentum / Adam moments never started
+    state = m.state_dict()
+    assert state["grad_scaler/opt"]["scale"] == state["grad_scaler/opt_d_main"]["scale"] == 2.0 ** 15
+    for h in hooks:
+        h.remove()
+    train_step(m, *_items(1), 1, 10, torch.device("cpu"), amp="fp16")
+    assert not _same(seg, seg0) and not _same(d, d0)
+    state = m.state_dict()
+    assert state["grad_scaler/opt"]["scale"] == state["grad_scaler/opt_d_main"]["scale"] == 2.0 ** 15
+    assert state["grad_scaler/opt"]["_growth_tracker"] == 1
+
+
+def test_fp16_discriminator_overflow_skips_only_the_discriminator_step(narrow_discriminators):
+    """One scaler per optimizer: D's overflow leaves the segmenter's step and scale alone."""
+    m = make_method("adversarial", amp="fp16")
+    seg, d = list(m.model_raw.parameters()), list(m.discs["main"].parameters())
+    seg0, d0 = _copy(seg), _copy(d)
+    _inf_grads(d[-1:])
+    train_step(m, *_items(0), 0, 10, torch.device("cpu"), amp="fp16")
+    assert not _same(seg, seg0) and _same(d, d0)
+    state = m.state_dict()
+    assert state["grad_scaler/opt"]["scale"] == 2.0 ** 16 and state["grad_scaler/opt_d_main"]["scale"] == 2.0 ** 15
+
+
+def test_fp16_skipped_student_step_gives_the_teacher_no_reward_and_keeps_the_baseline():
+    m = make_method("mpl", amp="fp16")
+    m.baseline.value = 0.25
+    student, teacher = list(m.model_raw.parameters()), list(m.teacher_raw.parameters())
+    s0, t0 = _copy(student), _copy(teacher)
+    _inf_grads(student[:1])
+    logs = train_step(m, *_items(0), 0, 10, torch.device("cpu"), amp="fp16", held=_items(100)[0])
+    assert _same(student, s0) and not _same(teacher, t0)  # the teacher still learns from its source CE
+    assert logs["mpl/student_skipped"] == 1.0 and logs["mpl/reward"] == 0.0
+    assert logs["mpl/ce_old"] == logs["mpl/ce_new"]
+    assert m.baseline.value == 0.25
+    state = m.state_dict()
+    assert state["grad_scaler/opt"]["scale"] == 2.0 ** 15 and state["grad_scaler/opt_teacher"]["scale"] == 2.0 ** 16
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mpl_reward_sees_the_student_after_its_step_under_autocast(amp):
+    """ce_new is the updated student's float32 held-out CE. Inside one autocast region a forward reuses the
+    low-precision weight copies cast before the optimizer step (autocast caches them): measured there, ce_new
+    was the old student's CE and the reward was about 0 (the step's effect lost)."""
+    m = make_method("mpl", amp=amp)
+    held = _items(100)[0]
+    logs = train_step(m, *_items(0), 0, 10, torch.device("cpu"), amp=amp, held=held)
+    batch = UDABatch(src_img_held=held["img"].float(), src_lbl_held=held["lbl"].long())
+    with torch.no_grad(), eval_mode(m.model_raw):
+        after = global_ce(m.model_raw(batch.src_img_held)["out"], batch.src_lbl_held)
+    assert logs["mpl/ce_new"] == after
+    assert abs(logs["mpl/reward_raw"]) > 1e-3
 
 
 def test_channels_last_and_bf16_fit_runs(tmp_path, synth_root):

@@ -43,7 +43,7 @@ def _teacher_logp_after_step(monkeypatch, ce_old: float, ce_new: float) -> float
     size = tuple(batch.tgt_img.shape[-2:])
     with torch.no_grad():
         pseudo = upsample(m.teacher(batch.tgt_img)["out"], size).argmax(1)  # what the step will label
-    monkeypatch.setattr(m, "_student_step", lambda b, p: (torch.tensor(ce_old), torch.tensor(ce_new), {}))
+    monkeypatch.setattr(m, "_student_step", lambda b, p: (torch.tensor(ce_old), torch.tensor(ce_new), True, {}))
     logs = m.train_step(batch, 0)
     assert logs["mpl/reward"].item() == pytest.approx(ce_old - ce_new)  # baseline starts at 0
     with torch.no_grad():

@@ -60,7 +60,7 @@ def build_method(cfg: ExperimentConfig, wrap: Callable | None, device: torch.dev
         return model
 
     return cls(segmenter(), cfg.method_cfg, cfg.optim, num_classes=cfg.model.num_classes,
-               wrap=wrap, device=device, model_factory=segmenter)
+               wrap=wrap, device=device, model_factory=segmenter, amp=cfg.train.amp)
 
 
 def checkpoint_experiment(checkpoint: str | Path) -> tuple[ExperimentConfig, dict]:

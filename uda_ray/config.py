@@ -218,17 +218,14 @@ class TrainConfig:
     # up to this many times; the restarts are counted in the results tables
     max_failures: int = 2
     # GPU-oriented options, off by default (they change the numbers): mixed precision of every forward and
-    # backward pass of a step, discriminators included ("off" | "bf16"; "fp16" needs loss scaling the methods'
-    # steps do not do, and is refused), channels-last memory format and torch.compile of the segmenter
+    # backward pass of a step, discriminators included ("off" | "bf16" | "fp16"; fp16 with one gradient scaler per
+    # optimizer), channels-last memory format and torch.compile of the segmenter
     amp: str = "off"
     channels_last: bool = False
     compile: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.amp in ("off", "bf16"),
-               f"train.amp must be 'off' or 'bf16', got {self.amp!r}" + (
-                   " (fp16 needs a gradient scaler, which the methods' steps do not use; bf16 needs none)"
-                   if self.amp == "fp16" else ""))
+        _check(self.amp in ("off", "bf16", "fp16"), f"train.amp must be 'off', 'bf16' or 'fp16', got {self.amp!r}")
         _check(self.max_steps >= 1, "train.max_steps must be >= 1")
         _check(1 <= self.eval_every, "train.eval_every must be >= 1")
         _check(self.batch_size >= 1 and self.eval_batch_size >= 1, "train batch sizes must be >= 1")

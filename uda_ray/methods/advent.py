@@ -61,8 +61,9 @@ class MinEnt(Method):
                 ents.append(entropy_loss(F.softmax(upsample(lg, size), dim=1)))  # scalar in [0, 1]
             return sum((w * e for w, e in zip(weights, ents)), start=ents[0].new_zeros(()))
 
-        _, _, loss_src = backward_target_then_source(self.model, batch, self.seg_aux_weights, ent_loss)
-        self.opt.step()
+        _, _, loss_src = backward_target_then_source(self.model, batch, self.seg_aux_weights, ent_loss,
+                                                     self.backward)
+        self.step()
         logs = {"loss/seg_src": loss_src, "loss/ent": ents[0].detach()}
         if self.cfg.multi_level:
             logs["loss/ent_aux"] = ents[1].detach()

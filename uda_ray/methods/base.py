@@ -63,8 +63,12 @@ def sync_grads(module: nn.Module, last: bool) -> contextlib.AbstractContextManag
     return contextlib.nullcontext()
 
 
+def _backward(loss: Tensor) -> None:
+    loss.backward()
+
+
 def backward_first_then_last(model: nn.Module, first: Callable[[], Tensor],
-                             last: Callable[[], Tensor]) -> None:
+                             last: Callable[[], Tensor], backward: Callable[[Tensor], None] = _backward) -> None:
     """Accumulate the gradients of two losses, each from its own forward of `model`.
 
     `first()` runs forwards that may leave some parameters unused (e.g. a target loss on the main head
@@ -72,13 +76,14 @@ def backward_first_then_last(model: nn.Module, first: Callable[[], Tensor],
     module: one backward of the sum. Under DDP (default settings, no find_unused_parameters) several forwards
     before one backward are not allowed: two backward passes, the first with its forward inside no_sync, the
     last synchronized (its backward must reach every parameter for DDP to finalize the all-reduce).
+    `backward`: how a loss is backpropagated (a method's `backward`: loss scaling under fp16).
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         with sync_grads(model, last=False):
-            first().backward()
-        last().backward()
+            backward(first())
+        backward(last())
     else:
-        (first() + last()).backward()
+        backward(first() + last())
 
 
 def upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:
@@ -97,6 +102,57 @@ def seg_loss(out: dict[str, Any], lbl: Tensor, aux_weights: tuple[float, ...]) -
     return loss
 
 
+class LossScaling:
+    """fp16 loss scaling (`train.amp: fp16`): one `torch.amp.GradScaler` per optimizer, as PyTorch's AMP notes
+    advise for several models, losses and optimizers stepped independently (a segmenter and a discriminator
+    have gradients of very different sizes: one scaler backing off for the discriminator's overflow would
+    shrink the segmenter's scale too). Each backward pass of an optimizer's loss is scaled by that optimizer's
+    scaler; its step unscales the gradients, skips the update when one is inf/NaN, then updates the scale
+    (halved after a skip, doubled after `growth_interval` clean steps). Disabled ("off", "bf16": bfloat16
+    has float32's range, no scaling needed), `backward` and `step` are exactly `loss.backward()` and
+    `opt.step()`.
+    """
+
+    def __init__(self, amp: str, device: torch.device) -> None:
+        self.enabled = amp == "fp16"
+        self.device_type = device.type
+        self._scalers: dict[int, torch.amp.GradScaler] = {}  # by id(optimizer)
+
+    def scaler(self, opt: torch.optim.Optimizer) -> torch.amp.GradScaler:
+        """The optimizer's GradScaler (made on first use)."""
+        if id(opt) not in self._scalers:
+            self._scalers[id(opt)] = torch.amp.GradScaler(self.device_type)
+        return self._scalers[id(opt)]
+
+    def backward(self, loss: Tensor, opt: torch.optim.Optimizer) -> None:
+        """Backpropagate `loss`, whose gradients `opt` will step on (scaled by its scaler under fp16)."""
+        if self.enabled:
+            self.scaler(opt).scale(loss).backward()
+        else:
+            loss.backward()
+
+    def step(self, opt: torch.optim.Optimizer) -> None:
+        """`opt.step()`; under fp16 on unscaled gradients, skipped when one is not finite, then the scale's
+        update (one step per scaler per training step, so the update follows each step)."""
+        if self.enabled:
+            scaler = self.scaler(opt)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+
+    def step_applied(self, opt: torch.optim.Optimizer) -> bool:
+        """`step(opt)`, returning whether the update was applied (False: skipped for inf/NaN gradients).
+        Under fp16 this reads the scale back (a host sync): a skip, and only a skip, lowers it."""
+        if not self.enabled:
+            opt.step()
+            return True
+        scaler = self.scaler(opt)
+        before = scaler.get_scale()
+        self.step(opt)
+        return scaler.get_scale() >= before
+
+
 class Method:
     """Base class: one segmenter, one optimizer. Subclasses override `train_step` and extend the state."""
 
@@ -108,7 +164,7 @@ class Method:
 
     def __init__(self, model: nn.Module, cfg: Any, optim: OptimConfig, *, num_classes: int,
                  wrap: Wrap | None = None, device: torch.device | str = "cpu",
-                 model_factory: Callable[[], nn.Module] | None = None) -> None:
+                 model_factory: Callable[[], nn.Module] | None = None, amp: str = "off") -> None:
         self.cfg = cfg
         self.optim_cfg = optim
         self.num_classes = num_classes
@@ -121,6 +177,17 @@ class Method:
         groups = model.param_groups(optim.lr) if hasattr(model, "param_groups") else model.parameters()
         self.opt = build_optimizer(groups, optim)
         self.optimizers: list[torch.optim.Optimizer] = [self.opt]
+        # the loop runs train_step under autocast; under fp16 every backward/step goes through the scalers
+        self.scaling = LossScaling(amp, self.device)
+
+    def backward(self, loss: Tensor, opt: torch.optim.Optimizer | None = None) -> None:
+        """Backpropagate a loss of `opt`'s parameters (default: the segmenter's optimizer); every backward pass
+        of a method goes through here or `self.scaling` (loss scaling under fp16)."""
+        self.scaling.backward(loss, opt or self.opt)
+
+    def step(self, opt: torch.optim.Optimizer | None = None) -> None:
+        """`opt.step()` (default: the segmenter's optimizer), through its scaler under fp16."""
+        self.scaling.step(opt or self.opt)
 
     # -- interface -------------------------------------------------------------------------
     def train_step(self, batch: UDABatch, step: int) -> dict[str, Tensor]:
@@ -133,11 +200,20 @@ class Method:
         """Everything with a state_dict that a checkpoint must hold. Subclasses extend."""
         return {"model": self.model_raw, "opt": self.opt}
 
+    def _checkpointed(self) -> dict[str, Any]:
+        """`stateful()`, and under fp16 the GradScaler of each of its optimizers ("grad_scaler/<its key>"):
+        the scale and its growth tracker, plain floats and ints."""
+        items = self.stateful()
+        if self.scaling.enabled:
+            items.update({f"grad_scaler/{k}": self.scaling.scaler(v) for k, v in list(items.items())
+                          if isinstance(v, torch.optim.Optimizer)})
+        return items
+
     def state_dict(self) -> dict:
-        return {k: v.state_dict() for k, v in self.stateful().items()}
+        return {k: v.state_dict() for k, v in self._checkpointed().items()}
 
     def load_state_dict(self, state: dict) -> None:
-        items = self.stateful()
+        items = self._checkpointed()
         missing = set(items) - set(state)
         if missing:
             raise KeyError(f"checkpoint lacks {sorted(missing)}")

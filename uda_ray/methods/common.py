@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from uda_ray.data.labels import IGNORE
 from uda_ray.errors import ConfigError
 from uda_ray.losses import bce_domain
-from uda_ray.methods.base import Method, UDABatch, seg_loss, sync_grads, unwrap, upsample
+from uda_ray.methods.base import LossScaling, Method, UDABatch, seg_loss, sync_grads, unwrap, upsample
 from uda_ray.models.discriminators import DISCRIMINATORS
 from uda_ray.optim import OptimConfig, build_optimizer
 
@@ -237,23 +237,23 @@ def frozen(modules: list[nn.Module]) -> Iterator[None]:
 
 
 def backward_target_then_source(model: nn.Module, batch: UDABatch, aux_weights: tuple[float, ...],
-                                target_loss: Callable[[dict[str, Any]], Tensor]
-                                ) -> tuple[dict[str, Any], dict[str, Any], Tensor]:
+                                target_loss: Callable[[dict[str, Any]], Tensor],
+                                backward: Callable[[Tensor], None]) -> tuple[dict[str, Any], dict[str, Any], Tensor]:
     """Accumulate the gradients of one segmenter step in two backward passes (one graph in memory at a
     time, as in AdaptSegNet / ADVENT): target_loss(model(tgt_img)) first inside no_sync, then the source CE.
 
     The order is swapped from the originals' (source, then target; the summed gradient is the same) for
     DDP: the synchronized pass must give every parameter a gradient, and the target loss may not touch the
     aux heads (single-level), which DDP without find_unused_parameters cannot finalize: their gradients would
-    silently stay unreduced. The source CE touches them all.
+    silently stay unreduced. The source CE touches them all. `backward`: the method's (loss scaling under fp16).
     Returns (source outputs, target outputs, detached source CE).
     """
     with sync_grads(model, last=False):
         tgt_out = model(batch.tgt_img)
-        target_loss(tgt_out).backward()
+        backward(target_loss(tgt_out))
     src_out = model(batch.src_img)
     loss_src = seg_loss(src_out, batch.src_lbl, aux_weights)
-    loss_src.backward()
+    backward(loss_src)
     return src_out, tgt_out, loss_src.detach()
 
 
@@ -267,12 +267,15 @@ class OutputAdversary:
 
     D sees `d_input(softmax(logits upsampled to the input size))`: the probabilities for AdaptSegNet, the
     self-information maps for ADVENT's AdvEnt. D: BCE on the detached source (0) and target (1) inputs, each
-    half-weighted.
+    half-weighted. `scaling`: the method's loss scaling (fp16: each discriminator's optimizer has its own
+    GradScaler, so a discriminator's overflow skips only its own step).
     """
 
     def __init__(self, discriminator: str, num_classes: int, *, multi_level: bool, lambda_adv: float,
                  lambda_adv_aux: float, d_optim: OptimConfig, wrap: Callable[[nn.Module], nn.Module],
-                 device: torch.device, d_input: Callable[[Tensor], Tensor] = _identity) -> None:
+                 device: torch.device, d_input: Callable[[Tensor], Tensor] = _identity,
+                 scaling: LossScaling | None = None) -> None:
+        self.scaling = scaling or LossScaling("off", device)
         self.multi_level = multi_level
         self.levels: tuple[str, ...] = ("main", "aux") if multi_level else ("main",)
         self.lambda_adv = {"main": lambda_adv, "aux": lambda_adv_aux}
@@ -326,14 +329,14 @@ class OutputAdversary:
             if src.shape[1:] == tgt.shape[1:]:
                 d_out = d(torch.cat([src, tgt]))  # (Bs + Bt, 1, H/32, W/32)
                 loss_s, loss_t = bce_domain(d_out[: len(src)], SOURCE), bce_domain(d_out[len(src):], TARGET)
-                (loss_s / 2 + loss_t / 2).backward()
+                self.scaling.backward(loss_s / 2 + loss_t / 2, opt)
             else:
                 with sync_grads(d, last=False):
                     loss_s = bce_domain(d(src), SOURCE)
-                    (loss_s / 2).backward()
+                    self.scaling.backward(loss_s / 2, opt)
                 loss_t = bce_domain(d(tgt), TARGET)
-                (loss_t / 2).backward()
-            opt.step()
+                self.scaling.backward(loss_t / 2, opt)
+            self.scaling.step(opt)
             sfx = self.suffix(lvl)
             logs[f"loss/d_src{sfx}"], logs[f"loss/d_tgt{sfx}"] = loss_s.detach(), loss_t.detach()
         return logs
@@ -367,8 +370,9 @@ def adversarial_segmenter_step(method: Method, batch: UDABatch, seg_aux_weights:
         return loss
 
     with adversary.frozen() if adversary is not None else contextlib.nullcontext():
-        src_out, _, loss_src = backward_target_then_source(method.model, batch, seg_aux_weights, target_loss)
-    method.opt.step()
+        src_out, _, loss_src = backward_target_then_source(method.model, batch, seg_aux_weights, target_loss,
+                                                           method.backward)
+    method.step()
     src_maps: list[Tensor] = []
     if adversary is not None:
         with torch.no_grad():
@@ -393,7 +397,7 @@ class OutputAdversarialMethod(Method):
         self.adversary = OutputAdversary(cfg.discriminator, self.num_classes, multi_level=cfg.multi_level,
                                          lambda_adv=cfg.lambda_adv, lambda_adv_aux=cfg.lambda_adv_aux,
                                          d_optim=cfg.d_optim, wrap=self.wrap, device=self.device,
-                                         d_input=self.d_input)
+                                         d_input=self.d_input, scaling=self.scaling)
         self.discs, self.d_opts = self.adversary.discs, self.adversary.d_opts
         self.optimizers.extend(self.adversary.optimizers)
 

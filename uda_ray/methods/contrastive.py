@@ -114,8 +114,8 @@ class Contrastive(Method):
             return loss
 
         if cfg.lambda_ent == 0 and cfg.lambda_con == 0:
-            source_loss().backward()
-            self.opt.step()
+            self.backward(source_loss())
+            self.step()
             return logs
         if cfg.lambda_con > 0 and batch.tgt_lbl is None:
             raise ValueError("contrastive needs pseudo-labels as target labels (data.target_label_root)")
@@ -138,8 +138,8 @@ class Contrastive(Method):
                 loss = loss + cfg.lambda_con * con
             return loss
 
-        backward_first_then_last(self.model, target_loss, source_loss)
-        self.opt.step()
+        backward_first_then_last(self.model, target_loss, source_loss, self.backward)
+        self.step()
         return logs
 
     def stateful(self) -> dict[str, Any]:

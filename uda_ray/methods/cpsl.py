@@ -97,8 +97,10 @@ def sinkhorn(scores: Tensor, eps: float, iters: int, class_marginal: Tensor) -> 
 
     scores (N, C) -> Q (N, C): Q ~ exp(scores / eps), rescaled so that each row (pixel) sums to 1 and the
     class totals Q.sum(0) / N approach class_marginal (C,) (exact in the limit; the last scaling is the
-    pixels', as in the original).
+    pixels', as in the original). In float32 whatever the scores' dtype: under fp16 autocast the first total
+    (N * C terms up to 1) overflows float16's 65504 and every assignment becomes NaN; bfloat16 totals keep 8 bits.
     """
+    scores = scores.float()
     q = torch.exp((scores - scores.max()) / eps).t()  # (C, N); the shift cancels in the normalizations
     n = q.shape[1]
     marginal = (class_marginal / class_marginal.sum()).to(q)[:, None]  # (C, 1)
@@ -430,8 +432,8 @@ class CPSL(Method):
             logs["loss/seg_src"] = loss.detach()
             return loss
 
-        backward_first_then_last(self.model, target_loss, source_loss)
-        self.opt.step()
+        backward_first_then_last(self.model, target_loss, source_loss, self.backward)
+        self.step()
         self._ema_updates()
         return logs
 

@@ -131,10 +131,10 @@ class CPSLDistill(Method):
                 logs["loss/seg_src"] = loss.detach()
                 return cfg.lambda_src * loss
 
-            backward_first_then_last(self.model, target_loss, source_loss)
+            backward_first_then_last(self.model, target_loss, source_loss, self.backward)
         else:
-            target_loss().backward()  # pseudo_label_loss reaches every head (aux included)
-        self.opt.step()
+            self.backward(target_loss())  # pseudo_label_loss reaches every head (aux included)
+        self.step()
         return logs
 
     def stateful(self) -> dict[str, Any]:

@@ -64,8 +64,8 @@ class FDA(Method):
                 logs["loss/ent_tgt"] = ent.detach()
                 return cfg.lambda_ent * ent
 
-            backward_first_then_last(self.model, target_loss, source_loss)
+            backward_first_then_last(self.model, target_loss, source_loss, self.backward)
         else:
-            source_loss().backward()
-        self.opt.step()
+            self.backward(source_loss())
+        self.step()
         return logs

@@ -33,6 +33,12 @@ teacher's labels did for the student on labeled data it did not just train on, a
 measuring forwards side-effect free (BatchNorm uses, and keeps, its running statistics), so ce_old - ce_new is
 the step's effect alone. The baseline starts at 0 and is the average BEFORE this step's update. Under DDP the
 held-out CEs are all-reduced (sum and pixel count), so the reward is the global one on every worker.
+Mixed precision (`train.amp`): the two held-out CEs are measured in float32 (autocast off) whatever the step's
+precision: their difference is the whole signal, and inside the step's autocast region the second forward
+would see the student's weights as cast before its update (autocast caches the casts). Under fp16 each of
+student and teacher has its own GradScaler; when the student's update is skipped (inf/NaN gradients after
+scaling), ce_new = ce_old says nothing about the labels: that step's reward is 0 (the teacher's MPL term drops
+out; its source CE still trains it) and the baseline is not updated.
 eval_model() is the student.
 """
 
@@ -143,16 +149,22 @@ class MPL(Method):
     @torch.no_grad()
     def _held_out_ce(self, batch: UDABatch) -> Tensor:
         """Global CE of the student (main head, eval mode: BatchNorm's running statistics, none updated) on the
-        held-out source batch."""
+        held-out source batch, in float32 even under `train.amp` (autocast off). Under autocast, ce_new's forward
+        would reuse the low-precision weight copies autocast cached before the student's step (the cache
+        lives as long as the step's autocast region): the old student, a reward of about 0. And the reward
+        is a difference of two CEs one small step apart, which 11 (float16) or 8 (bfloat16) significant bits
+        of weights would blur."""
         was_training = self.model_raw.training
         self.model_raw.eval()
         try:
-            return global_ce(self.model_raw(batch.src_img_held)["out"], batch.src_lbl_held)
+            with torch.autocast(self.device.type, enabled=False):
+                return global_ce(self.model_raw(batch.src_img_held)["out"], batch.src_lbl_held)
         finally:
             self.model_raw.train(was_training)
 
-    def _student_step(self, batch: UDABatch, pseudo: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """One student update; returns (ce_old, ce_new, logs): global held-out source CEs before and after it."""
+    def _student_step(self, batch: UDABatch, pseudo: Tensor) -> tuple[Tensor, Tensor, bool, dict[str, Tensor]]:
+        """One student update; returns (ce_old, ce_new, applied, logs): global held-out source CEs before and
+        after it, and whether the update was applied (False: skipped by fp16 loss scaling)."""
         if batch.src_img_held is None or batch.src_lbl_held is None:
             raise ValueError("mpl measures its reward on a held-out source batch (UDABatch.src_img_held / "
                              "src_lbl_held; the training loop supplies it)")
@@ -172,12 +184,12 @@ class MPL(Method):
                 logs["loss/seg_src_student"] = loss.detach()
                 return w * loss
 
-            backward_first_then_last(self.model, target_loss, source_loss)
+            backward_first_then_last(self.model, target_loss, source_loss, self.backward)
         else:
-            target_loss().backward()  # pseudo-label CE reaches every head (aux included)
-        self.opt.step()
+            self.backward(target_loss())  # pseudo-label CE reaches every head (aux included)
+        applied = self.scaling.step_applied(self.opt)
         ce_new = self._held_out_ce(batch)  # same batch, same (eval) mode: the difference is the step's effect
-        return ce_old, ce_new, logs
+        return ce_old, ce_new, applied, logs
 
     def train_step(self, batch: UDABatch, step: int) -> dict[str, Tensor]:
         """Logged: loss/seg_src_teacher, loss/seg_tgt_student, loss/seg_src_student (if weighted), loss/mpl
@@ -192,11 +204,14 @@ class MPL(Method):
             t_tgt = upsample(self.teacher(batch.tgt_img)["out"], size)  # (B, C, H, W)
         pseudo = self._pseudo_labels(t_tgt.detach())  # (B, H, W)
 
-        ce_old, ce_new, logs = self._student_step(batch, pseudo)
+        ce_old, ce_new, applied, logs = self._student_step(batch, pseudo)
         raw = (ce_old - ce_new).detach()
         baseline = self.baseline.value
-        reward = raw - baseline  # > 0: the student improved more than usual -> reinforce y_hat
-        self.baseline.update(float(raw))
+        if applied:
+            reward = raw - baseline  # > 0: the student improved more than usual -> reinforce y_hat
+            self.baseline.update(float(raw))
+        else:  # fp16 skipped the student's update: no evidence about y_hat, and the baseline keeps its value
+            reward = torch.zeros_like(raw)
 
         def teacher_target_loss() -> Tensor:
             with torch.no_grad():
@@ -213,10 +228,13 @@ class MPL(Method):
             logs["loss/seg_src_teacher"] = loss.detach()
             return loss
 
-        backward_first_then_last(self.teacher, teacher_target_loss, teacher_source_loss)
-        self.t_opt.step()
+        backward_first_then_last(self.teacher, teacher_target_loss, teacher_source_loss,
+                                 lambda loss: self.backward(loss, self.t_opt))
+        self.step(self.t_opt)
         logs.update({"mpl/ce_old": ce_old.detach(), "mpl/ce_new": ce_new.detach(), "mpl/reward_raw": raw,
                      "mpl/baseline": torch.tensor(baseline), "mpl/reward": reward})
+        if self.scaling.enabled:
+            logs["mpl/student_skipped"] = torch.tensor(float(not applied))
         return logs
 
     def _uda_loss(self, batch: UDABatch, t_tgt: Tensor) -> Tensor:

@@ -75,7 +75,8 @@ class SelfTraining(Method):
         if cfg.lambda_adv > 0:
             self.adversary = OutputAdversary(cfg.discriminator, self.num_classes, multi_level=cfg.multi_level,
                                              lambda_adv=cfg.lambda_adv, lambda_adv_aux=cfg.lambda_adv_aux,
-                                             d_optim=cfg.d_optim, wrap=self.wrap, device=self.device)
+                                             d_optim=cfg.d_optim, wrap=self.wrap, device=self.device,
+                                             scaling=self.scaling)
             self.optimizers.extend(self.adversary.optimizers)
         self.discs = self.adversary.discs if self.adversary else {}
 

@@ -14,6 +14,6 @@ class SourceOnly(Method):
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         loss = seg_loss(self.model(batch.src_img), batch.src_lbl, self.aux_weights)
-        loss.backward()
-        self.opt.step()
+        self.backward(loss)
+        self.step()
         return {"loss/seg_src": loss.detach()}

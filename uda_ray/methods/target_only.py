@@ -15,6 +15,6 @@ class TargetOnly(Method):
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         loss = seg_loss(self.model(batch.tgt_img), batch.tgt_lbl, self.aux_weights)
-        loss.backward()
-        self.opt.step()
+        self.backward(loss)
+        self.step()
         return {"loss/seg_tgt": loss.detach()}
