@@ -1,11 +1,14 @@
 """GPU check (Ray-free): a BiSeNet-R18 adversarial UDA step and BiSeNet-R18 inference on one CUDA device.
 
-    python benchmarks/gpu_check.py [--batch 8] [--steps 20] [--peak-tflops-fp32 X --peak-tflops-bf16 Y]
+    python benchmarks/gpu_check.py [--batch 8] [--steps 20] [--peak-tflops-fp32 X --peak-tflops-bf16 Y
+                                    --peak-tflops-fp16 Z]
 
 1. One AdaptSegNet step (`adversarial`, FC discriminator; segmenter CE on source + adversarial loss on target,
    then the discriminator's step) at 1024x512 source + 1024x512 target, batch `--batch`, through the training
    loop's own step (`uda_ray.loop.train_step`: uint8 batches converted on the device, losses left there), in
-   fp32 (cuDNN convolutions may use TF32, PyTorch's default) and with `train.amp: bf16`. Prints step time,
+   fp32 (cuDNN convolutions may use TF32, PyTorch's default), with `train.amp: bf16` and with `train.amp: fp16`
+   (one gradient scaler per optimizer; the fp16 line also gives each scaler's scale after the run: 65536 halved
+   once per skipped step, doubled after 2000 clean ones). Prints step time,
    images/s (source + target images), peak memory and model FLOP utilization: the FLOPs of one step counted
    by `torch.utils.flop_counter.FlopCounterMode` (forward and backward, multiply-add = 2) divided by the step
    time and by the card's peak (a table of known cards' dense tensor-core peaks, or the --peak-* options).
@@ -44,6 +47,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--peak-tflops-fp32", type=float, help="the card's fp32 (TF32) peak, if not in the table")
     ap.add_argument("--peak-tflops-bf16", type=float, help="the card's bf16 peak, if not in the table")
+    ap.add_argument("--peak-tflops-fp16", type=float, help="the card's fp16 peak (default: its bf16 peak)")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="exercise this script on the CPU at 128x64 (no figures worth reading)")
     a = ap.parse_args()
@@ -66,6 +70,7 @@ def main() -> int:
     known = card_peaks(name)
     peak = {"off": a.peak_tflops_fp32 or (known[0] if known else None),
             "bf16": a.peak_tflops_bf16 or (known[1] if known else None)}
+    peak["fp16"] = a.peak_tflops_fp16 or peak["bf16"]
     print(f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN TF32 "
           f"{torch.backends.cudnn.allow_tf32}, matmul TF32 {torch.backends.cuda.matmul.allow_tf32}")
     if dry:
@@ -81,10 +86,10 @@ def main() -> int:
     src, tgt = items(), items()
     optim = OptimConfig(name="sgd", lr=2.5e-4, momentum=0.9, weight_decay=5e-4)
     cls = METHODS["adversarial"]
-    for amp in ("off", "bf16"):
+    for amp in ("off", "bf16", "fp16"):
         torch.manual_seed(0)
         method = cls(MODELS["bisenet_r18"](num_classes=19), cls.Config(discriminator="fc"), optim, num_classes=19,
-                     device=dev)
+                     device=dev, amp=amp)
         for i in range(a.warmup):
             train_step(method, src, tgt, i, 10**6, dev, amp)
         with FlopCounterMode(display=False) as counter:
@@ -106,7 +111,9 @@ def main() -> int:
               f"{step * 1000:.1f} ms/step, {2 * b / step:.1f} images/s, peak memory "
               f"{cuda.max_memory_allocated() / 2**30 if cuda else float('nan'):.2f} GiB, "
               f"{flops / 1e12:.2f} TFLOP/step, "
-              f"{tflops:.1f} TFLOPS achieved, MFU {mfu}")
+              f"{tflops:.1f} TFLOPS achieved, MFU {mfu}" + (
+                  f", loss scales: segmenter {method.scaling.scaler(method.opt).get_scale():g}, "
+                  f"D {method.scaling.scaler(method.d_opts['main']).get_scale():g}" if amp == "fp16" else ""))
         del method
         if cuda:
             cuda.empty_cache()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import functools
 import io
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from tests.conftest import NUM_CLASSES, TinySeg, make_batch
 from tests.ddp import assert_ddp_matches_one_worker
 from uda_ray.config import OptimConfig
 from uda_ray.loop import autocast
-from uda_ray.methods import METHODS
+from uda_ray.methods import METHODS, common
 
 OPTIM = OptimConfig(name="sgd", lr=1e-2, momentum=0.9, weight_decay=1e-4)
 
@@ -102,6 +104,14 @@ def test_fp16_step_is_finite_and_its_grad_scalers_resume_exactly(name, narrow_di
     assert [after[k] for k in scalers] == [after_fresh[k] for k in scalers]
     unused = torch.amp.GradScaler("cpu").state_dict()
     assert all(after[k] != unused for k in scalers)  # every optimizer stepped through its scaler
+
+
+def test_no_method_backpropagates_or_steps_around_the_loss_scaling():
+    """A bare loss.backward() or opt.step() in a method would skip fp16 loss scaling (and its skipped steps)."""
+    bare = re.compile(r"\.backward\(\)|\w*opts?(\[[^\]]*\])?\.step\(")
+    found = [f"{f.name}:{i}" for f in Path(common.__file__).parent.glob("*.py") if f.name != "base.py"
+             for i, line in enumerate(f.read_text().splitlines(), 1) if bare.search(line)]
+    assert not found
 
 
 def test_fp32_state_has_no_grad_scalers():

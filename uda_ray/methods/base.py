@@ -3,6 +3,8 @@
 A method owns its optimization step (forward/backward passes, optimizers, extra networks); the loop
 owns data, LR schedule, evaluation, logging and checkpointing. Methods never import ray: `wrap` is
 `ray.train.torch.prepare_model` inside Ray workers and the identity (plus `.to(device)`) in tests.
+Every backward pass and optimizer step of a method goes through `Method.backward` / `Method.step` (or the
+method's `scaling`): under `train.amp: fp16` they scale the loss and step through a GradScaler per optimizer.
 """
 
 from __future__ import annotations
