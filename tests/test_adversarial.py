@@ -8,13 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from tests.conftest import NUM_CLASSES, TinySeg, make_batch
 from uda_ray.config import OptimConfig, build
 from uda_ray.errors import ConfigError
-from uda_ray.losses import entropy_loss, self_information
+from uda_ray.losses import charbonnier_entropy, entropy_loss, self_information
 from uda_ray.methods import METHODS
 from uda_ray.methods.advent import AdvEnt, MinEnt, MinEntConfig
 from uda_ray.methods.adversarial import Adversarial, AdversarialConfig, d_input_size
@@ -48,6 +49,15 @@ def test_entropy_loss_is_one_for_uniform_and_zero_for_one_hot():
     assert entropy_loss(uniform).item() == pytest.approx(1.0, abs=1e-6)
     one_hot = torch.nn.functional.one_hot(torch.randint(0, 4, (2, 3, 5)), 4).permute(0, 3, 1, 2).float()
     assert entropy_loss(one_hot).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_entropies_of_float16_probabilities_with_exact_zeros_are_finite():
+    """fp16 autocast on CPU leaves softmax in float16, where tiny probabilities underflow to 0 and the
+    1e-30 guard rounds away: 0 * log(0) was NaN. Computed in float32 they equal the float32 values."""
+    probs = F.softmax(torch.tensor([[0.0, 30.0, -30.0]]).half(), dim=1)[:, :, None, None]  # (1, 3, 1, 1)
+    assert (probs == 0).any()
+    for loss in (entropy_loss, charbonnier_entropy):
+        assert torch.isfinite(loss(probs)) and loss(probs) == loss(probs.float())
 
 
 def test_self_information_matches_a_two_class_hand_example():

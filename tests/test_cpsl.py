@@ -12,6 +12,7 @@ from tests.conftest import NUM_CLASSES, TinySeg, make_batch
 from tests.ddp import assert_ddp_matches_one_worker
 from uda_ray.config import OptimConfig
 from uda_ray.errors import ConfigError
+from uda_ray.loop import autocast
 from uda_ray.losses import kl_distill
 from uda_ray.methods.cpsl import (
     CPSL,
@@ -51,6 +52,28 @@ def test_sinkhorn_columns_match_the_class_marginal_and_rows_are_uniform():
     torch.testing.assert_close(q.sum(1), torch.ones(n), atol=1e-5, rtol=0)  # every pixel: total 1 (= N / N)
     torch.testing.assert_close(q.sum(0) / n, MARGINAL, atol=2e-3, rtol=0)  # class totals: the marginal
     assert (q >= 0).all()
+
+
+def test_sinkhorn_of_float16_scores_is_computed_in_float32():
+    """fp16 autocast hands Sinkhorn float16 scores; with N * C above 65504 a float16 total overflowed (NaN)."""
+    scores = cosine_scores(n=20000).half()  # (20000, 5): 100000 terms
+    q = sinkhorn(scores, eps=0.05, iters=3, class_marginal=MARGINAL)
+    assert q.dtype == torch.float32
+    torch.testing.assert_close(q.sum(1), torch.ones(scores.shape[0]), atol=1e-4, rtol=0)
+
+
+def test_class_statistics_stay_exact_under_fp16_autocast():
+    """One class covering more pixels than float16 can count (65504): its count exact, its prototype finite."""
+    m = make(CPSL)
+    c, d = m.proto_raw.weight.shape
+    soft = torch.zeros(1, c, 250, 280)  # 70000 pixels, all class 2
+    soft[:, 2] = 1.0
+    z = F.normalize(torch.randn(1, d, 250, 280), dim=1)
+    with autocast("fp16", torch.device("cpu")):
+        m._update_stats(soft, z)
+    assert m.proto_raw.class_counts[2].item() == 70000.0 and m.proto_raw.class_counts.sum().item() == 70000.0
+    assert m.proto_raw.seen[2] and torch.isfinite(m.proto_raw.weight).all()
+    torch.testing.assert_close(m.proto_raw.weight[2], F.normalize(z.mean((0, 2, 3)), dim=0), atol=1e-5, rtol=0)
 
 
 def test_sinkhorn_with_the_originals_three_iterations_moves_toward_the_marginal():

@@ -11,11 +11,18 @@ from torch import Tensor
 from uda_ray.data.labels import IGNORE
 
 
+def _no_half(x: Tensor) -> Tensor:
+    return x.float() if x.dtype == torch.float16 else x
+
+
 def self_information(probs: Tensor) -> Tensor:
     """ADVENT's weighted self-information map I(p) = -p * log2(p + 1e-30) / log2(C).
 
-    probs (B, C, H, W) -> (B, C, H, W); summed over C it is the normalized entropy in [0, 1].
+    probs (B, C, H, W) -> (B, C, H, W); summed over C it is the normalized entropy in [0, 1]. float16 probs
+    (softmax under fp16 autocast on CPU) are computed in float32: float16 rounds the 1e-30 guard away, and a
+    probability that underflowed to 0 gave 0 * log(0) = NaN.
     """
+    probs = _no_half(probs)
     c = probs.shape[1]
     return -probs * torch.log2(probs + 1e-30) / math.log2(c)
 
@@ -28,6 +35,7 @@ def entropy_loss(probs: Tensor) -> Tensor:
 
 def charbonnier_entropy(probs: Tensor, eta: float = 2.0) -> Tensor:
     """FDA's robust entropy: ent = -sum_c p log p / ln(C) per pixel; loss = mean((ent^2 + 1e-8) ** eta)."""
+    probs = _no_half(probs)  # as in self_information
     c = probs.shape[1]
     ent = -(probs * torch.log(probs + 1e-30)).sum(1) / math.log(c)  # (B, H, W)
     return ((ent**2 + 1e-8) ** eta).mean()

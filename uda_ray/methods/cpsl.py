@@ -276,14 +276,17 @@ class CPSL(Method):
     @torch.no_grad()
     def _update_stats(self, soft: Tensor, z: Tensor) -> None:
         """Global class histogram of the soft labels' argmax (Sinkhorn's marginal; the original's offline
-        class_distribution.npy) and, for classes not yet seen, prototypes = mean teacher feature."""
+        class_distribution.npy) and, for classes not yet seen, prototypes = mean teacher feature. In float32
+        under `train.amp` too: float16 counts are exact only up to 2048 and overflow at 65504 (a class can cover
+        more pixels than that in one global batch), and autocast would run the matmul of the sums in float16."""
         p = self.proto_raw
-        onehot = F.one_hot(soft.argmax(1).flatten(), self.num_classes).to(z.dtype)  # (N, C)
+        onehot = F.one_hot(soft.argmax(1).flatten(), self.num_classes).float()  # (N, C)
         counts = all_reduce_(onehot.sum(0))  # (C,)
         p.class_counts += counts.double()
         if bool(p.seen.all()):
             return
-        sums = all_reduce_(onehot.t() @ z.permute(0, 2, 3, 1).flatten(0, 2))  # (C, D)
+        with torch.autocast(z.device.type, enabled=False):
+            sums = all_reduce_(onehot.t() @ z.float().permute(0, 2, 3, 1).flatten(0, 2))  # (C, D)
         new = ~p.seen & (counts >= MIN_PIXELS)
         if bool(new.any()):
             means = F.normalize(sums[new] / counts[new, None], dim=1).to(p.weight.dtype)  # float32 under amp
