@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import io
 import re
@@ -130,3 +131,41 @@ def _make_wrapped(name: str, wrap):
 
 def _eval_params(m) -> list[torch.Tensor]:
     return list(m.eval_model().parameters())
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("name", ["adversarial", "mpl"])
+def test_two_worker_ddp_fp16_step_matches_one_worker(name):
+    """fp16 under DDP: the scalers unscale the all-reduced gradients, so both workers skip or step alike and
+    end where one worker on the global batch does (segmenter, discriminator / teacher, and the scales)."""
+    assert_ddp_matches_one_worker(functools.partial(_make_wrapped_fp16, name), _params_and_scales, steps=2,
+                                  atol=FP16_DDP_ATOL)
+
+
+FP16_DDP_ATOL = 1e-4  # float16 convolutions of a 2-image and a 4-image batch round differently
+
+
+def _make_wrapped_fp16(name: str, wrap):
+    """The method in fp16, its steps under autocast. The discriminator with SGD instead of Adam: Adam moves an
+    element whose gradient is near 0 by about +-lr whatever its size, so a float16 rounding difference can
+    flip a step as large as the whole update and no tolerance would separate right from wrong."""
+    torch.manual_seed(0)
+    cls = METHODS[name]
+    cfg = cls.Config()
+    if hasattr(cfg, "d_optim"):
+        cfg = dataclasses.replace(cfg, d_optim=OPTIM)
+    m = cls(TinySeg(), cfg, OPTIM, num_classes=NUM_CLASSES, wrap=wrap, model_factory=TinySeg, amp="fp16")
+    step = m.train_step
+
+    def under_autocast(batch, i):
+        with autocast("fp16", torch.device("cpu")):
+            return step(batch, i)
+
+    m.train_step = under_autocast
+    return m
+
+
+def _params_and_scales(m) -> list[torch.Tensor]:
+    params = [p for k, v in m.stateful().items() if isinstance(v, torch.nn.Module) for p in v.parameters()]
+    scales = [torch.tensor(v["scale"]) for k, v in m.state_dict().items() if k.startswith("grad_scaler/")]
+    return params + scales
