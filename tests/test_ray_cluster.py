@@ -1,5 +1,6 @@
-"""Against a cluster started with `ray start --head` (not the embedded local one): a sweep script submitted
-with `ray job submit` (token authentication on, the token in a private HOME).
+"""Against clusters started with `ray start` (not the embedded local one): a sweep script submitted with
+`ray job submit` (token authentication on, the token in a private HOME), and a sweep through `--address` on a
+head and a second node (own temp dir and resources) with a shared storage path, resumed from either node.
 
 Each cluster lives in its own short temp dir with a private HOME (its own auth token); it is stopped by killing
 the processes that were started for it (found by their temp dir in their command lines), never `ray stop`.
@@ -23,6 +24,7 @@ import yaml
 
 import uda_ray
 from tests.conftest import tiny_experiment
+from tests.driver_kill import kill_when
 
 REPO = Path(uda_ray.__file__).parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
@@ -63,11 +65,14 @@ class PrivateCluster:
                 "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
                 "--min-worker-port", str(lo), "--max-worker-port", str(lo + 40)]
 
-    def start(self, num_cpus: float, head: bool) -> None:
+    def start(self, num_cpus: float, head: bool, resources: dict | None = None) -> Path:
+        """Start a node (the head, or one joining it) in its own temp dir; returns that dir."""
         temp = self.root / f"node{self.nodes}"
         self.nodes += 1
         args = [RAY, "start", "--num-cpus", str(num_cpus), "--temp-dir", str(temp), "--disable-usage-stats",
                 "--node-ip-address", "127.0.0.1", *self._ports()]
+        if resources:
+            args += ["--resources", json.dumps(resources)]
         if head:
             args += ["--head", "--port", str(self.port), "--dashboard-host", "127.0.0.1",
                      "--dashboard-port", str(self.dashboard), "--ray-client-server-port", str(_free_port())]
@@ -75,19 +80,31 @@ class PrivateCluster:
             args += ["--address", self.address]
         p = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=180)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+        return temp
 
-    def pids(self) -> list[int]:
-        """The processes started for this cluster: their command lines name its temp root."""
-        mine = []
+    def _cmdlines(self, under: Path) -> dict[int, str]:
+        out = {}
         for d in Path("/proc").iterdir():
             if d.name.isdigit() and int(d.name) != os.getpid():
                 try:
                     cmd = (d / "cmdline").read_bytes().decode(errors="replace")
                 except OSError:
                     continue
-                if str(self.root) in cmd:
-                    mine.append(int(d.name))
-        return mine
+                if f"{under}/" in cmd:
+                    out[int(d.name)] = cmd
+        return out
+
+    def pids(self, node: int | None = None) -> list[int]:
+        """The processes started for this cluster (or for one of its nodes): their command lines name its
+        temp root (the node's temp dir)."""
+        return list(self._cmdlines(self.root if node is None else self.root / f"node{node}"))
+
+    def node_id(self, node: int) -> str:
+        """The Ray node id of a node started here, from its raylet's command line."""
+        for cmd in self._cmdlines(self.root / f"node{node}").values():
+            if "/raylet/raylet" in cmd.split("\0")[0]:
+                return next(a.split("=", 1)[1] for a in cmd.split("\0") if a.startswith("--node_id="))
+        raise AssertionError(f"no raylet of node {node}")
 
     def stop(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -148,3 +165,87 @@ def test_ray_job_submit_runs_a_sweep_script_on_a_started_cluster(tmp_path, synth
     r = json.loads(line[len("RESULT "):])
     assert r == {"status": "completed", "trials": ["completed", "completed"]}
     assert "succeeded" in out
+
+
+# A driver joining a chosen node of a multi-node cluster on one host: Ray attaches a driver to a raylet on its
+# own host and prefers the head when there are several; `_temp_dir` picks the node started in that temp dir
+# (on a real cluster, a driver on the other machine attaches to that machine's node).
+DRIVER_ON = """
+import sys
+import ray
+import uda_ray
+
+ray.init(address=sys.argv[1], _temp_dir=sys.argv[2], log_to_driver=False)
+print("DRIVER_NODE " + ray.get_runtime_context().get_node_id(), flush=True)
+print("RESULT " + uda_ray.resume(sys.argv[3], storage=sys.argv[4]).status, flush=True)
+"""
+
+
+def _evals(store: Path, sweep: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    path = store / sweep / "results" / "evals.parquet"
+    return pq.read_table(path).to_pylist() if path.exists() else []
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_nodes_trials_spread_and_resume_from_either_node(tmp_path, synth_root, cluster):
+    # Each node has 2 CPUs; a trial is a driver of 0.25 CPU and one Train worker of 1.5: two workers never fit
+    # one node, and a node without a worker always has room for one, so two concurrent trials train on
+    # different nodes (forced by resources, nothing else).
+    cluster.start(num_cpus=2, head=True)
+    node_b = cluster.start(num_cpus=2, head=False, resources={"node_b": 1})
+    head_id, b_id = cluster.node_id(0), cluster.node_id(1)
+    max_steps, every = 30, 5
+    space = _space(tmp_path, synth_root, driver_cpus=0.25, base={
+        "train.cpus_per_worker": 1.5, "train.max_steps": max_steps, "train.eval_every": every})
+    store = tmp_path / "shared"  # one path every node writes (here: the same host)
+    cli = [sys.executable, "-m", "uda_ray.cli"]
+    env = {**cluster.env, "PYTHONUNBUFFERED": "1"}
+
+    def popen(args: list[str], log: Path) -> subprocess.Popen:
+        with open(log, "w") as f:
+            return subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+    # 1. the sweep from a driver on the head (`--address`; Ray attaches it to the head)
+    t0 = time.time()
+    first = popen([*cli, "sweep", str(space), "--address", cluster.address, "--storage", str(store), "--name", "two"],
+                  tmp_path / "first.log")
+    kill1 = kill_when(first, lambda: len({r["trial_id"] for r in _evals(store, "two")}) == 2,
+                      "both trials had an evaluation", timeout=240)
+    rows1 = _evals(store, "two")
+    # 2. resumed by a driver on the second node; killed again once it has recorded a new evaluation
+    second = popen([sys.executable, "-c", DRIVER_ON, cluster.address, str(node_b), "two", str(store)],
+                   tmp_path / "second.log")
+    kill2 = kill_when(second, lambda: any(r["reported_at"] > kill1 for r in _evals(store, "two")),
+                      "the second driver recorded an evaluation", timeout=240)
+    out2 = (tmp_path / "second.log").read_text()
+    rows2 = _evals(store, "two")
+    # 3. resumed from the head by the CLI, to the end
+    t3 = time.time()
+    p = subprocess.run([*cli, "resume", "two", "--address", cluster.address, "--storage", str(store)],
+                       env=env, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    done = time.time()
+
+    import pyarrow.parquet as pq
+
+    trials = pq.read_table(store / "two" / "results" / "trials.parquet").to_pylist()
+    evals = _evals(store, "two")
+    assert [t["status"] for t in trials] == ["completed", "completed"]
+    keys = sorted((e["trial_id"], e["step"]) for e in evals)
+    assert keys == sorted((t["trial_id"], s) for t in trials for s in range(every, max_steps + 1, every))
+    # the trials trained on both nodes, and each trial's row names the node of its latest evaluation
+    assert {e["node_id"] for e in evals} == {head_id, b_id}
+    for t in trials:
+        last = max((e for e in evals if e["trial_id"] == t["trial_id"]), key=lambda e: e["step"])
+        assert t["node_id"] == last["node_id"] and t["node_ip"] == last["node_ip"]
+    # the second driver ran on the second node and moved the sweep on; both resumes continued from checkpoints
+    assert f"DRIVER_NODE {b_id}" in out2, out2[-3000:]
+    assert any(r["reported_at"] > kill1 for r in rows2) and len(rows2) > len(rows1)
+    assert all(t["restarts"] >= 1 for t in trials)
+    print(f"\ntwo nodes: sweep {kill1 - t0:.0f}s to the first kill, resume on node b {kill2 - kill1:.0f}s to the "
+          f"second, resume on the head {done - t3:.0f}s to the end; evaluations by node: "
+          f"head {sum(e['node_id'] == head_id for e in evals)}, b {sum(e['node_id'] == b_id for e in evals)}; "
+          f"restarts {[t['restarts'] for t in trials]}")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import tiny_experiment
+from tests.driver_kill import kill_when
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # every test here starts Ray and takes more than 20 s
 
@@ -134,25 +134,21 @@ def test_resume_after_sigkill_runs_every_trial_and_every_eval_exactly_once(tmp_p
     proc = subprocess.Popen([sys.executable, "-m", "uda_ray.cli", "sweep", str(space), "--name", "rs"],
                             env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     evals_path = tmp_path / "store" / "rs" / "results" / "evals.parquet"
-    killed_at, victim, deadline = None, None, time.time() + 300
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if evals_path.exists():
-                rows = pq.read_table(evals_path).to_pylist()
-                trials = sorted({r["trial_id"] for r in rows}, key=lambda t: min(r["reported_at"] for r in rows
-                                                                                  if r["trial_id"] == t))
-                if len(trials) >= 2:
-                    steps = [r["step"] for r in rows if r["trial_id"] == trials[1]]
-                    if 10 <= max(steps) < max_steps:  # second trial is mid-way: kill the driver
-                        victim, killed_at = trials[1], time.time()
-                        os.kill(proc.pid, signal.SIGKILL)
-                        break
-            time.sleep(0.2)
-    finally:
-        if proc.poll() is None and killed_at is None:
-            proc.kill()
-        proc.wait()
-    assert victim is not None, "the sweep never had a trial mid-way to interrupt"
+    victim = None
+
+    def second_trial_mid_way() -> bool:
+        nonlocal victim
+        if not evals_path.exists():
+            return False
+        rows = pq.read_table(evals_path).to_pylist()
+        trials = sorted({r["trial_id"] for r in rows}, key=lambda t: min(r["reported_at"] for r in rows
+                                                                          if r["trial_id"] == t))
+        if len(trials) >= 2 and 10 <= max(r["step"] for r in rows if r["trial_id"] == trials[1]) < max_steps:
+            victim = trials[1]
+            return True
+        return False
+
+    killed_at = kill_when(proc, second_trial_mid_way, "a trial was mid-way to interrupt")
     before = {(r["trial_id"], r["step"]): r["reported_at"] for r in pq.read_table(evals_path).to_pylist()}
     time.sleep(2)
 

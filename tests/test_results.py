@@ -47,6 +47,17 @@ def test_trial_that_ends_before_max_steps_is_stopped_early(tmp_path, synth_root)
     assert w.end("c", exp, {}, "errored", "boom")["error"] == "boom"
 
 
+def test_each_evaluation_keeps_its_node_and_the_trial_row_names_the_latest(tmp_path, synth_root):
+    exp = experiment_dict(build_experiment(tiny_experiment(synth_root)))
+    w = _writer(tmp_path)
+    w.result("a", exp, {}, {**_result(2, 0.1), "node_id": "n1", "node_ip": "10.0.0.1"})
+    w.result("a", exp, {}, {**_result(4, 0.2), "node_id": "n2", "node_ip": "10.0.0.2"})  # moved after a restart
+    assert [(e["step"], e["node_id"], e["node_ip"]) for e in read_table(tmp_path, "evals")] == [
+        (2, "n1", "10.0.0.1"), (4, "n2", "10.0.0.2")]
+    (t,) = read_table(tmp_path, "trials")
+    assert (t["node_id"], t["node_ip"]) == ("n2", "10.0.0.2")
+
+
 def test_tables_are_plain_parquet_without_temporary_leftovers(tmp_path, synth_root):
     import pandas as pd
 

@@ -38,12 +38,14 @@ APPEND_ONLY = ("evals", "class_iou")
 # on the first evaluation after the run restarted from a checkpoint (a dead worker, a resumed driver): the step
 # it resumed from and how many restarts the run has had so far
 RESTART_KEYS = ("resumed_from", "restarts")
+# where rank 0 of the run trained for that evaluation: the Ray node's id and IP (absent outside Ray)
+NODE_KEYS = ("node_id", "node_ip")
 SEGMENT_ROWS = {"evals": 1024, "class_iou": 8192}  # rows per segment of the append-only tables
 
 _STR, _INT, _FLOAT = pa.string(), pa.int64(), pa.float64()
 FIXED: dict[str, dict[str, pa.DataType]] = {
     "evals": {"schema_version": _INT, "sweep": _STR, "trial_id": _STR, "step": _INT, "checkpoint_path": _STR,
-              "reported_at": _FLOAT, "resumed_from": _INT, "restarts": _INT},
+              "reported_at": _FLOAT, "resumed_from": _INT, "restarts": _INT, "node_id": _STR, "node_ip": _STR},
     "class_iou": {"schema_version": _INT, "sweep": _STR, "trial_id": _STR, "step": _INT, "class_name": _STR,
                   "iou": _FLOAT},
     "trials": {"schema_version": _INT, "sweep": _STR, "trial_id": _STR, "status": _STR, "method": _STR,
@@ -52,7 +54,7 @@ FIXED: dict[str, dict[str, pa.DataType]] = {
                "torch_version": _STR, "ray_version": _STR, "started_at": _FLOAT, "updated_at": _FLOAT,
                "best_value": _FLOAT, "best_step": _INT, "best_checkpoint": _STR, "final_value": _FLOAT,
                "final_step": _INT, "last_checkpoint": _STR, "n_evals": _INT, "wall_time_s": _FLOAT,
-               "restarts": _INT, "resumed_from": _INT, "error": _STR},
+               "restarts": _INT, "resumed_from": _INT, "node_id": _STR, "node_ip": _STR, "error": _STR},
 }
 
 
@@ -326,7 +328,7 @@ def eval_rows(sweep: str, trial_id: str, result: dict) -> tuple[dict, list[dict]
     for k, v in result.items():
         if k.startswith("test/iou/"):
             ious.append({**base, "class_name": k[len("test/iou/"):], "iou": v})
-        elif k.startswith(REPORTED_PREFIXES) or k in RESTART_KEYS:
+        elif k.startswith(REPORTED_PREFIXES) or k in RESTART_KEYS or k in NODE_KEYS:
             ev[k] = v
     ev["checkpoint_path"] = result.get("checkpoint_path")
     ev["reported_at"] = time.time()
@@ -379,6 +381,8 @@ class TrialSummary:
         restarted = [r for r in evals if r.get("restarts") is not None]
         self.row["restarts"] = max((int(r["restarts"]) for r in restarted), default=0)
         self.row["resumed_from"] = int(restarted[-1]["resumed_from"]) if restarted else None
+        if evals:  # the node of the latest evaluation (each evaluation's is in `evals`)
+            self.row.update({k: evals[-1].get(k) for k in NODE_KEYS})
         self.row["updated_at"] = time.time()
         return self.row
 

@@ -48,6 +48,7 @@ class Session(Protocol):
     world_size: int
     device: torch.device
     run_dir: Path
+    node: dict[str, str]  # where this rank runs: {"node_id", "node_ip"} of its Ray node; {} outside Ray
 
     def wrap(self, module: nn.Module) -> nn.Module: ...
     def latest_checkpoint(self) -> Path | None: ...
@@ -327,6 +328,7 @@ def _loop(cfg: ExperimentConfig, session: Session, method: Method, data: _RunDat
                 "time/elapsed_s": now - t0,
                 "time/step_s": (now - t_last) / max(n_sum, 1),
                 **profile,
+                **session.node,
                 **restart,  # on the first evaluation after a restart only
             }
             restart = {}
@@ -412,6 +414,7 @@ class LocalSession:
         self.rank, self.world_size = 0, 1
         self.device = torch.device(device)
         self.run_dir = Path(run_dir)
+        self.node: dict[str, str] = {}
         self.reports: list[dict] = []
 
     def wrap(self, module: nn.Module) -> nn.Module:
@@ -445,6 +448,7 @@ class RaySession:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.run_dir = run_dir
+        self.node = {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
         self._prepare = ray.train.torch.prepare_model
 
     def wrap(self, module: nn.Module) -> nn.Module:
