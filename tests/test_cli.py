@@ -110,7 +110,8 @@ def test_data_synth_writes_both_layouts(tmp_path, capsys):
 def test_a_trial_that_cannot_fit_the_local_cluster_exits_2_before_writing(tmp_path, capsys, synth_root):
     base = tiny_experiment(synth_root, **{"train.cpus_per_worker": 64.0})
     code, _, err = _run(capsys, "sweep", str(_space(tmp_path, base)), "--storage", str(tmp_path / "store"))
-    _assert_user_error(code, err, tmp_path / "store", "a trial needs 64.25 CPUs")
+    # a single-worker trial trains in its Tune trial's process: no trial driver's CPUs on top
+    _assert_user_error(code, err, tmp_path / "store", "a trial needs 64 CPUs (1 worker(s) x 64) but the cluster")
 
 
 def test_unknown_objective_metric_exits_2_before_any_compute(tmp_path, capsys, synth_root):

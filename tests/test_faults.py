@@ -1,5 +1,7 @@
-"""Faults under real Ray: a Ray Train worker SIGKILLed mid-trial restarts from its latest checkpoint and the
-trial ends exactly as an undisturbed run of the same config; the restart is visible in the tables."""
+"""Faults under real Ray: a trial's training process SIGKILLed mid-trial restarts from its latest checkpoint and
+the trial ends exactly as an undisturbed run of the same config; the restart is visible in the tables. With the
+default launcher a single-worker trial trains in the Tune trial's own process (restarted by Tune's
+FailureConfig); a 2-worker trial runs under Ray Train (its worker group restarted by Ray Train)."""
 
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def _wait_for(pred, proc, timeout: float):
 
 def _sweep_killing_a_worker(tmp_path, space, name: str, rank: int, max_steps: int):
     """Run the sweep in a subprocess; once its running trial has reported an evaluation (so it has a checkpoint),
-    SIGKILL the process of Ray Train worker `rank` (not the driver) and wait for the sweep to end, which must
+    SIGKILL the training process of rank `rank` (not the sweep driver) and wait for the sweep to end, which must
     succeed. Returns (the sweep's store, the last step evaluated before the kill, the time of the kill)."""
     store = tmp_path / "store" / name
     evals_path = store / "results" / "evals.parquet"
@@ -65,7 +67,7 @@ def _sweep_killing_a_worker(tmp_path, space, name: str, rank: int, max_steps: in
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_killed_train_worker_restarts_from_its_checkpoint_and_ends_like_an_undisturbed_run(tmp_path, synth_root):
+def test_a_killed_trial_process_restarts_from_its_checkpoint_and_ends_like_an_undisturbed_run(tmp_path, synth_root):
     max_steps, every = 30, 5
     space = _write_space(tmp_path, synth_root, {"train.max_steps": max_steps, "train.eval_every": every,
                                                  "train.cpus_per_worker": 0.5},
@@ -84,8 +86,12 @@ def test_a_killed_train_worker_restarts_from_its_checkpoint_and_ends_like_an_und
     print(f"\nworker SIGKILL after step {killed_after}: restarted from step {trial['resumed_from']}; next evaluation "
           f"{first_after['reported_at'] - t_kill:.1f}s after the kill "
           f"(a normal interval: {steady[len(steady) // 2]:.1f}s)")
-    restarts = (store / "train" / f"train-{trial['trial_id']}" / "restarts.jsonl").read_text().splitlines()
+    run = store / "train" / f"train-{trial['trial_id']}"
+    restarts = (run / "restarts.jsonl").read_text().splitlines()
     assert [json.loads(ln)["resumed_from"] for ln in restarts] == [trial["resumed_from"]]
+    # the default launcher trained it in the Tune trial itself: no Ray Train run (its snapshot file) in the folder
+    assert not (run / "checkpoint_manager_snapshot.json").exists()
+    assert trial["last_checkpoint"] == str(run / f"checkpoint_step_{max_steps:07d}")
 
     # the same config, undisturbed and in-process: identical metrics at every step
     undisturbed = LocalSession(tmp_path / "undisturbed")
@@ -122,6 +128,7 @@ def test_a_two_worker_trial_under_ray_train_labels_once_sums_its_sharded_evaluat
     evals = sorted(pq.read_table(evals_path).to_pylist(), key=lambda r: r["step"])
     assert [r["step"] for r in evals] == list(range(every, max_steps + 1, every))
     run = store / "train" / f"train-{trial['trial_id']}"
+    assert (run / "checkpoint_manager_snapshot.json").is_file()  # a Ray Train run (2 workers: the DDP path)
     # rank 0 labelled the target once (the restart reused them); rank 1 waited for them at the barrier
     manifest = json.loads((run / "pseudo_labels" / "manifest.json").read_text())
     assert manifest["num_images"] == 12

@@ -191,9 +191,9 @@ def _evals(store: Path, sweep: str) -> list[dict]:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_nodes_trials_spread_and_resume_from_either_node(tmp_path, synth_root, cluster):
-    # Each node has 2 CPUs; a trial is a driver of 0.25 CPU and one Train worker of 1.5: two workers never fit
-    # one node, and a node without a worker always has room for one, so two concurrent trials train on
-    # different nodes (forced by resources, nothing else).
+    # Each node has 2 CPUs; a trial's one worker needs 1.5 (its Tune process trains inline; under Ray Train a
+    # 0.25-CPU driver besides): two workers never fit one node, and a node without a worker always has room for
+    # one, so two concurrent trials train on different nodes (forced by resources, nothing else).
     cluster.start(num_cpus=2, head=True)
     node_b = cluster.start(num_cpus=2, head=False, resources={"node_b": 1})
     head_id, b_id = cluster.node_id(0), cluster.node_id(1)

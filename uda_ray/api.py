@@ -490,8 +490,9 @@ def ls(storage: str | os.PathLike | None = None) -> list[dict]:
 def train(experiment: str | os.PathLike, *, storage: str | os.PathLike | None = None,
           overrides: Mapping[str, Any] | Iterable[str] = (), name: str | None = None,
           address: str | None = None) -> dict:
-    """Run one experiment as a Ray Train run under <storage>/runs/<name> (default: the experiment's name; an
-    existing run resumes). Returns the last reported metrics plus checkpoint_path and run_dir."""
+    """Run one experiment (one Ray task, or a Ray Train run with several workers) under <storage>/runs/<name>
+    (default: the experiment's name; an existing run resumes). Returns the last reported metrics plus
+    checkpoint_path and run_dir."""
     from uda_ray import validate
     from uda_ray.build import build_experiment, load_experiment
     from uda_ray.config import experiment_dict

@@ -146,7 +146,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", metavar="FILE.html", help="where to write it (default: NAME's folder/report.html)")
     sp.add_argument("--no-predictions", action="store_true",
                     help="skip running the best checkpoint on target images (e.g. data not on this machine)")
-    sp = cmd("train", cmd_train, "run one experiment (a Ray Train run)", "experiment", address=True, overrides=True)
+    sp = cmd("train", cmd_train, "run one experiment (one run)", "experiment", address=True, overrides=True)
     sp.add_argument("--name", help="run name (default: the experiment's name); an existing run resumes")
     sp = cmd("pipeline", cmd_pipeline, "run the stages of a pipeline in order (skips completed ones)", "pipeline",
              address=True)

@@ -147,7 +147,7 @@ def stage_done(pipe: Pipeline, st: StageConfig, pdir: Path) -> bool:
 
 def run_pipeline(pipe: Pipeline, root: Path, run_experiment: Callable[[Any, Path, str], dict],
                  prepare_data: Callable[[Any], Any], log: Callable[[str], None] = print) -> list[dict]:
-    """Run the stages in order. `run_experiment(cfg, storage, name)` trains (a Ray Train run);
+    """Run the stages in order. `run_experiment(cfg, storage, name)` trains (one run);
     `prepare_data(cfg)` returns the cfg with resolved dataset roots."""
     pdir = root / "pipelines" / pipe.cfg.name
     pdir.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ Layout of a sweep under the storage root:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -34,30 +35,76 @@ STUDY_FILE = "optuna_journal.log"
 # the trial: a Tune function that drives one Ray Train run
 
 
+REUSE_ACTORS = os.environ.get("UDA_RAY_REUSE_ACTORS", "1") != "0"
+TRAIN_FAILED_FILE = "train_failed.txt"  # a Ray Train run that used up train.max_failures (Tune must not rerun it)
+
+
 def trial_driver(config: dict, sweep: dict) -> None:
-    """Runs inside a Tune trial: build the trial's experiment, fit a TorchTrainer named after the trial.
+    """Runs inside a Tune trial: build the trial's experiment and fit it in the run folder
+    `<sweep>/train/train-<trial id>`, in this process (`train.launcher` inline: one worker) or as a TorchTrainer
+    of that name (ray_train: DDP workers, each a process of its own).
 
-    The name is deterministic (`train-<trial id>`), so a restored trial resumes its Train run from the
-    latest checkpoint instead of starting over.
+    The folder is named after the trial, so a restarted or restored trial resumes from its latest checkpoint
+    instead of starting over. Tune restarts a trial whose process died up to train.max_failures times (its
+    FailureConfig); a Ray Train run restarts its own workers that many times, and a run that used them up is
+    not started again by Tune's restart.
     """
-    from uda_ray.timing import mark
-
-    mark("trial_driver_start")
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from uda_ray.build import build_experiment
     from uda_ray.config import apply_overrides
-    from uda_ray.train import make_trainer
+    from uda_ray.timing import mark
 
     trial_id = ray.tune.get_context().get_trial_id()
+    mark("trial_driver_start", trial=trial_id)
     params = plain(config["params"])
     cfg = build_experiment(apply_overrides(sweep["base_raw"], params), f"trial {trial_id}")
-    trainer = make_trainer(cfg, Path(sweep["dir"]) / "train", f"train-{trial_id}",
-                           callbacks=[TuneReportCallback()])
+    run_dir = Path(sweep["dir"]) / "train" / f"train-{trial_id}"
+    if cfg.train.inline:
+        from uda_ray.train import tune_trial_fit
+
+        mark("inline_fit_start", trial=trial_id)
+        tune_trial_fit(cfg, run_dir)
+        mark("trial_driver_end", trial=trial_id)
+        return
+
+    from ray.train import TrainingFailedError
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from uda_ray.train import make_trainer
+
+    failed = run_dir / TRAIN_FAILED_FILE
+    if failed.is_file():  # Tune restarted this trial after its Ray Train run had failed for good
+        raise RuntimeError(failed.read_text())
+    trainer = make_trainer(cfg, run_dir.parent, run_dir.name, callbacks=[TuneReportCallback()])
     mark("trainer_fit_start", trial=trial_id)
-    trainer.fit()
+    try:
+        trainer.fit()
+    except TrainingFailedError as e:  # the run's own restarts used up (not: this process or the cluster ending)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        failed.write_text(f"the Ray Train run failed after {cfg.train.max_failures} restart(s): "
+                          + ((str(e).strip().splitlines() or [type(e).__name__])[-1])[:500])
+        raise
     mark("trainer_fit_end", trial=trial_id)
+    mark("trial_driver_end", trial=trial_id)
+
+
+def trial_resources(config: dict, sweep: dict) -> Any:
+    """The resources of a trial's Tune actor: the whole worker (train.cpus_per_worker, one GPU with use_gpu)
+    when `fit` runs inline in it; `driver_cpus` for the driver of a Ray Train run (whose workers ask for their
+    own)."""
+    from ray.tune import PlacementGroupFactory
+
+    from uda_ray.build import build_experiment
+    from uda_ray.config import apply_overrides
+
+    try:
+        tc = build_experiment(apply_overrides(sweep["base_raw"], plain(config["params"])), "<trial config>").train
+    except UserError:  # a sampled config the trial itself will refuse (and end errored): the base's resources
+        tc = build_experiment(sweep["base_raw"], "<base config>").train
+    if tc.inline:
+        return PlacementGroupFactory([{"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}])
+    return PlacementGroupFactory([{"CPU": sweep["driver_cpus"]}])
 
 
 def plain(d: dict) -> dict:
@@ -497,12 +544,14 @@ def check_resources(train: Any, driver_cpus: float, concurrent: int, local: bool
     import ray
 
     have = ray.cluster_resources()
+    driver_cpus = 0.0 if train.inline else driver_cpus  # an inline trial's process is its one worker
     need_cpu = driver_cpus + train.num_workers * train.cpus_per_worker
     need_gpu = train.num_workers if train.use_gpu else 0
     problems = []
     if need_cpu > have.get("CPU", 0) + 1e-9:
-        problems.append(f"{need_cpu:g} CPUs ({train.num_workers} worker(s) x {train.cpus_per_worker:g}"
-                        f" + {driver_cpus:g} for the trial driver) but the cluster has {have.get('CPU', 0):g}")
+        driver = f" + {driver_cpus:g} for the trial driver" if driver_cpus else ""
+        problems.append(f"{need_cpu:g} CPUs ({train.num_workers} worker(s) x {train.cpus_per_worker:g}{driver})"
+                        f" but the cluster has {have.get('CPU', 0):g}")
     if need_gpu > have.get("GPU", 0):
         problems.append(f"{need_gpu} GPU(s) but the cluster has {have.get('GPU', 0):g}")
     if problems:
@@ -528,8 +577,10 @@ def build_tuner(space: SearchSpace, sweep_dir: Path, seed: int, restore: bool = 
                 mlflow: str | None = None) -> Any:
     from ray import tune
 
-    sweep = {"base_raw": space.base_raw, "dir": str(sweep_dir)}  # what every trial driver needs
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, sweep=sweep), {"cpu": space.driver_cpus})
+    # what every trial driver needs
+    sweep = {"base_raw": space.base_raw, "dir": str(sweep_dir), "driver_cpus": space.driver_cpus}
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, sweep=sweep),
+                                    functools.partial(trial_resources, sweep=sweep))
     tune_path = sweep_dir / TUNE_DIR
     if restore:
         return tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
@@ -544,10 +595,15 @@ def build_tuner(space: SearchSpace, sweep_dir: Path, seed: int, restore: bool = 
         param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=make_searcher(space, seed, sweep_dir), scheduler=make_scheduler(space),
                                     num_samples=space.num_samples,
-                                    max_concurrent_trials=space.max_concurrent_trials),
+                                    max_concurrent_trials=space.max_concurrent_trials,
+                                    # a finished trial's process runs the next trial of the same resources
+                                    # (function trainables are reset in place): no process start, no imports
+                                    reuse_actors=REUSE_ACTORS),
         run_config=tune.RunConfig(
             name=TUNE_DIR, storage_path=str(sweep_dir), callbacks=make_callbacks(sweep, writer_args, mlflow),
-            verbose=0, failure_config=tune.FailureConfig(max_failures=0),
+            # a trial whose process died (an inline fit, or a Ray Train run's driver) is restarted from its
+            # run folder's latest checkpoint, as a Ray Train run restarts a dead worker
+            verbose=0, failure_config=tune.FailureConfig(max_failures=space.base.train.max_failures),
         ),
     )
 

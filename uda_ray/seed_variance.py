@@ -4,7 +4,7 @@ UDA results swing by 1-3 mIoU between seeds; one sweep trial per configuration c
 noise. `uda-ray rerun SWEEP --top K --seeds N` ranks the sweep's trials by its selection metric (as
 `uda-ray best` does), and trains each of the top K configurations again with the seeds
 `seed + 1, ..., seed + N` (`seed` is the configuration's own; the sweep's trial is not repeated), each as
-an ordinary Ray Train run under `<sweep>/reruns/<trial id>-seed<S>/` with its own results tables. The names
+an ordinary run under `<sweep>/reruns/<trial id>-seed<S>/` with its own results tables. The names
 are deterministic: the same command after an interruption skips finished runs and continues an unfinished
 one from its last checkpoint.
 
@@ -146,7 +146,7 @@ def write_tables(results_dir: Path, rows: list[dict]) -> list[dict]:
 
 def rerun(sweep_dir: Path, specs: list[RerunSpec], train: Callable[[RerunSpec, Path], Any], metric: str, mode: str,
           log: Callable[[str], None] = print) -> list[dict]:
-    """Train every spec not finished yet (`train(spec, storage)` runs one Ray Train run named spec.name
+    """Train every spec not finished yet (`train(spec, storage)` runs one run named spec.name
     under storage), then record and summarize all of them."""
     sweep_dir = Path(sweep_dir)
     storage = sweep_dir / RERUN_DIR

@@ -1,8 +1,10 @@
-"""The ONE training loop, run by every Ray Train worker (and in-process by tests and GPU checks).
+"""The ONE training loop, run by every Ray Train worker, inside a single-worker Tune trial, and in-process by
+tests and GPU checks.
 
 `fit(cfg, session)` is plain PyTorch: the session supplies rank, device, model wrapping, the latest
-checkpoint and a report function. `RaySession` (Ray Train worker) and `LocalSession` (one process) are the
-two implementations; Ray is imported only inside the Ray pieces.
+checkpoint and a report function. `RaySession` (Ray Train worker), `TuneSession` (the Tune trial's own
+process: `train.launcher` inline) and `LocalSession` (one process, no Ray) are the implementations; Ray is
+imported only inside the Ray pieces.
 """
 
 from __future__ import annotations
@@ -25,8 +27,17 @@ import torch.distributed as dist
 from torch import nn
 
 from uda_ray.build import build_experiment, build_method
-from uda_ray.checkpoint import load_state, load_weights, rng_state, save_checkpoint, set_rng_state
+from uda_ray.checkpoint import (
+    METRICS_FILE,
+    STATE_FILE,
+    load_state,
+    load_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from uda_ray.config import ExperimentConfig, dump_yaml, experiment_dict
+from uda_ray.data.datasets import scans_once
 from uda_ray.data.loading import build_datasets, resolve_loader_workers, splits_of, train_loader, val_loader
 from uda_ray.errors import ConfigError
 from uda_ray.loop import LossLog, NonFiniteLoss, train_step
@@ -251,11 +262,12 @@ class _RunData:
     @classmethod
     def build(cls, cfg: ExperimentConfig, session: Session, method_cls: type, start: int) -> _RunData:
         tc = cfg.train
-        splits = splits_of(cfg.data)
-        check_selectable(cfg, bool(splits.test))
-        ds = build_datasets(cfg.data, source=method_cls.uses_source,
-                            target=method_cls.uses_target or method_cls.uses_target_labels,
-                            target_labels=method_cls.uses_target_labels, splits=splits)
+        with scans_once():  # the splits and the datasets read the same folders: list each once
+            splits = splits_of(cfg.data)
+            check_selectable(cfg, bool(splits.test))
+            ds = build_datasets(cfg.data, source=method_cls.uses_source,
+                                target=method_cls.uses_target or method_cls.uses_target_labels,
+                                target_labels=method_cls.uses_target_labels, splits=splits)
         workers = resolve_loader_workers(cfg.data.loader_workers, tc.cpus_per_worker,
                                          ("src" in ds) + ("tgt" in ds))
         kw = dict(rank=session.rank, world_size=session.world_size, seed=cfg.seed, start_step=start,
@@ -432,7 +444,151 @@ class LocalSession:
 
 
 # ------------------------------------------------------------------------------------------------
-# Ray Train edge
+# Ray edges: inside a Tune trial (inline) and inside a Ray Train worker
+
+
+CHECKPOINT_PREFIX = "checkpoint_step_"  # <run>/checkpoint_step_NNNNNNN, as Ray Train names them here
+
+
+def _ckpt_score(ck: Path, metric: str, mode: str) -> float:
+    """A checkpoint's selection metric from its metrics.json, signed so that higher is better (-inf: none)."""
+    import math
+
+    try:
+        v = json.loads((ck / METRICS_FILE).read_text()).get(metric)
+    except (OSError, json.JSONDecodeError):
+        return -math.inf
+    if not isinstance(v, (int, float)) or v != v:
+        return -math.inf
+    return float(v) if mode == "max" else -float(v)
+
+
+def _step_of(ck: Path) -> int:
+    return int(ck.name[len(CHECKPOINT_PREFIX):])
+
+
+def run_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run folder (checkpoint_step_*, each holding its state), by step."""
+    found = [p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=_step_of)
+
+
+def prune_checkpoints(run_dir: Path, keep: int, metric: str, mode: str) -> list[Path]:
+    """Delete all but the `keep` best checkpoints by `metric` (ties: the later one) and the latest, as Ray
+    Train's CheckpointConfig(num_to_keep, checkpoint_score_attribute, checkpoint_score_order) keeps them.
+    Returns the deleted folders."""
+    cks = run_checkpoints(run_dir)
+    if len(cks) <= keep:
+        return []
+    ranked = sorted(cks, key=lambda c: (_ckpt_score(c, metric, mode), _step_of(c)), reverse=True)
+    kept = set(ranked[:keep]) | {cks[-1]}
+    gone = [c for c in cks if c not in kept]
+    for c in gone:
+        shutil.rmtree(c, ignore_errors=True)
+    return gone
+
+
+class TuneSession:
+    """Inside a Tune function trial (`train.launcher` inline): `fit` runs in the trial's own process, one
+    worker, no Ray Train. Checkpoints are persisted in the run folder under Ray Train's names
+    (`<run>/checkpoint_step_NNNNNNN`, the `keep_checkpoints` best by the selection metric and the latest kept),
+    then the metrics go to Tune with `checkpoint_path`, as the Ray Train path reports them. A restarted trial
+    (Tune's FailureConfig after a dead process, or a restored sweep) resumes from the run folder's latest
+    checkpoint: Tune is not handed the checkpoint (it would copy every one into its own trial folder), so
+    `ray.tune.get_checkpoint()` has nothing the run folder does not hold."""
+
+    replay_on_resume = True
+
+    def __init__(self, run_dir: Path, cfg: ExperimentConfig) -> None:
+        import ray
+
+        self.rank, self.world_size = 0, 1
+        self.device = torch.device("cuda", 0) if cfg.train.use_gpu else torch.device("cpu")
+        self.run_dir = Path(run_dir)
+        self.node = {"node_id": ray.get_runtime_context().get_node_id(),
+                     "node_ip": ray.util.get_node_ip_address()} if ray.is_initialized() else {}
+        self._keep, self._metric, self._mode = cfg.train.keep_checkpoints, cfg.select, mode_of(cfg.select)
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return module.to(self.device)
+
+    def latest_checkpoint(self) -> Path | None:
+        found = run_checkpoints(self.run_dir)
+        return found[-1] if found else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        self._send(self._persist(dict(metrics), checkpoint_dir))
+
+    def _send(self, metrics: dict[str, Any]) -> None:
+        import ray.tune
+
+        ray.tune.report(metrics)
+
+    def _persist(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> dict[str, Any]:
+        """The checkpoint into the run folder (then the ranking's pruning); the metrics with its path."""
+        dest = self.run_dir / f"{CHECKPOINT_PREFIX}{int(metrics['step']):07d}"
+        if checkpoint_dir is not None:
+            tmp = self.run_dir / f".{dest.name}.{os.getpid()}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, tmp)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)  # a crash leaves a temporary folder, never a partial checkpoint
+            prune_checkpoints(self.run_dir, self._keep, self._metric, self._mode)
+        if dest.is_dir():  # also on a replayed evaluation whose checkpoint is still kept
+            metrics["checkpoint_path"] = str(dest)
+        return metrics
+
+
+class RunSession(TuneSession):
+    """One run (`uda-ray train`, a pipeline stage, a rerun) in one Ray task, launcher inline: TuneSession's
+    checkpoints, its reports written straight into the run's results tables and TensorBoard log (what the Ray
+    Train path's controller callback writes)."""
+
+    def __init__(self, run_dir: Path, cfg: ExperimentConfig, results_dir: Path, name: str) -> None:
+        from uda_ray.results import ResultsWriter
+        from uda_ray.tblog import TB_DIR, TensorBoardLog
+
+        super().__init__(run_dir, cfg)
+        self._writer = ResultsWriter(results_dir, name, cfg.select, mode_of(cfg.select), None)
+        self._tb = TensorBoardLog(Path(results_dir).parent / TB_DIR)
+        self._name, self._exp = name, experiment_dict(cfg)
+        self.last: dict[str, Any] = {}
+
+    def _send(self, metrics: dict[str, Any]) -> None:
+        self._writer.result(self._name, self._exp, {}, metrics)
+        self._tb.log(self._name, metrics)
+        self.last = metrics
+
+    def close(self) -> None:
+        self._tb.close()
+
+
+def _inline_fit(cfg: ExperimentConfig, session: TuneSession) -> dict[str, float]:
+    """`fit` in this process as a Ray Train worker of rank 0 would run it: its thread count, device, pid file."""
+    mark("train_worker_start", run=str(session.run_dir))
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    if cfg.train.use_gpu:
+        torch.cuda.set_device(0)  # Ray gives the process its GPU as CUDA_VISIBLE_DEVICES
+    session.run_dir.mkdir(parents=True, exist_ok=True)
+    (session.run_dir / "worker-0.pid").write_text(str(os.getpid()))
+    return fit(cfg, session)
+
+
+def tune_trial_fit(cfg: ExperimentConfig, run_dir: Path) -> dict[str, float]:
+    """`fit` in the calling Tune trial's process (launcher inline)."""
+    return _inline_fit(cfg, TuneSession(run_dir, cfg))
+
+
+def _run_task(exp: dict, run_dir: str, results_dir: str, name: str) -> dict[str, Any]:
+    """The Ray task of an inline run: its last reported metrics (checkpoint_path included)."""
+    cfg = build_experiment(exp, "<run config>")
+    session = RunSession(Path(run_dir), cfg, Path(results_dir), name)
+    try:
+        _inline_fit(cfg, session)
+    finally:
+        session.close()
+    return session.last
 
 
 class RaySession:
@@ -549,11 +705,14 @@ def run_results_callback(results_dir: Path, run_name: str, cfg: ExperimentConfig
 
 
 def fit_run(cfg: ExperimentConfig, storage: Path, name: str) -> dict[str, Any]:
-    """Driver side of one training run (`uda-ray train`, pipeline stages): a TorchTrainer with results tables
-    under <storage>/<name>/results. Returns the last reported metrics."""
+    """Driver side of one training run (`uda-ray train`, pipeline stages, reruns) in <storage>/<name>, results
+    tables under its results/: one Ray task running `fit` (`train.launcher` inline, or auto with one worker),
+    else a TorchTrainer. Returns the last reported metrics with checkpoint_path."""
     from uda_ray.results import ResultsWriter
 
     results_dir = storage / name / "results"
+    if cfg.train.inline:
+        return _fit_run_inline(cfg, storage, name)
     trainer = make_trainer(cfg, storage, name, callbacks=[run_results_callback(results_dir, name, cfg)])
     result = trainer.fit()
     writer = ResultsWriter(results_dir, name, cfg.select, mode_of(cfg.select), None)
@@ -561,3 +720,25 @@ def fit_run(cfg: ExperimentConfig, storage: Path, name: str) -> dict[str, Any]:
     m = dict(result.metrics or {})
     m["checkpoint_path"] = result.checkpoint.path if result.checkpoint else None
     return m
+
+
+def _fit_run_inline(cfg: ExperimentConfig, storage: Path, name: str) -> dict[str, Any]:
+    """One Ray task with the worker's resources runs `fit`; a task whose process dies (or whose `fit` raises) is
+    run again up to train.max_failures times and resumes from the run folder's latest checkpoint, as a Ray Train
+    run restarts its worker group."""
+    import ray
+
+    from uda_ray.results import ResultsWriter
+
+    tc, exp = cfg.train, experiment_dict(cfg)
+    results_dir = storage / name / "results"
+    task = ray.remote(_run_task).options(num_cpus=tc.cpus_per_worker, num_gpus=1 if tc.use_gpu else 0,
+                                         max_retries=tc.max_failures, retry_exceptions=True)
+    try:
+        last = ray.get(task.remote(exp, str(storage / name), str(results_dir), name))
+    except Exception as e:
+        err = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        ResultsWriter(results_dir, name, cfg.select, mode_of(cfg.select), None).end(name, exp, {}, "errored", err[:500])
+        raise
+    ResultsWriter(results_dir, name, cfg.select, mode_of(cfg.select), None).end(name, exp, {}, "completed")
+    return dict(last)

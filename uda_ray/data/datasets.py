@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -46,6 +48,38 @@ def pseudo_label_relpath(name: str) -> PurePosixPath:
 def pseudo_label_path(label_root: Path, name: str) -> Path:
     """The pseudo-label file of image `name` under `label_root` (see pseudo_label_relpath)."""
     return Path(label_root) / pseudo_label_relpath(name)
+
+
+# Listing a dataset folder globs its images and checks each label file (GTA5: ~25,000 stat calls). A run builds
+# several datasets over the same folders (the splits, the training splits, source val, the target holdout):
+# inside `scans_once()` each folder is listed once and its list shared.
+_SCANS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("uda_ray_dataset_scans", default=None)
+
+
+@contextlib.contextmanager
+def scans_once() -> Iterator[dict]:
+    """Within this block, datasets built over the same folder (same split, labels, label root) reuse one
+    listing of it. Nested blocks share the outermost one's listings."""
+    memo = _SCANS.get()
+    if memo is not None:
+        yield memo
+        return
+    memo = {}
+    token = _SCANS.set(memo)
+    try:
+        yield memo
+    finally:
+        _SCANS.reset(token)
+
+
+def _scanned(key: tuple, scan: Callable[[], list]) -> list:
+    """scan() (a folder's item list), or its earlier result inside `scans_once()`; a fresh list either way."""
+    memo = _SCANS.get()
+    if memo is None:
+        return scan()
+    if key not in memo:
+        memo[key] = scan()
+    return list(memo[key])
 
 
 def _require_dir(root: Path, sub: str, layout: str) -> Path:
@@ -171,6 +205,12 @@ def _pairs(root: Path, images: list[Path], label_of: Callable[[Path], Path]) -> 
 
 def _flat(root: Path, img_sub: str, lbl_sub: str, label_root: Path | None, layout: str
           ) -> list[tuple[Path, Path]]:
+    return _scanned(("flat", str(root), img_sub, lbl_sub, str(label_root)),
+                    lambda: _scan_flat(root, img_sub, lbl_sub, label_root, layout))
+
+
+def _scan_flat(root: Path, img_sub: str, lbl_sub: str, label_root: Path | None, layout: str
+               ) -> list[tuple[Path, Path]]:
     img_dir = _require_dir(root, img_sub, layout)
     if label_root is None:
         lbl_dir = _require_dir(root, lbl_sub, layout)
@@ -212,14 +252,20 @@ class Cityscapes(SegDataset):
                  label_root: Path | None = None, label_set: str = "cityscapes19", labels: bool = True):
         root = Path(root)
         layout = CITYSCAPES_LAYOUT.format(split=split)
+        items = _scanned(("cityscapes", str(root), split, labels, str(label_root)),
+                         lambda: self._scan(root, split, label_root, labels, layout))
+        super().__init__(root, root / "leftImg8bit", items, transform, _read_8bit, CITYSCAPES_LUT,
+                         labels and label_root is not None, _with_pseudo(layout, label_root) if labels else layout,
+                         label_set)
+
+    @staticmethod
+    def _scan(root: Path, split: str, label_root: Path | None, labels: bool, layout: str) -> list:
         img_dir = _require_dir(root, f"leftImg8bit/{split}", layout)
         images = sorted(img_dir.glob(f"*/*{CITYSCAPES_SUFFIX}"))
         if not labels:
             if not images:
                 raise DatasetError(f"dataset folder {root} has no images: expected {layout}")
-            super().__init__(root, root / "leftImg8bit", [(p, None) for p in images], transform, _read_8bit,
-                             CITYSCAPES_LUT, False, layout, label_set)
-            return
+            return [(p, None) for p in images]
         if label_root is None:
             _require_dir(root, f"gtFine/{split}", layout)
 
@@ -232,9 +278,7 @@ class Cityscapes(SegDataset):
 
             def label_of(p: Path) -> Path:
                 return pseudo_label_path(Path(label_root), p.relative_to(root / "leftImg8bit").as_posix())
-        items = _pairs(root, images, label_of)
-        super().__init__(root, root / "leftImg8bit", items, transform, _read_8bit, CITYSCAPES_LUT,
-                         label_root is not None, _with_pseudo(layout, label_root), label_set)
+        return _pairs(root, images, label_of)
 
 
 def has_labels(name: str, root: Path) -> bool:
@@ -259,7 +303,8 @@ class Frames(SegDataset):
         root = Path(root)
         if not root.is_dir():
             raise DatasetError(f"dataset folder {root} does not exist: expected {FRAMES_LAYOUT}")
-        images = sorted(p for p in root.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and p.is_file())
+        images = _scanned(("frames", str(root)), lambda: sorted(
+            p for p in root.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and p.is_file()))
         if not images:
             raise DatasetError(f"dataset folder {root} has no images: expected {FRAMES_LAYOUT}")
         super().__init__(root, root, [(p, None) for p in images], transform, _read_8bit, CITYSCAPES_LUT, False,

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from uda_ray.config import DataConfig, to_dict
-from uda_ray.data.datasets import DATASETS, has_labels
+from uda_ray.data.datasets import DATASETS, has_labels, scans_once
 from uda_ray.data.splits import Splits, make_splits
 from uda_ray.data.transforms import PairTransform, eval_transform
 from uda_ray.errors import ConfigError, DatasetError
@@ -131,6 +131,13 @@ def build_datasets(cfg: DataConfig, *, source: bool, target: bool, target_labels
     that use them (oracle, pseudo-labels); with `target_label_root` they come from that folder.
     Training items are uint8 (the loop converts them on its device); with `cache_dir` they are decoded once.
     """
+    with scans_once():  # every folder listed once, however many of the datasets below read it
+        return _build_datasets(cfg, source=source, target=target, target_labels=target_labels,
+                               evaluation=evaluation, splits=splits)
+
+
+def _build_datasets(cfg: DataConfig, *, source: bool, target: bool, target_labels: bool, evaluation: bool,
+                    splits: Splits | None) -> dict[str, Dataset]:
     sp = splits or splits_of(cfg)
     ls = cfg.label_set
     out: dict[str, Dataset] = {}
