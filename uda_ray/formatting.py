@@ -108,7 +108,10 @@ def sweep_ended(s: Any, top: int = 5) -> str:
     started = s.meta.get("resumed") or s.meta["created"]
     lines = [f"sweep '{s.name}' {s.status.replace('_', ' ')} in {s.meta['finished'] - started:.0f}s"
              + (" (since the resume)" if s.meta.get("resumed") else ""), best_table(s.best(top=top))]
-    return "\n".join(lines + [line for line in (s.vs_oracle(),) if line])
+    oracle = s.vs_oracle()
+    if oracle:
+        lines.append(oracle)
+    return "\n".join(lines)
 
 
 def run_ended(m: dict) -> str:
