@@ -1,6 +1,7 @@
 """Against clusters started with `ray start` (not the embedded local one): a sweep script submitted with
 `ray job submit` (token authentication on, the token in a private HOME), and a sweep through `--address` on a
-head and a second node (own temp dir and resources) with a shared storage path, resumed from either node.
+head and a second node (own temp dir and resources) with a shared storage path, resumed from either node; and
+the loss of the node running a trial's Train worker (every process of that node SIGKILLed).
 
 Each cluster lives in its own short temp dir with a private HOME (its own auth token); it is stopped by killing
 the processes that were started for it (found by their temp dir in their command lines), never `ray stop`.
@@ -105,6 +106,29 @@ class PrivateCluster:
             if "/raylet/raylet" in cmd.split("\0")[0]:
                 return next(a.split("=", 1)[1] for a in cmd.split("\0") if a.startswith("--node_id="))
         raise AssertionError(f"no raylet of node {node}")
+
+    def kill_node(self, node: int) -> list[int]:
+        """SIGKILL a node started here, as a lost machine: every process named by its temp dir (its raylet, agents,
+        log monitor) and every descendant of those (the Ray workers its raylet started). Returns their pids."""
+        parents = {}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+        victims = set(self.pids(node))
+        grew = True
+        while grew:
+            more = {pid for pid, ppid in parents.items() if ppid in victims} - victims
+            victims |= more
+            grew = bool(more)
+        for pid in sorted(victims):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return sorted(victims)
 
     def stop(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -249,3 +273,66 @@ def test_two_nodes_trials_spread_and_resume_from_either_node(tmp_path, synth_roo
           f"second, resume on the head {done - t3:.0f}s to the end; evaluations by node: "
           f"head {sum(e['node_id'] == head_id for e in evals)}, b {sum(e['node_id'] == b_id for e in evals)}; "
           f"restarts {[t['restarts'] for t in trials]}")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_lost_node_is_survived_by_its_trial_restarting_on_another_node(tmp_path, synth_root, cluster):
+    # The trial's driver (0.25 CPU) starts on the head, the only node then; the head's 1 CPU cannot hold the
+    # trial's Train worker (1.5 CPUs), which waits for a second node to join. That node is SIGKILLed (all its
+    # processes) while the worker trains there; a third node then joins, as a replacement machine would.
+    cluster.env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "180"  # room for `ray start` on a loaded 2-core host
+    cluster.start(num_cpus=1, head=True)
+    max_steps, every = 40, 5
+    space = _space(tmp_path, synth_root, driver_cpus=0.25, num_samples=1, max_concurrent_trials=1, base={
+        "train.cpus_per_worker": 1.5, "train.max_steps": max_steps, "train.eval_every": every})
+    store = tmp_path / "shared"
+    results = store / "loss" / "results"
+    with open(tmp_path / "sweep.log", "w") as log:
+        sweep = subprocess.Popen([sys.executable, "-m", "uda_ray.cli", "sweep", str(space), "--address",
+                                  cluster.address, "--storage", str(store), "--name", "loss"],
+                                 env=cluster.env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait(sweep, lambda: (results / "trials.parquet").exists(), "the trial started")  # its driver: on the head
+        cluster.start(num_cpus=2, head=False)
+        b_id = cluster.node_id(1)
+        _wait(sweep, lambda: any(e["node_id"] == b_id for e in _evals(store, "loss")), "an evaluation on node b")
+        killed_at = time.time()
+        victims = cluster.kill_node(1)
+        before = {e["step"] for e in _evals(store, "loss")}
+        cluster.start(num_cpus=2, head=False)
+        joined_at = time.time()
+        c_id = cluster.node_id(2)
+        rc = sweep.wait(timeout=400)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+    out = (tmp_path / "sweep.log").read_text()
+    assert rc == 0, out[-3000:]
+
+    import pyarrow.parquet as pq
+
+    (trial,) = pq.read_table(results / "trials.parquet").to_pylist()
+    evals = sorted(_evals(store, "loss"), key=lambda e: e["step"])
+    assert trial["status"] == "completed" and trial["restarts"] == 1, trial
+    assert [e["step"] for e in evals] == list(range(every, max_steps + 1, every))  # each step exactly once
+    # trained on node b up to the loss, then from its latest checkpoint on the replacement node
+    resumed = trial["resumed_from"]
+    assert resumed in before and resumed >= max(before) - every
+    assert {e["node_id"] for e in evals if e["step"] <= resumed} == {b_id}
+    assert {e["node_id"] for e in evals if e["step"] > resumed} == {c_id}
+    (first_after,) = [e for e in evals if e.get("resumed_from") is not None]
+    assert first_after["step"] == resumed + every
+    print(f"\nnode loss: SIGKILL of {len(victims)} processes of node b at step {max(before)}; the replacement node "
+          f"joined {joined_at - killed_at:.0f}s later; first evaluation after the restart (step "
+          f"{first_after['step']}, resumed from {resumed}) {first_after['reported_at'] - killed_at:.0f}s after the "
+          f"kill, {first_after['reported_at'] - joined_at:.0f}s after the join")
+
+
+def _wait(proc: subprocess.Popen, ready, what: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the sweep ended before {what}"
+        assert time.time() < deadline, f"{timeout:.0f}s passed before {what}"
+        time.sleep(0.2)
