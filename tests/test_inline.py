@@ -73,7 +73,9 @@ def test_an_inline_trial_reports_its_checkpoints_and_a_restart_resumes_and_ends_
     assert [r["step"] for r in reported] == [2]
     assert reported[0]["checkpoint_path"] == str(run / "checkpoint_step_0000002")
 
+    (run / ".checkpoint_step_0000006.999.tmp").mkdir()  # a copy the dead attempt left unfinished
     fit(cfg, TuneSession(run, cfg))  # what Tune's restart of the trial runs
+    assert not list(run.glob(".checkpoint_step_*"))
     assert [r["step"] for r in reported] == [2, 2, 4, 6]  # the logged evaluations replayed, then the rest
     after = reported[3]
     assert (after["resumed_from"], after["restarts"]) == (4, 1)

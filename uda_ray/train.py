@@ -514,6 +514,8 @@ class TuneSession:
         return module.to(self.device)
 
     def latest_checkpoint(self) -> Path | None:
+        for tmp in self.run_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp"):  # copies a dead attempt left unfinished
+            shutil.rmtree(tmp, ignore_errors=True)
         found = run_checkpoints(self.run_dir)
         return found[-1] if found else None
 
