@@ -277,15 +277,18 @@ def test_two_nodes_trials_spread_and_resume_from_either_node(tmp_path, synth_roo
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_lost_node_is_survived_by_its_trial_restarting_on_another_node(tmp_path, synth_root, cluster):
-    # The trial's driver (0.25 CPU) starts on the head, the only node then; the head's 1 CPU cannot hold the
-    # trial's Train worker (1.5 CPUs), which waits for a second node to join. That node is SIGKILLed (all its
-    # processes) while the worker trains there; a third node then joins, as a replacement machine would.
+@pytest.mark.parametrize("launcher", ["inline", "ray_train"])
+def test_a_lost_node_is_survived_by_its_trial_restarting_on_another_node(tmp_path, synth_root, cluster, launcher):
+    # The head has 1 CPU and the trial's worker needs 1.5, so it trains on a second node, which is SIGKILLed (all
+    # its processes) mid-training; a third node then joins, as a replacement machine would. Inline (the default
+    # for one worker) the trial's Tune process is that worker, and Tune restarts the trial. Under Ray Train the
+    # trial's driver (0.25 CPU) starts on the head, the only node then, and Ray Train restarts its worker group.
     cluster.env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "180"  # room for `ray start` on a loaded 2-core host
     cluster.start(num_cpus=1, head=True)
     max_steps, every = 40, 5
     space = _space(tmp_path, synth_root, driver_cpus=0.25, num_samples=1, max_concurrent_trials=1, base={
-        "train.cpus_per_worker": 1.5, "train.max_steps": max_steps, "train.eval_every": every})
+        "train.cpus_per_worker": 1.5, "train.max_steps": max_steps, "train.eval_every": every,
+        "train.launcher": launcher})
     store = tmp_path / "shared"
     results = store / "loss" / "results"
     with open(tmp_path / "sweep.log", "w") as log:
@@ -293,7 +296,8 @@ def test_a_lost_node_is_survived_by_its_trial_restarting_on_another_node(tmp_pat
                                   cluster.address, "--storage", str(store), "--name", "loss"],
                                  env=cluster.env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait(sweep, lambda: (results / "trials.parquet").exists(), "the trial started")  # its driver: on the head
+        if launcher == "ray_train":  # its driver started (on the head) before another node exists
+            _wait(sweep, lambda: (results / "trials.parquet").exists(), "the trial started")
         cluster.start(num_cpus=2, head=False)
         b_id = cluster.node_id(1)
         _wait(sweep, lambda: any(e["node_id"] == b_id for e in _evals(store, "loss")), "an evaluation on node b")
@@ -324,8 +328,8 @@ def test_a_lost_node_is_survived_by_its_trial_restarting_on_another_node(tmp_pat
     assert {e["node_id"] for e in evals if e["step"] > resumed} == {c_id}
     (first_after,) = [e for e in evals if e.get("resumed_from") is not None]
     assert first_after["step"] == resumed + every
-    print(f"\nnode loss: SIGKILL of {len(victims)} processes of node b at step {max(before)}; the replacement node "
-          f"joined {joined_at - killed_at:.0f}s later; first evaluation after the restart (step "
+    print(f"\nnode loss ({launcher}): SIGKILL of {len(victims)} processes of node b at step {max(before)}; the "
+          f"replacement node joined {joined_at - killed_at:.0f}s later; first evaluation after the restart (step "
           f"{first_after['step']}, resumed from {resumed}) {first_after['reported_at'] - killed_at:.0f}s after the "
           f"kill, {first_after['reported_at'] - joined_at:.0f}s after the join")
 
