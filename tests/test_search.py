@@ -88,9 +88,10 @@ def test_study_is_persisted_in_the_sweep_folder_with_states_and_intermediate_val
     assert set(by_tune["full"].params) == {"params/optim.lr", "params/train.batch_size", "params/method"}
 
 
-def test_a_restored_searcher_keeps_the_study_consistent(tmp_path, synth_root):
-    """Resume: the searcher's snapshot is older than the journal. The trial it knew continues in place; one
-    suggested after the snapshot (never run by the restored experiment) is marked failed, not left RUNNING."""
+def test_a_restored_searcher_continues_the_study_as_if_never_interrupted(tmp_path, synth_root):
+    """Resume: the searcher's snapshot is older than the journal. A trial told after the snapshot ("b") is not
+    told twice when Tune replays it; one suggested after the snapshot ("c") is suggested again with the same
+    parameters and continues as the same study trial; later suggestions equal an uninterrupted searcher's."""
     from uda_ray.search import load_study
 
     space = _space(tmp_path, synth_root, concurrent=2)
@@ -104,20 +105,38 @@ def test_a_restored_searcher_keeps_the_study_consistent(tmp_path, synth_root):
     snapshot = tmp_path / "searcher.pkl"
     limiter.save(str(snapshot))  # what Tune's experiment checkpoint holds: the searcher and its wrapper
     wrapper = limiter.get_state()
-    assert limiter.suggest("lost") is not None  # after the snapshot, then the driver dies
+    limiter.on_trial_complete("b", {"uv/im": 0.15, "step": 4})  # after the snapshot, then the driver dies
+    c_params = limiter.suggest("c")
+    limiter.on_trial_result("c", {"uv/im": 0.07, "step": 2})
 
     again = make_searcher(space, seed=5, sweep_dir=sweep_dir)  # `uda-ray resume`
     again.set_search_properties(None, None, _tune_domains(space))
     again.set_state(wrapper)
     again.restore(str(snapshot))
-    again.on_trial_result("b", {"uv/im": 0.05, "step": 2})  # replayed
-    again.on_trial_result("b", {"uv/im": 0.15, "step": 4})
+    again.on_trial_result("b", {"uv/im": 0.05, "step": 2})  # replayed from its checkpoint
     again.on_trial_complete("b", {"uv/im": 0.15, "step": 4})
+    assert again.suggest("c") == c_params  # the same suggestion, under the same id
+    again.on_trial_result("c", {"uv/im": 0.07, "step": 2})  # replayed
+    again.on_trial_complete("c", {"uv/im": 0.09, "step": 4})
     study = load_study(sweep_dir)
-    by_tune = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
-    assert {k: t.state.name for k, t in by_tune.items()} == {"a": "COMPLETE", "b": "COMPLETE", "lost": "FAIL"}
-    assert by_tune["b"].intermediate_values == {2: 0.05, 4: 0.15}
-    assert len(study.trials) == 3
+    by_tune = {t.user_attrs["tune_trial_id"]: t for t in study.trials if "tune_trial_id" in t.user_attrs}
+    assert {k: t.state.name for k, t in by_tune.items()} == {"a": "COMPLETE", "b": "COMPLETE", "c": "COMPLETE"}
+    assert by_tune["b"].intermediate_values == {2: 0.05, 4: 0.15} and by_tune["b"].value == 0.15
+    assert by_tune["c"].intermediate_values == {2: 0.07, 4: 0.09} and by_tune["c"].value == 0.09
+    # the second asking of "c" is kept apart, failed, so that nothing stays RUNNING
+    (dup,) = [t for t in study.trials if "tune_trial_id" not in t.user_attrs]
+    assert dup.state.name == "FAIL" and "suggested again" in dup.user_attrs["uda_ray_note"]
+
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    ref = make_searcher(space, seed=5, sweep_dir=ref_dir)  # never interrupted
+    ref.set_search_properties(None, None, _tune_domains(space))
+    _drive(ref, "a", [2, 4], 0.1)
+    assert ref.suggest("b") is not None
+    ref.on_trial_complete("b", {"uv/im": 0.15, "step": 4})
+    assert ref.suggest("c") == c_params
+    ref.on_trial_complete("c", {"uv/im": 0.09, "step": 4})
+    assert again.suggest("d") == ref.suggest("d")
 
 
 def test_constraints_reach_the_sampler_and_survive_the_searcher_snapshot(tmp_path, synth_root):

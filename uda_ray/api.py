@@ -340,25 +340,28 @@ def _start_sweep(space_path: Path, sp: Any, sweep_d: Path, base_raw: dict, seed:
 
 
 def resume(name: str, *, storage: str | os.PathLike | None = None, address: str | None = None) -> Sweep:
-    """Continue an interrupted sweep from its folder (finished trials are not rerun). Returns the Sweep."""
-    from uda_ray.search import build_tuner, read_meta, write_meta
+    """Continue an interrupted sweep from its folder (finished trials are not rerun). Returns the Sweep.
+    A sweep whose driver died before Ray Tune saved any state (while it started) is started again from its
+    folder, with its seed: the same trials as an uninterrupted start."""
+    from uda_ray.search import build_tuner, has_tune_state, read_meta, write_meta
     from uda_ray.space import load_space
 
     sweep_d = sweep_dir(name, storage)
     meta = read_meta(sweep_d)
     refuse_running(sweep_d, f"sweep '{meta['name']}'")
-    from ray import tune
-
-    if not tune.Tuner.can_restore(str(sweep_d / "tune")):
+    if meta.get("status") != "running" and not has_tune_state(sweep_d):
         raise UserError(f"sweep '{meta['name']}' has no Tune state to restore under {sweep_d / 'tune'}")
     with DriverLock(sweep_d, f"sweep '{meta['name']}'"):
         space = load_space(sweep_d / "space.yaml")
         address = _address(address, meta)
+        restore = has_tune_state(sweep_d)
         meta.update(status="running", pid=os.getpid(), host=socket.gethostname(), resumed=time.time())
         write_meta(sweep_d, meta)
-        progress.info(f"resuming sweep '{meta['name']}' from {sweep_d}")
+        progress.info(f"resuming sweep '{meta['name']}' from {sweep_d}" if restore else
+                      f"resuming sweep '{meta['name']}' from {sweep_d}: it had not started, starting it")
         with ray_connection(address):
-            return _fit_sweep(build_tuner(space, sweep_d, meta["seed"], restore=True), sweep_d, meta)
+            return _fit_sweep(build_tuner(space, sweep_d, meta["seed"], restore=restore,
+                                         mlflow=None if restore else meta.get("mlflow")), sweep_d, meta)
 
 
 def best(name: str, *, storage: str | os.PathLike | None = None, top: int = 5, metric: str | None = None,

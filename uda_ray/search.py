@@ -241,29 +241,77 @@ def make_searcher(space: SearchSpace, seed: int, sweep_dir: Path | None = None) 
     import optuna
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.utils.util import unflatten_dict
 
     class PruneAwareOptunaSearch(OptunaSearch):
+        # After a SIGKILLed driver, Tune restores its experiment and this searcher from their last snapshot
+        # (taken together, at most every ~10 s: Tune's TUNE_GLOBAL_CHECKPOINT_S "auto"), while the study's journal
+        # was written up to the kill. So the journal can hold (1) a trial suggested after the snapshot, which the
+        # restored experiment does not know, and (2) a trial the snapshot has running but that was told
+        # (COMPLETE / PRUNED) and given intermediate values after it. Trial ids are the suggestion's index
+        # (TrialIdsInOrder) and the sampler's RNG is restored with the snapshot, so the restored experiment
+        # suggests case (1) again under the same id: `suggest` then hands back that earlier trial (its
+        # parameters, its Train run and its rows continue) instead of starting a second one. Case (2) is run
+        # again by Tune (it replays its results from its checkpoint): `restore` marks it finished here, so
+        # the study keeps what it was told once.
         def suggest(self, trial_id: str) -> dict | None:
             out = super().suggest(trial_id)
-            if out is not None and trial_id in self._ot_trials:  # to find a Tune trial in the study
-                self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
-            return out
+            if out is None or trial_id not in self._ot_trials:
+                return out
+            earlier = self._earlier_trials().pop(trial_id, None)
+            if earlier is None:
+                self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)  # to find it in the study
+                return out
+            # this suggestion is the earlier one made again (same RNG state): keep the earlier trial
+            storage, again = self._ot_study._storage, self._ot_trials[trial_id]
+            storage.set_trial_user_attr(again._trial_id, "uda_ray_note", "suggested again after an interruption "
+                                        f"as trial {earlier.number}, which holds its results; never run")
+            storage.set_trial_state_values(again._trial_id, optuna.trial.TrialState.FAIL)
+            self._ot_trials[trial_id] = optuna.Trial(self._ot_study, earlier._trial_id)
+            self._adopt(trial_id, earlier)
+            return unflatten_dict(earlier.params)
+
+        def _earlier_trials(self) -> dict:
+            """tune trial id -> study trial, for the trials of the journal this searcher has not suggested
+            (computed once per process: after a restore, or at the first suggestion of a sweep started again)."""
+            if "_earlier" not in self.__dict__:
+                known = {t._trial_id for t in self._ot_trials.values()}
+                self._earlier = {}
+                live = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+                for ft in self._ot_study.get_trials(deepcopy=False):
+                    if ft._trial_id in known:
+                        continue
+                    if "tune_trial_id" in ft.user_attrs:
+                        self._earlier[ft.user_attrs["tune_trial_id"]] = ft
+                    elif ft.state in live:  # asked for, then killed before it was named: never matched again
+                        self._ot_study._storage.set_trial_user_attr(
+                            ft._trial_id, "uda_ray_note", "suggested just before an interruption; never run")
+                        self._ot_study._storage.set_trial_state_values(ft._trial_id, optuna.trial.TrialState.FAIL)
+            return self._earlier
+
+        def _adopt(self, trial_id: str, ft: Any) -> None:
+            """What the study already holds of `ft` is not told again (Tune replays it after a resume)."""
+            self.__dict__.setdefault("_reported_steps", set()).update((trial_id, s) for s in ft.intermediate_values)
+            if ft.state.is_finished():
+                self._completed_trials.add(trial_id)
+
+        def save(self, checkpoint_path: str) -> None:
+            earlier = self.__dict__.pop("_earlier", None)  # recomputed from the journal after a restore
+            try:
+                super().save(checkpoint_path)
+            finally:
+                if earlier is not None:
+                    self._earlier = earlier
 
         def restore(self, checkpoint_path: str) -> None:
-            # The searcher's snapshot may predate the journal: a trial suggested after it was never run by
-            # the restored Tune experiment (whose snapshot is taken with the searcher's). Mark such trials
-            # failed, so the study holds no trial that stays RUNNING forever.
             super().restore(checkpoint_path)
+            self.__dict__.pop("_earlier", None)
             study = self.__dict__.get("_ot_study")
             if study is None:
                 return
-            known = {t._trial_id for t in self._ot_trials.values()}
-            live = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-            for ft in study.get_trials(deepcopy=False, states=live):
-                if ft._trial_id not in known:
-                    study._storage.set_trial_user_attr(ft._trial_id, "uda_ray_note",
-                                                       "suggested just before an interruption; never run")
-                    study._storage.set_trial_state_values(ft._trial_id, optuna.trial.TrialState.FAIL)
+            for trial_id, ot in self._ot_trials.items():  # case (2) above
+                self._adopt(trial_id, study._storage.get_trial(ot._trial_id))
+            self._earlier_trials()
 
         # Tune tells Optuna a trial that ASHA stopped as COMPLETE with its partial value; that feeds
         # low-fidelity points to TPE and into the Pareto front. A trial that ends before max_steps
@@ -317,13 +365,74 @@ def make_searcher(space: SearchSpace, seed: int, sweep_dir: Path | None = None) 
     return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent_trials)
 
 
+def trial_id_prefix(sweep_dir: Path, seed: int) -> str:
+    """The prefix of a sweep's trial ids: fixed by the sweep (its folder name and seed), so that a sweep
+    started again from nothing after its driver died names its trials as the first start did."""
+    import hashlib
+
+    return hashlib.sha1(f"{Path(sweep_dir).name}:{seed}".encode()).hexdigest()[:5]
+
+
+def make_search_alg(searcher: Any, prefix: str) -> Any:
+    """Tune's SearchGenerator over `searcher`, naming the n-th suggested trial `<prefix>_<n:05d>`.
+
+    Tune names trials with random ids (Trial.generate_id, a uuid). After a SIGKILLed driver, the restored
+    experiment suggests again every trial suggested after its last snapshot; a random id would make that
+    trial a new one, beside the Train run, results rows and study trial of the first suggestion. Its index
+    is restored with the snapshot (SearchGenerator's counter), so the same id comes back and the trial
+    continues where it was."""
+    from ray.tune.experiment import Trial
+    from ray.tune.search import SearchGenerator
+
+    class TrialIdsInOrder(SearchGenerator):
+        def __init__(self, searcher: Any, prefix: str) -> None:
+            super().__init__(searcher)
+            self.prefix = prefix
+
+        def create_trial_if_possible(self, experiment_spec: dict) -> Any:
+            # SearchGenerator takes the id from Trial.generate_id before it asks the searcher; give it ours
+            # for this call (the Tune loop is single-threaded on the driver)
+            trial_id = f"{self.prefix}_{self._counter:05d}"
+            generate_id = Trial.__dict__["generate_id"]
+            Trial.generate_id = classmethod(lambda cls: trial_id)
+            try:
+                return super().create_trial_if_possible(experiment_spec)
+            finally:
+                Trial.generate_id = generate_id
+
+    return TrialIdsInOrder(searcher, prefix)
+
+
 def make_scheduler(space: SearchSpace) -> Any:
     if not (space.scheduler and space.scheduler.asha):
         return None
+    from ray.tune.experiment import Trial
     from ray.tune.schedulers import ASHAScheduler
 
+    from uda_ray.results import read_table
+
+    class ResumableASHA(ASHAScheduler):
+        """ASHA whose rungs survive a resume. Tune does not save its scheduler with the experiment (it
+        drops `_scheduler_alg` from the controller's state), so a restored ASHA starts with empty rungs and
+        the next trials would be judged against no one. Each trial restored as finished is recorded again
+        from its rows in the results tables (what the scheduler saw: one row per result, in step order);
+        a trial restored as unfinished replays its results from its checkpoint and is judged as before."""
+
+        def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+            super().on_trial_add(tune_controller, trial)
+            if trial.status not in (Trial.TERMINATED, Trial.ERROR):
+                return
+            if "_restored_evals" not in self.__dict__:
+                results = Path(trial.storage.experiment_fs_path).parent / "results"
+                self._restored_evals = read_table(results, "evals")
+            bracket = self._trial_info[trial.trial_id]
+            for r in sorted((r for r in self._restored_evals if r["trial_id"] == trial.trial_id),
+                            key=lambda r: r["step"]):
+                if r.get(self._metric) is not None:
+                    bracket.on_result(trial, r[self._time_attr], self._metric_op * r[self._metric])
+
     a = space.scheduler.asha
-    return ASHAScheduler(
+    return ResumableASHA(
         time_attr="step",  # our reported step; training_iteration restarts at 1 after a restore
         metric=space.metric, mode=space.mode, max_t=space.base.train.max_steps,
         grace_period=a.grace_period, reduction_factor=a.reduction_factor,
@@ -573,6 +682,13 @@ def _free_port() -> int:
 # sweeps
 
 
+def has_tune_state(sweep_dir: Path) -> bool:
+    """Whether Ray Tune saved the sweep's experiment state (it does at its first loop step, with the first
+    trial suggested): before that (a driver killed while it started) there is nothing to restore, and the
+    sweep is started again from its folder."""
+    return any((Path(sweep_dir) / TUNE_DIR).glob("experiment_state-*.json"))
+
+
 def build_tuner(space: SearchSpace, sweep_dir: Path, seed: int, restore: bool = False,
                 mlflow: str | None = None) -> Any:
     from ray import tune
@@ -593,9 +709,11 @@ def build_tuner(space: SearchSpace, sweep_dir: Path, seed: int, restore: bool = 
     return tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(search_alg=make_searcher(space, seed, sweep_dir), scheduler=make_scheduler(space),
+        # max_concurrent_trials: the searcher's ConcurrencyLimiter (Tune ignores it beside a SearchGenerator)
+        tune_config=tune.TuneConfig(search_alg=make_search_alg(make_searcher(space, seed, sweep_dir),
+                                                               trial_id_prefix(sweep_dir, seed)),
+                                    scheduler=make_scheduler(space),
                                     num_samples=space.num_samples,
-                                    max_concurrent_trials=space.max_concurrent_trials,
                                     # a finished trial's process runs the next trial of the same resources
                                     # (function trainables are reset in place): no process start, no imports
                                     reuse_actors=REUSE_ACTORS),

@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 RESTARTS_FILE = "restarts.jsonl"  # one line per restart of the run from a checkpoint
 REPORTED_FILE = "reported.jsonl"  # rank 0: every evaluation's metrics, logged before it is reported
 DIVERGED_FILE = "diverged.json"  # where a non-finite loss ended an attempt (a restart would repeat it)
+# A test hook, inert unless set: "STEP:MARKER" makes rank 0 stop in the middle of writing the checkpoint of
+# step STEP (its files written, not yet handed to Ray Train to persist), create the file MARKER and sleep, so
+# that a test can kill the sweep driver at that moment. Only once per MARKER: a resumed run does not stop again.
+CHECKPOINT_PAUSE_ENV = "UDA_RAY_TEST_CHECKPOINT_PAUSE"
 
 
 class Session(Protocol):
@@ -227,7 +231,9 @@ def _resume_or_init(cfg: ExperimentConfig, session: Session, method: Method, dig
         # order; the tables keep one row per step, so what the driver already had is not duplicated.
         replay = _reported_up_to(session.run_dir, start) or ([state["metrics"]] if state.get("metrics") else [])
         for metrics in replay:
-            session.report(metrics, None)
+            # every evaluation was reported with its checkpoint: its row names that folder, replayed or not
+            path = session.run_dir / checkpoint_dir_name(int(metrics["step"]))
+            session.report({**metrics, "checkpoint_path": str(path)}, None)
     return start, restart
 
 
@@ -361,6 +367,7 @@ def _checkpoint_and_report(cfg: ExperimentConfig, session: Session, method: Meth
         if tmp is not None:
             save_checkpoint(tmp, method_state=method.state_dict(), step=step, rng=rng,
                             config=experiment_dict(cfg), metrics=metrics)
+            _test_pause_in_checkpoint(step)
             if getattr(session, "replay_on_resume", False):  # logged before it is reported: see _resume_or_init
                 session.run_dir.mkdir(parents=True, exist_ok=True)
                 with open(session.run_dir / REPORTED_FILE, "a") as f:
@@ -369,6 +376,28 @@ def _checkpoint_and_report(cfg: ExperimentConfig, session: Session, method: Meth
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _test_pause_in_checkpoint(step: int) -> None:
+    """The CHECKPOINT_PAUSE_ENV test hook (does nothing unless that variable is set)."""
+    spec = os.environ.get(CHECKPOINT_PAUSE_ENV)
+    if not spec:
+        return
+    at, _, marker = spec.partition(":")
+    if int(at) != step or not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # once: the first writer of MARKER pauses
+    except FileExistsError:
+        return
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    time.sleep(600)  # the test kills the driver (and with it this worker) meanwhile
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """The folder of a Ray Train run's checkpoint of `step`, under the run's folder."""
+    return f"checkpoint_step_{step:07d}"
 
 
 def _record_restart(run_dir: Path, step: int) -> int:
@@ -625,8 +654,7 @@ class RaySession:
         import ray.train
 
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        name = f"checkpoint_step_{int(metrics['step']):07d}"
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(int(metrics["step"])))
 
 
 def ray_train_worker(config: dict) -> None:
