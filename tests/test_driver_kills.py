@@ -31,14 +31,18 @@ MAX_STEPS, EVERY = 12, 3
 #   trial_id, sweep          identities: each sweep has its own name and trial ids
 #   started_at, updated_at, reported_at, wall_time_s, time/...   wall-clock readings
 #   restarts, resumed_from   restart bookkeeping: the killed sweep restarted trials by design
+#   node_id, node_ip         where a trial last ran: each driver starts its own local Ray cluster (a new node id)
 #   *checkpoint*             paths hold the sweep name and trial id (their last component is compared instead)
 NOT_COMPARED = {"trial_id", "sweep", "started_at", "updated_at", "reported_at", "wall_time_s", "restarts",
-                "resumed_from", "checkpoint_path", "best_checkpoint", "last_checkpoint"}
+                "resumed_from", "node_id", "node_ip", "checkpoint_path", "best_checkpoint", "last_checkpoint"}
 CHECKPOINTS = ("checkpoint_path", "best_checkpoint", "last_checkpoint")
 
 
 def _comparable(row: dict) -> dict:
-    out = {k: v for k, v in row.items() if k not in NOT_COMPARED and not k.startswith("time/")}
+    """The row without NOT_COMPARED columns; NaN (the IoU of a class absent from the images) as "nan", so that
+    equal rows compare equal."""
+    out = {k: "nan" if isinstance(v, float) and v != v else v for k, v in row.items()
+           if k not in NOT_COMPARED and not k.startswith("time/")}
     for k in CHECKPOINTS:
         if row.get(k) is not None:
             out[k] = Path(row[k]).name
@@ -181,6 +185,16 @@ def _assert_same_sweep(store_ref: Path, store: Path) -> None:
             theirs = sorted((r for r in ref_rows if r["trial_id"] == ref["trial_id"]),
                             key=lambda r: tuple(r[k] for k in key[1:]))
             assert [_comparable(r) for r in mine] == [_comparable(r) for r in theirs], (name, got["trial_id"])
+    # the Optuna study: the same trials (parameters, state, values) in the same order; a trial asked for again
+    # after a resume left only a FAIL entry without a tune_trial_id
+    assert _study_trials(store) == _study_trials(store_ref)
+
+
+def _study_trials(store: Path) -> list[tuple]:
+    from uda_ray.search import load_study
+
+    return [(t.state.name, t.params, t.values, t.intermediate_values) for t in load_study(store).trials
+            if "tune_trial_id" in t.user_attrs]
 
 
 def test_a_sweep_whose_driver_is_killed_at_every_kind_of_moment_ends_exactly_as_an_uninterrupted_one(

@@ -396,8 +396,8 @@ def _test_pause_in_checkpoint(step: int) -> None:
 
 
 def checkpoint_dir_name(step: int) -> str:
-    """The folder of a Ray Train run's checkpoint of `step`, under the run's folder."""
-    return f"checkpoint_step_{step:07d}"
+    """The folder of a run's checkpoint of `step`, under the run's folder (Ray Train's and the inline path's)."""
+    return f"{CHECKPOINT_PREFIX}{step:07d}"
 
 
 def _record_restart(run_dir: Path, step: int) -> int:
@@ -558,7 +558,7 @@ class TuneSession:
 
     def _persist(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> dict[str, Any]:
         """The checkpoint into the run folder (then the ranking's pruning); the metrics with its path."""
-        dest = self.run_dir / f"{CHECKPOINT_PREFIX}{int(metrics['step']):07d}"
+        dest = self.run_dir / checkpoint_dir_name(int(metrics["step"]))
         if checkpoint_dir is not None:
             tmp = self.run_dir / f".{dest.name}.{os.getpid()}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -568,6 +568,7 @@ class TuneSession:
             prune_checkpoints(self.run_dir, self._keep, self._metric, self._mode)
         if dest.is_dir():  # also on a replayed evaluation whose checkpoint is still kept
             metrics["checkpoint_path"] = str(dest)
+        # (a replayed one whose checkpoint was pruned since keeps the path it had: see _resume_or_init)
         return metrics
 
 
