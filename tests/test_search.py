@@ -163,3 +163,45 @@ def test_constraints_reach_the_sampler_and_survive_the_searcher_snapshot(tmp_pat
     assert by_tune["fast"].values == [0.3, 1.0] and by_tune["fast"].state.name == "COMPLETE"
     assert by_tune["fast"].constraints == {"model/fps >= 30": -20.0}
     assert by_tune["slow"].constraints == {"model/fps >= 30": 20.0}
+
+
+def test_asha_restored_with_a_finished_trial_judges_the_next_one_against_its_recorded_results(tmp_path, synth_root):
+    """Tune does not save its scheduler: a restored sweep's ASHA must rebuild its rungs from the results tables
+    of the trials restored as finished, or the next trial is judged against no one (and never stopped)."""
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from uda_ray.results import ResultsWriter
+    from uda_ray.search import make_scheduler
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_experiment(synth_root, **{"train.max_steps": 8})))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
+        "base": "base.yaml", "num_samples": 2, "seed": 5, "scheduler": {"asha": {"grace_period": 2,
+                                                                                   "reduction_factor": 2}},
+        "params": {"optim.lr": {"loguniform": [1e-3, 1e-2]}}}))
+    space = load_space(tmp_path / "s.yaml")
+    sweep_dir = tmp_path / "sw"
+    w = ResultsWriter(sweep_dir / "results", "sw", "uv/im", "max", 5)  # what the first run recorded
+    exp = {"method": "source_only", "model": {"name": "m"}, "data": {"source": "s", "target": "t"}, "seed": 0,
+           "train": {"max_steps": 8}}
+    w.start("done", exp, {})
+    for step, v in ((2, 0.5), (4, 0.6), (6, 0.7), (8, 0.8)):
+        w.result("done", exp, {}, {"step": step, "uv/im": v})
+
+    def trial(tid: str, status: str) -> SimpleNamespace:
+        return SimpleNamespace(trial_id=tid, status=status,
+                               storage=SimpleNamespace(experiment_fs_path=str(sweep_dir / "tune")))
+
+    def decision_on_a_weaker_trial(rebuild: bool) -> str:
+        asha = make_scheduler(space)
+        asha.set_search_properties(space.metric, space.mode)
+        if rebuild:
+            asha.on_trial_add(None, trial("done", Trial.TERMINATED))  # restored as finished
+        weaker = trial("next", Trial.PENDING)
+        asha.on_trial_add(None, weaker)
+        return asha.on_trial_result(None, weaker, {"step": 2, "uv/im": 0.4})
+
+    assert decision_on_a_weaker_trial(rebuild=True) == TrialScheduler.STOP
+    assert decision_on_a_weaker_trial(rebuild=False) == TrialScheduler.CONTINUE  # what a lost rung state did

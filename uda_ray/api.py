@@ -349,7 +349,7 @@ def resume(name: str, *, storage: str | os.PathLike | None = None, address: str 
     sweep_d = sweep_dir(name, storage)
     meta = read_meta(sweep_d)
     refuse_running(sweep_d, f"sweep '{meta['name']}'")
-    if meta.get("status") != "running" and not has_tune_state(sweep_d):
+    if meta.get("status") not in ("running", INTERRUPTED) and not has_tune_state(sweep_d):
         raise UserError(f"sweep '{meta['name']}' has no Tune state to restore under {sweep_d / 'tune'}")
     with DriverLock(sweep_d, f"sweep '{meta['name']}'"):
         space = load_space(sweep_d / "space.yaml")
