@@ -247,15 +247,19 @@ def test_a_sweep_whose_driver_is_killed_at_every_kind_of_moment_ends_exactly_as_
     d.wait_for("the first trial mid-way", lambda: any(EVERY <= e["step"] < MAX_STEPS for e in evals_of(0)))
     kill(d, "mid-trial")
 
-    # (4) between trials: the first trial has ended, the next one has not reported
-    d = resume()
-    d.wait_for("the first trial's end", lambda: status_of(0) in ("completed", "stopped_early") and not evals_of(1))
+    # (4) between trials: the first trial has ended, the next one starts; the test hook (uda_ray.train.
+    # TEST_PAUSE_ENV; once) holds it before its first step, as an inline trial reports within a second
+    marker = tmp_path / "paused_at_start"
+    d = resume({"UDA_RAY_TEST_PAUSE": f"0:{marker}"})
+    d.wait_for("the second trial's start", marker.exists)
+    d.wait_for("the first trial's end in the tables", lambda: status_of(0) in ("completed", "stopped_early"), 30)
+    assert not evals_of(1)
     kill(d, "between trials")
 
-    # (5) while a checkpoint is being written: the test hook pauses the second trial's worker in the middle of
-    # writing its first checkpoint (once; see uda_ray.train.CHECKPOINT_PAUSE_ENV), and the driver dies there
+    # (5) while a checkpoint is being written: the hook holds the second trial in the middle of writing its
+    # first checkpoint, and the driver dies there
     marker = tmp_path / "paused_in_checkpoint"
-    d = resume({"UDA_RAY_TEST_CHECKPOINT_PAUSE": f"{EVERY}:{marker}"})
+    d = resume({"UDA_RAY_TEST_PAUSE": f"{EVERY}:{marker}"})
     d.wait_for("a checkpoint write", marker.exists)
     assert not evals_of(1), "the paused step was reported"
     kill(d, "checkpoint write")

@@ -52,10 +52,11 @@ log = logging.getLogger(__name__)
 RESTARTS_FILE = "restarts.jsonl"  # one line per restart of the run from a checkpoint
 REPORTED_FILE = "reported.jsonl"  # rank 0: every evaluation's metrics, logged before it is reported
 DIVERGED_FILE = "diverged.json"  # where a non-finite loss ended an attempt (a restart would repeat it)
-# A test hook, inert unless set: "STEP:MARKER" makes rank 0 stop in the middle of writing the checkpoint of
-# step STEP (its files written, not yet handed to Ray Train to persist), create the file MARKER and sleep, so
-# that a test can kill the sweep driver at that moment. Only once per MARKER: a resumed run does not stop again.
-CHECKPOINT_PAUSE_ENV = "UDA_RAY_TEST_CHECKPOINT_PAUSE"
+# A test hook, inert unless set: "STEP:MARKER" makes rank 0 create the file MARKER and sleep at a chosen moment,
+# so that a test can kill the sweep driver there. STEP 0: at the start of a run that starts from nothing,
+# before its first training step; any other STEP: in the middle of writing the checkpoint of that step (its
+# files written, not yet persisted in the run folder). Only once per MARKER: a resumed run does not stop again.
+TEST_PAUSE_ENV = "UDA_RAY_TEST_PAUSE"
 
 
 class Session(Protocol):
@@ -321,6 +322,8 @@ def _loop(cfg: ExperimentConfig, session: Session, method: Method, data: _RunDat
     metrics: dict[str, float] = {}
     # rank 0's heartbeat: <run>/progress.json every few seconds (step, steps/s, ETA) between evaluations
     beat = Heartbeat(session.run_dir, tc.max_steps, start) if session.rank == 0 else None
+    if start == 0 and session.rank == 0:
+        _test_pause(0)
     for step in range(start, tc.max_steps):
         s, t, h = data.next_batches()
         losses.add(step, train_step(method, s, t, step, cfg.poly_horizon, device, tc.amp, held=h))
@@ -367,7 +370,7 @@ def _checkpoint_and_report(cfg: ExperimentConfig, session: Session, method: Meth
         if tmp is not None:
             save_checkpoint(tmp, method_state=method.state_dict(), step=step, rng=rng,
                             config=experiment_dict(cfg), metrics=metrics)
-            _test_pause_in_checkpoint(step)
+            _test_pause(step)
             if getattr(session, "replay_on_resume", False):  # logged before it is reported: see _resume_or_init
                 session.run_dir.mkdir(parents=True, exist_ok=True)
                 with open(session.run_dir / REPORTED_FILE, "a") as f:
@@ -378,9 +381,9 @@ def _checkpoint_and_report(cfg: ExperimentConfig, session: Session, method: Meth
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _test_pause_in_checkpoint(step: int) -> None:
-    """The CHECKPOINT_PAUSE_ENV test hook (does nothing unless that variable is set)."""
-    spec = os.environ.get(CHECKPOINT_PAUSE_ENV)
+def _test_pause(step: int) -> None:
+    """The TEST_PAUSE_ENV test hook (does nothing unless that variable is set)."""
+    spec = os.environ.get(TEST_PAUSE_ENV)
     if not spec:
         return
     at, _, marker = spec.partition(":")
