@@ -203,3 +203,31 @@ def test_best_trials_by_another_metric_uses_that_metrics_mode_and_reports_test_a
         w.result(tid, exp, {}, {"step": 2, "uv/entropy": ent, "test/miou": miou, "checkpoint_path": f"/{tid}"})
     (top,) = best_trials(tmp_path, metric="uv/entropy", top=1)  # lower is better, whatever the objective
     assert (top["trial_id"], top["rank_mode"], top["rank_test_miou"]) == ("a", "min", 0.1)
+
+
+def test_read_table_never_sees_a_corrupt_file_while_the_trials_file_is_replaced(tmp_path, synth_root):
+    """Reading by path, pyarrow takes the size from a stat and reads another open of the file: an atomic
+    replacement in between read as a corrupt table. read_table reads through one handle."""
+    import threading
+
+    exp = experiment_dict(build_experiment(tiny_experiment(synth_root)))
+    w = _writer(tmp_path)
+    w.start("a", exp, {})
+    problems, done = [], threading.Event()
+
+    def write():
+        for i in range(300):  # the trials file grows and shrinks: each rewrite has another size
+            w.start(f"t{i % 7}", exp, {"x": "y" * (i % 13)})
+        done.set()
+
+    t = threading.Thread(target=write)
+    t.start()
+    reads = 0
+    while not done.is_set():
+        try:
+            read_table(tmp_path, "trials")
+        except Exception as e:  # noqa: BLE001 - any failure to read is what this test looks for
+            problems.append(repr(e))
+        reads += 1
+    t.join()
+    assert problems == [] and reads > 10

@@ -298,10 +298,27 @@ def read_table(results_dir: Path, table: str) -> list[dict]:
     if not p.exists():
         return []
     try:
-        rows = pq.read_table(p).to_pylist()
+        rows = _read_parquet(p).to_pylist()
     except (OSError, pa.ArrowException) as e:
         raise UserError(f"{p}: not a readable Parquet table ({str(e).splitlines()[0][:200]})") from None
     return [upgrade_row(r) if (r.get("schema_version") or 1) < 2 else r for r in rows]
+
+
+def _read_parquet(p: Path) -> pa.Table:
+    """A table file, or a folder of segments, read while a writer may replace them. Every file is read through
+    one open handle: pyarrow reading by path takes a file's size from a stat and then reads another open of it,
+    so a file atomically replaced in between reads as corrupt (seen as "Couldn't deserialize thrift" while a
+    sweep ran). A replaced file's handle keeps reading the old, whole file."""
+    if not p.is_dir():
+        with open(p, "rb") as f:
+            return pq.read_table(f)
+    parts = []
+    for seg in sorted(p.glob("part-*.parquet")):
+        with open(seg, "rb") as f:
+            parts.append(pq.read_table(f))
+    if not parts:
+        return pq.read_table(p)  # no segment: pyarrow's own answer (an empty table)
+    return pa.concat_tables(parts, promote_options="default")  # the first segment's columns first
 
 
 def versions() -> dict[str, str]:
