@@ -19,6 +19,7 @@ import torch
 from tests.conftest import tiny_experiment
 from tests.test_ray_integration import _env, _write_space
 from uda_ray.build import build_experiment
+from uda_ray.results import read_table
 from uda_ray.train import LocalSession, fit
 
 COMPARED = ("test/", "train/")  # everything but timings and the checkpoint path
@@ -46,7 +47,8 @@ def _sweep_killing_a_worker(tmp_path, space, name: str, rank: int, max_steps: in
     def a_running_trial_after_a_checkpoint():
         if not evals_path.exists():
             return None
-        steps = [r["step"] for r in pq.read_table(evals_path).to_pylist()]
+        # read_table: the writer may be replacing a segment while we read
+        steps = [r["step"] for r in read_table(evals_path.parent, "evals")]
         pids = list(store.glob(f"train/train-*/worker-{rank}.pid"))
         return (max(steps), pids[0]) if steps and max(steps) < max_steps and pids else None
 

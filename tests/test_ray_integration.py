@@ -18,6 +18,7 @@ import yaml
 
 from tests.conftest import tiny_experiment
 from tests.driver_kill import kill_when
+from uda_ray.results import read_table
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # every test here starts Ray and takes more than 20 s
 
@@ -140,7 +141,7 @@ def test_resume_after_sigkill_runs_every_trial_and_every_eval_exactly_once(tmp_p
         nonlocal victim
         if not evals_path.exists():
             return False
-        rows = pq.read_table(evals_path).to_pylist()
+        rows = read_table(evals_path.parent, "evals")  # (not pq.read_table: the writer may be replacing a segment)
         trials = sorted({r["trial_id"] for r in rows}, key=lambda t: min(r["reported_at"] for r in rows
                                                                           if r["trial_id"] == t))
         if len(trials) >= 2 and 10 <= max(r["step"] for r in rows if r["trial_id"] == trials[1]) < max_steps:
