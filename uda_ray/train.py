@@ -217,6 +217,9 @@ def _resume_or_init(cfg: ExperimentConfig, session: Session, method: Method, dig
             log.info("initialized from %s", cfg.train.init_from)
         return 0, {}
     state = load_state(ckpt, map_location=session.device)
+    if getattr(session, "restored_copy", None) is not None:
+        shutil.rmtree(session.restored_copy, ignore_errors=True)
+        session.restored_copy = None
     method.load_state_dict(state["method"])
     start = state["step"]
     rng = state["rng"]
@@ -639,6 +642,7 @@ class RaySession:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.run_dir = run_dir
+        self.restored_copy: Path | None = None
         self.node = {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
         self._prepare = ray.train.torch.prepare_model
 
@@ -646,13 +650,17 @@ class RaySession:
         return self._prepare(module)
 
     def latest_checkpoint(self) -> Path | None:
+        import pyarrow.fs
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
-        local = Path(tempfile.mkdtemp(prefix="uda_ray_restore_"))
-        return Path(ckpt.to_directory(str(local)))
+        if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
+            return Path(ckpt.path)  # local or mounted shared storage: read in place, nothing copied
+        # remote storage: a local copy, removed once loaded (_resume_or_init); every resume used to leave one
+        self.restored_copy = Path(tempfile.mkdtemp(prefix="uda_ray_restore_"))
+        return Path(ckpt.to_directory(str(self.restored_copy)))
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         import ray.train
