@@ -91,3 +91,21 @@ def narrow_discriminators(monkeypatch):
     from uda_ray.models.discriminators import FCDiscriminator
 
     monkeypatch.setitem(common.DISCRIMINATORS, "fc", functools.partial(FCDiscriminator, ndf=8))
+
+
+def fit_full_then_resumed(cfg, tmp_path, step: int = 2):
+    """Fit `cfg` in-process ("full"), then a second run ("part") that has only the full run's checkpoint at
+    `step` and resumes from it. Returns both LocalSessions."""
+    import shutil
+
+    from uda_ray.train import LocalSession, fit
+
+    full = LocalSession(tmp_path / "full")
+    fit(cfg, full)
+    part = tmp_path / "part" / "checkpoints"
+    part.mkdir(parents=True)
+    name = f"step_{step:07d}"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / name, part / name)
+    resumed = LocalSession(tmp_path / "part")
+    fit(cfg, resumed)
+    return full, resumed

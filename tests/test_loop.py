@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
 
 import pytest
 import torch
 
-from tests.conftest import make_batch, tiny_experiment
+from tests.conftest import fit_full_then_resumed, make_batch, tiny_experiment
 from tests.test_methods import make_method
 from uda_ray.build import build_experiment, build_method
 from uda_ray.checkpoint import load_state
@@ -210,13 +209,7 @@ def test_fp16_fit_resumes_exactly_with_its_grad_scalers(tmp_path, synth_root, na
     """The loop's checkpoint files (torch.load weights_only) carry the scalers: a run resumed from its step-2
     checkpoint lands on the same numbers and scales (BiSeNet-R18 in float16 on CPU: about a minute)."""
     cfg = build_experiment(tiny_experiment(synth_root, **{"train.amp": "fp16", "method": "adversarial"}))
-    full = LocalSession(tmp_path / "full")
-    fit(cfg, full)
-    part = tmp_path / "part" / "checkpoints"
-    part.mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_0000002", part / "step_0000002")
-    resumed = LocalSession(tmp_path / "part")
-    fit(cfg, resumed)
+    full, resumed = fit_full_then_resumed(cfg, tmp_path)  # the second run has only the step-2 checkpoint
     assert [r["step"] for r in resumed.reports] == [4]
     for k in ("test/miou", "train/loss/seg_src", "train/loss/d_src"):
         assert full.reports[-1][k] == resumed.reports[-1][k], k

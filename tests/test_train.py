@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_experiment
+from tests.conftest import fit_full_then_resumed, tiny_experiment
 from uda_ray.build import build_experiment
 from uda_ray.checkpoint import STATE_FILE
 from uda_ray.data.loading import StepBatches
@@ -32,15 +32,7 @@ def test_fit_reports_evaluations_and_writes_checkpoints(tmp_path, synth_root):
 
 def test_resume_from_a_checkpoint_continues_exactly(tmp_path, synth_root):
     cfg = build_experiment(tiny_experiment(synth_root, **{"train.max_steps": 6, "data.hflip": True}))
-    full = LocalSession(tmp_path / "full")
-    fit(cfg, full)
-
-    # a second run that only has the step-2 checkpoint resumes from it and must land on the same numbers
-    part = tmp_path / "part" / "checkpoints"
-    part.mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_0000002", part / "step_0000002")
-    resumed = LocalSession(tmp_path / "part")
-    fit(cfg, resumed)
+    full, resumed = fit_full_then_resumed(cfg, tmp_path)  # the second run has only the step-2 checkpoint
     assert [r["step"] for r in resumed.reports] == [4, 6]
     for a, b in zip(full.reports[1:], resumed.reports):
         for k in ("test/miou", "train/loss/seg_src"):
