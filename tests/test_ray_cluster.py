@@ -45,6 +45,9 @@ class PrivateCluster:
         self.home = self.root / "home"
         self.home.mkdir()
         self.port, self.dashboard = _free_port(), _free_port()
+        while self.dashboard == self.port:
+            self.dashboard = _free_port()
+        self.taken = {self.port, self.dashboard}  # every port handed to a node of this cluster
         self.env = {**os.environ, "HOME": str(self.home), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO),
                     "RAY_AUTH_MODE": "token", "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{self.dashboard}"}
         self.env.pop("RAY_ADDRESS", None)
@@ -59,24 +62,39 @@ class PrivateCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _ports(self) -> list[str]:
-        lo = _free_port()
-        return ["--node-manager-port", str(_free_port()), "--object-manager-port", str(_free_port()),
-                "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
-                "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
+    def _ports(self, head: bool) -> list[str]:
+        """Free ports for one node: a 41-port worker range first, then every other port distinct from each other,
+        from the range and from the cluster's (Ray refuses a node whose components share a port; the kernel's
+        ephemeral ports once put the object manager inside the worker range). Ports are unique across the cluster's
+        nodes, which share this host."""
+        taken = self.taken
+        while not taken.isdisjoint(range(lo := _free_port(), lo + 41)):
+            pass
+        taken.update(range(lo, lo + 41))
+
+        def port() -> int:
+            while (p := _free_port()) in taken:
+                pass
+            taken.add(p)
+            return p
+
+        args = ["--node-manager-port", str(port()), "--object-manager-port", str(port()),
+                "--dashboard-agent-listen-port", str(port()), "--dashboard-agent-grpc-port", str(port()),
+                "--runtime-env-agent-port", str(port()), "--metrics-export-port", str(port()),
                 "--min-worker-port", str(lo), "--max-worker-port", str(lo + 40)]
+        return args + (["--ray-client-server-port", str(port())] if head else [])
 
     def start(self, num_cpus: float, head: bool, resources: dict | None = None) -> Path:
         """Start a node (the head, or one joining it) in its own temp dir; returns that dir."""
         temp = self.root / f"node{self.nodes}"
         self.nodes += 1
         args = [RAY, "start", "--num-cpus", str(num_cpus), "--temp-dir", str(temp), "--disable-usage-stats",
-                "--node-ip-address", "127.0.0.1", *self._ports()]
+                "--node-ip-address", "127.0.0.1", *self._ports(head)]
         if resources:
             args += ["--resources", json.dumps(resources)]
         if head:
             args += ["--head", "--port", str(self.port), "--dashboard-host", "127.0.0.1",
-                     "--dashboard-port", str(self.dashboard), "--ray-client-server-port", str(_free_port())]
+                     "--dashboard-port", str(self.dashboard)]
         else:
             args += ["--address", self.address]
         p = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=180)
@@ -181,7 +199,7 @@ def test_ray_job_submit_runs_a_sweep_script_on_a_started_cluster(tmp_path, synth
     p = subprocess.run([RAY, "job", "submit", "--address", f"http://127.0.0.1:{cluster.dashboard}",
                         "--working-dir", str(job_dir), "--runtime-env-json",
                         json.dumps({"env_vars": {"PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}}),
-                        "--", "python", "my_sweep.py", str(space), str(tmp_path / "store")],
+                        "--", sys.executable, "my_sweep.py", str(space), str(tmp_path / "store")],
                        env=cluster.env, capture_output=True, text=True, timeout=600)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
