@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -222,3 +223,28 @@ def test_fp16_fit_resumes_exactly_with_its_grad_scalers(tmp_path, synth_root, na
             for name, t in v.items():
                 if torch.is_tensor(t):
                     assert torch.equal(t, sb[k][name]), (k, name)
+
+
+def test_checkpoint_folders_left_by_killed_writers_are_removed_when_a_run_starts(tmp_path, synth_root, monkeypatch):
+    """A writer SIGKILLed mid-checkpoint leaves its uda_ray_ckpt_<pid>_* folder in the temp dir; the next run
+    removes the folders of pids that no longer run, and nothing else."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from uda_ray.train import CKPT_TMP_PREFIX
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp / f"{CKPT_TMP_PREFIX}{dead.pid}_abc"
+    live = tmp / f"{CKPT_TMP_PREFIX}{os.getpid()}_def"  # a writer still running (this process)
+    other = tmp / f"{CKPT_TMP_PREFIX}x1"  # not named by a pid: left alone
+    for d in (orphan, live, other):
+        (d / "model").mkdir(parents=True)
+        (d / "model" / "state.pt").write_bytes(b"0" * 100)
+    fit(build_experiment(tiny_experiment(synth_root)), LocalSession(tmp_path / "run"))
+    assert not orphan.exists() and live.is_dir() and other.is_dir()
+    assert sorted(p.name for p in tmp.iterdir()) == sorted([live.name, other.name])  # its own were removed too

@@ -182,6 +182,8 @@ def fit(cfg: ExperimentConfig, session: Session) -> dict[str, float]:
     seed, build the method, resume (or start from `init_from`), load the data, write the run's files, profile
     the model, then the loop. Returns the last evaluation's metrics."""
     mark("fit_start", run=str(session.run_dir))
+    if session.rank == 0:
+        remove_orphaned_checkpoint_folders()
     _seed_all(cfg.seed)  # identical init on every rank
     method = build_method(cfg, session.wrap, session.device)
     mark("model_built", run=str(session.run_dir))
@@ -368,7 +370,7 @@ def _checkpoint_and_report(cfg: ExperimentConfig, session: Session, method: Meth
     """Every rank's RNG state gathered; rank 0 writes the checkpoint into a temporary folder that the session
     persists with the report (all ranks report, as Ray Train requires)."""
     rng = _gather(rng_state(), session.world_size)
-    tmp = Path(tempfile.mkdtemp(prefix="uda_ray_ckpt_")) if session.rank == 0 else None
+    tmp = Path(tempfile.mkdtemp(prefix=f"{CKPT_TMP_PREFIX}{os.getpid()}_")) if session.rank == 0 else None
     try:
         if tmp is not None:
             save_checkpoint(tmp, method_state=method.state_dict(), step=step, rng=rng,
@@ -382,6 +384,32 @@ def _checkpoint_and_report(cfg: ExperimentConfig, session: Session, method: Meth
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+CKPT_TMP_PREFIX = "uda_ray_ckpt_"  # + the writer's pid + "_": a checkpoint being written, in the temp dir
+
+
+def remove_orphaned_checkpoint_folders(tmp_dir: str | None = None) -> list[Path]:
+    """Remove the checkpoint folders a writer killed mid-write left in the temp dir: those named by a pid that
+    no longer runs on this host (a folder whose pid was reused stays until that process ends too). Returns them."""
+    removed = []
+    for d in Path(tmp_dir or tempfile.gettempdir()).glob(f"{CKPT_TMP_PREFIX}*_*"):
+        pid = d.name[len(CKPT_TMP_PREFIX):].split("_", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _test_pause(step: int) -> None:
