@@ -17,13 +17,15 @@ import pickle
 import random
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from uda_ray.errors import UserError
 from uda_ray.metric_names import DEFAULT_SELECTION, mode_of, upgrade_row
+
+if TYPE_CHECKING:  # torch is imported by the functions that read or write states: finding checkpoints needs none
+    import torch
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
@@ -34,6 +36,8 @@ METRICS_FILE = "metrics.json"
 
 def rng_state() -> dict[str, Any]:
     """The torch, numpy, python (and CUDA) RNG states, as tensors and plain Python data only."""
+    import torch
+
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -48,6 +52,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `rng_state` captured."""
+    import torch
+
     torch.set_rng_state(state["torch"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
@@ -62,7 +68,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _plain(v: Any) -> Any:
     """numpy / torch scalars -> Python numbers (metrics stay loadable with weights_only and JSON-writable)."""
-    if isinstance(v, (np.generic, torch.Tensor)):
+    if isinstance(v, np.generic) or hasattr(v, "item") and type(v).__module__.startswith("torch"):
         return v.item()
     return v
 
@@ -70,6 +76,8 @@ def _plain(v: Any) -> Any:
 def save_checkpoint(path: Path, *, method_state: dict, step: int, rng: list[dict], config: dict,
                     metrics: dict[str, Any]) -> None:
     """Write state.pt and metrics.json into the folder `path` (created)."""
+    import torch
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     metrics = {k: _plain(v) for k, v in metrics.items()}
@@ -88,6 +96,8 @@ def load_state(path: str | Path, map_location: Any = "cpu", *, mmap: bool = Fals
     """A checkpoint's state (folder or file), loaded with weights_only=True. A file that is not a checkpoint
     of tensors and plain data (e.g. a pickle that would run code when loaded) raises UserError, one line.
     mmap=True maps the tensors instead of reading them (a cheap check of a large checkpoint)."""
+    import torch
+
     f = state_file(path)
     if not f.is_file():
         raise UserError(f"{path}: no checkpoint there (expected a folder holding {STATE_FILE}, or the file)")

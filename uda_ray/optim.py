@@ -7,11 +7,12 @@ all of them), so it depends on nothing else in the package but the error type.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from uda_ray.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where an optimizer is built: reading configs and tables needs no torch
+    import torch
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 
@@ -48,6 +49,8 @@ class OptimConfig:
 def build_optimizer(params: list[dict] | Any, cfg: OptimConfig) -> torch.optim.Optimizer:
     """Optimizer from param groups (each may carry its own "lr"); records "initial_lr", "poly_power" and
     "poly_horizon" (None: the run's horizon, given to `set_lr`) for the poly schedule."""
+    import torch
+
     groups = list(params)
     groups = [dict(g) for g in groups] if groups and isinstance(groups[0], dict) else [{"params": groups}]
     for g in groups:

@@ -28,7 +28,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from uda_ray.build import build_experiment
 from uda_ray.config import experiment_dict, flatten
 from uda_ray.errors import UserError
 from uda_ray.metric_names import REPORTED_PREFIXES, SCHEMA_VERSION, check_metric, mode_of, upgrade_row
@@ -305,20 +304,23 @@ def read_table(results_dir: Path, table: str) -> list[dict]:
 
 
 def _read_parquet(p: Path) -> pa.Table:
-    """A table file, or a folder of segments, read while a writer may replace them. Every file is read through
-    one open handle: pyarrow reading by path takes a file's size from a stat and then reads another open of it,
-    so a file atomically replaced in between reads as corrupt (seen as "Couldn't deserialize thrift" while a
-    sweep ran). A replaced file's handle keeps reading the old, whole file."""
+    """A table file, or a folder of segments, read while a writer may replace them. Every file is read whole
+    through one open handle, then parsed from memory: pyarrow reading by path takes a file's size from a stat and
+    then reads another open of it, so a file atomically replaced in between reads as corrupt (seen as "Couldn't
+    deserialize thrift" while a sweep ran); a replaced file's handle keeps reading the old, whole file. Not
+    pyarrow reading the Python file object itself: its I/O threads calling into Python made about one process
+    in five abort at exit ("terminate called without an active exception", pyarrow 26)."""
     if not p.is_dir():
-        with open(p, "rb") as f:
-            return pq.read_table(f)
-    parts = []
-    for seg in sorted(p.glob("part-*.parquet")):
-        with open(seg, "rb") as f:
-            parts.append(pq.read_table(f))
+        return _read_file(p)
+    parts = [_read_file(seg) for seg in sorted(p.glob("part-*.parquet"))]
     if not parts:
         return pq.read_table(p)  # no segment: pyarrow's own answer (an empty table)
     return pa.concat_tables(parts, promote_options="default")  # the first segment's columns first
+
+
+def _read_file(p: Path) -> pa.Table:
+    with open(p, "rb") as f:
+        return pq.read_table(pa.BufferReader(f.read()))
 
 
 def versions() -> dict[str, str]:
@@ -457,6 +459,7 @@ class ResultsWriter:
 
 
 def experiment_of(base_raw: dict, params: dict) -> dict:
+    from uda_ray.build import build_experiment  # the registries (torch): not for reading tables
     from uda_ray.config import apply_overrides
 
     return experiment_dict(build_experiment(apply_overrides(base_raw, params), "trial"))

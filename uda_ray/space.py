@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uda_ray.build import build_experiment
 from uda_ray.config import (
     ConfigError,
     ExperimentConfig,
@@ -170,6 +169,8 @@ class SearchSpace:
 
     def experiment(self, sample: dict[str, Any], source: str = "trial") -> ExperimentConfig:
         """The experiment of one sample: the same override path as `--set`."""
+        from uda_ray.build import build_experiment  # the registries (torch): not for reading constraints
+
         return build_experiment(apply_overrides(self.base_raw, sample), source)
 
 
@@ -199,6 +200,8 @@ def _parse_param(key: str, spec: Any, source: str) -> Param:
 
 def load_space(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchSpace:
     """Load and fully validate a search space: every corner of every param must give a valid experiment."""
+    from uda_ray.build import build_experiment
+
     p = Path(path)
     raw = read_yaml(p)
     if "base" not in raw:
