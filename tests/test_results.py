@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pyarrow.parquet as pq
+import pytest
 
 from tests.conftest import tiny_experiment
 from uda_ray.build import build_experiment
@@ -205,10 +206,18 @@ def test_best_trials_by_another_metric_uses_that_metrics_mode_and_reports_test_a
     assert (top["trial_id"], top["rank_mode"], top["rank_test_miou"]) == ("a", "min", 0.1)
 
 
-def test_read_table_never_sees_a_corrupt_file_while_the_trials_file_is_replaced(tmp_path, synth_root):
+@pytest.mark.parametrize("proc_fd", [True, False], ids=["one-handle", "retried"])
+def test_read_table_never_sees_a_corrupt_file_while_the_trials_file_is_replaced(tmp_path, synth_root, monkeypatch,
+                                                                                 proc_fd):
     """Reading by path, pyarrow takes the size from a stat and reads another open of the file: an atomic
-    replacement in between read as a corrupt table. read_table reads through one handle."""
+    replacement in between read as a corrupt table. read_table reads through one handle (Linux), or retries."""
     import threading
+
+    from uda_ray import results
+
+    if proc_fd and not results.PROC_FD:
+        pytest.skip("no /proc/self/fd on this system")
+    monkeypatch.setattr(results, "PROC_FD", proc_fd)
 
     exp = experiment_dict(build_experiment(tiny_experiment(synth_root)))
     w = _writer(tmp_path)
