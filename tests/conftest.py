@@ -109,3 +109,25 @@ def fit_full_then_resumed(cfg, tmp_path, step: int = 2):
     resumed = LocalSession(tmp_path / "part")
     fit(cfg, resumed)
     return full, resumed
+
+
+# What a pipeline (or the user's --set) gives a stage experiment that cannot run alone: the refusal it meets
+# without it (uda_ray.target_labels), and a stand-in value for loading it.
+STAGE_INPUTS = {"no pseudo-labels": {"data.target_label_root": "/pipeline/pseudo_labels"},
+                "is the target itself": {"data.ranking": "/pipeline/ranking"}}
+
+
+def load_shipped(load, path, overrides: dict | None = None):
+    """`load(path, overrides)` (load_experiment or load_space) of a shipped file; a stage experiment that needs
+    pseudo-labels or an IntraDA ranking from its pipeline must be refused alone, and is loaded with a
+    stand-in for that input."""
+    from uda_ray.errors import ConfigError
+
+    overrides = dict(overrides or {})
+    try:
+        return load(path, overrides)
+    except ConfigError as e:
+        needed = [v for k, v in STAGE_INPUTS.items() if k in str(e)]
+        if not needed:
+            raise
+        return load(path, {**overrides, **needed[0]})

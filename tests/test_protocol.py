@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TinySeg, tiny_experiment
+from tests.conftest import TinySeg, load_shipped, tiny_experiment
 from uda_ray.build import build_experiment, load_experiment
 from uda_ray.config import ConfigError, OptimConfig
 from uda_ray.methods.adversarial import Adversarial, AdversarialConfig
@@ -97,13 +97,13 @@ PAPER_EVAL_EVERY = {"advent": 2000, "minent": 2000, "intrada": 2000, "adaptsegne
 
 @pytest.mark.parametrize("name", sorted(n for n in PAPER_SCHEDULES if "deeplabv2" in n))
 def test_paper_experiments_evaluate_as_often_as_the_originals_snapshot(name):
-    cfg = load_experiment(EXPERIMENTS / f"{name}.yaml")
+    cfg = load_shipped(load_experiment, EXPERIMENTS / f"{name}.yaml")
     assert cfg.train.eval_every == PAPER_EVAL_EVERY[name.split("deeplabv2_")[1]]
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_SCHEDULES))
 def test_paper_experiments_follow_the_originals_schedule(name):
-    cfg = load_experiment(EXPERIMENTS / f"{name}.yaml")
+    cfg = load_shipped(load_experiment, EXPERIMENTS / f"{name}.yaml")
     steps, horizon = PAPER_SCHEDULES[name]
     assert (cfg.train.max_steps, cfg.poly_horizon) == (steps, horizon)
     d_optim = getattr(cfg.method_cfg, "d_optim", None)
@@ -178,7 +178,7 @@ def test_every_paper_experiment_and_pipeline_has_a_geometry_row():
 @pytest.mark.parametrize("name", sorted(PAPER_SCHEDULES))
 def test_synthia_paper_experiments_train_the_16_class_protocol(name):
     """ADVENT and CPSL train SYNTHIA -> Cityscapes with 16 classes; everything else with the 19."""
-    cfg = load_experiment(EXPERIMENTS / f"{name}.yaml")
+    cfg = load_shipped(load_experiment, EXPERIMENTS / f"{name}.yaml")
     expected = ("synthia16", 16) if name.startswith("synthia_") else ("cityscapes19", 19)
     assert (cfg.data.label_set, cfg.model.num_classes) == expected
 
@@ -186,13 +186,13 @@ def test_synthia_paper_experiments_train_the_16_class_protocol(name):
 @pytest.mark.parametrize("name", sorted(n for n in PAPER_SCHEDULES if "deeplabv2" in n))
 def test_batchnorm_is_frozen_as_in_each_original(name):
     """ADVENT / AdaptSegNet / FDA / IntraDA (batch 1) freeze BatchNorm; CPSL trains it (batch 4, SyncBN)."""
-    cfg = load_experiment(EXPERIMENTS / f"{name}.yaml")
+    cfg = load_shipped(load_experiment, EXPERIMENTS / f"{name}.yaml")
     assert cfg.model.kwargs["freeze_bn"] is ("cpsl" not in name)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_GEOMETRY))
 def test_paper_experiments_follow_the_originals_geometry(name):
-    assert _geometry(load_experiment(EXPERIMENTS / f"{name}.yaml")) == PAPER_GEOMETRY[name]
+    assert _geometry(load_shipped(load_experiment, EXPERIMENTS / f"{name}.yaml")) == PAPER_GEOMETRY[name]
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINE_GEOMETRY))

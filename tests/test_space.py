@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import load_shipped
 from uda_ray.build import load_experiment
 from uda_ray.config import ConfigError
 from uda_ray.space import load_space, sample
@@ -22,7 +23,7 @@ def test_there_are_files_to_check():
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_every_experiment_loads(path):
-    cfg = load_experiment(path)
+    cfg = load_shipped(load_experiment, path)
     assert cfg.train.max_steps >= 1
 
 
@@ -33,7 +34,7 @@ def test_every_experiment_names_a_label_free_selection_metric(path):
 
     raw = read_yaml(path)
     assert "select" in raw, f"{path.name} does not name its selection metric"
-    assert not needs_test_labels(load_experiment(path).select)
+    assert not needs_test_labels(load_shipped(load_experiment, path).select)
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
@@ -42,13 +43,13 @@ def test_every_search_space_names_a_label_free_objective(path):
     from uda_ray.metric_names import needs_test_labels
 
     assert "objective" in read_yaml(path), f"{path.name} does not name its objective"
-    space = load_space(path)
+    space = load_shipped(load_space, path)
     assert not needs_test_labels(space.metric) and space.base.select == space.metric  # trials keep by it
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
 def test_every_search_space_loads_and_samples(path):
-    space = load_space(path)
+    space = load_shipped(load_space, path)
     for params, cfg in sample(space, 8, seed=1):
         assert set(params) == set(space.params)
         assert cfg.method  # a validated experiment

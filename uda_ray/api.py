@@ -501,6 +501,7 @@ def train(experiment: str | os.PathLike, *, storage: str | os.PathLike | None = 
     from uda_ray.config import experiment_dict
     from uda_ray.search import check_resources
     from uda_ray.stages import resolve_refs
+    from uda_ray.target_labels import MARK, trains_on_target_gt
     from uda_ray.train import fit_run
 
     cfg = load_experiment(experiment, _overrides(overrides))
@@ -513,12 +514,14 @@ def train(experiment: str | os.PathLike, *, storage: str | os.PathLike | None = 
     validate.experiment(cfg, str(experiment))
     run_dir = root / "runs" / name
     progress.info(f"training {cfg.method}/{cfg.model.name} for {cfg.train.max_steps} steps on "
-                  f"{cfg.train.num_workers} worker(s); run folder {run_dir}")
+                  f"{cfg.train.num_workers} worker(s); run folder {run_dir}"
+                  + (f" [{MARK}]" if trains_on_target_gt(experiment_dict(cfg)) else ""))
     refuse_running(run_dir, f"run '{name}'")
     with ray_connection(address):
         check_resources(cfg.train, 0.0, 1, local=not address)
         with DriverLock(run_dir, f"run '{name}'"):
-            return {**fit_run(cfg, root / "runs", name), "run_dir": str(run_dir), "select_metric": cfg.select}
+            return {**fit_run(cfg, root / "runs", name), "run_dir": str(run_dir), "select_metric": cfg.select,
+                    "target_ground_truth": trains_on_target_gt(experiment_dict(cfg))}
 
 
 def pipeline(path: str | os.PathLike, *, storage: str | os.PathLike | None = None, report: str | None = None,

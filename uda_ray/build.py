@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from uda_ray import target_labels
 from uda_ray.checkpoint import load_state
 from uda_ray.config import ExperimentConfig, ModelConfig, apply_overrides, build, load_raw
 from uda_ray.errors import ConfigError, UserError
@@ -33,6 +34,10 @@ def build_experiment(raw: dict, source: str = "<config>") -> ExperimentConfig:
     cfg = build(ExperimentConfig, raw, source)
     if cfg.model.name not in MODELS:
         raise ConfigError(f"{source}: model.name: unknown model '{cfg.model.name}' (valid: {', '.join(MODELS)})")
+    try:
+        target_labels.check(cfg, METHODS[method])
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     return dataclasses.replace(cfg, method_cfg=mcfg)
 
 

@@ -121,6 +121,13 @@ class DataConfig:
     hflip: bool = True
     grayscale: bool = False  # feed every image (source, target, val) as 3-channel grayscale
     target_label_root: str | None = None  # pseudo-label folder (trainIds) replacing target labels
+    # What a method that reads target labels trains on (uda_ray.target_labels): "pseudo" (pseudo_from or
+    # target_label_root; a run with neither is refused) or "ground_truth" (the target's own labels: an oracle
+    # ablation, marked in every output). target_only is the oracle: ground truth unless given pseudo-labels.
+    target_labels: str = "pseudo"
+    # set by uda_ray, not by hand: the checkpoint this run starts or learns from that was trained on target
+    # ground truth (directly or through its own ancestors), so this run is marked too
+    target_gt_via: str | None = None
     source_label_root: str | None = None  # pseudo-label folder (trainIds) replacing source labels
     # Pseudo-labels made by the run itself (rank 0, on the training device, before training) from this
     # checkpoint (a folder, `run:NAME`, `sweep:NAME`): class-wise thresholds at `pseudo_percentile` of the
@@ -187,6 +194,8 @@ class DataConfig:
         _check(0.0 < self.easy_fraction < 1.0, "data.easy_fraction must be in (0, 1)")
         _check(0.0 <= self.pseudo_percentile <= 1.0, "data.pseudo_percentile must be in [0, 1]")
         _check(0.0 < self.pseudo_cap <= 1.0, "data.pseudo_cap must be in (0, 1]")
+        _check(self.target_labels in ("pseudo", "ground_truth"),
+               f"data.target_labels must be 'pseudo' or 'ground_truth', got {self.target_labels!r}")
         _check(not (self.pseudo_from and self.target_label_root),
                "data: give pseudo_from (labels made by the run) or target_label_root (a folder), not both")
         _check(self.ranking is None or self.source == self.target,

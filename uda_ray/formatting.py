@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from uda_ray.target_labels import MARK, row_marked
+
 # Figures a model's own paper publishes, printed beside ours by `profile_report`. Ours count only convolutions,
 # matmuls and attention (torch's FlopCounterMode), not element-wise ops (BN, activations, adds, pooling), so
 # they come out somewhat lower for the same network.
@@ -35,8 +37,9 @@ def best_table(rows: list[dict], method: str | None = None) -> str:
     for i, r in enumerate(rows, 1):
         test = "" if r["rank_metric"] == "test/miou" else (
             f"  test/miou={r['rank_test_miou']:.4f}" if r["rank_test_miou"] is not None else "  test/miou: absent")
+        gt = f"  [{MARK}]" if row_marked(r) else ""
         lines.append(f"{i:>2}. {r['trial_id']}  {r['rank_metric']}={r['rank_value']:.4f} @ step {r['rank_step']}"
-                     f"{test}  [{r['status']}]  {r['method']}  {_params(r)}")
+                     f"{test}  [{r['status']}]  {r['method']}  {_params(r)}{gt}")
         if not r.get("rank_checkpoint_kept", True):
             lines.append(f"    {not_kept_note(r)}")
     return "\n".join(lines)
@@ -117,7 +120,8 @@ def sweep_ended(s: Any, top: int = 5) -> str:
 def run_ended(m: dict) -> str:
     """`uda_ray.api.train`'s last metrics, its latest checkpoint and its results folder."""
     return (f"done: step {m.get('step')} " + metrics_line(m, m["select_metric"])
-            + f"\nlatest checkpoint: {m['checkpoint_path']}\nresults: {Path(m['run_dir']) / 'results'}")
+            + f"\nlatest checkpoint: {m['checkpoint_path']}\nresults: {Path(m['run_dir']) / 'results'}"
+            + (f"\n{MARK}: an oracle, not a UDA result" if m.get("target_ground_truth") else ""))
 
 
 def pipeline_ended(summary: list[dict], seconds: float, report: str | None = None) -> str:
@@ -126,7 +130,8 @@ def pipeline_ended(summary: list[dict], seconds: float, report: str | None = Non
     lines = [f"pipeline done in {seconds:.0f}s"]
     for row in summary:
         done = f" {metrics_line(row, row['select_metric'])} @ step {row['step']}" if row.get("step") else ""
-        lines.append(f"  {row['stage']:<24} {row['kind']:<14}{done}")
+        gt = f"  [{MARK}]" if row.get("target_ground_truth") else ""
+        lines.append(f"  {row['stage']:<24} {row['kind']:<14}{done}{gt}")
     return "\n".join(lines + ([f"wrote {report}"] if report else []))
 
 
@@ -156,6 +161,9 @@ def profile_report(result: dict) -> str:
         f"  latency  {result['latency_ms']:10.1f} ms",
         f"  fps      {result['fps']:10.1f}",
     ]
+    if "params_with_resnet_fc" in result:
+        lines.insert(2, f"  params   {result['params_with_resnet_fc'] / 1e6:10.3f} M   "
+                        f"({result['params_with_resnet_fc_note']})")
     paper = PAPER_FIGURES.get(result["name"])
     if paper is not None:
         ph, pw = paper["size"]

@@ -36,6 +36,7 @@ from uda_ray.config import ConfigError, build, read_yaml
 from uda_ray.metric_names import DEFAULT_SELECTION, check_metric, mode_of
 from uda_ray.results import read_table
 from uda_ray.stages import ACTIONS
+from uda_ray.target_labels import row_marked
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,9 @@ def run_pipeline(pipe: Pipeline, root: Path, run_experiment: Callable[[Any, Path
             log(f"stage {st.name}: {cfg.method}/{cfg.model.name}, {cfg.train.max_steps} steps")
             run_experiment(cfg, pdir, st.name)
         row = {"stage": st.name, "kind": st.action[0] if st.action else "train", "seconds": time.time() - t0}
+        trials = read_table(pdir / st.name / "results", "trials")
+        if trials:
+            row["target_ground_truth"] = row_marked(trials[0])
         evals = read_table(pdir / st.name / "results", "evals")
         if evals:
             last = max(evals, key=lambda e: e["step"])

@@ -31,6 +31,7 @@ from typing import Any
 from uda_ray.checkpoint import STATE_FILE
 from uda_ray.errors import UserError
 from uda_ray.results import read_table
+from uda_ray.target_labels import MARK, SHORT_MARK, row_marked
 
 # Cityscapes' own colours of the 19 train ids (cityscapesScripts, labels.py); ignore (255) is black.
 CITYSCAPES_PALETTE = (
@@ -531,7 +532,7 @@ def table_rows(data: ReportData) -> tuple[list[str], list[list[Any]]]:
     pnames = list(_param_kinds(data))
     cols = ["trial", "status", "method", "model", f"best {data.metric}", "best step", "final step"]
     cols += [f"{test} @ best"] if test and test != data.metric else []
-    cols += [o["metric"] for o in data.objectives[1:]] + ["GFLOPs", "wall s"] + pnames
+    cols += [o["metric"] for o in data.objectives[1:]] + ["GFLOPs", "wall s", SHORT_MARK] + pnames
     rows = []
     for t in data.trials:
         r = sel.get(t["trial_id"], {})
@@ -540,7 +541,8 @@ def table_rows(data: ReportData) -> tuple[list[str], list[list[Any]]]:
                r.get("step"), t.get("final_step")]
         row += [r.get(test)] if test and test != data.metric else []
         row += [r.get(o["metric"]) for o in data.objectives[1:]]
-        row += [t.get("model_gflops"), t.get("wall_time_s")] + [p.get(k) for k in pnames]
+        row += [t.get("model_gflops"), t.get("wall_time_s"), "yes" if row_marked(t) else "no"]
+        row += [p.get(k) for k in pnames]
         rows.append(row)
     return cols, rows
 
@@ -581,7 +583,8 @@ document.querySelectorAll('table.sortable').forEach(function (table) {
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1400px; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
-p.note { color: #555; font-size: 0.9em; } img.plot { max-width: 100%; }
+p.note { color: #555; font-size: 0.9em; }
+p.gt { background: #fde8e8; border: 1px solid #c33; padding: 4px 8px; } img.plot { max-width: 100%; }
 table { border-collapse: collapse; font-size: 0.82em; } td, th { border: 1px solid #ccc; padding: 2px 6px; }
 th { background: #f2f2f2; cursor: pointer; user-select: none; } td.num { text-align: right; }
 th[data-order=asc]::after { content: " \\25B2"; } th[data-order=desc]::after { content: " \\25BC"; }
@@ -603,6 +606,11 @@ def render(data: ReportData, predictions: bool = True) -> str:
                                                                        for k, v in counts.items() if v)
              + f"; objective {html.escape(objs)}; folder {html.escape(str(data.folder))}; generated "
              + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()) + "</p>"]
+    marked = [t["trial_id"] for t in data.trials if row_marked(t)]
+    if marked:
+        parts.append(f'<p class="gt" id="target-gt"><strong>{MARK}</strong>: {len(marked)} of {len(data.trials)} '
+                     f"trial(s) ({html.escape(', '.join(marked[:20]))}{', ...' if len(marked) > 20 else ''}) saw the "
+                     "target's labels in training (an oracle, or a run started from one): not UDA results.</p>")
     curves = fig_curves(data)
     parts.append(_section("Learning curves", curves,
                           "Every trial's evaluations vs step. A red x marks the last evaluation of a trial the "

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from uda_ray.config import experiment_dict, flatten
 from uda_ray.errors import UserError
 from uda_ray.metric_names import REPORTED_PREFIXES, SCHEMA_VERSION, check_metric, mode_of, upgrade_row
+from uda_ray.target_labels import MARK, SHORT_MARK, row_marked, trains_on_target_gt
 
 TABLES = {"trials": ("trial_id",), "evals": ("trial_id", "step"), "class_iou": ("trial_id", "step", "class_name")}
 APPEND_ONLY = ("evals", "class_iou")
@@ -41,7 +42,7 @@ RESTART_KEYS = ("resumed_from", "restarts")
 NODE_KEYS = ("node_id", "node_ip")
 SEGMENT_ROWS = {"evals": 1024, "class_iou": 8192}  # rows per segment of the append-only tables
 
-_STR, _INT, _FLOAT = pa.string(), pa.int64(), pa.float64()
+_STR, _INT, _FLOAT, _BOOL = pa.string(), pa.int64(), pa.float64(), pa.bool_()
 FIXED: dict[str, dict[str, pa.DataType]] = {
     "evals": {"schema_version": _INT, "sweep": _STR, "trial_id": _STR, "step": _INT, "checkpoint_path": _STR,
               "reported_at": _FLOAT, "resumed_from": _INT, "restarts": _INT, "node_id": _STR, "node_ip": _STR},
@@ -53,7 +54,8 @@ FIXED: dict[str, dict[str, pa.DataType]] = {
                "torch_version": _STR, "ray_version": _STR, "started_at": _FLOAT, "updated_at": _FLOAT,
                "best_value": _FLOAT, "best_step": _INT, "best_checkpoint": _STR, "final_value": _FLOAT,
                "final_step": _INT, "last_checkpoint": _STR, "n_evals": _INT, "wall_time_s": _FLOAT,
-               "restarts": _INT, "resumed_from": _INT, "node_id": _STR, "node_ip": _STR, "error": _STR},
+               "restarts": _INT, "resumed_from": _INT, "node_id": _STR, "node_ip": _STR, "error": _STR,
+               "target_ground_truth": _BOOL},
 }
 
 
@@ -101,7 +103,7 @@ def _typed(vals: list, typ: pa.DataType, column: str) -> pa.Array:
             out.append(v)
         elif typ == _INT and isinstance(v, float) and v.is_integer():
             out.append(int(v))
-        elif typ == _STR and isinstance(v, str):
+        elif typ == _STR and isinstance(v, str) or typ == _BOOL and isinstance(v, bool):
             out.append(v)
         else:
             raise TypeError(f"results column '{column}' is {typ}, got {v!r}")
@@ -378,6 +380,8 @@ class TrialSummary:
             "seed": experiment["seed"], "max_steps": experiment["train"]["max_steps"],
             "objective": metric, "mode": mode, "search_seed": search_seed,
             "params": json.dumps(params, sort_keys=True), "config_json": json.dumps(experiment),
+            # trained on the target's ground truth (an oracle, not a UDA result): uda_ray.target_labels
+            "target_ground_truth": trains_on_target_gt(experiment),
             **{f"config.{k}": v for k, v in flatten(experiment).items()},
             **versions(), "started_at": time.time(),
         }
@@ -586,6 +590,7 @@ def markdown_report(title: str, run_dirs: list[tuple[str, Path]], note: str = ""
               "|---|---|---|---|---|---|---|---|---|"]
     per_class = []
     protocols: dict[str, str] = {}  # run label -> data.label_set
+    marked: list[str] = []  # runs trained on target ground truth
     for label, d in run_dirs:
         trials = read_table(d / "results", "trials")
         if not trials:
@@ -600,6 +605,9 @@ def markdown_report(title: str, run_dirs: list[tuple[str, Path]], note: str = ""
         scored = [e for e in evals if e.get(selection) is not None and e[selection] == e[selection]]
         chosen = pick(scored, key=lambda e: e[selection]) if scored else None
         sel = f"{100 * chosen['test/miou']:.1f} ({chosen['step']})" if chosen else "-"
+        if row_marked(t):
+            marked.append(label)
+            label = f"{label} ({SHORT_MARK})"
         lines.append(f"| {label} | {t['method']} | {t['model']} | {last['step']} | {sel} | "
                      f"{100 * best['test/miou']:.1f} ({best['step']}) | {100 * last['test/miou']:.1f} | "
                      f"{100 * last['test/pixel_acc']:.1f} | {last.get('model/gflops') or float('nan'):.2f} |")
@@ -610,6 +618,9 @@ def markdown_report(title: str, run_dirs: list[tuple[str, Path]], note: str = ""
         kinds = sorted(set(protocols.values()))
         lines += ["", f"Label protocol (data.label_set): {kinds[0]} for every run." if len(kinds) == 1 else
                   "Label protocol (data.label_set): " + ", ".join(f"{k}: {v}" for k, v in protocols.items()) + "."]
+    if marked:
+        lines += ["", f"{MARK} ({SHORT_MARK}): {', '.join(marked)}. Oracles or runs started from one, not UDA "
+                  "results: they saw the target's labels in training."]
     if per_class:
         lines += ["", "Per-class IoU (%) at each run's best test step (- = class absent from labels and predictions):",
                   "",

@@ -52,17 +52,29 @@ def resolve_ref(ref: str, storage: Path) -> str:
     return str(p)
 
 
-def resolve_refs(raw: Any, storage: Path) -> Any:
+def resolve_refs(raw: dict, storage: Path) -> dict:
     """The experiment dict with every `run:NAME` / `sweep:NAME` value (train.init_from, data.pseudo_from,
-    method_cfg.teacher_checkpoint, ...) resolved to a checkpoint folder, and train.init_from checked."""
+    method_cfg.teacher_checkpoint, ...) resolved to a checkpoint folder, and train.init_from checked; marked
+    (data.target_gt_via) when a model it starts from was trained on target ground truth."""
+    from uda_ray.target_labels import MARK, mark_inherited
+
+    out = mark_inherited(_resolve(raw, storage))
+    via = (out.get("data") or {}).get("target_gt_via")
+    if via and via != (raw.get("data") or {}).get("target_gt_via"):
+        log.warning("%s: starts from %s, which was trained on target ground truth: marked %s",
+                    raw.get("name", "experiment"), via, MARK)
+    return out
+
+
+def _resolve(raw: Any, storage: Path) -> Any:
     if isinstance(raw, dict):
-        out = {k: resolve_refs(v, storage) for k, v in raw.items()}
+        out = {k: _resolve(v, storage) for k, v in raw.items()}
         init = (out.get("train") or {}).get("init_from") if isinstance(out.get("train"), dict) else None
         if init:
             out["train"] = {**out["train"], "init_from": resolve_ref(init, storage)}
         return out
     if isinstance(raw, list):
-        return [resolve_refs(v, storage) for v in raw]
+        return [_resolve(v, storage) for v in raw]
     if isinstance(raw, str) and raw.startswith(("run:", "sweep:")):
         return resolve_ref(raw, storage)
     return raw
@@ -100,6 +112,11 @@ def evaluate_ensemble(checkpoints: list[Path], out: Path, device: str = "cpu") -
     out = Path(out)
     exp = experiment_dict(cfg)
     exp["method"] = f"ensemble({len(checkpoints)})"
+    from uda_ray.target_labels import checkpoint_trained_on_target_gt
+
+    via = next((str(c) for c in checkpoints if checkpoint_trained_on_target_gt(c)), None)
+    if via:  # a member saw the target's labels: so does the ensemble
+        exp["data"] = {**exp["data"], "target_gt_via": via}
     w = ResultsWriter(out / "results", out.name, cfg.select, mode_of(cfg.select), None)
     w.result(out.name, exp, {"checkpoints": [str(c) for c in checkpoints]}, metrics)
     w.end(out.name, exp, {}, "completed")

@@ -162,6 +162,9 @@ class Method:
     uses_source: ClassVar[bool] = True  # the loop loads source batches
     uses_target: ClassVar[bool] = True  # the loop loads target train images
     uses_target_labels: ClassVar[bool] = False  # oracle or pseudo-labels
+    # what target labels it reads when given no pseudo-labels: "pseudo" = none, the run is refused
+    # (uda_ray.target_labels); "ground_truth" only for the oracle, target_only
+    default_target_labels: ClassVar[str] = "pseudo"
     uses_held_out_source: ClassVar[bool] = False  # the loop also loads src_img_held / src_lbl_held
 
     def __init__(self, model: nn.Module, cfg: Any, optim: OptimConfig, *, num_classes: int,

@@ -10,6 +10,7 @@ from uda_ray.methods.base import Method, UDABatch, seg_loss
 class TargetOnly(Method):
     uses_source = False
     uses_target_labels = True
+    default_target_labels = "ground_truth"  # the oracle: ground truth unless given pseudo-labels
 
     def train_step(self, batch: UDABatch, step: int) -> dict[str, Tensor]:
         self.model.train()
