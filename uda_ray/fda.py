@@ -1,18 +1,31 @@
 """Fourier Domain Adaptation's style transfer (Yang & Soatto, "FDA: Fourier Domain Adaptation for Semantic
 Segmentation", CVPR 2020): swap the low-frequency amplitude of a source image for a target image's.
 
-Fix of the original (reported in https://github.com/YanchaoYang/FDA/issues/40): the original takes a
-half-spectrum `rfft` and overwrites four corner blocks of the amplitude. Those blocks are not symmetric under
-frequency negation (rows 0..b-1 are frequencies 0..b-1, rows h-b..h-1 are -b..-1), so the mixed spectrum is
-not Hermitian: the output has an imaginary residue that is silently dropped, and frequencies outside the
-intended window are touched. Here: the full complex `torch.fft.fft2`, an `fftshift`-centred window that is
-symmetric under negation, and the real part of the inverse (whose imaginary residue is then only float
-rounding).
+What the original computes (https://github.com/YanchaoYang/FDA, `utils/__init__.py`, `FDA_source_to_target`):
+the full, two-sided H x W spectrum of each image (`torch.rfft(x, signal_ndim=2, onesided=False)`: a real-input
+FFT, but with all frequencies returned), the target's amplitude written into the four b x b corner blocks of the
+source's (`low_freq_mutate`), the source phase kept, and `torch.irfft(..., onesided=False)` back. The corner
+blocks hold the frequencies f_h, f_w in {0..b-1} and {-b..-1}, i.e. [-b, b-1]: a window that is not closed
+under negation (it holds -b, not +b), so the mixed spectrum is not Hermitian. The inverse assumes it is: a
+complex-to-real FFT reads only the columns f_w = 0..W//2 (PyTorch narrows a two-sided input to them) and takes
+the negative-f_w half as their conjugates. So the target amplitude written into the two right-hand blocks is
+discarded, and the window in effect is lopsided: rows -b..b-1 for f_w = 1..b-1, rows -(b-1)..b for their
+mirrors f_w = -(b-1)..-1, nothing at |f_w| = b; the f_w = 0 column holds both signs of f_h, and of it only the
+Hermitian part survives (at f_h = +-b: the mean of the source coefficient and the swapped one; that is what
+torch's C2R transform computes on the CPU, what it does with a non-Hermitian input is up to the FFT library).
+Nor is the result the real part of the full inverse. The asymmetry is the one reported in
+https://github.com/YanchaoYang/FDA/issues/40 (which reads the spectrum as one-sided; it is two-sided).
 
-`fda_source_to_target` computes the same thing with a fraction of the work: the spectrum of a real image is
-Hermitian, so a real FFT along the width (`rfft`) holds it all, and only the columns with |f_w| <= b change;
-the FFT along the height is taken, edited and inverted on those b + 1 columns only. `fda_reference` is the
-full-spectrum version above, kept as the specification the fast one is tested against.
+Ours: the window |f_h| <= b, |f_w| <= b, centred on the zero frequency and closed under negation. Both amplitudes
+of a real image are even and the kept source phase is odd, so the mixed spectrum stays Hermitian and its inverse
+is real: nothing is dropped. `fda_reference` states it on the full complex spectrum (`torch.fft.fft2`, an
+`fftshift`-centred window, the real part of `ifft2`, whose imaginary part is then only float rounding).
+
+`fda_source_to_target` computes the same thing with a fraction of the work, and is equivalent, not an
+approximation: the spectrum of a real image is Hermitian, so a real FFT along the width (`rfft`, columns
+f_w = 0..W//2) holds all of it; since the mixed spectrum is Hermitian too, `irfft` (which rebuilds the negative
+columns as conjugates) inverts it exactly. Only the columns with |f_w| <= b change, so the FFT along the height is
+taken, edited and inverted on those b + 1 columns only. `tests/test_fda.py` checks it against `fda_reference`.
 """
 
 from __future__ import annotations
@@ -27,7 +40,8 @@ _DIMS = (-2, -1)
 
 
 def window_half_size(h: int, w: int, beta: float) -> int:
-    """b = floor(min(H, W) * beta), as in the original."""
+    """b = floor(min(H, W) * beta), as in the original code: one square window for both axes (the paper writes
+    its mask as [-beta H : beta H, -beta W : beta W], a rectangle)."""
     return math.floor(min(h, w) * beta)
 
 

@@ -10,15 +10,45 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision import models as tvm
 
 from uda_ray.errors import UserError
 from uda_ray.models import MODELS
+from uda_ray.models.bisenet import BiSeNet
 from uda_ray.models.discriminators import DISCRIMINATORS
+from uda_ray.models.resnet import RESNETS
 
 
 def count_params(model: nn.Module) -> int:
     """All parameters, trainable or frozen."""
     return sum(p.numel() for p in model.parameters())
+
+
+def unused_resnet_fc_params(model: nn.Module) -> int | None:
+    """Parameters of the ImageNet classifier (`fc`) that BiSeNet's PyTorch code keeps, unused, in its context
+    path; None for a model that is not a BiSeNet on a torchvision ResNet.
+
+    That code (https://github.com/ooooverflow/BiSeNet, `model/build_contextpath.py`, which the BiSeNet-R18
+    domain-adaptation reports build on) stores the whole `torchvision.models.resnet18()` as a submodule and uses
+    its layers but not its 1000-way `fc`, which is still counted among the model's parameters: ResNet-18's
+    512 * 1000 + 1000 = 513,000, hence their 12.6 M for BiSeNet-R18. Ours drops that head (`uda_ray.models.resnet
+    .resnet` replaces it with Identity). The count is taken from the head torchvision builds for this depth (on
+    the meta device: no memory, no weights), checked against the width of the backbone's last stage.
+    """
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(model, BiSeNet) or not isinstance(backbone, tvm.ResNet):
+        return None
+    if isinstance(backbone.fc, nn.Linear):  # a backbone that kept its head: already in count_params
+        return 0
+    builder, _ = RESNETS[model.depth]
+    with torch.device("meta"):
+        fc = builder(weights=None).fc  # nn.Linear(512 * expansion, 1000)
+    last = backbone.layer4[-1]
+    width = (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features  # layer4's output channels
+    if fc.in_features != width:
+        raise AssertionError(f"torchvision's ResNet-{model.depth} fc takes {fc.in_features} features, "
+                             f"the backbone's layer4 gives {width}")
+    return sum(p.numel() for p in fc.parameters())
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -89,7 +119,11 @@ def profile(
     amp: bool = False,
     num_classes: int = 19,
 ) -> dict:
-    """Params, GFLOPs and latency of a randomly initialised MODELS entry or "disc_fc" / "disc_dsc"."""
+    """Params, GFLOPs and latency of a randomly initialised MODELS entry or "disc_fc" / "disc_dsc".
+
+    For a BiSeNet on a torchvision ResNet also "params_with_resnet_fc": the parameters as BiSeNet's PyTorch code
+    counts them, i.e. with its context path's unused ImageNet `fc` (`unused_resnet_fc_params`; BiSeNet-R18:
+    about 12.58 M beside our 12.07 M), and "params_with_resnet_fc_note", a line saying so."""
     if name.startswith("disc_") and name[5:] in DISCRIMINATORS:
         model, in_channels = DISCRIMINATORS[name[5:]](num_classes), num_classes  # D sees (B, C, H, W) maps
     elif name in MODELS:
@@ -105,6 +139,12 @@ def profile(
         "params": count_params(model),
         "gflops": count_gflops(model, size, in_channels=in_channels),
     }
+    fc = unused_resnet_fc_params(model)
+    if fc:
+        result["params_with_resnet_fc"] = result["params"] + fc
+        result["params_with_resnet_fc_note"] = (
+            f"as BiSeNet's PyTorch code (https://github.com/ooooverflow/BiSeNet) counts them: with the unused "
+            f"ImageNet fc head of its ResNet-{model.depth} context path ({fc:,} parameters)")
     result.update(measure_latency(model, size, device, amp, in_channels=in_channels))
     return result
 
