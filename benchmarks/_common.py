@@ -75,7 +75,7 @@ def change(t: float, base: float, digits: int = 2) -> str:
 
 def plain_optimizer(model: Any, optim: Any) -> Any:
     """The optimizer a hand-written loop would build for `model` (its parameter groups when it has them)."""
-    from uda_ray.optim import build_optimizer
+    from uda_ray.training.optim import build_optimizer
 
     groups = model.param_groups(optim.lr) if hasattr(model, "param_groups") else model.parameters()
     return build_optimizer(groups, optim)

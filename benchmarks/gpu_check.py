@@ -5,14 +5,14 @@
 
 1. One AdaptSegNet step (`adversarial`, FC discriminator; segmenter CE on source + adversarial loss on target,
    then the discriminator's step) at 1024x512 source + 1024x512 target, batch `--batch`, through the training
-   loop's own step (`uda_ray.loop.train_step`: uint8 batches converted on the device, losses left there), in
+   loop's own step (`uda_ray.training.step.train_step`: uint8 batches converted on the device, losses left there), in
    fp32 (cuDNN convolutions may use TF32, PyTorch's default), with `train.amp: bf16` and with `train.amp: fp16`
    (one gradient scaler per optimizer; the fp16 line also gives each scaler's scale after the run: 65536 halved
    once per skipped step, doubled after 2000 clean ones). Prints step time,
    images/s (source + target images), peak memory and model FLOP utilization: the FLOPs of one step counted
    by `torch.utils.flop_counter.FlopCounterMode` (forward and backward, multiply-add = 2) divided by the step
    time and by the card's peak (a table of known cards' dense tensor-core peaks, or the --peak-* options).
-2. BiSeNet-R18 inference frames/s at 1024x2048, batch 1, fp16 autocast (`uda_ray.profile.measure_latency`).
+2. BiSeNet-R18 inference frames/s at 1024x2048, batch 1, fp16 autocast (`uda_ray.models.profile.measure_latency`).
 
 Without a CUDA device it exits with status 2 and says so.
 """
@@ -58,10 +58,10 @@ def main() -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     from uda_ray.config import OptimConfig
-    from uda_ray.loop import train_step
     from uda_ray.methods import METHODS
     from uda_ray.models import MODELS
-    from uda_ray.profile import measure_latency
+    from uda_ray.models.profile import measure_latency
+    from uda_ray.training.step import train_step
 
     dry = a.cpu_dry_run
     dev = torch.device("cpu" if dry else "cuda")

@@ -46,7 +46,7 @@ import numpy as np
 
 def load_table(sweeps: list[Path], metric: str | None) -> tuple[list[dict], int, str]:
     """[{"params", "curve": {step: value}, "final"}] of the complete curves, max_steps, metric."""
-    from uda_ray.results import read_table
+    from uda_ray.results.tables import read_table
 
     configs, max_steps = [], None
     for d in sweeps:
@@ -197,8 +197,8 @@ def record(out: Path, steps: int, eval_every: int) -> None:
     from uda_ray.build import build_experiment
     from uda_ray.config import apply_overrides, experiment_dict
     from uda_ray.data.loading import prepare
-    from uda_ray.results import ResultsWriter
-    from uda_ray.train import LocalSession, fit
+    from uda_ray.results.tables import ResultsWriter
+    from uda_ray.training.loop import LocalSession, fit
 
     base = {
         "name": "grid", "seed": 0,

@@ -8,7 +8,7 @@ the model's aux heads, as `seg_loss`) and the same optimizer (SGD with the model
 preloaded batch:
 
 - plain: `model(x)`, loss, `backward()`, `opt.step()` — a hand-written PyTorch step;
-- uda_ray: what the loop does per step without the data loader: `uda_ray.loop.train_step` (poly learning
+- uda_ray: what the loop does per step without the data loader: `uda_ray.training.step.train_step` (poly learning
   rates, the uint8 batch copied and converted, the `source_only` method's step) and `LossLog.add`, the log
   read back every 10 steps as at logging time.
 
@@ -26,9 +26,9 @@ import torch
 from _common import best_of, change, parse, parser, plain_optimizer, plain_step
 
 from uda_ray.config import OptimConfig
-from uda_ray.loop import LossLog, train_step
 from uda_ray.methods import METHODS
 from uda_ray.models import MODELS
+from uda_ray.training.step import LossLog, train_step
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
 
 Runs a small sweep (`uda-ray sweep`, a local Ray cluster, one trial at a time, a tiny BiSeNet-R18 source_only
 experiment on the synthetic benchmark, `train.launcher` from --launcher) with UDA_RAY_TIMING_LOG set, so every
-process appends wall-clock marks of its phases (`uda_ray.timing`). Prints, per trial on average, the time from
+process appends wall-clock marks of its phases (`uda_ray.training.timing`). Prints, per trial on average, the time from
 the trial's start to its training loop, split by phase, the loop itself, and the teardown; and the overhead per
 trial:
 (the span from the first trial's start to the last trial's end - the sum of the loops' times) / trials.

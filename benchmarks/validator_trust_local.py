@@ -5,7 +5,7 @@
 Runs `--trials` configurations of AdaptSegNet-style adversarial adaptation (experiments/
 synthetic_bisenet_r18_adversarial_fc.yaml) on the built-in synthetic benchmark, one after another in this
 process (LocalSession), with randomly drawn (seeded) learning rate, adversarial weight and discriminator
-type (fc / dsc), and prints uda_ray.trust's validators table over every (trial, step): Spearman rank
+type (fc / dsc), and prints uda_ray.selection.study's validators table over every (trial, step): Spearman rank
 correlation of each validator with test mIoU and the regret of its pick. The data goes to $UDA_RAY_DATA (or
 ./uda_ray_data), the runs to a temporary folder.
 """
@@ -23,8 +23,8 @@ from _common import parse, parser
 
 from uda_ray.build import load_experiment
 from uda_ray.data.loading import prepare
-from uda_ray.train import LocalSession, fit
-from uda_ray.trust import format_table, validators_table
+from uda_ray.selection.study import format_table, validators_table
+from uda_ray.training.loop import LocalSession, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -87,10 +87,10 @@ def narrow_discriminators(monkeypatch):
     kernel (3 s a step at full width here); the step's logic is the same."""
     import functools
 
-    from uda_ray.methods import common
+    from uda_ray.methods import blocks
     from uda_ray.models.discriminators import FCDiscriminator
 
-    monkeypatch.setitem(common.DISCRIMINATORS, "fc", functools.partial(FCDiscriminator, ndf=8))
+    monkeypatch.setitem(blocks.DISCRIMINATORS, "fc", functools.partial(FCDiscriminator, ndf=8))
 
 
 def fit_full_then_resumed(cfg, tmp_path, step: int = 2):
@@ -98,7 +98,7 @@ def fit_full_then_resumed(cfg, tmp_path, step: int = 2):
     `step` and resumes from it. Returns both LocalSessions."""
     import shutil
 
-    from uda_ray.train import LocalSession, fit
+    from uda_ray.training.loop import LocalSession, fit
 
     full = LocalSession(tmp_path / "full")
     fit(cfg, full)

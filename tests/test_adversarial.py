@@ -20,9 +20,9 @@ from uda_ray.methods import METHODS
 from uda_ray.methods.advent import AdvEnt, MinEnt, MinEntConfig
 from uda_ray.methods.adversarial import Adversarial, AdversarialConfig, d_input_size
 from uda_ray.methods.base import UDABatch
-from uda_ray.methods.intrada import pseudo_label_path, rank_by_entropy, read_split, write_split
 from uda_ray.methods.source_only import SourceOnly
 from uda_ray.models.discriminators import DSCDiscriminator, FCDiscriminator
+from uda_ray.pipelines.intrada_rank import pseudo_label_path, rank_by_entropy, read_split, write_split
 
 OPTIM = OptimConfig(name="sgd", lr=1e-2, momentum=0.9, weight_decay=1e-4)
 

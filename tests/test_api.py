@@ -71,8 +71,8 @@ def test_a_tiny_sweep_through_the_python_api(tmp_path, synth_root):
 def _sweep_with_pruned_checkpoints(root: Path) -> Path:
     """Sweep 'pruned': one trial ranked (and its checkpoints kept) by uv/im. Steps 2, 4, 6; Ray kept only the
     checkpoints of steps 4 (best uv/im) and 6 (the latest); step 2, the best by uv/entropy, lost its weights."""
-    from uda_ray.checkpoint import save_checkpoint
-    from uda_ray.results import ResultsWriter
+    from uda_ray.results.tables import ResultsWriter
+    from uda_ray.training.checkpoint import save_checkpoint
 
     d = root / "pruned"
     d.mkdir(parents=True)

@@ -14,9 +14,9 @@ import uda_ray
 PKG = Path(uda_ray.__file__).parent
 # The modules that may import ray (at module level or inside functions): the Ray edge. Everything else
 # (methods, models, data, losses, metrics, configs, checkpoints, stages, ...) is plain PyTorch / Python.
-RAY_EDGE = {"uda_ray.train", "uda_ray.search", "uda_ray.results", "uda_ray.cli", "uda_ray.api"}
+RAY_EDGE = {"uda_ray.training.loop", "uda_ray.search.tune", "uda_ray.results.tables", "uda_ray.cli", "uda_ray.api"}
 # files under uda_ray/methods/ that are building blocks, not methods
-METHOD_BLOCKS = {"uda_ray.methods", "uda_ray.methods.base", "uda_ray.methods.common"}
+METHOD_BLOCKS = {"uda_ray.methods", "uda_ray.methods.base", "uda_ray.methods.blocks"}
 
 
 def module_name(path: Path) -> str:
@@ -91,13 +91,13 @@ def test_cycle_finder_finds_a_planted_cycle_and_accepts_a_dag():
 
 def test_import_graph_of_the_package_has_no_cycles_including_function_level_imports():
     graph = {name: imported_modules(name) for name in MODULES}
-    assert graph["uda_ray.train"], "the import walker must see train.py's imports"
+    assert graph["uda_ray.training.loop"], "the import walker must see train.py's imports"
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
 def test_train_does_not_import_stages():
-    assert "uda_ray.stages" not in imported_modules("uda_ray.train")
+    assert "uda_ray.pipelines.actions" not in imported_modules("uda_ray.training.loop")
 
 
 def test_config_imports_neither_methods_nor_models():
@@ -126,8 +126,8 @@ def test_methods_use_the_shared_blocks_rather_than_copies():
     for what in ("def global_rand", "def ema_update", "def projection_head", "class GeneratorState",
                  "class OutputAdversary", "def eval_mode", "def is_distributed", "def photometric",
                  "def pseudo_label_loss"):
-        assert defines("uda_ray.methods.common", what)
-        copies = [n for n in MODULES if n != "uda_ray.methods.common" and defines(n, what)]
+        assert defines("uda_ray.methods.blocks", what)
+        copies = [n for n in MODULES if n != "uda_ray.methods.blocks" and defines(n, what)]
         assert not copies, f"{what} is defined again in {copies}"
 
 
@@ -138,7 +138,8 @@ def test_no_name_the_package_exports_from_the_api_is_also_a_submodule():
         assert f"uda_ray.{name}" not in MODULES, f"uda_ray.{name} is both an API export and a module"
     import importlib
 
-    for mod in ("uda_ray.cli", "uda_ray.train", "uda_ray.pipeline", "uda_ray.report", "uda_ray.validators"):
+    for mod in ("uda_ray.cli", "uda_ray.training.loop", "uda_ray.pipelines.runner", "uda_ray.results.report",
+                "uda_ray.selection.validators"):
         importlib.import_module(mod)
     api = importlib.import_module("uda_ray.api")
     assert all(getattr(uda_ray, name) is getattr(api, name) for name in uda_ray.__all__)

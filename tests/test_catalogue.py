@@ -48,7 +48,7 @@ class World:
     def _sweep(self, name: str) -> None:
         from uda_ray.build import build_experiment
         from uda_ray.config import experiment_dict
-        from uda_ray.results import ResultsWriter
+        from uda_ray.results.tables import ResultsWriter
 
         d = self.store / name
         d.mkdir(parents=True)

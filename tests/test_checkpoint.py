@@ -13,7 +13,9 @@ import torch
 import yaml
 
 from tests.conftest import tiny_experiment
-from uda_ray.checkpoint import (
+from uda_ray.cli import main
+from uda_ray.errors import UserError
+from uda_ray.training.checkpoint import (
     METRICS_FILE,
     STATE_FILE,
     best_checkpoint_in,
@@ -22,8 +24,6 @@ from uda_ray.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from uda_ray.cli import main
-from uda_ray.errors import UserError
 
 
 class _Evil:

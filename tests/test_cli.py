@@ -152,7 +152,7 @@ def _tiny_sweep(tmp_path, synth_root) -> Path:
 
     from uda_ray.build import build_experiment
     from uda_ray.config import experiment_dict
-    from uda_ray.results import ResultsWriter
+    from uda_ray.results.tables import ResultsWriter
 
     d = tmp_path / "store" / "sw"
     w = ResultsWriter(d / "results", "sw", "uv/snd", "max", 0)

@@ -12,7 +12,6 @@ from tests.conftest import NUM_CLASSES, TinySeg, make_batch
 from tests.ddp import assert_ddp_matches_one_worker
 from uda_ray.config import OptimConfig
 from uda_ray.errors import ConfigError
-from uda_ray.loop import autocast
 from uda_ray.losses import kl_distill
 from uda_ray.methods.cpsl import (
     CPSL,
@@ -28,6 +27,7 @@ from uda_ray.methods.cpsl import (
     sinkhorn,
 )
 from uda_ray.methods.cpsl_distill import CPSLDistill, CPSLDistillConfig
+from uda_ray.training.step import autocast
 
 OPTIM = OptimConfig(name="sgd", lr=1e-2)
 MARGINAL = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_ray_integration import _assert_study_matches_tables, _env, _write_space
-from uda_ray.results import read_table
+from uda_ray.results.tables import read_table
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -191,7 +191,7 @@ def _assert_same_sweep(store_ref: Path, store: Path) -> None:
 
 
 def _study_trials(store: Path) -> list[tuple]:
-    from uda_ray.search import load_study
+    from uda_ray.search.tune import load_study
 
     return [(t.state.name, t.params, t.values, t.intermediate_values) for t in load_study(store).trials
             if "tune_trial_id" in t.user_attrs]
@@ -247,7 +247,7 @@ def test_a_sweep_whose_driver_is_killed_at_every_kind_of_moment_ends_exactly_as_
     d.wait_for("the first trial mid-way", lambda: any(EVERY <= e["step"] < MAX_STEPS for e in evals_of(0)))
     kill(d, "mid-trial")
 
-    # (4) between trials: the first trial has ended, the next one starts; the test hook (uda_ray.train.
+    # (4) between trials: the first trial has ended, the next one starts; the test hook (uda_ray.training.loop.
     # TEST_PAUSE_ENV; once) holds it before its first step, as an inline trial reports within a second
     marker = tmp_path / "paused_at_start"
     d = resume({"UDA_RAY_TEST_PAUSE": f"0:{marker}"})

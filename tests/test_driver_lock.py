@@ -14,8 +14,8 @@ import yaml
 
 from tests.conftest import tiny_experiment
 from uda_ray.cli import main
-from uda_ray.driver_lock import LOCK_FILE, DriverLock, _proc_start, running_driver
 from uda_ray.errors import UserError
+from uda_ray.storage.lock import LOCK_FILE, DriverLock, _proc_start, running_driver
 
 
 @pytest.fixture

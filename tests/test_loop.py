@@ -11,14 +11,14 @@ import torch
 from tests.conftest import fit_full_then_resumed, make_batch, tiny_experiment
 from tests.test_methods import make_method
 from uda_ray.build import build_experiment, build_method
-from uda_ray.checkpoint import load_state
 from uda_ray.config import ConfigError
-from uda_ray.loop import LossLog, NonFiniteLoss, train_step
 from uda_ray.methods import METHODS
 from uda_ray.methods.base import UDABatch
-from uda_ray.methods.common import eval_mode
+from uda_ray.methods.blocks import eval_mode
 from uda_ray.methods.mpl import global_ce
-from uda_ray.train import LocalSession, fit
+from uda_ray.training.checkpoint import load_state
+from uda_ray.training.loop import LocalSession, fit
+from uda_ray.training.step import LossLog, NonFiniteLoss, train_step
 
 
 def _items(seed: int) -> tuple[dict, dict]:
@@ -232,7 +232,7 @@ def test_checkpoint_folders_left_by_killed_writers_are_removed_when_a_run_starts
     import sys
     import tempfile
 
-    from uda_ray.train import CKPT_TMP_PREFIX
+    from uda_ray.training.loop import CKPT_TMP_PREFIX
 
     tmp = tmp_path / "tmp"
     tmp.mkdir()

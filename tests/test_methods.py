@@ -15,8 +15,8 @@ import torch
 from tests.conftest import NUM_CLASSES, TinySeg, make_batch
 from tests.ddp import assert_ddp_matches_one_worker
 from uda_ray.config import OptimConfig
-from uda_ray.loop import autocast
-from uda_ray.methods import METHODS, common
+from uda_ray.methods import METHODS, blocks
+from uda_ray.training.step import autocast
 
 OPTIM = OptimConfig(name="sgd", lr=1e-2, momentum=0.9, weight_decay=1e-4)
 
@@ -110,7 +110,7 @@ def test_fp16_step_is_finite_and_its_grad_scalers_resume_exactly(name, narrow_di
 def test_no_method_backpropagates_or_steps_around_the_loss_scaling():
     """A bare loss.backward() or opt.step() in a method would skip fp16 loss scaling (and its skipped steps)."""
     bare = re.compile(r"\.backward\(\)|\w*opts?(\[[^\]]*\])?\.step\(")
-    found = [f"{f.name}:{i}" for f in Path(common.__file__).parent.glob("*.py") if f.name != "base.py"
+    found = [f"{f.name}:{i}" for f in Path(blocks.__file__).parent.glob("*.py") if f.name != "base.py"
              for i, line in enumerate(f.read_text().splitlines(), 1) if bare.search(line)]
     assert not found
 

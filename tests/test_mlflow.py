@@ -10,7 +10,7 @@ mlflow = pytest.importorskip("mlflow", reason="MLflow is not installed: pip inst
 def test_one_run_per_trial_with_step_keyed_metrics_and_end_states(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from uda_ray.mlflow_log import MLflowLog
+    from uda_ray.results.mlflow_log import MLflowLog
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
     uri = (tmp_path / "mlruns").as_uri()

@@ -12,10 +12,10 @@ import torchvision
 from torch import nn
 
 from uda_ray.errors import UserError
-from uda_ray.formatting import profile_report
 from uda_ray.models import MODELS
 from uda_ray.models.discriminators import DISCRIMINATORS, DSCDiscriminator, FCDiscriminator
-from uda_ray.profile import count_gflops, count_params, profile
+from uda_ray.models.profile import count_gflops, count_params, profile
+from uda_ray.results.text import profile_report
 
 H, W = 64, 128  # tiny input
 STRIDES = {"enet": (1, 2)}  # (stride of "out", stride of "feat"); every other model has both at 1/8

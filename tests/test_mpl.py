@@ -170,7 +170,7 @@ def test_mpl_without_a_held_out_batch_is_an_error():
 def test_the_loop_gives_mpl_a_held_out_batch_of_other_source_images(tmp_path, synth_root, monkeypatch):
     from tests.conftest import tiny_experiment
     from uda_ray.build import build_experiment
-    from uda_ray.train import LocalSession, fit
+    from uda_ray.training.loop import LocalSession, fit
 
     seen = []
     original = MPL.train_step

@@ -9,7 +9,7 @@ import yaml
 
 from tests.report_data import make_sweep
 from uda_ray.cli import main
-from uda_ray.results import non_dominated, pareto_front
+from uda_ray.results.tables import non_dominated, pareto_front
 
 CONS = [{"metric": "model/gflops", "op": "<=", "bound": 4.0}]
 

@@ -13,9 +13,9 @@ from uda_ray.build import build_experiment
 from uda_ray.config import ConfigError
 from uda_ray.data.loading import RANKING_FILE, build_datasets, prepare
 from uda_ray.metric_names import needs_test_labels
-from uda_ray.pipeline import load_pipeline, run_pipeline
-from uda_ray.results import read_table
-from uda_ray.train import LocalSession, fit
+from uda_ray.pipelines.runner import load_pipeline, run_pipeline
+from uda_ray.results.tables import read_table
+from uda_ray.training.loop import LocalSession, fit
 
 
 def _local_run(cfg, storage: Path, name: str) -> dict:
@@ -110,7 +110,7 @@ def _ckpt(run: Path, step: int, metrics: dict) -> Path:
 
 
 def test_stage_best_follows_the_named_selection_metric(tmp_path):
-    from uda_ray.pipeline import resolve_stage_refs
+    from uda_ray.pipelines.runner import resolve_stage_refs
 
     a = _ckpt(tmp_path / "s", 1, {"uv/snd": 0.9, "test/miou": 0.1, "uv/entropy": 0.5})
     b = _ckpt(tmp_path / "s", 2, {"uv/snd": 0.2, "test/miou": 0.8, "uv/entropy": 0.3})
@@ -122,7 +122,7 @@ def test_stage_best_follows_the_named_selection_metric(tmp_path):
 
 
 def test_run_reference_uses_the_runs_own_selection_metric(tmp_path):
-    from uda_ray.stages import resolve_ref
+    from uda_ray.pipelines.actions import resolve_ref
 
     run = tmp_path / "runs" / "r"
     _ckpt(run, 1, {"uv/snd": 0.9, "src_val/miou": 0.1})

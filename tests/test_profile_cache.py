@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from tests.conftest import tiny_experiment
 from uda_ray.build import build_experiment
-from uda_ray.profile import PROFILE_CACHE, measured_once
-from uda_ray.train import LocalSession, fit
+from uda_ray.models.profile import PROFILE_CACHE, measured_once
+from uda_ray.training.loop import LocalSession, fit
 
 
 def test_measured_once_per_key(tmp_path):
@@ -24,7 +24,7 @@ def test_measured_once_per_key(tmp_path):
 
 
 def test_trials_of_one_model_share_its_profile(tmp_path, synth_root, monkeypatch):
-    import uda_ray.train as train
+    import uda_ray.training.loop as train
 
     real, calls = train.model_profile, []
     monkeypatch.setattr(train, "model_profile", lambda *a: calls.append(1) or real(*a))

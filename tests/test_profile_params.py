@@ -9,7 +9,7 @@ from torchvision import models as tvm
 
 from uda_ray.models import MODELS
 from uda_ray.models.discriminators import DISCRIMINATORS
-from uda_ray.profile import count_params, profile, unused_resnet_fc_params
+from uda_ray.models.profile import count_params, profile, unused_resnet_fc_params
 
 RESNET18_FC = 512 * 1000 + 1000  # torchvision's ImageNet head: Linear(512, 1000) weight + bias
 RESNET101_FC = 2048 * 1000 + 1000

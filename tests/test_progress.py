@@ -6,7 +6,7 @@ import io
 import json
 import time
 
-from uda_ray.progress import PROGRESS_FILE, Heartbeat, LiveView, describe, read_progress
+from uda_ray.training.progress import PROGRESS_FILE, Heartbeat, LiveView, describe, read_progress
 
 
 def test_heartbeat_rewrites_progress_when_due_without_leftovers(tmp_path):
@@ -29,7 +29,7 @@ def test_heartbeat_rewrites_progress_when_due_without_leftovers(tmp_path):
 def test_the_training_loop_leaves_its_final_progress(tmp_path, synth_root):
     from tests.conftest import tiny_experiment
     from uda_ray.build import build_experiment
-    from uda_ray.train import LocalSession, fit
+    from uda_ray.training.loop import LocalSession, fit
 
     fit(build_experiment(tiny_experiment(synth_root)), LocalSession(tmp_path / "run"))  # 4 steps
     p = read_progress(tmp_path / "run")
@@ -71,7 +71,7 @@ def test_ls_shows_a_running_sweeps_progress(tmp_path, synth_root, capsys):
     from uda_ray.build import build_experiment
     from uda_ray.cli import main
     from uda_ray.config import experiment_dict
-    from uda_ray.results import ResultsWriter
+    from uda_ray.results.tables import ResultsWriter
 
     sweep = tmp_path / "live"
     exp = experiment_dict(build_experiment(tiny_experiment(synth_root)))
@@ -96,7 +96,7 @@ def test_ls_shows_a_running_sweeps_progress(tmp_path, synth_root, capsys):
 
 def test_tensorboard_runs_per_trial_keyed_by_the_training_step(tmp_path):
     from tests.tb_read import scalars
-    from uda_ray.tblog import TensorBoardLog
+    from uda_ray.results.tensorboard import TensorBoardLog
 
     tb = TensorBoardLog(tmp_path)
     for step, v in ((2, 0.1), (4, 0.3)):

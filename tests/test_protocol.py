@@ -11,8 +11,8 @@ from tests.conftest import TinySeg, load_shipped, tiny_experiment
 from uda_ray.build import build_experiment, load_experiment
 from uda_ray.config import ConfigError, OptimConfig
 from uda_ray.methods.adversarial import Adversarial, AdversarialConfig
-from uda_ray.optim import set_lr
-from uda_ray.train import LocalSession, fit
+from uda_ray.training.loop import LocalSession, fit
+from uda_ray.training.optim import set_lr
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -197,7 +197,7 @@ def test_paper_experiments_follow_the_originals_geometry(name):
 
 @pytest.mark.parametrize("name", sorted(PIPELINE_GEOMETRY))
 def test_every_pipeline_stage_follows_the_originals_geometry(name):
-    from uda_ray.pipeline import load_pipeline
+    from uda_ray.pipelines.runner import load_pipeline
 
     pipe = load_pipeline(EXPERIMENTS / "pipelines" / f"{name}.yaml")
     resolved = {}
@@ -298,7 +298,7 @@ def test_synthia16_trains_a_16_output_model_and_records_the_protocol(tmp_path, s
 
 
 def test_markdown_report_names_each_runs_label_protocol(tmp_path):
-    from uda_ray.results import ResultsWriter, markdown_report
+    from uda_ray.results.tables import ResultsWriter, markdown_report
 
     def write(run: str, label_set: str | None) -> None:
         data = {"source": "synthia", "target": "cityscapes", **({"label_set": label_set} if label_set else {})}
@@ -314,8 +314,8 @@ def test_markdown_report_names_each_runs_label_protocol(tmp_path):
 
 
 def test_a_pipeline_pseudo_label_stage_takes_a_fixed_threshold(tmp_path, synth_root):
-    from uda_ray.checkpoint import best_checkpoint_in
-    from uda_ray.stages import ACTIONS
+    from uda_ray.pipelines.actions import ACTIONS
+    from uda_ray.training.checkpoint import best_checkpoint_in
 
     fit(build_experiment(tiny_experiment(synth_root, **{"train.max_steps": 2})), LocalSession(tmp_path / "run"))
     manifest = ACTIONS["pseudo_labels"]([best_checkpoint_in(tmp_path / "run")], tmp_path / "pl", threshold=0.5,
@@ -367,7 +367,7 @@ def test_proda_head_has_cpsl_s_structure():
 
 @pytest.mark.parametrize("name", ["gta5_to_cityscapes_cpsl", "synthia_to_cityscapes_cpsl"])
 def test_cpsl_stages_share_one_network_so_each_can_start_from_the_last(name):
-    from uda_ray.pipeline import load_pipeline
+    from uda_ray.pipelines.runner import load_pipeline
 
     pipe = load_pipeline(EXPERIMENTS / "pipelines" / f"{name}.yaml")
     nets = {}

@@ -13,7 +13,7 @@ from tests.conftest import NUM_CLASSES, TinySeg, make_batch
 from uda_ray.config import OptimConfig
 from uda_ray.methods.base import UDABatch
 from uda_ray.methods.self_training import SelfTraining, SelfTrainingConfig
-from uda_ray.pseudo_labels import (
+from uda_ray.pipelines.pseudo_labels import (
     apply_thresholds,
     class_thresholds,
     ensemble_probs,
@@ -140,7 +140,7 @@ def test_fixed_threshold_drops_every_pixel_below_it_in_every_class(tmp_path):
 
 
 def test_flip_averaged_predictions_are_the_mean_of_the_image_and_its_mirror():
-    from uda_ray.pseudo_labels import FlipAveraged
+    from uda_ray.pipelines.pseudo_labels import FlipAveraged
 
     (m,) = models()[:1]
     m.eval()

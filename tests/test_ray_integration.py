@@ -18,7 +18,7 @@ import yaml
 
 from tests.conftest import tiny_experiment
 from tests.driver_kill import kill_when
-from uda_ray.results import read_table
+from uda_ray.results.tables import read_table
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # every test here starts Ray and takes more than 20 s
 

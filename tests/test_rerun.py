@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from uda_ray import seed_variance as rr
 from uda_ray.errors import UserError
-from uda_ray.results import ResultsWriter, read_table
+from uda_ray.results.tables import ResultsWriter, read_table
+from uda_ray.selection import seed_variance as rr
 
 SEL = "uv/snd"
 

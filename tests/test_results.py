@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import tiny_experiment
 from uda_ray.build import build_experiment
 from uda_ray.config import experiment_dict
-from uda_ray.results import ResultsWriter, TableStore, best_trials, read_table
+from uda_ray.results.tables import ResultsWriter, TableStore, best_trials, read_table
 
 
 def _writer(d):
@@ -80,7 +80,7 @@ def _many(w, exp, n, trial="a", **extra):
 
 
 def test_only_the_last_segment_is_rewritten_and_segments_stay_bounded(tmp_path, synth_root, monkeypatch):
-    import uda_ray.results as results
+    import uda_ray.results.tables as results
 
     monkeypatch.setattr(results, "SEGMENT_ROWS", {"evals": 4, "class_iou": 8})
     exp = experiment_dict(build_experiment(tiny_experiment(synth_root)))
@@ -103,7 +103,7 @@ def test_only_the_last_segment_is_rewritten_and_segments_stay_bounded(tmp_path, 
 def test_a_reader_never_sees_a_duplicate_or_a_lost_row_while_results_arrive(tmp_path, synth_root, monkeypatch):
     import threading
 
-    import uda_ray.results as results
+    import uda_ray.results.tables as results
 
     monkeypatch.setattr(results, "SEGMENT_ROWS", {"evals": 5, "class_iou": 10})
     exp = experiment_dict(build_experiment(tiny_experiment(synth_root)))
@@ -213,7 +213,7 @@ def test_read_table_never_sees_a_corrupt_file_while_the_trials_file_is_replaced(
     replacement in between read as a corrupt table. read_table reads through one handle (Linux), or retries."""
     import threading
 
-    from uda_ray import results
+    from uda_ray.results import tables as results
 
     if proc_fd and not results.PROC_FD:
         pytest.skip("no /proc/self/fd on this system")

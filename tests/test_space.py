@@ -10,7 +10,7 @@ import yaml
 from tests.conftest import load_shipped
 from uda_ray.build import load_experiment
 from uda_ray.config import ConfigError
-from uda_ray.space import load_space, sample
+from uda_ray.search.space import load_space, sample
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))

@@ -14,11 +14,11 @@ import yaml
 
 from tests.conftest import tiny_experiment
 from uda_ray.build import build_experiment
-from uda_ray.checkpoint import save_checkpoint
 from uda_ray.cli import main
 from uda_ray.config import experiment_dict
 from uda_ray.errors import ConfigError
 from uda_ray.target_labels import MARK, SHORT_MARK, row_marked, trains_on_target_gt
+from uda_ray.training.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 READERS = ("self_training", "contrastive", "cpsl_distill")
@@ -107,8 +107,8 @@ def test_which_runs_count_as_trained_on_target_ground_truth(synth_root, over, ma
 def _gt_run_rows(tmp_path: Path, synth_root) -> tuple[Path, dict]:
     """Really train a self-training run on target ground truth for 2 steps (in-process) and record its results
     the way a run records them."""
-    from uda_ray.results import ResultsWriter
-    from uda_ray.train import LocalSession, fit
+    from uda_ray.results.tables import ResultsWriter
+    from uda_ray.training.loop import LocalSession, fit
 
     cfg = build_experiment(tiny_experiment(synth_root, method="self_training",
                                            **{"data.target_labels": "ground_truth", "train.max_steps": 2}))
@@ -124,9 +124,9 @@ def _gt_run_rows(tmp_path: Path, synth_root) -> tuple[Path, dict]:
 
 
 def test_the_ground_truth_setting_runs_and_every_output_marks_it(tmp_path, synth_root):
-    from uda_ray.formatting import best_table, pipeline_ended, run_ended
-    from uda_ray.report import load, render
-    from uda_ray.results import best_trials, markdown_report, read_table
+    from uda_ray.results.report import load, render
+    from uda_ray.results.tables import best_trials, markdown_report, read_table
+    from uda_ray.results.text import best_table, pipeline_ended, run_ended
 
     res, exp = _gt_run_rows(tmp_path, synth_root)
     (row,) = read_table(res, "trials")
@@ -144,9 +144,9 @@ def test_the_ground_truth_setting_runs_and_every_output_marks_it(tmp_path, synth
 
 
 def test_a_uda_run_is_not_marked(tmp_path, synth_root):
-    from uda_ray.formatting import best_table
-    from uda_ray.report import load, render
-    from uda_ray.results import ResultsWriter, best_trials, markdown_report
+    from uda_ray.results.report import load, render
+    from uda_ray.results.tables import ResultsWriter, best_trials, markdown_report
+    from uda_ray.results.text import best_table
 
     cfg = build_experiment(tiny_experiment(synth_root, method="adversarial"))
     exp, res = experiment_dict(cfg), tmp_path / "uda" / "results"
@@ -178,7 +178,7 @@ def _checkpoint(path: Path, synth_root, **over) -> Path:
 @pytest.mark.parametrize("how", ["init_from", "pseudo_from", "teacher_checkpoint", "pseudo_label_folder",
                                  "ranking_folder"])
 def test_a_run_that_starts_from_a_ground_truth_trained_model_is_marked(tmp_path, synth_root, how):
-    from uda_ray.stages import resolve_refs
+    from uda_ray.pipelines.actions import resolve_refs
 
     oracle = _checkpoint(tmp_path / "oracle", synth_root, method="target_only")
     uda = _checkpoint(tmp_path / "uda", synth_root, method="source_only")
@@ -209,7 +209,7 @@ def test_a_run_that_starts_from_a_ground_truth_trained_model_is_marked(tmp_path,
 
 
 def test_the_mark_is_inherited_through_generations(tmp_path, synth_root):
-    from uda_ray.stages import resolve_refs
+    from uda_ray.pipelines.actions import resolve_refs
 
     oracle = _checkpoint(tmp_path / "oracle", synth_root, method="target_only")
     child = resolve_refs(tiny_experiment(synth_root, **{"train.init_from": str(oracle)}), tmp_path)
@@ -221,7 +221,7 @@ def test_the_mark_is_inherited_through_generations(tmp_path, synth_root):
 
 
 def test_reruns_of_a_ground_truth_sweep_stay_marked(tmp_path, synth_root):
-    from uda_ray import seed_variance
+    from uda_ray.selection import seed_variance
 
     res, exp = _gt_run_rows(tmp_path, synth_root)
     specs = seed_variance.plan(res.parent, top=1, seeds=2, metric="test/miou", mode="max")
@@ -244,9 +244,9 @@ def _without_target_train_labels(synth_root, tmp_path: Path) -> Path:
 
 
 def test_pseudo_labels_and_the_intrada_ranking_never_read_target_ground_truth(tmp_path, synth_root):
-    from uda_ray.pseudo_labels import from_checkpoints
-    from uda_ray.stages import intrada_rank
-    from uda_ray.train import LocalSession, fit
+    from uda_ray.pipelines.actions import intrada_rank
+    from uda_ray.pipelines.pseudo_labels import from_checkpoints
+    from uda_ray.training.loop import LocalSession, fit
 
     root = _without_target_train_labels(synth_root, tmp_path)
     cfg = build_experiment(tiny_experiment(root, **{"train.max_steps": 1, "train.eval_every": 1,

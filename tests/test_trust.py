@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from uda_ray.trust import RANDOM, measure, rankdata, spearman
+from uda_ray.selection.study import RANDOM, measure, rankdata, spearman
 
 # two trials, two evaluations each; C has no test labels and must be ignored
 EVALS = [
@@ -88,7 +88,7 @@ def test_bad_mode_is_rejected():
 
 
 def _write_evals(results_dir, rows) -> None:
-    from uda_ray.results import ResultsWriter
+    from uda_ray.results.tables import ResultsWriter
 
     exp = {"seed": 0, "method": "m", "model": {"name": "x"}, "data": {"source": "s", "target": "t"},
            "train": {"max_steps": 2}}
@@ -138,7 +138,7 @@ def test_validators_command_unknown_name_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_pick_vs_oracle_line_names_the_pick_the_oracle_and_the_regret():
-    from uda_ray.trust import pick_vs_oracle
+    from uda_ray.selection.study import pick_vs_oracle
 
     line = pick_vs_oracle(EVALS, "uv/snd", "max")
     assert "A @ step 2 -> test/miou 30.0, mean over 2 tied" in line
@@ -147,7 +147,7 @@ def test_pick_vs_oracle_line_names_the_pick_the_oracle_and_the_regret():
 
 
 def test_markdown_report_puts_the_validator_selected_test_miou_beside_the_oracle(tmp_path):
-    from uda_ray.results import markdown_report
+    from uda_ray.results.tables import markdown_report
 
     _write_evals(tmp_path / "run" / "results", [
         {"trial_id": "run", "step": 2, "test/miou": 0.30, "test/pixel_acc": 0.7, "uv/snd": 0.9},

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from uda_ray.validators import ValidatorAccumulator, bnm, information_max, mean_entropy, pixel_sample, snd
+from uda_ray.selection.validators import ValidatorAccumulator, bnm, information_max, mean_entropy, pixel_sample, snd
 
 T = torch.tensor
 

@@ -12,9 +12,9 @@ from tests.conftest import tiny_experiment
 from tests.report_data import make_sweep
 from uda_ray.build import build_experiment
 from uda_ray.config import experiment_dict
-from uda_ray.results import ResultsWriter, read_table
-from uda_ray.search import _tune_domains, make_searcher, seed_study, warm_start_points
-from uda_ray.space import load_space
+from uda_ray.results.tables import ResultsWriter, read_table
+from uda_ray.search.space import load_space
+from uda_ray.search.tune import _tune_domains, make_searcher, seed_study, warm_start_points
 
 
 def _space(tmp_path: Path, synth_root: Path, params: dict, metric: str = "src_val/miou", name: str = "new.yaml"):

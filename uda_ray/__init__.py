@@ -3,7 +3,7 @@
 The Python API is `uda_ray.api` (`from uda_ray import api`; `api.sweep`, `api.resume`, `api.best`, `api.train`,
 `api.pipeline`, `api.report`, ...). The API names that are not also the names of submodules are re-exported
 here (`uda_ray.sweep`, `uda_ray.best`, ...), imported on first use, so `import uda_ray` stays light (no torch,
-no ray). `train`, `pipeline`, `report` and `validators` are not: `uda_ray.train` etc. are modules, and importing
+no ray). `train`, `pipeline`, `report` and `validators` are not: `uda_ray.training.loop` etc. are modules, and importing
 a submodule sets the package attribute of its name, which would hide a function of the same name.
 """
 

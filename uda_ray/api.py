@@ -10,7 +10,7 @@
 
 Every function returns plain objects (dicts, lists of dicts, a `Sweep` dataclass, pyarrow Tables). Errors a
 user can cause raise `uda_ray.errors.UserError` (the CLI prints them as one line, exit status 2). Progress
-lines (the sweep's live view, stage starts, ...) go to the logger "uda_ray.progress" at INFO: the CLI prints
+lines (the sweep's live view, stage starts, ...) go to the logger "uda_ray.training.progress" at INFO: the CLI prints
 them; in a notebook call `show_progress()` (or configure logging) to see them.
 
 Storage: `storage` is the root folder of sweeps and runs (default $UDA_RAY_STORAGE, else ./uda_ray_runs; a
@@ -34,10 +34,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from uda_ray.driver_lock import DriverLock, running_driver
 from uda_ray.errors import UserError
+from uda_ray.storage.lock import DriverLock, running_driver
 
-progress = logging.getLogger("uda_ray.progress")
+progress = logging.getLogger("uda_ray.training.progress")
 INTERRUPTED, ENDED = "interrupted", ("completed", "stopped_early", "errored")
 
 
@@ -65,7 +65,7 @@ def show_progress(enabled: bool = True) -> None:
 def storage_root(storage: str | os.PathLike | None = None) -> Path:
     """The storage root: `storage`, else $UDA_RAY_STORAGE, else ./uda_ray_runs (absolute); a folder, or a path
     where one can be made (UserError otherwise)."""
-    from uda_ray.validate import storage_root as check
+    from uda_ray.checks import storage_root as check
 
     return check(Path(storage or os.environ.get("UDA_RAY_STORAGE") or "uda_ray_runs").expanduser().absolute())
 
@@ -110,7 +110,7 @@ def with_data(raw: dict, data: Any) -> dict:
 
 
 def _address(address: str | None, meta: dict | None = None) -> str | None:
-    from uda_ray.search import check_address
+    from uda_ray.search.tune import check_address
 
     address = address or os.environ.get("RAY_ADDRESS") or (meta or {}).get("address")
     check_address(address)
@@ -123,7 +123,7 @@ def ray_connection(address: str | None) -> Iterator[None]:
     cluster without an address) that ends with the call."""
     import ray
 
-    from uda_ray.search import init_ray
+    from uda_ray.search.tune import init_ray
 
     if ray.is_initialized():
         yield
@@ -172,7 +172,7 @@ class Sweep:
 
     @classmethod
     def open(cls, name: str, storage: str | os.PathLike | None = None) -> Sweep:
-        from uda_ray.search import read_meta
+        from uda_ray.search.tune import read_meta
 
         d = sweep_dir(name, storage)
         return cls(name, d, read_meta(d))
@@ -192,12 +192,12 @@ class Sweep:
         """A results table ("trials", "evals", "class_iou") as a pyarrow Table."""
         import pyarrow as pa
 
-        from uda_ray.results import read_table
+        from uda_ray.results.tables import read_table
 
         return pa.Table.from_pylist(read_table(self.dir / "results", name))
 
     def trials(self) -> list[dict]:
-        from uda_ray.results import read_table
+        from uda_ray.results.tables import read_table
 
         return read_table(self.dir / "results", "trials")
 
@@ -206,8 +206,8 @@ class Sweep:
 
     def vs_oracle(self) -> str | None:
         """One line comparing the sweep's pick with choosing by the test labels (when it has them)."""
-        from uda_ray.results import read_table
-        from uda_ray.trust import pick_vs_oracle
+        from uda_ray.results.tables import read_table
+        from uda_ray.selection.study import pick_vs_oracle
 
         obj = self.objective
         if not obj.get("metric"):
@@ -222,7 +222,7 @@ def _write_sweep_folder(space_path: Path, space: Any, sweep_d: Path, base_raw: d
                         address: str | None) -> dict:
     """The sweep folder is self-contained: resume never depends on the files it was started from."""
     from uda_ray.config import dump_yaml, read_yaml
-    from uda_ray.search import write_meta
+    from uda_ray.search.tune import write_meta
 
     sweep_d.mkdir(parents=True, exist_ok=True)
     (sweep_d / "base.yaml").write_text(dump_yaml(base_raw))
@@ -241,8 +241,8 @@ def _write_sweep_folder(space_path: Path, space: Any, sweep_d: Path, base_raw: d
 
 def _fit_sweep(tuner: Any, sweep_d: Path, meta: dict) -> Sweep:
     """Run the Tuner to its end (or Ctrl-C) and record the sweep's status."""
-    from uda_ray.results import read_table
-    from uda_ray.search import run, sweep_status_after, write_meta
+    from uda_ray.results.tables import read_table
+    from uda_ray.search.tune import run, sweep_status_after, write_meta
 
     try:
         meta["status"] = sweep_status_after(run(tuner))
@@ -266,17 +266,17 @@ def sweep(space: str | os.PathLike, *, storage: str | os.PathLike | None = None,
     whose finished trials that fit this space seed the sampler (recorded in sweep.json). `mlflow`: a tracking
     URI; each trial is also logged as an MLflow run (needs mlflow-skinny). Returns the Sweep;
     its status is "interrupted" after Ctrl-C (`resume` continues it)."""
-    from uda_ray import validate
-    from uda_ray.search import check_resources
-    from uda_ray.space import load_space
-    from uda_ray.stages import resolve_refs
+    from uda_ray import checks
+    from uda_ray.pipelines.actions import resolve_refs
+    from uda_ray.search.space import load_space
+    from uda_ray.search.tune import check_resources
 
     space_path = Path(space)
     sp = load_space(space_path, _overrides(overrides))
     if "train.max_steps" in sp.params:
         raise UserError("train.max_steps cannot be searched: ASHA needs one budget per sweep")
     root = storage_root(storage)
-    name = validate.run_name(name or space_path.stem)
+    name = checks.run_name(name or space_path.stem)
     sweep_d = root / name
     refuse_running(sweep_d, f"sweep '{name}'")
     if (sweep_d / "sweep.json").exists():
@@ -284,7 +284,7 @@ def sweep(space: str | os.PathLike, *, storage: str | os.PathLike | None = None,
                         "or give another --name")
     warm = _warm_start(warm_start, root, sp) if warm_start else None  # checked before anything is written
     if mlflow:
-        from uda_ray.mlflow_log import check_available
+        from uda_ray.results.mlflow_log import check_available
 
         check_available()
         if mlflow.startswith("file:") or "://" not in mlflow:  # MLflow 3 keeps its file store behind a switch
@@ -292,7 +292,7 @@ def sweep(space: str | os.PathLike, *, storage: str | os.PathLike | None = None,
     address = _address(address)
     data = resolve_data(sp.base.data, root, sp.metric)
     base_raw = resolve_refs(with_data(sp.base_raw, data), root)
-    validate.space(dataclasses.replace(sp, base_raw=base_raw, base=_build(base_raw, str(space_path))))
+    checks.space(dataclasses.replace(sp, base_raw=base_raw, base=_build(base_raw, str(space_path))))
     seed = sp.seed if sp.seed is not None else random.SystemRandom().randrange(2**31)
     with ray_connection(address):
         check_resources(sp.base.train, sp.driver_cpus, sp.max_concurrent_trials, local=not address)
@@ -304,7 +304,7 @@ def sweep(space: str | os.PathLike, *, storage: str | os.PathLike | None = None,
 
 def _warm_start(earlier: str | os.PathLike, root: Path, sp: Any) -> dict:
     """The earlier sweep's trials that fit the space `sp`, and those skipped with the reason."""
-    from uda_ray.search import warm_start_points
+    from uda_ray.search.tune import warm_start_points
 
     d = Path(earlier) if (Path(earlier) / "sweep.json").is_file() else root / str(earlier)
     if not (d / "sweep.json").is_file():
@@ -319,8 +319,8 @@ def _warm_start(earlier: str | os.PathLike, root: Path, sp: Any) -> dict:
 
 def _start_sweep(space_path: Path, sp: Any, sweep_d: Path, base_raw: dict, seed: int, address: str | None,
                  warm: dict | None = None, mlflow: str | None = None) -> Sweep:
-    from uda_ray.search import build_tuner, seed_study, write_meta
-    from uda_ray.space import load_space
+    from uda_ray.search.space import load_space
+    from uda_ray.search.tune import build_tuner, seed_study, write_meta
 
     meta = _write_sweep_folder(space_path, sp, sweep_d, base_raw, seed, address)
     if warm is not None:  # the persisted study, created with the earlier trials before the searcher loads it
@@ -343,8 +343,8 @@ def resume(name: str, *, storage: str | os.PathLike | None = None, address: str 
     """Continue an interrupted sweep from its folder (finished trials are not rerun). Returns the Sweep.
     A sweep whose driver died before Ray Tune saved any state (while it started) is started again from its
     folder, with its seed: the same trials as an uninterrupted start."""
-    from uda_ray.search import build_tuner, has_tune_state, read_meta, write_meta
-    from uda_ray.space import load_space
+    from uda_ray.search.space import load_space
+    from uda_ray.search.tune import build_tuner, has_tune_state, read_meta, write_meta
 
     sweep_d = sweep_dir(name, storage)
     meta = read_meta(sweep_d)
@@ -371,7 +371,7 @@ def best(name: str, *, storage: str | os.PathLike | None = None, top: int = 5, m
     Ranked by every evaluation; `rank_checkpoint_kept` says whether the best step's checkpoint is still on
     disk, and `kept_step` / `kept_checkpoint` name the best step whose checkpoint is (results.best_trials)."""
     from uda_ray.metric_names import REPORTED_PREFIXES, check_metric
-    from uda_ray.results import best_trials, read_table
+    from uda_ray.results.tables import best_trials, read_table
 
     d = sweep_dir(name, storage)
     if top < 1:
@@ -389,7 +389,7 @@ def best(name: str, *, storage: str | os.PathLike | None = None, top: int = 5, m
 def pareto(name: str, *, storage: str | os.PathLike | None = None, method: str | None = None) -> list[dict]:
     """The completed trials of a multi-objective sweep at their last evaluation, one dict each: values (per
     objective), on_front, feasible, violated (constraints), step, checkpoint, params, config_json, ..."""
-    from uda_ray.results import pareto_front
+    from uda_ray.results.tables import pareto_front
 
     s = Sweep.open(name, storage)
     objectives, constraints = s.meta["objective"], s.meta.get("constraints") or []
@@ -419,8 +419,8 @@ def export_best(name: str, out: str | os.PathLike, *, storage: str | os.PathLike
     """Write a trial of sweep `name` as a runnable experiment YAML at `out` (atomically): the `index`-th best
     (1 = the best; of a multi-objective sweep without `metric`: the `index`-th trial on the Pareto front).
     Returns its row."""
+    from uda_ray.checks import output_file
     from uda_ray.config import dump_yaml
-    from uda_ray.validate import output_file
 
     if index < 1:
         raise UserError("index must be >= 1")
@@ -449,7 +449,7 @@ def export_best(name: str, out: str | os.PathLike, *, storage: str | os.PathLike
     if pick.get("rank_checkpoint_kept", True):
         ck = f"# its checkpoint: {pick['rank_checkpoint']}\n"
     else:
-        from uda_ray.formatting import not_kept_note
+        from uda_ray.results.text import not_kept_note
 
         ck = f"# {not_kept_note(pick)}\n"
     head = (f"# {what} {pick['trial_id']} of sweep {name}: {pick['rank_metric']}={pick['rank_value']:.4f} "
@@ -465,7 +465,7 @@ def ls(storage: str | os.PathLike | None = None) -> list[dict]:
     """One dict per sweep under the storage root: name, status, trials, completed, stopped_early, errored,
     best (the best objective value so far, or None), mode, progress (running trial -> its heartbeat: step,
     max_steps, steps_per_s, eta_s, phase, updated_at; only while the sweep runs)."""
-    from uda_ray.progress import read_progress
+    from uda_ray.training.progress import read_progress
 
     out = []
     for p in sorted(storage_root(storage).glob("*/sweep.json")):
@@ -496,13 +496,13 @@ def train(experiment: str | os.PathLike, *, storage: str | os.PathLike | None = 
     """Run one experiment (one Ray task, or a Ray Train run with several workers) under <storage>/runs/<name>
     (default: the experiment's name; an existing run resumes). Returns the last reported metrics plus
     checkpoint_path and run_dir."""
-    from uda_ray import validate
+    from uda_ray import checks
     from uda_ray.build import build_experiment, load_experiment
     from uda_ray.config import experiment_dict
-    from uda_ray.search import check_resources
-    from uda_ray.stages import resolve_refs
+    from uda_ray.pipelines.actions import resolve_refs
+    from uda_ray.search.tune import check_resources
     from uda_ray.target_labels import MARK, trains_on_target_gt
-    from uda_ray.train import fit_run
+    from uda_ray.training.loop import fit_run
 
     cfg = load_experiment(experiment, _overrides(overrides))
     root = storage_root(storage)
@@ -510,8 +510,8 @@ def train(experiment: str | os.PathLike, *, storage: str | os.PathLike | None = 
     address = _address(address)
     data = resolve_data(cfg.data, root, cfg.select)
     cfg = build_experiment(with_data(experiment_dict(cfg), data), str(experiment))
-    name = validate.run_name(name or cfg.name)
-    validate.experiment(cfg, str(experiment))
+    name = checks.run_name(name or cfg.name)
+    checks.experiment(cfg, str(experiment))
     run_dir = root / "runs" / name
     progress.info(f"training {cfg.method}/{cfg.model.name} for {cfg.train.max_steps} steps on "
                   f"{cfg.train.num_workers} worker(s); run folder {run_dir}"
@@ -530,12 +530,12 @@ def pipeline(path: str | os.PathLike, *, storage: str | os.PathLike | None = Non
     stage (with the pipeline's selection metric as select_metric). With `report`, also write a markdown table
     of the stages' results there."""
     from uda_ray.build import build_experiment
+    from uda_ray.checks import output_file
     from uda_ray.config import experiment_dict
-    from uda_ray.pipeline import load_pipeline, run_pipeline
-    from uda_ray.results import markdown_report
-    from uda_ray.stages import resolve_refs
-    from uda_ray.train import fit_run
-    from uda_ray.validate import output_file
+    from uda_ray.pipelines.actions import resolve_refs
+    from uda_ray.pipelines.runner import load_pipeline, run_pipeline
+    from uda_ray.results.tables import markdown_report
+    from uda_ray.training.loop import fit_run
 
     pipe = load_pipeline(path)
     root = storage_root(storage)
@@ -569,7 +569,7 @@ def pipeline(path: str | os.PathLike, *, storage: str | os.PathLike | None = Non
 def report(name: str, *, storage: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
            predictions: bool = True) -> Path:
     """One self-contained HTML page about a sweep, a run or a pipeline; returns its path."""
-    from uda_ray.report import resolve, write_report
+    from uda_ray.results.report import resolve, write_report
 
     kind, folder = resolve(storage_root(storage), name)
     out = Path(out) if out else folder / "report.html"
@@ -578,23 +578,23 @@ def report(name: str, *, storage: str | os.PathLike | None = None, out: str | os
 
 
 def validators(name: str, *, storage: str | os.PathLike | None = None) -> tuple[list[dict], Path]:
-    """Measure every validator of a sweep, pipeline or run against test mIoU (uda_ray.trust); writes
+    """Measure every validator of a sweep, pipeline or run against test mIoU (uda_ray.selection.study); writes
     results/validators.parquet beside the other tables and returns (rows, path)."""
-    from uda_ray import trust
+    from uda_ray.selection import study
 
-    _, results_dir, sources = trust.locate(name, storage_root(storage))
-    rows = trust.validators_table(trust.read_evals(sources))
-    return rows, trust.write_table(results_dir, rows)
+    _, results_dir, sources = study.locate(name, storage_root(storage))
+    rows = study.validators_table(study.read_evals(sources))
+    return rows, study.write_table(results_dir, rows)
 
 
 def rerun(name: str, *, top: int = 3, seeds: int = 3, metric: str | None = None,
           storage: str | os.PathLike | None = None, address: str | None = None) -> list[dict]:
-    """Retrain the top `top` configurations of sweep `name` with `seeds` new seeds each (uda_ray.seed_variance);
-    returns the per-configuration summary (also in results/rerun_summary.parquet)."""
-    from uda_ray import seed_variance as rr
+    """Retrain the top `top` configurations of sweep `name` with `seeds` new seeds each
+    (uda_ray.selection.seed_variance); returns the per-configuration summary (also in results/rerun_summary.parquet)."""
     from uda_ray.build import build_experiment
-    from uda_ray.search import check_resources, read_meta
-    from uda_ray.train import fit_run
+    from uda_ray.search.tune import check_resources, read_meta
+    from uda_ray.selection import seed_variance as rr
+    from uda_ray.training.loop import fit_run
 
     root = storage_root(storage)
     sweep_d = sweep_dir(name, storage)
@@ -663,7 +663,7 @@ def synthetic_data(out: str | os.PathLike, *, n_source: int = 200, n_target: int
 def profile_model(model: str, *, size_hw: tuple[int, int] = (512, 1024), device: str = "cpu",
                   amp: bool = False) -> dict:
     """Parameters, GFLOPs and latency of a registered model at input size (H, W)."""
-    from uda_ray.profile import profile
+    from uda_ray.models.profile import profile
 
     _check_size(size_hw)
     if device == "cuda":

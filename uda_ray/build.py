@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from uda_ray import target_labels
-from uda_ray.checkpoint import load_state
 from uda_ray.config import ExperimentConfig, ModelConfig, apply_overrides, build, load_raw
 from uda_ray.errors import ConfigError, UserError
 from uda_ray.methods import METHODS
 from uda_ray.methods.base import Method
 from uda_ray.models import MODELS
+from uda_ray.training.checkpoint import load_state
 
 
 def build_experiment(raw: dict, source: str = "<config>") -> ExperimentConfig:

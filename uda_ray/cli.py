@@ -10,8 +10,10 @@ import sys
 import time
 from typing import Any
 
-from uda_ray import api, formatting, trust
+from uda_ray import api
 from uda_ray.errors import UserError
+from uda_ray.results import text
+from uda_ray.selection import study
 
 EXIT_USER, EXIT_INTERRUPTED = 2, 130
 
@@ -28,7 +30,7 @@ def _ended(s: api.Sweep, top: int = 5) -> int | None:
     if s.status == api.INTERRUPTED:
         print(f"interrupted: `uda-ray resume {s.name}` continues it", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(formatting.sweep_ended(s, top))
+    print(text.sweep_ended(s, top))
     return None
 
 
@@ -47,7 +49,7 @@ def cmd_resume(a: argparse.Namespace) -> int | None:
 def cmd_best(a: argparse.Namespace) -> None:
     if a.top < 1 or a.index < 1:
         raise UserError("--top and --index must be >= 1")
-    print(formatting.leaderboard(api.leaderboard(a.sweep, storage=a.storage, top=max(a.top, a.index),
+    print(text.leaderboard(api.leaderboard(a.sweep, storage=a.storage, top=max(a.top, a.index),
                                                  metric=a.metric, method=a.method)))
     if a.export:
         api.export_best(a.sweep, a.export, storage=a.storage, metric=a.metric, method=a.method, index=a.index)
@@ -55,7 +57,7 @@ def cmd_best(a: argparse.Namespace) -> None:
 
 
 def cmd_ls(a: argparse.Namespace) -> None:
-    print(formatting.sweeps_table(api.ls(a.storage), api.storage_root(a.storage)))
+    print(text.sweeps_table(api.ls(a.storage), api.storage_root(a.storage)))
 
 
 def cmd_report(a: argparse.Namespace) -> None:
@@ -66,23 +68,23 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 def cmd_validators(a: argparse.Namespace) -> None:
     rows, path = api.validators(a.name, storage=a.storage)
-    print(f"{trust.format_table(rows)}\nwrote {path}")
+    print(f"{study.format_table(rows)}\nwrote {path}")
 
 
 def cmd_rerun(a: argparse.Namespace) -> None:
     summary = api.rerun(a.sweep, top=a.top, seeds=a.seeds, metric=a.metric, storage=a.storage, address=a.address)
-    print(formatting.rerun_ended(summary, api.sweep_dir(a.sweep, a.storage) / "results"))
+    print(text.rerun_ended(summary, api.sweep_dir(a.sweep, a.storage) / "results"))
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    print(formatting.run_ended(api.train(a.experiment, storage=a.storage, overrides=a.set, name=a.name,
+    print(text.run_ended(api.train(a.experiment, storage=a.storage, overrides=a.set, name=a.name,
                                          address=a.address)))
 
 
 def cmd_pipeline(a: argparse.Namespace) -> None:
     t0 = time.time()
     summary = api.pipeline(a.pipeline, storage=a.storage, report=a.report, address=a.address)
-    print(formatting.pipeline_ended(summary, time.time() - t0, a.report))
+    print(text.pipeline_ended(summary, time.time() - t0, a.report))
 
 
 def cmd_data_synth(a: argparse.Namespace) -> None:
@@ -93,11 +95,11 @@ def cmd_data_synth(a: argparse.Namespace) -> None:
 
 
 def cmd_convert_weights(a: argparse.Namespace) -> None:
-    print(formatting.converted_weights(api.convert_weights(a.src, a.dst, num_classes=a.num_classes)))
+    print(text.converted_weights(api.convert_weights(a.src, a.dst, num_classes=a.num_classes)))
 
 
 def cmd_profile(a: argparse.Namespace) -> None:
-    print(formatting.profile_report(api.profile_model(a.model, size_hw=_hw(a.size), device=a.device, amp=a.amp)))
+    print(text.profile_report(api.profile_model(a.model, size_hw=_hw(a.size), device=a.device, amp=a.amp)))
 
 
 def parser() -> argparse.ArgumentParser:

@@ -20,7 +20,7 @@ import yaml
 
 from uda_ray.errors import ConfigError
 from uda_ray.metric_names import DEFAULT_SELECTION, check_metric
-from uda_ray.optim import OptimConfig
+from uda_ray.training.optim import OptimConfig
 
 # --------------------------------------------------------------------------------------------
 # YAML

@@ -88,7 +88,7 @@ def row_marked(row: dict) -> bool:
 
 def checkpoint_trained_on_target_gt(path: str | Path) -> bool:
     """A checkpoint (folder or state.pt) whose run trained on target ground truth (itself or its ancestors)."""
-    from uda_ray.checkpoint import load_state
+    from uda_ray.training.checkpoint import load_state
 
     p = Path(path)
     if not (p.is_file() or (p / "state.pt").is_file()):

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from uda_ray.losses import entropy_loss, self_information
 from uda_ray.methods.base import Method, UDABatch, upsample
-from uda_ray.methods.common import (
+from uda_ray.methods.blocks import (
     AdversarialConfig,
     OutputAdversarialMethod,
     backward_target_then_source,
@@ -24,7 +24,7 @@ from uda_ray.methods.common import (
     output_levels,
     resolve_aux_weights,
 )
-from uda_ray.optim import OptimConfig
+from uda_ray.training.optim import OptimConfig
 
 
 @dataclass(frozen=True)

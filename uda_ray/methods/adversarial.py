@@ -3,7 +3,7 @@ Space for Semantic Segmentation", CVPR 2018).
 
 Segmenter: CE on source + lambda_adv * BCE(D(softmax(target logits)), source); D: BCE on the detached
 source (0) and target (1) softmaxes, each half-weighted. Multi-level: a second discriminator on the first
-aux output. The discriminators and their step are `common.OutputAdversary` (shared with ADVENT's AdvEnt and
+aux output. The discriminators and their step are `blocks.OutputAdversary` (shared with ADVENT's AdvEnt and
 self-training's optional adversarial term).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from uda_ray.methods.common import AdversarialConfig, OutputAdversarialMethod, d_input_size
+from uda_ray.methods.blocks import AdversarialConfig, OutputAdversarialMethod, d_input_size
 
 __all__ = ["Adversarial", "AdversarialConfig", "d_input_size"]
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from uda_ray.data.labels import IGNORE
-from uda_ray.optim import OptimConfig, build_optimizer
+from uda_ray.training.optim import OptimConfig, build_optimizer
 
 Wrap = Callable[[nn.Module], nn.Module]
 

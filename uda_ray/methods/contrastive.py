@@ -3,7 +3,7 @@
 supervised contrastive loss (Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020) between the
 pixels of a target image and of its twin stylized toward the source, positives = same pseudo-label.
 
-Model 1 of the pipeline is `minent` (source CE + entropy); its pseudo-labels (`uda_ray.pseudo_labels`) reach
+Model 1 of the pipeline is `minent` (source CE + entropy); its pseudo-labels (`uda_ray.pipelines.pseudo_labels`) reach
 this method as the target labels. Choices (ours, documented):
 - embeddings: the model's "feat" output through a projection head owned by the method (two 1x1 convs,
   F -> min(F, 512) -> proj_dim, ReLU between: SupCon's MLP head, per pixel), L2-normalized; the head trains
@@ -34,8 +34,8 @@ from uda_ray.errors import ConfigError
 from uda_ray.fda import fda_source_to_target
 from uda_ray.losses import entropy_loss, supcon_loss
 from uda_ray.methods.base import Method, UDABatch, backward_first_then_last, seg_loss, upsample
-from uda_ray.methods.common import GeneratorState, feature_channels, global_rand, projection_head
-from uda_ray.optim import OptimConfig
+from uda_ray.methods.blocks import GeneratorState, feature_channels, global_rand, projection_head
+from uda_ray.training.optim import OptimConfig
 
 
 @dataclass(frozen=True)

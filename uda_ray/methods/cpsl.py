@@ -33,7 +33,7 @@ from uda_ray.data.labels import IGNORE
 from uda_ray.errors import ConfigError
 from uda_ray.losses import kl_distill, symmetric_ce
 from uda_ray.methods.base import Method, UDABatch, backward_first_then_last, seg_loss, upsample
-from uda_ray.methods.common import (
+from uda_ray.methods.blocks import (
     GeneratorState,
     all_gather_cat,
     all_reduce_,
@@ -45,7 +45,7 @@ from uda_ray.methods.common import (
     projection_head,
     world_rank,
 )
-from uda_ray.optim import OptimConfig
+from uda_ray.training.optim import OptimConfig
 
 MIN_PIXELS = 10  # a class mean needs >= 10 pixels (ProDA's calculate_mean_vector)
 

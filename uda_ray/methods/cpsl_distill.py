@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from uda_ray.checkpoint import STATE_FILE, load_state
 from uda_ray.errors import ConfigError
 from uda_ray.losses import kl_distill
 from uda_ray.methods.base import Method, UDABatch, backward_first_then_last, seg_loss, upsample
-from uda_ray.methods.common import GeneratorState, global_rand, photometric, pseudo_label_loss
-from uda_ray.optim import OptimConfig
+from uda_ray.methods.blocks import GeneratorState, global_rand, photometric, pseudo_label_loss
+from uda_ray.training.checkpoint import STATE_FILE, load_state
+from uda_ray.training.optim import OptimConfig
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Source CE on source images stylized toward the target batch (low-frequency amplitude swap, `uda_ray.fda`) +
 lambda_ent * Charbonnier entropy of the target predictions, from step `ent_start_step` on. FDA-MBT (three
 betas, averaged softmaxes, pseudo-labels, a self-training round) is a pipeline of ordinary runs: three `fda`
-runs, `uda_ray.pseudo_labels.generate` over their models, then a `self_training` run.
+runs, `uda_ray.pipelines.pseudo_labels.generate` over their models, then a `self_training` run.
 """
 
 from __future__ import annotations

@@ -58,8 +58,8 @@ from uda_ray.data.labels import IGNORE
 from uda_ray.errors import ConfigError
 from uda_ray.fda import fda_source_to_target
 from uda_ray.methods.base import Method, UDABatch, backward_first_then_last, seg_loss, sync_grads, upsample
-from uda_ray.methods.common import is_distributed
-from uda_ray.optim import OptimConfig, build_optimizer
+from uda_ray.methods.blocks import is_distributed
+from uda_ray.training.optim import OptimConfig, build_optimizer
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ Source CE + lambda_tgt * target CE on the pseudo-labels (255 ignored) + optional
 target predictions (ADVENT's, or FDA's Charbonnier entropy, which FDA's self-training round SStrain.py keeps:
 source CE + pseudo-label CE + entW * Charbonnier entropy of the pseudo-labelled target) + optional lambda_adv *
 AdaptSegNet's adversarial term. The pseudo-labels come from
-`uda_ray.pseudo_labels.generate`; the loop loads their folder as the target labels.
+`uda_ray.pipelines.pseudo_labels.generate`; the loop loads their folder as the target labels.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from uda_ray.errors import ConfigError
 from uda_ray.fda import fda_source_to_target
 from uda_ray.losses import charbonnier_entropy, entropy_loss
 from uda_ray.methods.base import Method, UDABatch, upsample
-from uda_ray.methods.common import (
+from uda_ray.methods.blocks import (
     OutputAdversary,
     adversarial_segmenter_step,
     check_discriminator,
@@ -32,7 +32,7 @@ from uda_ray.methods.common import (
     pseudo_label_loss,
     resolve_aux_weights,
 )
-from uda_ray.optim import OptimConfig
+from uda_ray.training.optim import OptimConfig
 
 
 @dataclass(frozen=True)

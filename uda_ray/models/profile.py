@@ -1,4 +1,4 @@
-"""Model complexity: parameters, GFLOPs, latency (`uda_ray.formatting.profile_report` prints them)."""
+"""Model complexity: parameters, GFLOPs, latency (`uda_ray.results.text.profile_report` prints them)."""
 
 from __future__ import annotations
 

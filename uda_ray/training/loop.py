@@ -27,7 +27,15 @@ import torch.distributed as dist
 from torch import nn
 
 from uda_ray.build import build_experiment, build_method
-from uda_ray.checkpoint import (
+from uda_ray.config import ExperimentConfig, dump_yaml, experiment_dict
+from uda_ray.data.datasets import scans_once
+from uda_ray.data.loading import build_datasets, resolve_loader_workers, splits_of, train_loader, val_loader
+from uda_ray.errors import ConfigError
+from uda_ray.methods.base import Method, upsample
+from uda_ray.metric_names import DEFAULT_SELECTION, mode_of, needs_test_labels
+from uda_ray.metrics import ConfusionMatrix
+from uda_ray.selection.validators import ValidatorAccumulator
+from uda_ray.training.checkpoint import (
     METRICS_FILE,
     STATE_FILE,
     load_state,
@@ -36,17 +44,9 @@ from uda_ray.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from uda_ray.config import ExperimentConfig, dump_yaml, experiment_dict
-from uda_ray.data.datasets import scans_once
-from uda_ray.data.loading import build_datasets, resolve_loader_workers, splits_of, train_loader, val_loader
-from uda_ray.errors import ConfigError
-from uda_ray.loop import LossLog, NonFiniteLoss, train_step
-from uda_ray.methods.base import Method, upsample
-from uda_ray.metric_names import DEFAULT_SELECTION, mode_of, needs_test_labels
-from uda_ray.metrics import ConfusionMatrix
-from uda_ray.progress import Heartbeat
-from uda_ray.timing import mark
-from uda_ray.validators import ValidatorAccumulator
+from uda_ray.training.progress import Heartbeat
+from uda_ray.training.step import LossLog, NonFiniteLoss, train_step
+from uda_ray.training.timing import mark
 
 log = logging.getLogger(__name__)
 RESTARTS_FILE = "restarts.jsonl"  # one line per restart of the run from a checkpoint
@@ -93,7 +93,7 @@ def evaluate(model: nn.Module, loader: Any, num_classes: int, device: torch.devi
 @torch.no_grad()
 def evaluate_unlabeled(model: nn.Module, loader: Any, num_classes: int, device: torch.device, pixels: int,
                        seed: int) -> dict[str, float]:
-    """The label-free validators (uda_ray.validators) of the model's softmax on unlabeled images, at the
+    """The label-free validators (uda_ray.selection.validators) of the model's softmax on unlabeled images, at the
     model's output resolution; pixels for SND / BNM sampled per image by (seed, image name). Under DDP the
     running sums are summed and the pixel samples gathered over ranks (ValidatorAccumulator.reduce)."""
     was_training = model.training
@@ -151,7 +151,7 @@ def check_selectable(cfg: ExperimentConfig, has_test: bool) -> None:
 
 def model_profile(model: nn.Module, size_hw: tuple[int, int], device: torch.device) -> dict[str, float]:
     """Params, GFLOPs (torch's FLOP counter: a multiply-add = 2 FLOPs) and latency of the eval model."""
-    from uda_ray.profile import count_gflops, count_params, measure_latency
+    from uda_ray.models.profile import count_gflops, count_params, measure_latency
 
     was_training = model.training
     lat = measure_latency(model, size_hw, device=str(device), warmup=1, iters=3)
@@ -308,7 +308,7 @@ def _write_run_files(cfg: ExperimentConfig, session: Session, splits: Any) -> No
 def _profile(cfg: ExperimentConfig, session: Session, method: Method, ds: dict[str, Any]) -> dict[str, float]:
     """Params / GFLOPs / latency of the eval model at the evaluation input size, measured once per model in a
     sweep (a cache beside the runs)."""
-    from uda_ray.profile import PROFILE_CACHE, device_key, measured_once
+    from uda_ray.models.profile import PROFILE_CACHE, device_key, measured_once
 
     h, w = ds["holdout"][0]["img"].shape[-2:]
     key = {"model": experiment_dict(cfg)["model"], "size": [int(h), int(w)], **device_key(session.device)}
@@ -469,7 +469,7 @@ def _own_pseudo_labels(cfg: ExperimentConfig, session: Session) -> ExperimentCon
     """Rank 0 writes the run's pseudo-labels (once: a resumed run reuses them), the others wait."""
     import dataclasses
 
-    from uda_ray.pseudo_labels import from_checkpoints
+    from uda_ray.pipelines.pseudo_labels import from_checkpoints
 
     d = cfg.data
     out = session.run_dir / "pseudo_labels"
@@ -612,8 +612,8 @@ class RunSession(TuneSession):
     Train path's controller callback writes)."""
 
     def __init__(self, run_dir: Path, cfg: ExperimentConfig, results_dir: Path, name: str) -> None:
-        from uda_ray.results import ResultsWriter
-        from uda_ray.tblog import TB_DIR, TensorBoardLog
+        from uda_ray.results.tables import ResultsWriter
+        from uda_ray.results.tensorboard import TB_DIR, TensorBoardLog
 
         super().__init__(run_dir, cfg)
         self._writer = ResultsWriter(results_dir, name, cfg.select, mode_of(cfg.select), None)
@@ -742,8 +742,8 @@ def run_results_callback(results_dir: Path, run_name: str, cfg: ExperimentConfig
     """A Ray Train callback writing a single run's results tables (the same schema as a sweep's)."""
     from ray.train import UserCallback
 
-    from uda_ray.results import ResultsWriter
-    from uda_ray.tblog import TB_DIR, TensorBoardLog
+    from uda_ray.results.tables import ResultsWriter
+    from uda_ray.results.tensorboard import TB_DIR, TensorBoardLog
 
     exp = experiment_dict(cfg)
 
@@ -778,7 +778,7 @@ def fit_run(cfg: ExperimentConfig, storage: Path, name: str) -> dict[str, Any]:
     """Driver side of one training run (`uda-ray train`, pipeline stages, reruns) in <storage>/<name>, results
     tables under its results/: one Ray task running `fit` (`train.launcher` inline, or auto with one worker),
     else a TorchTrainer. Returns the last reported metrics with checkpoint_path."""
-    from uda_ray.results import ResultsWriter
+    from uda_ray.results.tables import ResultsWriter
 
     results_dir = storage / name / "results"
     if cfg.train.inline:
@@ -798,7 +798,7 @@ def _fit_run_inline(cfg: ExperimentConfig, storage: Path, name: str) -> dict[str
     run restarts its worker group."""
     import ray
 
-    from uda_ray.results import ResultsWriter
+    from uda_ray.results.tables import ResultsWriter
 
     tc, exp = cfg.train, experiment_dict(cfg)
     results_dir = storage / name / "results"

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from uda_ray.errors import UserError
-from uda_ray.results import ResultsWriter, experiment_of
-from uda_ray.space import SearchSpace
+from uda_ray.results.tables import ResultsWriter, experiment_of
+from uda_ray.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
-progress = logging.getLogger("uda_ray.progress")  # the live view (printed by the CLI)
+progress = logging.getLogger("uda_ray.training.progress")  # the live view (printed by the CLI)
 TUNE_DIR = "tune"
 STUDY_FILE = "optuna_journal.log"
 
@@ -53,7 +53,7 @@ def trial_driver(config: dict, sweep: dict) -> None:
 
     from uda_ray.build import build_experiment
     from uda_ray.config import apply_overrides
-    from uda_ray.timing import mark
+    from uda_ray.training.timing import mark
 
     trial_id = ray.tune.get_context().get_trial_id()
     mark("trial_driver_start", trial=trial_id)
@@ -61,7 +61,7 @@ def trial_driver(config: dict, sweep: dict) -> None:
     cfg = build_experiment(apply_overrides(sweep["base_raw"], params), f"trial {trial_id}")
     run_dir = Path(sweep["dir"]) / "train" / f"train-{trial_id}"
     if cfg.train.inline:
-        from uda_ray.train import tune_trial_fit
+        from uda_ray.training.loop import tune_trial_fit
 
         mark("inline_fit_start", trial=trial_id)
         tune_trial_fit(cfg, run_dir)
@@ -71,7 +71,7 @@ def trial_driver(config: dict, sweep: dict) -> None:
     from ray.train import TrainingFailedError
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from uda_ray.train import make_trainer
+    from uda_ray.training.loop import make_trainer
 
     failed = run_dir / TRAIN_FAILED_FILE
     if failed.is_file():  # Tune restarted this trial after its Ray Train run had failed for good
@@ -179,7 +179,7 @@ def warm_start_points(earlier_dir: Path, space: SearchSpace) -> tuple[list[dict]
 
     import optuna
 
-    from uda_ray.results import read_table
+    from uda_ray.results.tables import read_table
 
     earlier_dir = Path(earlier_dir)
     dists = optuna_distributions(space)
@@ -409,7 +409,7 @@ def make_scheduler(space: SearchSpace) -> Any:
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import ASHAScheduler
 
-    from uda_ray.results import read_table
+    from uda_ray.results.tables import read_table
 
     class ResumableASHA(ASHAScheduler):
         """ASHA whose rungs survive a resume. Tune does not save its scheduler with the experiment (it
@@ -445,8 +445,8 @@ def make_callbacks(sweep: dict, writer_args: dict, mlflow: str | None = None) ->
 
     from ray import tune
 
-    from uda_ray.progress import LiveView, read_progress
-    from uda_ray.tblog import TB_DIR, TensorBoardLog
+    from uda_ray.results.tensorboard import TB_DIR, TensorBoardLog
+    from uda_ray.training.progress import LiveView, read_progress
 
     class ResultsCallback(tune.Callback):
         """Writes the Parquet tables on the driver as results arrive, and prints a concise live view."""
@@ -465,7 +465,7 @@ def make_callbacks(sweep: dict, writer_args: dict, mlflow: str | None = None) ->
             self.tb = TensorBoardLog(Path(sweep["dir"]) / TB_DIR)
             self.ml = None
             if mlflow:
-                from uda_ray.mlflow_log import MLflowLog
+                from uda_ray.results.mlflow_log import MLflowLog
 
                 self.ml = MLflowLog(mlflow, Path(sweep["dir"]).name)
 
@@ -742,7 +742,7 @@ def write_meta(sweep_dir: Path, meta: dict) -> None:
 
 
 def read_meta(sweep_dir: Path) -> dict:
-    from uda_ray.validate import read_json
+    from uda_ray.checks import read_json
 
     meta = read_json(sweep_dir / "sweep.json")
     if not isinstance(meta, dict) or "name" not in meta:

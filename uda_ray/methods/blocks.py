@@ -28,7 +28,7 @@ from uda_ray.errors import ConfigError
 from uda_ray.losses import bce_domain
 from uda_ray.methods.base import LossScaling, Method, UDABatch, seg_loss, sync_grads, unwrap, upsample
 from uda_ray.models.discriminators import DISCRIMINATORS
-from uda_ray.optim import OptimConfig, build_optimizer
+from uda_ray.training.optim import OptimConfig, build_optimizer
 
 # -- distributed helpers --------------------------------------------------------------------------
 

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from uda_ray.build import checkpoint_experiment, load_trained
-from uda_ray.checkpoint import STATE_FILE, best_checkpoint_in, load_state
 from uda_ray.data.loading import target_dataset
 from uda_ray.errors import UserError
-from uda_ray.pseudo_labels import from_checkpoints
+from uda_ray.pipelines.pseudo_labels import from_checkpoints
+from uda_ray.training.checkpoint import STATE_FILE, best_checkpoint_in, load_state
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,14 @@ def resolve_ref(ref: str, storage: Path) -> str:
     if ref.startswith("run:"):
         return str(best_checkpoint_in(Path(storage) / "runs" / ref[4:]))
     if ref.startswith("sweep:"):
-        from uda_ray.results import best_trials
+        from uda_ray.results.tables import best_trials
 
         name = ref[6:]
         rows = best_trials(Path(storage) / name / "results", top=1)
         if not rows or not rows[0].get("kept_checkpoint"):
             raise UserError(f"{ref}: sweep '{name}' under {storage} has no evaluated trial with a checkpoint")
         if not rows[0]["rank_checkpoint_kept"]:
-            from uda_ray.formatting import not_kept_note
+            from uda_ray.results.text import not_kept_note
 
             log.warning("%s: %s; starting from that one", ref, not_kept_note(rows[0]))
         return rows[0]["kept_checkpoint"]
@@ -99,8 +99,8 @@ def evaluate_ensemble(checkpoints: list[Path], out: Path, device: str = "cpu") -
     from uda_ray.config import experiment_dict
     from uda_ray.data.loading import build_datasets
     from uda_ray.metric_names import mode_of
-    from uda_ray.results import ResultsWriter
-    from uda_ray.train import eval_loaders, evaluate_splits
+    from uda_ray.results.tables import ResultsWriter
+    from uda_ray.training.loop import eval_loaders, evaluate_splits
 
     loaded = [load_trained(c, device) for c in checkpoints]
     cfg = loaded[0][0]
@@ -132,7 +132,7 @@ def intrada_rank(checkpoints: list[Path], out: Path, lambda_: float = 0.67, norm
     first) and write ranking.txt, easy/hard split files for `lambda_`, and argmax pseudo-labels of EVERY
     image (so `data.easy_fraction` can be searched later without ranking again)."""
     from uda_ray.data.loading import RANKING_FILE
-    from uda_ray.methods.intrada import rank_by_entropy, write_split
+    from uda_ray.pipelines.intrada_rank import rank_by_entropy, write_split
 
     (checkpoint,) = checkpoints
     cfg, model = load_trained(checkpoint, device)

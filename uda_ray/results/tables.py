@@ -495,7 +495,7 @@ def best_trials(results_dir: Path, metric: str | None = None, mode: str | None =
     else None (`rank_checkpoint_kept` False); `kept_step`, `kept_value`, `kept_checkpoint` and
     `kept_test_miou` name the best step by `metric` among those whose checkpoint still exists (the same step
     when it was kept; all None when the trial has no checkpoint left)."""
-    from uda_ray.checkpoint import checkpoint_kept
+    from uda_ray.training.checkpoint import checkpoint_kept
 
     trials = read_table(results_dir, "trials")
     if method:
@@ -544,7 +544,7 @@ def pareto_front(results_dir: Path, objectives: list[dict], constraints: list[di
     """Completed trials with their objective values at their last evaluation (the values the searcher was told),
     marked `feasible` (every constraint met there) and `on_front` (non-dominated among the feasible trials).
     Front first, ordered by the first objective (best first), then the rest."""
-    from uda_ray.space import Constraint
+    from uda_ray.search.space import Constraint
 
     metrics = [o["metric"] for o in objectives]
     modes = [o["mode"] for o in objectives]

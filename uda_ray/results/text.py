@@ -78,7 +78,7 @@ def pareto_table(objectives: list[dict], constraints: list[dict], rows: list[dic
 
 def sweeps_table(sweeps: list[dict], root: Path) -> str:
     """`uda_ray.ls` rows (of the sweeps under storage `root`) as a table."""
-    from uda_ray.progress import describe
+    from uda_ray.training.progress import describe
 
     if not sweeps:
         return f"no sweeps under {root}"
@@ -145,14 +145,14 @@ def converted_weights(s: dict) -> str:
 
 def rerun_ended(summary: list[dict], results: Path) -> str:
     """`uda_ray.api.rerun`'s mean ± std per configuration, and where its tables are (the sweep's `results`)."""
-    from uda_ray.seed_variance import format_summary
+    from uda_ray.selection.seed_variance import format_summary
 
     return (f"{format_summary(summary)}\n"
             f"tables: {results / 'reruns.parquet'}, {results / 'rerun_summary.parquet'}")
 
 
 def profile_report(result: dict) -> str:
-    """A few lines for a `uda_ray.profile.profile` result, with the model paper's figures where it gives them."""
+    """A few lines for a `uda_ray.models.profile.profile` result, with the model paper's figures where it gives them."""
     h, w = result["size"]
     lines = [
         f"{result['name']} @ {h}x{w} on {result['device']}{' (amp)' if result['amp'] else ''}",

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uda_ray.checkpoint import STATE_FILE
 from uda_ray.errors import UserError
-from uda_ray.results import read_table
+from uda_ray.results.tables import read_table
 from uda_ray.target_labels import MARK, SHORT_MARK, row_marked
+from uda_ray.training.checkpoint import STATE_FILE
 
 # Cityscapes' own colours of the 19 train ids (cityscapesScripts, labels.py); ignore (255) is black.
 CITYSCAPES_PALETTE = (
@@ -332,8 +332,8 @@ def fig_importance(imp: dict[str, float]) -> str:
 def pareto_points(data: ReportData) -> list[tuple[str, list[float], bool, bool]]:
     """(trial, objective values at its last evaluation, on the front?, feasible?) of the completed trials; the
     front is taken among the trials that meet the sweep's constraints."""
-    from uda_ray.results import non_dominated
-    from uda_ray.space import Constraint
+    from uda_ray.results.tables import non_dominated
+    from uda_ray.search.space import Constraint
 
     ms = [o["metric"] for o in data.objectives]
     cons = [Constraint(**c) for c in data.meta.get("constraints") or []]
@@ -477,9 +477,9 @@ def fig_predictions(data: ReportData, n_images: int = 3) -> tuple[str | None, st
     import torch
 
     from uda_ray.build import build_experiment, build_method
-    from uda_ray.checkpoint import load_state
     from uda_ray.data.loading import build_datasets
     from uda_ray.methods.base import upsample
+    from uda_ray.training.checkpoint import load_state
 
     found = best_checkpoint(data)
     if found is None:

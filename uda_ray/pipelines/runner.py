@@ -29,14 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uda_ray import validate
+from uda_ray import checks
 from uda_ray.build import load_experiment
-from uda_ray.checkpoint import best_checkpoint_in, latest_metrics
 from uda_ray.config import ConfigError, build, read_yaml
 from uda_ray.metric_names import DEFAULT_SELECTION, check_metric, mode_of
-from uda_ray.results import read_table
-from uda_ray.stages import ACTIONS
+from uda_ray.pipelines.actions import ACTIONS
+from uda_ray.results.tables import read_table
 from uda_ray.target_labels import row_marked
+from uda_ray.training.checkpoint import best_checkpoint_in, latest_metrics
 
 
 @dataclass(frozen=True)
@@ -106,9 +106,9 @@ def load_pipeline(path: str | Path) -> Pipeline:
             src = st.action[1].get("from")
             if not all(isinstance(x, str) and x in seen for x in _as_list(src)):
                 raise ConfigError(f"{where}: 'from' must name earlier stage(s), got {src!r}")
-            validate.action_args(st.action[0], ACTIONS[st.action[0]], st.action[1], where)
+            checks.action_args(st.action[0], ACTIONS[st.action[0]], st.action[1], where)
         else:  # validate now, not hours later (the model too: its kwargs and pretrained weights)
-            validate.experiment(load_experiment(pipe.experiment_path(st), pipe.overrides(st)), where)
+            checks.experiment(load_experiment(pipe.experiment_path(st), pipe.overrides(st)), where)
         seen.add(st.name)
     return pipe
 

@@ -187,14 +187,14 @@ def locate(name: str, root: Path) -> tuple[str, Path, list[Path]]:
 
 def read_evals(results_dirs: list[Path]) -> list[dict]:
     """The eval rows of these results folders (a pipeline stage's trial_id is its stage name)."""
-    from uda_ray.results import read_table
+    from uda_ray.results.tables import read_table
 
     return [r for d in results_dirs for r in read_table(d, "evals")]
 
 
 def write_table(results_dir: Path, rows: list[dict]) -> Path:
     """results/validators.parquet, written atomically (temporary file, fsync, rename)."""
-    from uda_ray.results import _atomic_write, rows_to_table
+    from uda_ray.results.tables import _atomic_write, rows_to_table
 
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from uda_ray.methods.base import Method, UDABatch
-from uda_ray.optim import set_lr
+from uda_ray.training.optim import set_lr
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -13,7 +13,7 @@ run (best step by the selection metric), the selection metric's value there and 
 and the test metric at the run's last step. Per configuration (`rerun_summary.parquet`): the mean and the
 sample standard deviation (n - 1) of those over the seeds, beside the sweep trial's own values.
 
-Ray-free: the caller passes the function that trains a run (uda_ray.train.fit_run).
+Ray-free: the caller passes the function that trains a run (uda_ray.training.loop.fit_run).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def run_name(trial_id: str, seed: int) -> str:
 
 def plan(sweep_dir: Path, top: int, seeds: int, metric: str, mode: str) -> list[RerunSpec]:
     """The runs to train: top `top` trials by their best `metric`, `seeds` new seeds each."""
-    from uda_ray.results import best_trials
+    from uda_ray.results.tables import best_trials
 
     if top < 1:
         raise UserError("--top must be >= 1")
@@ -72,7 +72,7 @@ def _finite(v: Any) -> bool:
 
 
 def run_evals(run_dir: Path) -> list[dict]:
-    from uda_ray.results import read_table
+    from uda_ray.results.tables import read_table
 
     return sorted(read_table(Path(run_dir) / "results", "evals"), key=lambda e: e["step"])
 
@@ -131,7 +131,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 def write_tables(results_dir: Path, rows: list[dict]) -> list[dict]:
     """Upsert `rows` into reruns.parquet (keyed by trial and seed; earlier reruns of other configurations
     stay), rewrite rerun_summary.parquet from all of them; atomic writes. Returns the summary."""
-    from uda_ray.results import _atomic_write, read_table, rows_to_table
+    from uda_ray.results.tables import _atomic_write, read_table, rows_to_table
 
     results_dir = Path(results_dir)
     keyed = {(r["trial_id"], r["seed"]): r for r in read_table(results_dir, "reruns")}
@@ -165,7 +165,7 @@ def rerun(sweep_dir: Path, specs: list[RerunSpec], train: Callable[[RerunSpec, P
 
 
 def _trial_test_at(sweep_dir: Path, spec: RerunSpec) -> float | None:
-    from uda_ray.results import read_table
+    from uda_ray.results.tables import read_table
 
     for e in read_table(sweep_dir / "results", "evals"):
         if e["trial_id"] == spec.trial_id and e["step"] == spec.original.get("rank_step"):

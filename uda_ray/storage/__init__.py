@@ -1,0 +1,2 @@
+"""Storage: the driver lock of a sweep, run or pipeline folder (`lock`).
+"""
