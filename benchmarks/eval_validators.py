@@ -22,10 +22,10 @@ import torch
 from _common import best_of, parse, parser
 
 from uda_ray.build import build_model, load_experiment
-from uda_ray.config import parse_set
+from uda_ray.config_loader import parse_set
 from uda_ray.data.loading import build_datasets, prepare, splits_of
 from uda_ray.selection.validators import ValidatorAccumulator, bnm, snd
-from uda_ray.training.loop import eval_loaders, evaluate, evaluate_splits, evaluate_unlabeled, name_key
+from uda_ray.training.evaluate import eval_loaders, evaluate, evaluate_splits, evaluate_unlabeled, name_key
 
 ROOT = Path(__file__).resolve().parents[1]
 

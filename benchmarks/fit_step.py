@@ -27,7 +27,8 @@ from _common import parse, parser, plain_optimizer, plain_step
 import uda_ray.training.loop as train_mod
 from uda_ray.build import build_experiment, build_method
 from uda_ray.data.synthetic import generate
-from uda_ray.training.loop import LocalSession, fit
+from uda_ray.training.loop import fit
+from uda_ray.training.sessions import LocalSession
 
 GTA5_SIZE = (1914, 1052)
 

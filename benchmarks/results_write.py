@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyarrow.parquet as pq  # noqa: E402
 
-from uda_ray.results.tables import SEGMENT_ROWS, ResultsWriter, TableStore, TrialSummary, eval_rows, rows_to_table  # noqa: E402
+from uda_ray.results.rows import TrialSummary, eval_rows  # noqa: E402
+from uda_ray.results.tables import SEGMENT_ROWS, ResultsWriter, TableStore, rows_to_table  # noqa: E402
 
 CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "light", "sign", "vegetation", "terrain",
            "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"]

@@ -195,10 +195,12 @@ def record(out: Path, steps: int, eval_every: int) -> None:
     import torch
 
     from uda_ray.build import build_experiment
-    from uda_ray.config import apply_overrides, experiment_dict
+    from uda_ray.config import experiment_dict
+    from uda_ray.config_loader import apply_overrides
     from uda_ray.data.loading import prepare
     from uda_ray.results.tables import ResultsWriter
-    from uda_ray.training.loop import LocalSession, fit
+    from uda_ray.training.loop import fit
+    from uda_ray.training.sessions import LocalSession
 
     base = {
         "name": "grid", "seed": 0,

@@ -24,7 +24,8 @@ from _common import parse, parser
 from uda_ray.build import load_experiment
 from uda_ray.data.loading import prepare
 from uda_ray.selection.study import format_table, validators_table
-from uda_ray.training.loop import LocalSession, fit
+from uda_ray.training.loop import fit
+from uda_ray.training.sessions import LocalSession
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -76,7 +76,7 @@ def tiny_experiment(root, **over) -> dict:
         "train": {"max_steps": 4, "eval_every": 2, "batch_size": 2, "profile": False},
         "method": "source_only",
     }
-    from uda_ray.config import apply_overrides
+    from uda_ray.config_loader import apply_overrides
 
     return apply_overrides(raw, over)
 
@@ -98,7 +98,8 @@ def fit_full_then_resumed(cfg, tmp_path, step: int = 2):
     `step` and resumes from it. Returns both LocalSessions."""
     import shutil
 
-    from uda_ray.training.loop import LocalSession, fit
+    from uda_ray.training.loop import fit
+    from uda_ray.training.sessions import LocalSession
 
     full = LocalSession(tmp_path / "full")
     fit(cfg, full)

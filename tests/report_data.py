@@ -17,7 +17,8 @@ from tests.conftest import tiny_experiment
 from uda_ray.build import build_experiment
 from uda_ray.config import experiment_dict
 from uda_ray.results.tables import ResultsWriter
-from uda_ray.training.loop import LocalSession, fit
+from uda_ray.training.loop import fit
+from uda_ray.training.sessions import LocalSession
 
 SPACE = {"optim.lr": {"loguniform": [1.0e-3, 1.0e-1]}, "optim.momentum": {"uniform": [0.8, 0.99]}}
 

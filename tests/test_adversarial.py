@@ -13,7 +13,8 @@ from PIL import Image
 from torch import nn
 
 from tests.conftest import NUM_CLASSES, TinySeg, make_batch
-from uda_ray.config import OptimConfig, build
+from uda_ray.config import OptimConfig
+from uda_ray.config_loader import build
 from uda_ray.errors import ConfigError
 from uda_ray.losses import charbonnier_entropy, entropy_loss, self_information
 from uda_ray.methods import METHODS

@@ -62,7 +62,7 @@ class World:
 
     def variant(self, name: str, what: str, **over) -> Path:
         """A copy of base.yaml / space.yaml / exp.yaml / pipeline.yaml with dotted overrides."""
-        from uda_ray.config import apply_overrides
+        from uda_ray.config_loader import apply_overrides
 
         src = {"base": self.base, "space": self.space, "exp": self.base, "pipeline": self.pipeline}[what]
         return self.write_yaml(name, apply_overrides(src, over))

@@ -4,17 +4,8 @@ import pytest
 
 from tests.conftest import tiny_experiment
 from uda_ray.build import build_experiment, load_experiment
-from uda_ray.config import (
-    ConfigError,
-    OptimConfig,
-    apply_overrides,
-    build,
-    experiment_dict,
-    flatten,
-    parse_set,
-    parse_yaml,
-    unflatten,
-)
+from uda_ray.config import ConfigError, OptimConfig, experiment_dict
+from uda_ray.config_loader import apply_overrides, build, flatten, parse_set, parse_yaml, unflatten
 
 
 def test_unknown_key_names_key_file_and_valid_keys(synth_root):

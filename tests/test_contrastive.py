@@ -7,7 +7,8 @@ import torch
 
 from tests.conftest import NUM_CLASSES, TinySeg, make_batch
 from tests.ddp import assert_ddp_matches_one_worker
-from uda_ray.config import OptimConfig, build
+from uda_ray.config import OptimConfig
+from uda_ray.config_loader import build
 from uda_ray.errors import ConfigError
 from uda_ray.losses import supcon_loss
 from uda_ray.methods.base import UDABatch

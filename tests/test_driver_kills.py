@@ -36,6 +36,15 @@ MAX_STEPS, EVERY = 12, 3
 NOT_COMPARED = {"trial_id", "sweep", "started_at", "updated_at", "reported_at", "wall_time_s", "restarts",
                 "resumed_from", "node_id", "node_ip", "checkpoint_path", "best_checkpoint", "last_checkpoint"}
 CHECKPOINTS = ("checkpoint_path", "best_checkpoint", "last_checkpoint")
+HOOKS = Path(__file__).parent / "hooks"  # its sitecustomize.py: the pause hook, see there
+
+
+def _paused_at(step: int, marker: Path) -> dict:
+    """The environment of a driver whose processes (its Ray workers too) load the pause hook of tests/hooks: rank
+    0 of a run creates `marker` and sleeps at `step` (0: before the first step of a run that starts from nothing;
+    else: while the checkpoint of that step is being written), once."""
+    path = os.pathsep.join([str(HOOKS), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {"PYTHONPATH": path, "UDA_RAY_TEST_PAUSE": f"{step}:{marker}"}
 
 
 def _comparable(row: dict) -> dict:
@@ -191,7 +200,7 @@ def _assert_same_sweep(store_ref: Path, store: Path) -> None:
 
 
 def _study_trials(store: Path) -> list[tuple]:
-    from uda_ray.search.tune import load_study
+    from uda_ray.search.study import load_study
 
     return [(t.state.name, t.params, t.values, t.intermediate_values) for t in load_study(store).trials
             if "tune_trial_id" in t.user_attrs]
@@ -247,10 +256,10 @@ def test_a_sweep_whose_driver_is_killed_at_every_kind_of_moment_ends_exactly_as_
     d.wait_for("the first trial mid-way", lambda: any(EVERY <= e["step"] < MAX_STEPS for e in evals_of(0)))
     kill(d, "mid-trial")
 
-    # (4) between trials: the first trial has ended, the next one starts; the test hook (uda_ray.training.loop.
-    # TEST_PAUSE_ENV; once) holds it before its first step, as an inline trial reports within a second
+    # (4) between trials: the first trial has ended, the next one starts; the pause hook (tests/hooks; once)
+    # holds it before its first step, as an inline trial reports within a second
     marker = tmp_path / "paused_at_start"
-    d = resume({"UDA_RAY_TEST_PAUSE": f"0:{marker}"})
+    d = resume(_paused_at(0, marker))
     d.wait_for("the second trial's start", marker.exists)
     d.wait_for("the first trial's end in the tables", lambda: status_of(0) in ("completed", "stopped_early"), 30)
     assert not evals_of(1)
@@ -259,7 +268,7 @@ def test_a_sweep_whose_driver_is_killed_at_every_kind_of_moment_ends_exactly_as_
     # (5) while a checkpoint is being written: the hook holds the second trial in the middle of writing its
     # first checkpoint, and the driver dies there
     marker = tmp_path / "paused_in_checkpoint"
-    d = resume({"UDA_RAY_TEST_PAUSE": f"{EVERY}:{marker}"})
+    d = resume(_paused_at(EVERY, marker))
     d.wait_for("a checkpoint write", marker.exists)
     assert not evals_of(1), "the paused step was reported"
     kill(d, "checkpoint write")

@@ -20,7 +20,8 @@ from tests.conftest import tiny_experiment
 from tests.test_ray_integration import _env, _write_space
 from uda_ray.build import build_experiment
 from uda_ray.results.tables import read_table
-from uda_ray.training.loop import LocalSession, fit
+from uda_ray.training.loop import fit
+from uda_ray.training.sessions import LocalSession
 
 COMPARED = ("test/", "train/")  # everything but timings and the checkpoint path
 
@@ -113,7 +114,7 @@ def test_a_two_worker_trial_under_ray_train_labels_once_sums_its_sharded_evaluat
     from uda_ray.build import load_trained
     from uda_ray.data.loading import build_datasets, splits_of
     from uda_ray.training.checkpoint import load_state
-    from uda_ray.training.loop import eval_loaders, evaluate_splits
+    from uda_ray.training.evaluate import eval_loaders, evaluate_splits
 
     teacher = LocalSession(tmp_path / "teacher")  # the checkpoint the trial makes its pseudo-labels from
     fit(build_experiment(tiny_experiment(synth_root, **{"train.max_steps": 2})), teacher)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tests.conftest import NUM_CLASSES, TinySeg, make_batch
-from uda_ray.config import OptimConfig, build
+from uda_ray.config import OptimConfig
+from uda_ray.config_loader import build
 from uda_ray.errors import ConfigError
 from uda_ray.fda import fda_reference, fda_source_to_target, low_freq_window, mixed_spectrum, window_half_size
 from uda_ray.losses import charbonnier_entropy

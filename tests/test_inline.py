@@ -12,7 +12,9 @@ import pytest
 from tests.conftest import tiny_experiment
 from uda_ray.build import build_experiment
 from uda_ray.errors import ConfigError
-from uda_ray.training.loop import LocalSession, TuneSession, fit, prune_checkpoints, run_checkpoints
+from uda_ray.training.checkpoint import prune_checkpoints, run_checkpoints
+from uda_ray.training.loop import fit
+from uda_ray.training.sessions import LocalSession, TuneSession
 
 
 @pytest.mark.parametrize("train, inline", [({}, True), ({"num_workers": 2}, False),
@@ -115,7 +117,7 @@ def test_a_run_lists_each_dataset_folder_once(synth_root, monkeypatch):
                                            ({"num_workers": 2}, {"CPU": 0.25}),
                                            ({"launcher": "ray_train"}, {"CPU": 0.25})])
 def test_an_inline_trial_asks_for_its_worker_resources_a_ray_train_driver_for_its_own(synth_root, train, bundle):
-    from uda_ray.search.tune import trial_resources
+    from uda_ray.search.driver import trial_resources
 
     raw = tiny_experiment(synth_root, **{f"train.{k}": v for k, v in train.items()})
     sweep = {"base_raw": raw, "driver_cpus": 0.25}
@@ -123,7 +125,7 @@ def test_an_inline_trial_asks_for_its_worker_resources_a_ray_train_driver_for_it
 
 
 def test_a_searched_worker_count_picks_each_trials_launcher_and_resources(synth_root):
-    from uda_ray.search.tune import trial_resources
+    from uda_ray.search.driver import trial_resources
 
     sweep = {"base_raw": tiny_experiment(synth_root, **{"train.cpus_per_worker": 0.5}), "driver_cpus": 0.25}
     assert trial_resources({"params": {"train.num_workers": 1}}, sweep).bundles == [{"CPU": 0.5}]
@@ -136,8 +138,8 @@ def test_tunes_restart_of_a_ray_train_trial_that_used_up_its_restarts_fails_at_o
     import ray.tune
     import ray.tune.integration.ray_train
 
-    import uda_ray.training.loop
-    from uda_ray.search.tune import trial_driver
+    import uda_ray.training.launchers
+    from uda_ray.search.driver import trial_driver
 
     class Ctx:
         def get_trial_id(self) -> str:
@@ -152,7 +154,7 @@ def test_tunes_restart_of_a_ray_train_trial_that_used_up_its_restarts_fails_at_o
 
     monkeypatch.setattr(ray.tune, "get_context", lambda: Ctx())
     monkeypatch.setattr(ray.tune.integration.ray_train, "TuneReportCallback", lambda: None)  # no Tune session here
-    monkeypatch.setattr(uda_ray.training.loop, "make_trainer", lambda *a, **k: Trainer())
+    monkeypatch.setattr(uda_ray.training.launchers, "make_trainer", lambda *a, **k: Trainer())
     sweep = {"base_raw": tiny_experiment(synth_root, **{"train.launcher": "ray_train"}), "dir": str(tmp_path)}
     with pytest.raises(ray.train.TrainingFailedError):
         trial_driver({"params": {}}, sweep)
@@ -164,7 +166,7 @@ def test_tunes_restart_of_a_ray_train_trial_that_used_up_its_restarts_fails_at_o
 def test_an_inline_run_writes_its_tables_and_checkpoints_as_a_ray_train_run_does(tmp_path, synth_root):
     from tests.tb_read import scalars
     from uda_ray.results.tables import read_table
-    from uda_ray.training.loop import RunSession
+    from uda_ray.training.sessions import RunSession
 
     cfg = build_experiment(tiny_experiment(synth_root))
     run = tmp_path / "runs" / "r1"

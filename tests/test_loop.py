@@ -17,7 +17,8 @@ from uda_ray.methods.base import UDABatch
 from uda_ray.methods.blocks import eval_mode
 from uda_ray.methods.mpl import global_ce
 from uda_ray.training.checkpoint import load_state
-from uda_ray.training.loop import LocalSession, fit
+from uda_ray.training.loop import fit
+from uda_ray.training.sessions import LocalSession
 from uda_ray.training.step import LossLog, NonFiniteLoss, train_step
 
 
@@ -232,7 +233,7 @@ def test_checkpoint_folders_left_by_killed_writers_are_removed_when_a_run_starts
     import sys
     import tempfile
 
-    from uda_ray.training.loop import CKPT_TMP_PREFIX
+    from uda_ray.training.checkpoint import CKPT_TMP_PREFIX
 
     tmp = tmp_path / "tmp"
     tmp.mkdir()

@@ -8,7 +8,8 @@ import pytest
 
 from uda_ray.errors import ConfigError
 from uda_ray.metric_names import DEFAULT_SELECTION, LABEL_FREE, check_metric, mode_of, needs_test_labels
-from uda_ray.results.tables import best_trials, read_table
+from uda_ray.results.queries import best_trials
+from uda_ray.results.tables import read_table
 
 
 def test_modes_come_from_the_registry():

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from tests.conftest import NUM_CLASSES, TinySeg, make_batch
 from tests.ddp import assert_ddp_matches_one_worker
-from uda_ray.config import OptimConfig, build
+from uda_ray.config import OptimConfig
+from uda_ray.config_loader import build
 from uda_ray.errors import ConfigError
 from uda_ray.methods.base import UDABatch, upsample
 from uda_ray.methods.mpl import MPL, MPLConfig, mpl_teacher_term
@@ -170,7 +171,8 @@ def test_mpl_without_a_held_out_batch_is_an_error():
 def test_the_loop_gives_mpl_a_held_out_batch_of_other_source_images(tmp_path, synth_root, monkeypatch):
     from tests.conftest import tiny_experiment
     from uda_ray.build import build_experiment
-    from uda_ray.training.loop import LocalSession, fit
+    from uda_ray.training.loop import fit
+    from uda_ray.training.sessions import LocalSession
 
     seen = []
     original = MPL.train_step

@@ -9,7 +9,8 @@ import yaml
 
 from tests.report_data import make_sweep
 from uda_ray.cli import main
-from uda_ray.results.tables import non_dominated, pareto_front
+from uda_ray.results.queries import pareto_front
+from uda_ray.results.stats import non_dominated
 
 CONS = [{"metric": "model/gflops", "op": "<=", "bound": 4.0}]
 

@@ -15,7 +15,8 @@ from uda_ray.data.loading import RANKING_FILE, build_datasets, prepare
 from uda_ray.metric_names import needs_test_labels
 from uda_ray.pipelines.runner import load_pipeline, run_pipeline
 from uda_ray.results.tables import read_table
-from uda_ray.training.loop import LocalSession, fit
+from uda_ray.training.loop import fit
+from uda_ray.training.sessions import LocalSession
 
 
 def _local_run(cfg, storage: Path, name: str) -> dict:
@@ -122,7 +123,7 @@ def test_stage_best_follows_the_named_selection_metric(tmp_path):
 
 
 def test_run_reference_uses_the_runs_own_selection_metric(tmp_path):
-    from uda_ray.pipelines.actions import resolve_ref
+    from uda_ray.driver.prepare import resolve_ref
 
     run = tmp_path / "runs" / "r"
     _ckpt(run, 1, {"uv/snd": 0.9, "src_val/miou": 0.1})

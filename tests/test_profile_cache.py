@@ -5,7 +5,8 @@ from __future__ import annotations
 from tests.conftest import tiny_experiment
 from uda_ray.build import build_experiment
 from uda_ray.models.profile import PROFILE_CACHE, measured_once
-from uda_ray.training.loop import LocalSession, fit
+from uda_ray.training.loop import fit
+from uda_ray.training.sessions import LocalSession
 
 
 def test_measured_once_per_key(tmp_path):

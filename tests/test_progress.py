@@ -29,7 +29,8 @@ def test_heartbeat_rewrites_progress_when_due_without_leftovers(tmp_path):
 def test_the_training_loop_leaves_its_final_progress(tmp_path, synth_root):
     from tests.conftest import tiny_experiment
     from uda_ray.build import build_experiment
-    from uda_ray.training.loop import LocalSession, fit
+    from uda_ray.training.loop import fit
+    from uda_ray.training.sessions import LocalSession
 
     fit(build_experiment(tiny_experiment(synth_root)), LocalSession(tmp_path / "run"))  # 4 steps
     p = read_progress(tmp_path / "run")

@@ -11,8 +11,9 @@ from tests.conftest import TinySeg, load_shipped, tiny_experiment
 from uda_ray.build import build_experiment, load_experiment
 from uda_ray.config import ConfigError, OptimConfig
 from uda_ray.methods.adversarial import Adversarial, AdversarialConfig
-from uda_ray.training.loop import LocalSession, fit
+from uda_ray.training.loop import fit
 from uda_ray.training.optim import set_lr
+from uda_ray.training.sessions import LocalSession
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -298,7 +299,8 @@ def test_synthia16_trains_a_16_output_model_and_records_the_protocol(tmp_path, s
 
 
 def test_markdown_report_names_each_runs_label_protocol(tmp_path):
-    from uda_ray.results.tables import ResultsWriter, markdown_report
+    from uda_ray.results.markdown import markdown_report
+    from uda_ray.results.tables import ResultsWriter
 
     def write(run: str, label_set: str | None) -> None:
         data = {"source": "synthia", "target": "cityscapes", **({"label_set": label_set} if label_set else {})}

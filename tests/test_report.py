@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.report_data import make_sweep
-from uda_ray.results.report import load, pareto_points, render, resolve, write_report
+from uda_ray.results.report import load, pareto_points, render, write_report
+from uda_ray.storage.layout import find as resolve
 
 SECTIONS = ("curves", "params", "importance", "pareto", "classiou", "testsel", "predictions")
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

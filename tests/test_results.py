@@ -8,7 +8,8 @@ import pytest
 from tests.conftest import tiny_experiment
 from uda_ray.build import build_experiment
 from uda_ray.config import experiment_dict
-from uda_ray.results.tables import ResultsWriter, TableStore, best_trials, read_table
+from uda_ray.results.queries import best_trials
+from uda_ray.results.tables import ResultsWriter, TableStore, read_table
 
 
 def _writer(d):

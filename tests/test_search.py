@@ -8,8 +8,9 @@ import optuna
 import yaml
 
 from tests.conftest import tiny_experiment
+from uda_ray.search.searcher import make_searcher
 from uda_ray.search.space import load_space
-from uda_ray.search.tune import _tune_domains, make_searcher
+from uda_ray.search.study import tune_domains as _tune_domains
 
 
 def _space(tmp_path: Path, synth_root: Path, concurrent: int = 1):
@@ -61,7 +62,7 @@ def _drive(limiter, tid: str, steps: list[int], value: float, error: bool = Fals
 
 
 def test_study_is_persisted_in_the_sweep_folder_with_states_and_intermediate_values(tmp_path, synth_root):
-    from uda_ray.search.tune import STUDY_FILE, load_study
+    from uda_ray.search.study import STUDY_FILE, load_study
 
     space = _space(tmp_path, synth_root)
     sweep_dir = tmp_path / "sw"
@@ -92,7 +93,7 @@ def test_a_restored_searcher_continues_the_study_as_if_never_interrupted(tmp_pat
     """Resume: the searcher's snapshot is older than the journal. A trial told after the snapshot ("b") is not
     told twice when Tune replays it; one suggested after the snapshot ("c") is suggested again with the same
     parameters and continues as the same study trial; later suggestions equal an uninterrupted searcher's."""
-    from uda_ray.search.tune import load_study
+    from uda_ray.search.study import load_study
 
     space = _space(tmp_path, synth_root, concurrent=2)
     sweep_dir = tmp_path / "sw"
@@ -157,7 +158,7 @@ def test_constraints_reach_the_sampler_and_survive_the_searcher_snapshot(tmp_pat
         limiter.suggest(tid)
         limiter.on_trial_complete(tid, {"test/miou": 0.3, "model/gflops": 1.0, "model/fps": fps, "step": 4})
     limiter.save(str(tmp_path / "snap.pkl"))
-    from uda_ray.search.tune import load_study
+    from uda_ray.search.study import load_study
 
     by_tune = {t.user_attrs["tune_trial_id"]: t for t in load_study(sweep_dir).trials}
     assert by_tune["fast"].values == [0.3, 1.0] and by_tune["fast"].state.name == "COMPLETE"

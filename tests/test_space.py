@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -10,11 +13,33 @@ import yaml
 from tests.conftest import load_shipped
 from uda_ray.build import load_experiment
 from uda_ray.config import ConfigError
-from uda_ray.search.space import load_space, sample
+from uda_ray.search.space import Param, SearchSpace, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
+
+
+def draw(param: Param, rng: random.Random) -> Any:
+    """One random value of a search-space parameter (log-uniform for loguniform, inclusive int bounds)."""
+    if param.kind == "choice":
+        return rng.choice(param.values)
+    lo, hi = param.values
+    if param.kind == "int":
+        return rng.randint(lo, hi)
+    if param.kind == "loguniform":
+        return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    return rng.uniform(lo, hi)
+
+
+def sample(space: SearchSpace, n: int, seed: int = 0) -> list[tuple[dict[str, Any], Any]]:
+    """`n` random samples of `space` with their validated experiments."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        s = {k: draw(p, rng) for k, p in space.params.items()}
+        out.append((s, space.experiment(s)))
+    return out
 
 
 def test_there_are_files_to_check():
@@ -29,7 +54,7 @@ def test_every_experiment_loads(path):
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_every_experiment_names_a_label_free_selection_metric(path):
-    from uda_ray.config import read_yaml
+    from uda_ray.config_loader import read_yaml
     from uda_ray.metric_names import needs_test_labels
 
     raw = read_yaml(path)
@@ -39,7 +64,7 @@ def test_every_experiment_names_a_label_free_selection_metric(path):
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
 def test_every_search_space_names_a_label_free_objective(path):
-    from uda_ray.config import read_yaml
+    from uda_ray.config_loader import read_yaml
     from uda_ray.metric_names import needs_test_labels
 
     assert "objective" in read_yaml(path), f"{path.name} does not name its objective"

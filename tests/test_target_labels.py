@@ -108,7 +108,8 @@ def _gt_run_rows(tmp_path: Path, synth_root) -> tuple[Path, dict]:
     """Really train a self-training run on target ground truth for 2 steps (in-process) and record its results
     the way a run records them."""
     from uda_ray.results.tables import ResultsWriter
-    from uda_ray.training.loop import LocalSession, fit
+    from uda_ray.training.loop import fit
+    from uda_ray.training.sessions import LocalSession
 
     cfg = build_experiment(tiny_experiment(synth_root, method="self_training",
                                            **{"data.target_labels": "ground_truth", "train.max_steps": 2}))
@@ -124,8 +125,10 @@ def _gt_run_rows(tmp_path: Path, synth_root) -> tuple[Path, dict]:
 
 
 def test_the_ground_truth_setting_runs_and_every_output_marks_it(tmp_path, synth_root):
+    from uda_ray.results.markdown import markdown_report
+    from uda_ray.results.queries import best_trials
     from uda_ray.results.report import load, render
-    from uda_ray.results.tables import best_trials, markdown_report, read_table
+    from uda_ray.results.tables import read_table
     from uda_ray.results.text import best_table, pipeline_ended, run_ended
 
     res, exp = _gt_run_rows(tmp_path, synth_root)
@@ -144,8 +147,10 @@ def test_the_ground_truth_setting_runs_and_every_output_marks_it(tmp_path, synth
 
 
 def test_a_uda_run_is_not_marked(tmp_path, synth_root):
+    from uda_ray.results.markdown import markdown_report
+    from uda_ray.results.queries import best_trials
     from uda_ray.results.report import load, render
-    from uda_ray.results.tables import ResultsWriter, best_trials, markdown_report
+    from uda_ray.results.tables import ResultsWriter
     from uda_ray.results.text import best_table
 
     cfg = build_experiment(tiny_experiment(synth_root, method="adversarial"))
@@ -178,7 +183,7 @@ def _checkpoint(path: Path, synth_root, **over) -> Path:
 @pytest.mark.parametrize("how", ["init_from", "pseudo_from", "teacher_checkpoint", "pseudo_label_folder",
                                  "ranking_folder"])
 def test_a_run_that_starts_from_a_ground_truth_trained_model_is_marked(tmp_path, synth_root, how):
-    from uda_ray.pipelines.actions import resolve_refs
+    from uda_ray.driver.prepare import resolve_refs
 
     oracle = _checkpoint(tmp_path / "oracle", synth_root, method="target_only")
     uda = _checkpoint(tmp_path / "uda", synth_root, method="source_only")
@@ -209,7 +214,7 @@ def test_a_run_that_starts_from_a_ground_truth_trained_model_is_marked(tmp_path,
 
 
 def test_the_mark_is_inherited_through_generations(tmp_path, synth_root):
-    from uda_ray.pipelines.actions import resolve_refs
+    from uda_ray.driver.prepare import resolve_refs
 
     oracle = _checkpoint(tmp_path / "oracle", synth_root, method="target_only")
     child = resolve_refs(tiny_experiment(synth_root, **{"train.init_from": str(oracle)}), tmp_path)
@@ -246,7 +251,8 @@ def _without_target_train_labels(synth_root, tmp_path: Path) -> Path:
 def test_pseudo_labels_and_the_intrada_ranking_never_read_target_ground_truth(tmp_path, synth_root):
     from uda_ray.pipelines.actions import intrada_rank
     from uda_ray.pipelines.pseudo_labels import from_checkpoints
-    from uda_ray.training.loop import LocalSession, fit
+    from uda_ray.training.loop import fit
+    from uda_ray.training.sessions import LocalSession
 
     root = _without_target_train_labels(synth_root, tmp_path)
     cfg = build_experiment(tiny_experiment(root, **{"train.max_steps": 1, "train.eval_every": 1,

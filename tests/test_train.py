@@ -13,7 +13,8 @@ from tests.conftest import fit_full_then_resumed, tiny_experiment
 from uda_ray.build import build_experiment
 from uda_ray.data.loading import StepBatches
 from uda_ray.training.checkpoint import STATE_FILE
-from uda_ray.training.loop import LocalSession, fit
+from uda_ray.training.loop import fit
+from uda_ray.training.sessions import LocalSession
 
 
 def test_fit_reports_evaluations_and_writes_checkpoints(tmp_path, synth_root):

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from uda_ray.selection.study import RANDOM, measure, rankdata, spearman
+from uda_ray.results.stats import rankdata, spearman
+from uda_ray.selection.study import RANDOM, measure
 
 # two trials, two evaluations each; C has no test labels and must be ignored
 EVALS = [
@@ -147,7 +148,7 @@ def test_pick_vs_oracle_line_names_the_pick_the_oracle_and_the_regret():
 
 
 def test_markdown_report_puts_the_validator_selected_test_miou_beside_the_oracle(tmp_path):
-    from uda_ray.results.tables import markdown_report
+    from uda_ray.results.markdown import markdown_report
 
     _write_evals(tmp_path / "run" / "results", [
         {"trial_id": "run", "step": 2, "test/miou": 0.30, "test/pixel_acc": 0.7, "uv/snd": 0.9},

@@ -13,8 +13,10 @@ from tests.report_data import make_sweep
 from uda_ray.build import build_experiment
 from uda_ray.config import experiment_dict
 from uda_ray.results.tables import ResultsWriter, read_table
+from uda_ray.search.searcher import make_searcher
 from uda_ray.search.space import load_space
-from uda_ray.search.tune import _tune_domains, make_searcher, seed_study, warm_start_points
+from uda_ray.search.study import seed_study, warm_start_points
+from uda_ray.search.study import tune_domains as _tune_domains
 
 
 def _space(tmp_path: Path, synth_root: Path, params: dict, metric: str = "src_val/miou", name: str = "new.yaml"):

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from uda_ray import target_labels
-from uda_ray.config import ExperimentConfig, ModelConfig, apply_overrides, build, load_raw
+from uda_ray.config import ExperimentConfig, ModelConfig
+from uda_ray.config_loader import apply_overrides, build, load_raw
 from uda_ray.errors import ConfigError, UserError
 from uda_ray.methods import METHODS
 from uda_ray.methods.base import Method
@@ -41,12 +42,18 @@ def build_experiment(raw: dict, source: str = "<config>") -> ExperimentConfig:
     return dataclasses.replace(cfg, method_cfg=mcfg)
 
 
-def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """An experiment YAML (one `base:` level resolved) with dotted overrides, validated."""
+def experiment_raw(path: str | Path, overrides: dict[str, Any] | None = None) -> dict:
+    """An experiment YAML (one `base:` level resolved) with dotted overrides, as a raw dict (not validated);
+    its name defaults to the file's stem."""
     raw = apply_overrides(load_raw(path), overrides or {})
     if "name" not in raw:
         raw["name"] = Path(path).stem
-    return build_experiment(raw, str(path))
+    return raw
+
+
+def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """An experiment YAML (one `base:` level resolved) with dotted overrides, validated."""
+    return build_experiment(experiment_raw(path, overrides), str(path))
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

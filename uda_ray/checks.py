@@ -1,9 +1,10 @@
 """Checks run on the driver before anything is written or any worker starts: each failure is one UserError
 line naming the input (the CLI prints it, exit status 2).
 
-Files and folders (the storage root, output files, run names), the model of an experiment (its builder's
-keyword arguments and its pretrained weights, loaded the way the workers will load them), and the arguments
-of pipeline actions (typed by the action's signature, through the strict config loader).
+Files and names (output files, run names), the model of an experiment (its builder's keyword arguments and
+its pretrained weights, loaded the way the workers will load them), and the arguments of pipeline actions
+(typed by the action's signature, through the strict config loader). The storage root is checked where it is
+resolved (uda_ray.storage.layout.root).
 """
 
 from __future__ import annotations
@@ -18,23 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from uda_ray.errors import ConfigError, UserError
+from uda_ray.storage.layout import is_reference
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-def storage_root(root: Path) -> Path:
-    """`root` is a folder, or can be made one: no part of it is a file, and the nearest existing folder
-    above it is writable."""
-    if root.exists() and not root.is_dir():
-        raise UserError(f"storage {root}: not a folder")
-    existing = root
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"storage {root}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"storage {root}: {existing} is not writable")
-    return root
 
 
 def output_file(path: str | os.PathLike, flag: str) -> Path:
@@ -53,14 +40,6 @@ def run_name(name: str, flag: str = "--name") -> str:
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise UserError(f"{flag} '{name}': use letters, digits, '_', '.', '-' (it names a folder)")
     return name
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path}: not readable JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                        ) from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,7 +95,7 @@ def experiment(cfg: Any, source: str) -> None:
     """Everything about one experiment the workers would otherwise find out: its model and `init_from`."""
     model(cfg.model, source)
     init = cfg.train.init_from
-    if init and not init.startswith(("@", "run:", "sweep:")) and not Path(init).exists():
+    if init and not init.startswith("@") and not is_reference(init) and not Path(init).exists():
         raise UserError(f"{source}: train.init_from: no such checkpoint {init}")
 
 
@@ -138,7 +117,7 @@ def space(sp: Any) -> None:
 def action_args(action: str, fn: Any, args: dict, source: str) -> dict:
     """The arguments of a pipeline action (all but `from`), typed by the action function's signature through
     the strict loader: an unknown name or a wrong type is one line naming the key. Returns them checked."""
-    from uda_ray.config import build
+    from uda_ray.config_loader import build
 
     hints = typing.get_type_hints(fn)
     fields = []

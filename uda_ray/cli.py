@@ -14,6 +14,7 @@ from uda_ray import api
 from uda_ray.errors import UserError
 from uda_ray.results import text
 from uda_ray.selection import study
+from uda_ray.storage import layout
 
 EXIT_USER, EXIT_INTERRUPTED = 2, 130
 
@@ -73,7 +74,7 @@ def cmd_validators(a: argparse.Namespace) -> None:
 
 def cmd_rerun(a: argparse.Namespace) -> None:
     summary = api.rerun(a.sweep, top=a.top, seeds=a.seeds, metric=a.metric, storage=a.storage, address=a.address)
-    print(text.rerun_ended(summary, api.sweep_dir(a.sweep, a.storage) / "results"))
+    print(text.rerun_ended(summary, layout.results_dir(api.sweep_dir(a.sweep, a.storage))))
 
 
 def cmd_train(a: argparse.Namespace) -> None:
@@ -106,54 +107,69 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="uda-ray", description="Hyperparameter search for UDA segmentation on Ray.")
     p.add_argument("-v", "--verbose", action="store_true", help="log INFO messages")
     sub = p.add_subparsers(dest="cmd", required=True)
+    _sweep_commands(sub)
+    _run_commands(sub)
+    _tool_commands(sub)
+    return p
 
-    def cmd(name: str, fn: Any, help: str, *positional: str, storage: bool = True, address: bool = False,
-            overrides: bool = False) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help)
-        for arg in positional:
-            sp.add_argument(arg)
-        if storage:
-            sp.add_argument("--storage", help="storage root (default $UDA_RAY_STORAGE or ./uda_ray_runs)")
-        if address:
-            sp.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local cluster)")
-        if overrides:
-            sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                            help="override the (base) experiment")
-        sp.set_defaults(fn=fn)
-        return sp
 
-    sp = cmd("sweep", cmd_sweep, "run a search space", "space", address=True, overrides=True)
+def _command(sub: Any, name: str, fn: Any, help: str, *positional: str, storage: bool = True,
+             address: bool = False, overrides: bool = False) -> argparse.ArgumentParser:
+    """A subcommand with its positional arguments and the shared options it takes."""
+    sp = sub.add_parser(name, help=help)
+    for arg in positional:
+        sp.add_argument(arg)
+    if storage:
+        sp.add_argument("--storage", help="storage root (default $UDA_RAY_STORAGE or ./uda_ray_runs)")
+    if address:
+        sp.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local cluster)")
+    if overrides:
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the (base) experiment")
+    sp.set_defaults(fn=fn)
+    return sp
+
+
+def _sweep_commands(sub: Any) -> None:
+    sp = _command(sub, "sweep", cmd_sweep, "run a search space", "space", address=True, overrides=True)
     sp.add_argument("--name")
     sp.add_argument("--top", type=int, default=5)
     sp.add_argument("--warm-start", metavar="SWEEP",
                     help="seed the sampler with an earlier sweep's finished trials that fit this space")
     sp.add_argument("--mlflow", metavar="URI", help="also log every trial as an MLflow run (e.g. file:///abs/mlruns)")
-    cmd("resume", cmd_resume, "continue an interrupted sweep", "sweep", address=True)
-    sp = cmd("best", cmd_best, "the best trials of a sweep", "sweep")
+    _command(sub, "resume", cmd_resume, "continue an interrupted sweep", "sweep", address=True)
+    sp = _command(sub, "best", cmd_best, "the best trials of a sweep", "sweep")
     sp.add_argument("--top", type=int, default=5)
     sp.add_argument("--metric", help="rank by this reported metric (default: the sweep's objective)")
     sp.add_argument("--method")
     sp.add_argument("--export", metavar="FILE", help="write the winner as a runnable experiment YAML")
     sp.add_argument("--index", type=int, default=1,
                     help="export the N-th entry of the printed list (the Pareto front of a multi-objective sweep)")
-    cmd("validators", cmd_validators, "how well each validator tracks test mIoU (Spearman, selection regret)",
-        "name")
-    sp = cmd("rerun", cmd_rerun, "retrain a sweep's top configurations with new seeds: mean ± std", "sweep",
-             address=True)
+    _command(sub, "validators", cmd_validators,
+             "how well each validator tracks test mIoU (Spearman, selection regret)", "name")
+    sp = _command(sub, "rerun", cmd_rerun, "retrain a sweep's top configurations with new seeds: mean ± std",
+                  "sweep", address=True)
     sp.add_argument("--top", type=int, default=3, help="configurations to retrain (default 3)")
     sp.add_argument("--seeds", type=int, default=3, help="new seeds per configuration (default 3)")
     sp.add_argument("--metric", help="rank configurations by this metric (default: the sweep's objective)")
-    cmd("ls", cmd_ls, "list sweeps")
-    sp = cmd("report", cmd_report, "one self-contained HTML page about a sweep, a run or a pipeline", "name")
+    _command(sub, "ls", cmd_ls, "list sweeps")
+    sp = _command(sub, "report", cmd_report, "one self-contained HTML page about a sweep, a run or a pipeline",
+                  "name")
     sp.add_argument("--out", metavar="FILE.html", help="where to write it (default: NAME's folder/report.html)")
     sp.add_argument("--no-predictions", action="store_true",
                     help="skip running the best checkpoint on target images (e.g. data not on this machine)")
-    sp = cmd("train", cmd_train, "run one experiment (one run)", "experiment", address=True, overrides=True)
+
+
+def _run_commands(sub: Any) -> None:
+    sp = _command(sub, "train", cmd_train, "run one experiment (one run)", "experiment", address=True,
+                  overrides=True)
     sp.add_argument("--name", help="run name (default: the experiment's name); an existing run resumes")
-    sp = cmd("pipeline", cmd_pipeline, "run the stages of a pipeline in order (skips completed ones)", "pipeline",
-             address=True)
+    sp = _command(sub, "pipeline", cmd_pipeline, "run the stages of a pipeline in order (skips completed ones)",
+                  "pipeline", address=True)
     sp.add_argument("--report", metavar="FILE.md", help="write a markdown table of the stages' results")
 
+
+def _tool_commands(sub: Any) -> None:
     sp = sub.add_parser("data", help="datasets")
     ds = sp.add_subparsers(dest="data_cmd", required=True).add_parser(
         "synth", help="write the synthetic domain-shift benchmark")
@@ -163,17 +179,16 @@ def parser() -> argparse.ArgumentParser:
     ds.add_argument("--size", default="128x256", help="HxW")
     ds.add_argument("--synthia", action="store_true", help="also write a SYNTHIA-layout source")
     ds.set_defaults(fn=cmd_data_synth)
-    sp = cmd("convert-weights", cmd_convert_weights, "convert an AdaptSegNet / ADVENT DeepLab-v2 checkpoint to "
-             "this project's keys (for model.kwargs.style: caffe)", storage=False)
+    sp = _command(sub, "convert-weights", cmd_convert_weights, "convert an AdaptSegNet / ADVENT DeepLab-v2 "
+                  "checkpoint to this project's keys (for model.kwargs.style: caffe)", storage=False)
     sp.add_argument("src", help="the original .pth (e.g. DeepLab_resnet_pretrained_imagenet.pth, a trained model)")
     sp.add_argument("dst", help="the converted .pth to write (not overwritten)")
     sp.add_argument("--num-classes", type=int, default=None,
                     help="keep only classifiers with this many outputs (the init files' other heads are dropped)")
-    sp = cmd("profile", cmd_profile, "params, GFLOPs and latency of a model", "model", storage=False)
+    sp = _command(sub, "profile", cmd_profile, "params, GFLOPs and latency of a model", "model", storage=False)
     sp.add_argument("--size", default="512x1024", help="HxW")
     sp.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     sp.add_argument("--amp", action="store_true")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,7 +64,6 @@ FAMILIES: dict[str, Metric] = {
                                                 "evaluation"),
 }
 LABEL_FREE = ("uv/entropy", "uv/im", "uv/snd", "uv/bnm")  # need no labels at all
-VALIDATORS = (*LABEL_FREE, "src_val/miou")  # candidates measured against test mIoU
 REPORTED_PREFIXES = ("test/", "src_val/", "sel/", "uv/", "train/", "time/", "model/")
 
 # The default selection metric (objective, kept checkpoints, `best`, `@stage:best`) when a space, an
@@ -87,7 +86,7 @@ def _lookup(name: str) -> Metric | None:
 
 
 def canonical(name: str) -> str:
-    """A schema-1 name (`test/miou`) -> its schema-2 name (`test/miou`); other names unchanged."""
+    """A schema-1 name (`val/miou`) -> its schema-2 name (`test/miou`); other names unchanged."""
     if isinstance(name, str) and name.startswith(LEGACY_PREFIX):
         return "test/" + name[len(LEGACY_PREFIX):]
     return name

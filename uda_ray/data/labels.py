@@ -51,11 +51,6 @@ CITYSCAPES_LUT = lookup_table(CITYSCAPES_ID_TO_TRAIN, 256)
 SYNTHIA_LUT = lookup_table(SYNTHIA_ID_TO_TRAIN, 65536)
 
 
-def map_labels(raw: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    """(H, W) raw ids -> (H, W) uint8 train ids through `lut`."""
-    return lut[raw]
-
-
 def label_set_lut(label_set: str) -> np.ndarray | None:
     """19-class train id (and 255) -> the label set's class id (uint8, 256 entries); None for cityscapes19."""
     if label_set == "cityscapes19":

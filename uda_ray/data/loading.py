@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from uda_ray.config import DataConfig, to_dict
+from uda_ray.config import DataConfig
+from uda_ray.config_loader import to_dict
 from uda_ray.data.datasets import DATASETS, has_labels, scans_once
 from uda_ray.data.splits import Splits, make_splits
 from uda_ray.data.transforms import PairTransform, eval_transform

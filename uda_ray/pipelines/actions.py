@@ -1,20 +1,17 @@
-"""Stages: runs that start from what earlier runs left (best checkpoints, rankings, pseudo-labels).
+"""Pipeline actions: steps run on the driver between training stages, each from the best checkpoint(s) of
+earlier stages (by the pipeline's `select`), writing into the stage's folder. Ray-free.
 
-Ray-free. References an experiment may hold in `train.init_from`:
-    run:NAME     the best checkpoint of the `uda-ray train` run NAME under the storage root, by the run's
-                 selection metric (its `select`)
-    sweep:NAME   the best checkpoint of the best trial of sweep NAME by the sweep's objective (its tables)
-    a path       a checkpoint folder (holding state.pt) or a state.pt file
-Actions (run on the driver, between training stages), each from the best checkpoint(s) of earlier stages:
     intrada_rank       IntraDA's entropy ranking of the target train set, with argmax pseudo-labels
     pseudo_labels      class-wise thresholded pseudo-labels (one model or a mean-softmax ensemble)
     evaluate_ensemble  target-val mIoU of a mean-softmax ensemble (FDA-MBT)
+
+(The `run:NAME` / `sweep:NAME` references an experiment may hold are resolved by
+uda_ray.driver.prepare.resolve_refs.)
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,62 +19,8 @@ import torch
 
 from uda_ray.build import checkpoint_experiment, load_trained
 from uda_ray.data.loading import target_dataset
-from uda_ray.errors import UserError
 from uda_ray.pipelines.pseudo_labels import from_checkpoints
-from uda_ray.training.checkpoint import STATE_FILE, best_checkpoint_in, load_state
-
-log = logging.getLogger(__name__)
-
-
-def resolve_ref(ref: str, storage: Path) -> str:
-    """`run:NAME` / `sweep:NAME` -> an absolute checkpoint folder; paths are checked and made absolute."""
-    if ref.startswith("run:"):
-        return str(best_checkpoint_in(Path(storage) / "runs" / ref[4:]))
-    if ref.startswith("sweep:"):
-        from uda_ray.results.tables import best_trials
-
-        name = ref[6:]
-        rows = best_trials(Path(storage) / name / "results", top=1)
-        if not rows or not rows[0].get("kept_checkpoint"):
-            raise UserError(f"{ref}: sweep '{name}' under {storage} has no evaluated trial with a checkpoint")
-        if not rows[0]["rank_checkpoint_kept"]:
-            from uda_ray.results.text import not_kept_note
-
-            log.warning("%s: %s; starting from that one", ref, not_kept_note(rows[0]))
-        return rows[0]["kept_checkpoint"]
-    p = Path(ref).expanduser().absolute()
-    if not (p.is_file() or (p / STATE_FILE).is_file()):
-        raise UserError(f"train.init_from: {ref} is neither a checkpoint folder (with state.pt) nor a file")
-    load_state(p, mmap=True)  # refuses, on the driver and before any run starts, a file that is not safe to load
-    return str(p)
-
-
-def resolve_refs(raw: dict, storage: Path) -> dict:
-    """The experiment dict with every `run:NAME` / `sweep:NAME` value (train.init_from, data.pseudo_from,
-    method_cfg.teacher_checkpoint, ...) resolved to a checkpoint folder, and train.init_from checked; marked
-    (data.target_gt_via) when a model it starts from was trained on target ground truth."""
-    from uda_ray.target_labels import MARK, mark_inherited
-
-    out = mark_inherited(_resolve(raw, storage))
-    via = (out.get("data") or {}).get("target_gt_via")
-    if via and via != (raw.get("data") or {}).get("target_gt_via"):
-        log.warning("%s: starts from %s, which was trained on target ground truth: marked %s",
-                    raw.get("name", "experiment"), via, MARK)
-    return out
-
-
-def _resolve(raw: Any, storage: Path) -> Any:
-    if isinstance(raw, dict):
-        out = {k: _resolve(v, storage) for k, v in raw.items()}
-        init = (out.get("train") or {}).get("init_from") if isinstance(out.get("train"), dict) else None
-        if init:
-            out["train"] = {**out["train"], "init_from": resolve_ref(init, storage)}
-        return out
-    if isinstance(raw, list):
-        return [_resolve(v, storage) for v in raw]
-    if isinstance(raw, str) and raw.startswith(("run:", "sweep:")):
-        return resolve_ref(raw, storage)
-    return raw
+from uda_ray.storage import layout
 
 
 class Ensemble(torch.nn.Module):
@@ -98,9 +41,8 @@ def evaluate_ensemble(checkpoints: list[Path], out: Path, device: str = "cpu") -
     manifest.json under `out`."""
     from uda_ray.config import experiment_dict
     from uda_ray.data.loading import build_datasets
-    from uda_ray.metric_names import mode_of
     from uda_ray.results.tables import ResultsWriter
-    from uda_ray.training.loop import eval_loaders, evaluate_splits
+    from uda_ray.training.evaluate import eval_loaders, evaluate_splits
 
     loaded = [load_trained(c, device) for c in checkpoints]
     cfg = loaded[0][0]
@@ -117,7 +59,7 @@ def evaluate_ensemble(checkpoints: list[Path], out: Path, device: str = "cpu") -
     via = next((str(c) for c in checkpoints if checkpoint_trained_on_target_gt(c)), None)
     if via:  # a member saw the target's labels: so does the ensemble
         exp["data"] = {**exp["data"], "target_gt_via": via}
-    w = ResultsWriter(out / "results", out.name, cfg.select, mode_of(cfg.select), None)
+    w = ResultsWriter.for_run(layout.results_dir(out), out.name, cfg.select)
     w.result(out.name, exp, {"checkpoints": [str(c) for c in checkpoints]}, metrics)
     w.end(out.name, exp, {}, "completed")
     manifest = {"checkpoints": [str(c) for c in checkpoints],

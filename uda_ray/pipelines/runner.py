@@ -31,10 +31,12 @@ from typing import Any
 
 from uda_ray import checks
 from uda_ray.build import load_experiment
-from uda_ray.config import ConfigError, build, read_yaml
+from uda_ray.config import ConfigError
+from uda_ray.config_loader import build, read_yaml
 from uda_ray.metric_names import DEFAULT_SELECTION, check_metric, mode_of
 from uda_ray.pipelines.actions import ACTIONS
 from uda_ray.results.tables import read_table
+from uda_ray.storage import layout
 from uda_ray.target_labels import row_marked
 from uda_ray.training.checkpoint import best_checkpoint_in, latest_metrics
 
@@ -130,15 +132,15 @@ def resolve_stage_refs(values: dict, pdir: Path, select: str = DEFAULT_SELECTION
     for k, v in values.items():
         if _ref_stage(v) is not None:
             stage, _, rest = v[1:].partition(":")
-            out[k] = (str(best_checkpoint_in(pdir / stage, select, mode_of(select))) if rest == "best"
-                      else str(pdir / stage))
+            d = layout.stage_dir(pdir, stage)
+            out[k] = str(best_checkpoint_in(d, select, mode_of(select))) if rest == "best" else str(d)
         else:
             out[k] = v
     return out
 
 
 def stage_done(pipe: Pipeline, st: StageConfig, pdir: Path) -> bool:
-    d = pdir / st.name
+    d = layout.stage_dir(pdir, st.name)
     if st.action:
         return (d / "manifest.json").is_file()
     cfg = load_experiment(pipe.experiment_path(st), pipe.overrides(st))
@@ -147,10 +149,11 @@ def stage_done(pipe: Pipeline, st: StageConfig, pdir: Path) -> bool:
 
 
 def run_pipeline(pipe: Pipeline, root: Path, run_experiment: Callable[[Any, Path, str], dict],
-                 prepare_data: Callable[[Any], Any], log: Callable[[str], None] = print) -> list[dict]:
+                 prepare: Callable[[Any], Any], log: Callable[[str], None] = print) -> list[dict]:
     """Run the stages in order. `run_experiment(cfg, storage, name)` trains (one run);
-    `prepare_data(cfg)` returns the cfg with resolved dataset roots."""
-    pdir = root / "pipelines" / pipe.cfg.name
+    `prepare(cfg)` returns an experiment stage's cfg ready to run (uda_ray.driver.prepare.prepare_experiment:
+    references and dataset roots resolved, checked)."""
+    pdir = layout.pipeline_dir(root, pipe.cfg.name)
     pdir.mkdir(parents=True, exist_ok=True)
     summary = []
     for st in pipe.cfg.stages:
@@ -158,27 +161,38 @@ def run_pipeline(pipe: Pipeline, root: Path, run_experiment: Callable[[Any, Path
         if stage_done(pipe, st, pdir):
             log(f"stage {st.name}: already complete, skipped")
         elif st.action:
-            name, args = st.action
-            sel = pipe.cfg.select
-            args = resolve_stage_refs({k: v for k, v in args.items() if k != "from"}, pdir, sel)
-            args = {("lambda_" if k == "lambda" else k): v for k, v in args.items()}
-            cks = [best_checkpoint_in(pdir / f, sel, mode_of(sel)) for f in _as_list(st.action[1]["from"])]
-            log(f"stage {st.name}: {name} from {', '.join(str(c) for c in cks)}")
-            ACTIONS[name](cks, pdir / st.name, **args)
+            _run_action(pipe, st, pdir, log)
         else:
             overrides = resolve_stage_refs(pipe.overrides(st), pdir, pipe.cfg.select)
             cfg = load_experiment(pipe.experiment_path(st), overrides)
-            cfg = dataclasses.replace(prepare_data(cfg), name=st.name)
+            cfg = dataclasses.replace(prepare(cfg), name=st.name)
             log(f"stage {st.name}: {cfg.method}/{cfg.model.name}, {cfg.train.max_steps} steps")
             run_experiment(cfg, pdir, st.name)
-        row = {"stage": st.name, "kind": st.action[0] if st.action else "train", "seconds": time.time() - t0}
-        trials = read_table(pdir / st.name / "results", "trials")
-        if trials:
-            row["target_ground_truth"] = row_marked(trials[0])
-        evals = read_table(pdir / st.name / "results", "evals")
-        if evals:
-            last = max(evals, key=lambda e: e["step"])
-            row.update({k: last.get(k) for k in ("step", pipe.cfg.select, "test/miou", "test/pixel_acc")})
-        summary.append(row)
+        summary.append(_stage_row(pipe, st, pdir, time.time() - t0))
     (pdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _run_action(pipe: Pipeline, st: StageConfig, pdir: Path, log: Callable[[str], None]) -> None:
+    """An action stage, from the best checkpoint(s) of the stages it names (by the pipeline's `select`)."""
+    name, args = st.action
+    sel = pipe.cfg.select
+    args = resolve_stage_refs({k: v for k, v in args.items() if k != "from"}, pdir, sel)
+    args = {("lambda_" if k == "lambda" else k): v for k, v in args.items()}
+    cks = [best_checkpoint_in(layout.stage_dir(pdir, f), sel, mode_of(sel)) for f in _as_list(st.action[1]["from"])]
+    log(f"stage {st.name}: {name} from {', '.join(str(c) for c in cks)}")
+    ACTIONS[name](cks, layout.stage_dir(pdir, st.name), **args)
+
+
+def _stage_row(pipe: Pipeline, st: StageConfig, pdir: Path, seconds: float) -> dict:
+    """A stage's line of the summary: its kind, time, mark, and its last evaluation's metrics."""
+    row = {"stage": st.name, "kind": st.action[0] if st.action else "train", "seconds": seconds}
+    results = layout.results_dir(layout.stage_dir(pdir, st.name))
+    trials = read_table(results, "trials")
+    if trials:
+        row["target_ground_truth"] = row_marked(trials[0])
+    evals = read_table(results, "evals")
+    if evals:
+        last = max(evals, key=lambda e: e["step"])
+        row.update({k: last.get(k) for k in ("step", pipe.cfg.select, "test/miou", "test/pixel_acc")})
+    return row

@@ -13,6 +13,9 @@ each table (bounded size), never the whole table, so its cost stays flat as a sw
 recorded (replayed by a resumed trial) keeps its first row: a resume adds no duplicates. The fixed columns
 have a declared Arrow type and every reported metric is float64: a value of another type is an error,
 never a silent cast to text.
+
+The rows are built in uda_ray.results.rows; questions asked of the tables (the best trials, the Pareto
+front) are in uda_ray.results.queries.
 """
 
 from __future__ import annotations
@@ -28,18 +31,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from uda_ray.config import experiment_dict, flatten
 from uda_ray.errors import UserError
-from uda_ray.metric_names import REPORTED_PREFIXES, SCHEMA_VERSION, check_metric, mode_of, upgrade_row
-from uda_ray.target_labels import MARK, SHORT_MARK, row_marked, trains_on_target_gt
+from uda_ray.metric_names import REPORTED_PREFIXES, mode_of, upgrade_row
+from uda_ray.results.rows import TrialSummary, eval_rows
 
 TABLES = {"trials": ("trial_id",), "evals": ("trial_id", "step"), "class_iou": ("trial_id", "step", "class_name")}
 APPEND_ONLY = ("evals", "class_iou")
-# on the first evaluation after the run restarted from a checkpoint (a dead worker, a resumed driver): the step
-# it resumed from and how many restarts the run has had so far
-RESTART_KEYS = ("resumed_from", "restarts")
-# where rank 0 of the run trained for that evaluation: the Ray node's id and IP (absent outside Ray)
-NODE_KEYS = ("node_id", "node_ip")
 SEGMENT_ROWS = {"evals": 1024, "class_iou": 8192}  # rows per segment of the append-only tables
 
 _STR, _INT, _FLOAT, _BOOL = pa.string(), pa.int64(), pa.float64(), pa.bool_()
@@ -72,7 +69,7 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(table: pa.Table, path: Path) -> None:
+def atomic_write(table: pa.Table, path: Path) -> None:
     """Atomically (re)place one Parquet file; the temporary name is hidden, so readers skip it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp)
@@ -190,7 +187,7 @@ class SegmentTable:
         staging.mkdir()
         columns = list(dict.fromkeys(c for r in rows for c in r))
         schema = pa.schema([(c, _metric_type(self.name, c)) for c in columns])
-        _atomic_write(rows_to_table(rows, dict(zip(schema.names, schema.types)), columns), staging / self._seg(0))
+        atomic_write(rows_to_table(rows, dict(zip(schema.names, schema.types)), columns), staging / self._seg(0))
         aside = self.dir / f".{self.name}.parquet.one-file"
         os.replace(self.path, aside)
         os.replace(staging, self.path)
@@ -232,7 +229,7 @@ class SegmentTable:
         self.schema = schema
         parts = [_conform(self.open_table, schema)] if self.open_table is not None else []
         self.open_table = pa.concat_tables([*parts, new])
-        _atomic_write(self.open_table, self.path / self.segments[-1])
+        atomic_write(self.open_table, self.path / self.segments[-1])
         if new_column:
             self._widen(schema, self.segments[:-1])
 
@@ -240,7 +237,7 @@ class SegmentTable:
         """Add the columns of `schema` (null) to `segments`, the first segment last (readers take its schema)."""
         self.schema = schema
         for name in sorted(segments, reverse=True):
-            _atomic_write(_conform(pq.read_table(self.path / name), schema), self.path / name)
+            atomic_write(_conform(pq.read_table(self.path / name), schema), self.path / name)
 
 
 def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -288,7 +285,7 @@ class TableStore:
                 self._tables()[t].flush()
         if "trials" in tables and (force or time.time() - self._trials_written >= self.trials_every_s):
             rows = list(self.rows["trials"].values())
-            _atomic_write(rows_to_table(rows, FIXED["trials"]), self.dir / "trials.parquet")
+            atomic_write(rows_to_table(rows, FIXED["trials"]), self.dir / "trials.parquet")
             self._trials_written = time.time()
 
 
@@ -337,93 +334,9 @@ def _read_file(p: Path, tries: int = 20) -> pa.Table:
     return pq.read_table(p)  # the last try: its error is the caller's
 
 
-def versions() -> dict[str, str]:
-    import torch
-
-    import uda_ray
-
-    out = {"uda_ray_version": uda_ray.__version__, "torch_version": torch.__version__}
-    try:
-        import ray
-
-        out["ray_version"] = ray.__version__
-    except ImportError:  # pragma: no cover
-        out["ray_version"] = None
-    return out
-
-
-def eval_rows(sweep: str, trial_id: str, result: dict) -> tuple[dict, list[dict]]:
-    """One `evals` row and the `class_iou` rows of one reported result."""
-    step = int(result["step"])
-    base = {"schema_version": SCHEMA_VERSION, "sweep": sweep, "trial_id": trial_id, "step": step}
-    ev = dict(base)
-    ious = []
-    for k, v in result.items():
-        if k.startswith("test/iou/"):
-            ious.append({**base, "class_name": k[len("test/iou/"):], "iou": v})
-        elif k.startswith(REPORTED_PREFIXES) or k in RESTART_KEYS or k in NODE_KEYS:
-            ev[k] = v
-    ev["checkpoint_path"] = result.get("checkpoint_path")
-    ev["reported_at"] = time.time()
-    return ev, ious
-
-
-class TrialSummary:
-    """Builds a `trials` row from the config and every eval reported so far."""
-
-    def __init__(self, sweep: str, trial_id: str, experiment: dict, params: dict, metric: str, mode: str,
-                 search_seed: int | None) -> None:
-        self.row: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION, "sweep": sweep, "trial_id": trial_id, "status": "pending",
-            "method": experiment["method"], "model": experiment["model"]["name"],
-            "source": experiment["data"]["source"], "target": experiment["data"]["target"],
-            "seed": experiment["seed"], "max_steps": experiment["train"]["max_steps"],
-            "objective": metric, "mode": mode, "search_seed": search_seed,
-            "params": json.dumps(params, sort_keys=True), "config_json": json.dumps(experiment),
-            # trained on the target's ground truth (an oracle, not a UDA result): uda_ray.target_labels
-            "target_ground_truth": trains_on_target_gt(experiment),
-            **{f"config.{k}": v for k, v in flatten(experiment).items()},
-            **versions(), "started_at": time.time(),
-        }
-
-    @staticmethod
-    def from_row(row: dict) -> TrialSummary:
-        s = TrialSummary.__new__(TrialSummary)
-        s.row = dict(row)
-        return s
-
-    def update(self, evals: list[dict]) -> dict:
-        """Recompute best / final values from all of this trial's eval rows."""
-        metric, mode = self.row["objective"], self.row["mode"]
-        evals = sorted(evals, key=lambda r: r["step"])
-        scored = [r for r in evals if r.get(metric) is not None and r[metric] == r[metric]]
-        if scored:
-            best = (max if mode == "max" else min)(scored, key=lambda r: r[metric])
-            last = evals[-1]
-            self.row.update({
-                "best_value": best[metric], "best_step": best["step"],
-                "best_checkpoint": best.get("checkpoint_path"),
-                "final_value": last.get(metric), "final_step": last["step"],
-                "last_checkpoint": last.get("checkpoint_path"), "n_evals": len(evals),
-                "wall_time_s": last.get("time/elapsed_s"),
-            })
-            for k in ("test/miou", "test/miou16", "test/miou13", "test/pixel_acc"):
-                if k in best:
-                    self.row[f"best_{k.replace('/', '_')}"] = best[k]
-            for k in ("model/params", "model/gflops", "model/latency_ms", "model/fps"):
-                if k in last:
-                    self.row[k.replace("/", "_")] = last[k]
-        restarted = [r for r in evals if r.get("restarts") is not None]
-        self.row["restarts"] = max((int(r["restarts"]) for r in restarted), default=0)
-        self.row["resumed_from"] = int(restarted[-1]["resumed_from"]) if restarted else None
-        if evals:  # the node of the latest evaluation (each evaluation's is in `evals`)
-            self.row.update({k: evals[-1].get(k) for k in NODE_KEYS})
-        self.row["updated_at"] = time.time()
-        return self.row
-
-
 class ResultsWriter:
-    """Keeps the three tables of one sweep up to date (used by the Tune callback on the driver)."""
+    """Keeps the three tables of a sweep (the Tune callback on the driver) or of one run (`for_run`) up to date:
+    the one recorder of results."""
 
     def __init__(self, results_dir: Path, sweep: str, metric: str, mode: str, search_seed: int | None,
                  trials_every_s: float = 0.0) -> None:
@@ -431,6 +344,12 @@ class ResultsWriter:
         # its rows are recomputed from the evals, so a crash in between loses nothing
         self.store = TableStore(results_dir, trials_every_s)
         self.sweep, self.metric, self.mode, self.search_seed = sweep, metric, mode, search_seed
+
+    @classmethod
+    def for_run(cls, results_dir: Path, name: str, select: str) -> ResultsWriter:
+        """The recorder of one run (`uda-ray train`, a pipeline stage, a rerun, an ensemble evaluation): its
+        tables hold one trial named after the run, ranked by the run's selection metric `select`."""
+        return cls(results_dir, name, select, mode_of(select), None)
 
     def _summary(self, trial_id: str, experiment: dict | None, params: dict) -> TrialSummary:
         row = self.store.rows["trials"].get((trial_id,))
@@ -472,161 +391,3 @@ class ResultsWriter:
         self.store.upsert("trials", [row])
         self.store.flush(["trials"])
         return row
-
-
-def experiment_of(base_raw: dict, params: dict) -> dict:
-    from uda_ray.build import build_experiment  # the registries (torch): not for reading tables
-    from uda_ray.config import apply_overrides
-
-    return experiment_dict(build_experiment(apply_overrides(base_raw, params), "trial"))
-
-
-# ------------------------------------------------------------------------------------------------
-# queries
-
-
-def best_trials(results_dir: Path, metric: str | None = None, mode: str | None = None, top: int = 5,
-                method: str | None = None) -> list[dict]:
-    """Trials ranked by their best value of `metric` (default: the sweep's objective) over all evals.
-
-    Each row says whether that step's checkpoint is still on disk: Ray Train keeps only the run's
-    `train.keep_checkpoints` best by the run's own selection metric (and the latest), so the best step by
-    another metric may have lost its weights. `rank_checkpoint` is the checkpoint folder when it was kept,
-    else None (`rank_checkpoint_kept` False); `kept_step`, `kept_value`, `kept_checkpoint` and
-    `kept_test_miou` name the best step by `metric` among those whose checkpoint still exists (the same step
-    when it was kept; all None when the trial has no checkpoint left)."""
-    from uda_ray.training.checkpoint import checkpoint_kept
-
-    trials = read_table(results_dir, "trials")
-    if method:
-        trials = [t for t in trials if t["method"] == method]
-    if not trials:
-        return []
-    if metric:
-        metric = check_metric(metric, "metric")
-        mode = mode or mode_of(metric)
-    else:
-        metric, mode = trials[0]["objective"], mode or trials[0]["mode"]
-    evals = read_table(results_dir, "evals")
-    out = []
-    for t in trials:
-        vals = [e for e in evals
-                if e["trial_id"] == t["trial_id"] and e.get(metric) is not None and e[metric] == e[metric]]
-        if not vals:
-            continue
-        pick = max if mode == "max" else min
-        kept = [v for v in vals if checkpoint_kept(v.get("checkpoint_path"))]
-        e = pick(kept + [v for v in vals if v not in kept], key=lambda x: x[metric])  # a tie: the kept one
-        is_kept = checkpoint_kept(e.get("checkpoint_path"))
-        k = e if is_kept else pick(kept, key=lambda x: x[metric]) if kept else {}
-        # test/miou at the picked step, None when the target has no test labels (absent, not zero)
-        out.append({**t, "rank_metric": metric, "rank_mode": mode, "rank_value": e[metric], "rank_step": e["step"],
-                    "rank_checkpoint": e.get("checkpoint_path") if is_kept else None,
-                    "rank_checkpoint_kept": is_kept, "rank_test_miou": e.get("test/miou"),
-                    "kept_step": k.get("step"), "kept_value": k.get(metric),
-                    "kept_checkpoint": k.get("checkpoint_path"), "kept_test_miou": k.get("test/miou")})
-    out.sort(key=lambda r: r["rank_value"], reverse=(mode == "max"))
-    return out[:top]
-
-
-def non_dominated(points: list[tuple[Any, list[float]]], modes: list[str]) -> set:
-    """Keys of the points no other point dominates (at least as good in every objective, better in one)."""
-    signs = [1.0 if m == "max" else -1.0 for m in modes]
-
-    def dominates(a: list[float], b: list[float]) -> bool:
-        return all(s * x >= s * y for s, x, y in zip(signs, a, b)) and any(s * x > s * y
-                                                                           for s, x, y in zip(signs, a, b))
-
-    return {k for k, v in points if not any(dominates(w, v) for _, w in points)}
-
-
-def pareto_front(results_dir: Path, objectives: list[dict], constraints: list[dict] = ()) -> list[dict]:
-    """Completed trials with their objective values at their last evaluation (the values the searcher was told),
-    marked `feasible` (every constraint met there) and `on_front` (non-dominated among the feasible trials).
-    Front first, ordered by the first objective (best first), then the rest."""
-    from uda_ray.search.space import Constraint
-
-    metrics = [o["metric"] for o in objectives]
-    modes = [o["mode"] for o in objectives]
-    cons = [c if isinstance(c, Constraint) else Constraint(**c) for c in constraints]
-    evals = read_table(results_dir, "evals")
-    out = []
-    for t in read_table(results_dir, "trials"):
-        if t["status"] != "completed":
-            continue
-        mine = sorted((e for e in evals if e["trial_id"] == t["trial_id"]), key=lambda e: e["step"])
-        if not mine:
-            continue
-        last = mine[-1]
-        vals = [last.get(m) for m in metrics]
-        if not all(isinstance(v, (int, float)) and v == v for v in vals):
-            continue
-        violations = [c.violation(last.get(c.metric)) for c in cons]
-        out.append({**t, "values": vals, "step": last["step"], "checkpoint": last.get("checkpoint_path"),
-                    "feasible": all(v <= 0 for v in violations), "violated": [str(c) for c, v in
-                                                                         zip(cons, violations) if v > 0]})
-    front = non_dominated([(r["trial_id"], r["values"]) for r in out if r["feasible"]], modes)
-    for r in out:
-        r["on_front"] = r["trial_id"] in front
-    sign = -1.0 if modes[0] == "max" else 1.0
-    out.sort(key=lambda r: (not r["on_front"], sign * r["values"][0]))
-    return out
-
-
-def markdown_report(title: str, run_dirs: list[tuple[str, Path]], note: str = "", selection: str | None = None) -> str:
-    """A markdown table of runs (label, folder holding results/) built from their Parquet tables: the test
-    mIoU (in %) of the checkpoint `selection` picks (default: metric_names.DEFAULT_SELECTION; a label-free
-    validator) beside the test-label oracle's (the best test mIoU of the run), the final test mIoU, pixel
-    accuracy, model cost, and per-class IoU at the oracle's step. A line under the table names the label protocol
-    of the numbers (data.label_set: cityscapes19, or synthia16 where every mIoU is the 16-class model's)."""
-    from uda_ray.data.labels import CLASSES
-    from uda_ray.metric_names import DEFAULT_SELECTION, mode_of
-
-    selection = selection or DEFAULT_SELECTION
-    pick = max if mode_of(selection) == "max" else min
-    lines = [f"# {title}", "", note, ""] if note else [f"# {title}", ""]
-    lines += [f"| run | method | model | steps | selected by {selection}: test mIoU (step) | "
-              "oracle: best test mIoU (step) | final mIoU | pixel acc | GFLOPs |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    per_class = []
-    protocols: dict[str, str] = {}  # run label -> data.label_set
-    marked: list[str] = []  # runs trained on target ground truth
-    for label, d in run_dirs:
-        trials = read_table(d / "results", "trials")
-        if not trials:
-            continue
-        t = trials[0]
-        evals = [e for e in read_table(d / "results", "evals") if e.get("test/miou") is not None]
-        if not evals:
-            continue
-        protocols[label] = t.get("config.data.label_set") or "cityscapes19"  # older tables: 19 classes
-        best = max(evals, key=lambda e: e["test/miou"])
-        last = max(evals, key=lambda e: e["step"])
-        scored = [e for e in evals if e.get(selection) is not None and e[selection] == e[selection]]
-        chosen = pick(scored, key=lambda e: e[selection]) if scored else None
-        sel = f"{100 * chosen['test/miou']:.1f} ({chosen['step']})" if chosen else "-"
-        if row_marked(t):
-            marked.append(label)
-            label = f"{label} ({SHORT_MARK})"
-        lines.append(f"| {label} | {t['method']} | {t['model']} | {last['step']} | {sel} | "
-                     f"{100 * best['test/miou']:.1f} ({best['step']}) | {100 * last['test/miou']:.1f} | "
-                     f"{100 * last['test/pixel_acc']:.1f} | {last.get('model/gflops') or float('nan'):.2f} |")
-        ious = {r["class_name"]: r["iou"] for r in read_table(d / "results", "class_iou")
-                if r["step"] == best["step"]}
-        per_class.append((label, ious))
-    if protocols:
-        kinds = sorted(set(protocols.values()))
-        lines += ["", f"Label protocol (data.label_set): {kinds[0]} for every run." if len(kinds) == 1 else
-                  "Label protocol (data.label_set): " + ", ".join(f"{k}: {v}" for k, v in protocols.items()) + "."]
-    if marked:
-        lines += ["", f"{MARK} ({SHORT_MARK}): {', '.join(marked)}. Oracles or runs started from one, not UDA "
-                  "results: they saw the target's labels in training."]
-    if per_class:
-        lines += ["", "Per-class IoU (%) at each run's best test step (- = class absent from labels and predictions):",
-                  "",
-                  "| run | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES)]
-        for label, ious in per_class:
-            cells = [f"{100 * ious[c]:.0f}" if ious.get(c) is not None and ious[c] == ious[c] else "-"
-                     for c in CLASSES]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"

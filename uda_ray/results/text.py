@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from uda_ray.results.stats import finite
+from uda_ray.storage import layout
 from uda_ray.target_labels import MARK, row_marked
 
 # Figures a model's own paper publishes, printed beside ours by `profile_report`. Ours count only convolutions,
@@ -21,12 +23,29 @@ PAPER_FIGURES: dict[str, dict] = {
 }
 
 
-def fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+def fmt(v: Any, digits: int = 4) -> str:
+    """A float to `digits` significant digits, anything else as str: 0.012345 -> 0.01235."""
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def points(v: Any, digits: int = 1) -> str:
+    """A fraction (an mIoU, an IoU, a pixel accuracy) in points, x100 to `digits` decimals: 0.4567 -> 45.7;
+    "-" when it is not a finite number (uda_ray.results.stats.finite)."""
+    return f"{100 * v:.{digits}f}" if finite(v) else "-"
+
+
+def rho(v: Any) -> str:
+    """A correlation to two decimals with its sign: +0.83; "-" when it is not a finite number (undefined)."""
+    return f"{v:+.2f}" if finite(v) else "-"
+
+
+def params_text(params_json: str | None, digits: int = 4) -> str:
+    """A trial's searched parameters (the JSON of a `trials` row's `params`) as `name=value, ...`."""
+    return ", ".join(f"{k}={fmt(v, digits)}" for k, v in json.loads(params_json or "{}").items())
 
 
 def _params(r: dict) -> str:
-    return ", ".join(f"{k}={fmt(v)}" for k, v in json.loads(r["params"]).items())
+    return params_text(r["params"])
 
 
 def best_table(rows: list[dict], method: str | None = None) -> str:
@@ -120,7 +139,7 @@ def sweep_ended(s: Any, top: int = 5) -> str:
 def run_ended(m: dict) -> str:
     """`uda_ray.api.train`'s last metrics, its latest checkpoint and its results folder."""
     return (f"done: step {m.get('step')} " + metrics_line(m, m["select_metric"])
-            + f"\nlatest checkpoint: {m['checkpoint_path']}\nresults: {Path(m['run_dir']) / 'results'}"
+            + f"\nlatest checkpoint: {m['checkpoint_path']}\nresults: {layout.results_dir(m['run_dir'])}"
             + (f"\n{MARK}: an oracle, not a UDA result" if m.get("target_ground_truth") else ""))
 
 
@@ -145,10 +164,36 @@ def converted_weights(s: dict) -> str:
 
 def rerun_ended(summary: list[dict], results: Path) -> str:
     """`uda_ray.api.rerun`'s mean ± std per configuration, and where its tables are (the sweep's `results`)."""
-    from uda_ray.selection.seed_variance import format_summary
-
-    return (f"{format_summary(summary)}\n"
+    return (f"{rerun_table(summary)}\n"
             f"tables: {results / 'reruns.parquet'}, {results / 'rerun_summary.parquet'}")
+
+
+def _mean_std(mean: Any, std: Any, in_points: bool = True) -> str:
+    if not finite(mean):
+        return "-"
+    if in_points:
+        return f"{points(mean)} ± {points(std)}" if finite(std) else f"{points(mean)} (1 seed)"
+    return f"{fmt(float(mean))} ± {fmt(float(std), 2)}" if finite(std) else f"{fmt(float(mean))} (1 seed)"
+
+
+def rerun_table(summary: list[dict]) -> str:
+    """A `rerun_summary` (uda_ray.selection.seed_variance.summarize) as text: mean ± sample std per
+    configuration, mIoU in points (x100), a label-free selection metric in its own units."""
+    if not summary:
+        return "no reruns"
+    s0 = summary[0]
+    sel, test = s0["selection_metric"], s0["test_metric"]
+    sel_points = sel.endswith("miou")
+    lines = [f"mean ± sample std over seeds (mIoU in points); selected checkpoint = best {sel} of each run",
+             f"{'#':>2} {'trial':<10} {'runs':>4} {sel + ' @sel':>18} {test + ' @sel':>18} {test + ' final':>18}"
+             f" {'sweep trial: ' + test:>22}  params"]
+    for s in summary:
+        lines.append(f"{s['rank']:>2} {s['trial_id']:<10} {s['n_runs']:>4} "
+                     f"{_mean_std(s['sel_value_mean'], s['sel_value_std'], sel_points):>18} "
+                     f"{_mean_std(s['test_at_sel_mean'], s['test_at_sel_std']):>18} "
+                     f"{_mean_std(s['final_test_mean'], s['final_test_std']):>18} "
+                     f"{points(s['trial_test_at_sel']):>22}  {params_text(s['params'], 3)}")
+    return "\n".join(lines)
 
 
 def profile_report(result: dict) -> str:

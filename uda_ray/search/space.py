@@ -1,4 +1,4 @@
-"""Search-space YAML -> a validated SearchSpace (no Ray here: loading and sampling are testable offline).
+"""Search-space YAML -> a validated SearchSpace (no Ray here: loading is testable offline).
 
 ```yaml
 base: ../experiments/x.yaml            # the experiment every trial starts from (relative to this file)
@@ -18,19 +18,12 @@ params:
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uda_ray.config import (
-    ConfigError,
-    ExperimentConfig,
-    apply_overrides,
-    build,
-    load_raw,
-    read_yaml,
-)
+from uda_ray.config import ConfigError, ExperimentConfig
+from uda_ray.config_loader import apply_overrides, build, load_raw, read_yaml
 from uda_ray.metric_names import DEFAULT_SELECTION, check_metric, mode_of
 
 KINDS = ("uniform", "loguniform", "int", "choice")
@@ -40,18 +33,6 @@ KINDS = ("uniform", "loguniform", "int", "choice")
 class Param:
     kind: str
     values: tuple  # (low, high) or the choices
-
-    def sample(self, rng: random.Random) -> Any:
-        import math
-
-        if self.kind == "choice":
-            return rng.choice(self.values)
-        lo, hi = self.values
-        if self.kind == "int":
-            return rng.randint(lo, hi)
-        if self.kind == "loguniform":
-            return math.exp(rng.uniform(math.log(lo), math.log(hi)))
-        return rng.uniform(lo, hi)
 
     def corners(self) -> list[Any]:
         return list(self.values)
@@ -242,12 +223,3 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None) -> Sea
             space.experiment(sample, f"{p}: params.{key}={v!r}")
     return space
 
-
-def sample(space: SearchSpace, n: int, seed: int = 0) -> list[tuple[dict[str, Any], ExperimentConfig]]:
-    """`n` random samples with their validated experiments (tests sample every shipped file this way)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        s = {k: p.sample(rng) for k, p in space.params.items()}
-        out.append((s, space.experiment(s)))
-    return out

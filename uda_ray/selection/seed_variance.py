@@ -13,7 +13,7 @@ run (best step by the selection metric), the selection metric's value there and 
 and the test metric at the run's last step. Per configuration (`rerun_summary.parquet`): the mean and the
 sample standard deviation (n - 1) of those over the seeds, beside the sweep trial's own values.
 
-Ray-free: the caller passes the function that trains a run (uda_ray.training.loop.fit_run).
+Ray-free: the caller passes the function that trains a run (uda_ray.training.launchers.fit_run).
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from uda_ray.errors import UserError
+from uda_ray.results.stats import finite
+from uda_ray.storage import layout
 
-RERUN_DIR = "reruns"
+RERUN_DIR = layout.RERUNS
 TEST_METRIC = "test/miou"
 
 
@@ -48,13 +50,13 @@ def run_name(trial_id: str, seed: int) -> str:
 
 def plan(sweep_dir: Path, top: int, seeds: int, metric: str, mode: str) -> list[RerunSpec]:
     """The runs to train: top `top` trials by their best `metric`, `seeds` new seeds each."""
-    from uda_ray.results.tables import best_trials
+    from uda_ray.results.queries import best_trials
 
     if top < 1:
         raise UserError("--top must be >= 1")
     if seeds < 1:
         raise UserError("--seeds must be >= 1")
-    ranked = best_trials(Path(sweep_dir) / "results", metric=metric, mode=mode, top=top)
+    ranked = best_trials(layout.results_dir(sweep_dir), metric=metric, mode=mode, top=top)
     if not ranked:
         raise UserError(f"sweep '{Path(sweep_dir).name}' has no trial with a value of {metric} yet")
     out = []
@@ -67,14 +69,10 @@ def plan(sweep_dir: Path, top: int, seeds: int, metric: str, mode: str) -> list[
     return out
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def run_evals(run_dir: Path) -> list[dict]:
     from uda_ray.results.tables import read_table
 
-    return sorted(read_table(Path(run_dir) / "results", "evals"), key=lambda e: e["step"])
+    return sorted(read_table(layout.results_dir(run_dir), "evals"), key=lambda e: e["step"])
 
 
 def finished(run_dir: Path, max_steps: int) -> bool:
@@ -86,7 +84,7 @@ def finished(run_dir: Path, max_steps: int) -> bool:
 def run_row(spec: RerunSpec, run_dir: Path, metric: str, mode: str, sweep: str) -> dict:
     """One `reruns` row: the run's selected checkpoint (best `metric`), its values, the final test value."""
     evals = run_evals(run_dir)
-    scored = [e for e in evals if _finite(e.get(metric))]
+    scored = [e for e in evals if finite(e.get(metric))]
     row: dict[str, Any] = {
         "sweep": sweep, "trial_id": spec.trial_id, "rank": spec.rank, "seed": spec.seed, "run": spec.name,
         "run_dir": str(run_dir), "selection_metric": metric, "mode": mode, "test_metric": TEST_METRIC,
@@ -105,7 +103,7 @@ def run_row(spec: RerunSpec, run_dir: Path, metric: str, mode: str, sweep: str) 
 
 
 def _mean_std(values: list) -> tuple[float | None, float | None]:
-    vals = [v for v in values if _finite(v)]
+    vals = [v for v in values if finite(v)]
     if not vals:
         return None, None
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else math.nan)
@@ -131,7 +129,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 def write_tables(results_dir: Path, rows: list[dict]) -> list[dict]:
     """Upsert `rows` into reruns.parquet (keyed by trial and seed; earlier reruns of other configurations
     stay), rewrite rerun_summary.parquet from all of them; atomic writes. Returns the summary."""
-    from uda_ray.results.tables import _atomic_write, read_table, rows_to_table
+    from uda_ray.results.tables import atomic_write, read_table, rows_to_table
 
     results_dir = Path(results_dir)
     keyed = {(r["trial_id"], r["seed"]): r for r in read_table(results_dir, "reruns")}
@@ -139,8 +137,8 @@ def write_tables(results_dir: Path, rows: list[dict]) -> list[dict]:
     all_rows = sorted(keyed.values(), key=lambda r: (r["rank"], r["trial_id"], r["seed"]))
     summary = summarize(all_rows)
     results_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(rows_to_table(all_rows), results_dir / "reruns.parquet")
-    _atomic_write(rows_to_table(summary), results_dir / "rerun_summary.parquet")
+    atomic_write(rows_to_table(all_rows), results_dir / "reruns.parquet")
+    atomic_write(rows_to_table(summary), results_dir / "rerun_summary.parquet")
     return summary
 
 
@@ -149,7 +147,7 @@ def rerun(sweep_dir: Path, specs: list[RerunSpec], train: Callable[[RerunSpec, P
     """Train every spec not finished yet (`train(spec, storage)` runs one run named spec.name
     under storage), then record and summarize all of them."""
     sweep_dir = Path(sweep_dir)
-    storage = sweep_dir / RERUN_DIR
+    storage = layout.reruns_dir(sweep_dir)
     rows = []
     for i, spec in enumerate(specs, 1):
         run_dir = storage / spec.name
@@ -161,42 +159,20 @@ def rerun(sweep_dir: Path, specs: list[RerunSpec], train: Callable[[RerunSpec, P
         row = run_row(spec, run_dir, metric, mode, sweep_dir.name)
         row["trial_test_at_sel"] = _trial_test_at(sweep_dir, spec)
         rows.append(row)
-    return write_tables(sweep_dir / "results", rows)
+    return write_tables(layout.results_dir(sweep_dir), rows)
 
 
 def _trial_test_at(sweep_dir: Path, spec: RerunSpec) -> float | None:
     from uda_ray.results.tables import read_table
 
-    for e in read_table(sweep_dir / "results", "evals"):
+    for e in read_table(layout.results_dir(sweep_dir), "evals"):
         if e["trial_id"] == spec.trial_id and e["step"] == spec.original.get("rank_step"):
             return e.get(TEST_METRIC)
     return None
 
 
-def _pm(mean: Any, std: Any, scale: float = 100.0) -> str:
-    if not _finite(mean):
-        return "-"
-    if scale == 100.0:
-        return f"{scale * mean:.1f} ± {scale * std:.1f}" if _finite(std) else f"{scale * mean:.1f} (1 seed)"
-    return f"{mean:.4g} ± {std:.2g}" if _finite(std) else f"{mean:.4g} (1 seed)"
-
-
 def format_summary(summary: list[dict]) -> str:
-    """mean ± std per configuration: mIoU in points (x100), a label-free selection metric in its own units."""
-    if not summary:
-        return "no reruns"
-    s0 = summary[0]
-    sel, test = s0["selection_metric"], s0["test_metric"]
-    sel_scale = 100.0 if sel.endswith("miou") else 1.0
-    lines = [f"mean ± sample std over seeds (mIoU in points); selected checkpoint = best {sel} of each run",
-             f"{'#':>2} {'trial':<10} {'runs':>4} {sel + ' @sel':>18} {test + ' @sel':>18} {test + ' final':>18}"
-             f" {'sweep trial: ' + test:>22}  params"]
-    for s in summary:
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in json.loads(s["params"] or "{}").items())
-        orig = f"{100 * s['trial_test_at_sel']:.1f}" if _finite(s["trial_test_at_sel"]) else "-"
-        lines.append(f"{s['rank']:>2} {s['trial_id']:<10} {s['n_runs']:>4} "
-                     f"{_pm(s['sel_value_mean'], s['sel_value_std'], sel_scale):>18} "
-                     f"{_pm(s['test_at_sel_mean'], s['test_at_sel_std']):>18} "
-                     f"{_pm(s['final_test_mean'], s['final_test_std']):>18} {orig:>22}  {params}")
-    return "\n".join(lines)
+    """mean ± std per configuration as text (uda_ray.results.text.rerun_table, what `uda-ray rerun` prints)."""
+    from uda_ray.results.text import rerun_table
+
+    return rerun_table(summary)

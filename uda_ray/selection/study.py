@@ -14,9 +14,9 @@ V's mode (from uda_ray.metric_names) is "min", so that a higher score always mea
 
 - `n_checkpoints`, `n_trials`: checkpoints (and their trials) where both V and the test metric are finite.
 - `spearman`: Spearman's rank correlation between the score and the test metric over those checkpoints
-  (average ranks for ties, then Pearson's r of the ranks). +1: V orders the checkpoints exactly as the
-  test labels do; 0: no relation; negative: V prefers the worse checkpoints. NaN with fewer than 2
-  checkpoints or when either side is constant.
+  (uda_ray.results.stats.spearman, the one the HTML report uses too: average ranks for ties, then Pearson's
+  r of the ranks). +1: V orders the checkpoints exactly as the test labels do; 0: no relation; negative: V
+  prefers the worse checkpoints. NaN with fewer than 2 checkpoints or when either side is constant.
 - `oracle_test`: the best test metric over ALL checkpoints (with or without a value of V) — what choosing
   with the test labels would get; `oracle_trial` / `oracle_step` where it is (the first by trial, step
   among ties).
@@ -42,9 +42,12 @@ Note: a picked checkpoint is a row of the evals table; whether its weights are s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from uda_ray.results.stats import finite, spearman
+from uda_ray.results.text import points, rho
 
 TEST_METRIC = "test/miou"
 RANDOM = "(random)"
@@ -53,41 +56,6 @@ COLUMNS = ("validator", "mode", "n_checkpoints", "n_trials", "spearman", "pick_t
            "pick_test", "n_tied", "oracle_test", "oracle_trial", "oracle_step", "regret",
            "spearman_final", "pick_final_trial", "pick_final_test", "oracle_final_test", "regret_final",
            "test_metric")
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def rankdata(xs: Sequence[float]) -> list[float]:
-    """1-based ranks, ties sharing the mean of the ranks they span (scipy's 'average' method)."""
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    ranks = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rho with average ranks for ties (Pearson's r of the ranks); NaN if undefined."""
-    if len(x) != len(y):
-        raise ValueError("spearman: x and y differ in length")
-    if len(x) < 2:
-        return math.nan
-    rx, ry = rankdata(x), rankdata(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sxx = sum((a - mx) ** 2 for a in rx)
-    syy = sum((b - my) ** 2 for b in ry)
-    if sxx == 0 or syy == 0:
-        return math.nan
-    return sxy / math.sqrt(sxx * syy)
 
 
 def _pick(points: list[tuple[float, float, str, int]]) -> tuple[str, int, float, int]:
@@ -102,7 +70,7 @@ def measure(evals: Iterable[Mapping[str, Any]], validators: Mapping[str, str],
     """One row per validator (in the given order) plus the `(random)` reference row; see the module
     docstring for the columns. `validators` maps a metric name to its mode ("max" or "min"). Rows without
     a finite test metric are ignored; an empty list when no row has one."""
-    pts = sorted((dict(e) for e in evals if _finite(e.get(test_metric))),
+    pts = sorted((dict(e) for e in evals if finite(e.get(test_metric))),
                  key=lambda e: (str(e["trial_id"]), int(e["step"])))
     if not pts:
         return []
@@ -118,8 +86,8 @@ def measure(evals: Iterable[Mapping[str, Any]], validators: Mapping[str, str],
         if mode not in ("max", "min"):
             raise ValueError(f"validator {name}: mode must be 'max' or 'min', got {mode!r}")
         sign = 1.0 if mode == "max" else -1.0
-        ck = [(sign * e[name], e[test_metric], str(e["trial_id"]), int(e["step"])) for e in pts if _finite(e.get(name))]
-        fin = [(sign * e[name], e[test_metric], t, int(e["step"])) for t, e in finals.items() if _finite(e.get(name))]
+        ck = [(sign * e[name], e[test_metric], str(e["trial_id"]), int(e["step"])) for e in pts if finite(e.get(name))]
+        fin = [(sign * e[name], e[test_metric], t, int(e["step"])) for t, e in finals.items() if finite(e.get(name))]
         row: dict[str, Any] = {c: None for c in COLUMNS}
         row.update(oracle, validator=name, mode=mode, n_checkpoints=len(ck), n_trials=len({p[2] for p in ck}),
                    spearman=spearman([p[0] for p in ck], [p[1] for p in ck]),
@@ -156,33 +124,12 @@ def validator_modes(columns: Iterable[str]) -> dict[str, str]:
 
 def validators_table(evals: list[dict], test_metric: str = TEST_METRIC) -> list[dict]:
     """`measure` over the validators present in these eval rows."""
-    cols = {k for e in evals for k, v in e.items() if _finite(v)}
+    cols = {k for e in evals for k, v in e.items() if finite(v)}
     return measure(evals, validator_modes(cols), test_metric)
 
 
 # ------------------------------------------------------------------------------------------------
 # where the evals of a name live, the table file, printing
-
-
-def locate(name: str, root: Path) -> tuple[str, Path, list[Path]]:
-    """(kind, results folder for the validators table, results folders holding evals) of a sweep
-    (<root>/NAME), a pipeline (<root>/pipelines/NAME: every stage is a trial) or a run (<root>/runs/NAME).
-    A sweep wins over a pipeline or run of the same name. UserError (one line) for an unknown name."""
-    from uda_ray.errors import UserError
-
-    root = Path(root)
-    if (root / name / "sweep.json").is_file():
-        return "sweep", root / name / "results", [root / name / "results"]
-    pdir = root / "pipelines" / name
-    if pdir.is_dir() and name:
-        stages = sorted(p.parent for p in pdir.glob("*/results/evals.parquet"))
-        return "pipeline", pdir / "results", stages
-    if name and (root / "runs" / name / "results" / "evals.parquet").exists():
-        return "run", root / "runs" / name / "results", [root / "runs" / name / "results"]
-    known = sorted({p.parent.name for p in root.glob("*/sweep.json")}
-                   | {p.name for p in (root / "pipelines").glob("*") if p.is_dir()})
-    raise UserError(f"unknown sweep or pipeline '{name}' under {root}"
-                    + (f" (known: {', '.join(known)})" if known else " (none there)"))
 
 
 def read_evals(results_dirs: list[Path]) -> list[dict]:
@@ -194,23 +141,13 @@ def read_evals(results_dirs: list[Path]) -> list[dict]:
 
 def write_table(results_dir: Path, rows: list[dict]) -> Path:
     """results/validators.parquet, written atomically (temporary file, fsync, rename)."""
-    from uda_ray.results.tables import _atomic_write, rows_to_table
+    from uda_ray.results.tables import atomic_write, rows_to_table
 
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{TABLE}.parquet"
-    _atomic_write(rows_to_table(rows), path)
+    atomic_write(rows_to_table(rows), path)
     return path
-
-
-def _pts(v: Any, signed: bool = False) -> str:
-    if not _finite(v):
-        return "-"
-    return f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}"
-
-
-def _rho(v: Any) -> str:
-    return f"{v:+.2f}" if _finite(v) else "-"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -221,8 +158,8 @@ def format_table(rows: list[dict]) -> str:
     head = (f"{len([r for r in rows if r['validator'] != RANDOM])} validators vs {r0['test_metric']} over "
             f"{next(r['n_checkpoints'] for r in rows if r['validator'] == RANDOM)} checkpoints of "
             f"{next(r['n_trials'] for r in rows if r['validator'] == RANDOM)} trials; best "
-            f"{_pts(r0['oracle_test'])} ({r0['oracle_trial']} @ {r0['oracle_step']}), best final "
-            f"{_pts(r0['oracle_final_test'])}. mIoU in points; regret = best - picked.")
+            f"{points(r0['oracle_test'])} ({r0['oracle_trial']} @ {r0['oracle_step']}), best final "
+            f"{points(r0['oracle_final_test'])}. mIoU in points; regret = best - picked.")
     lines = [head, f"{'validator':<14} {'mode':<4} {'n':>4} {'spearman':>8} {'picked':>7} {'regret':>7}  "
                    f"{'pick (trial @ step)':<24} {'rho_final':>9} {'final':>6} {'regret_f':>8}"]
     for r in rows:
@@ -230,8 +167,8 @@ def format_table(rows: list[dict]) -> str:
         if (r.get("n_tied") or 1) > 1:
             where += f" ({r['n_tied']} tied)"
         lines.append(f"{r['validator']:<14} {r.get('mode') or '-':<4} {r['n_checkpoints']:>4} "
-                     f"{_rho(r['spearman']):>8} {_pts(r['pick_test']):>7} {_pts(r['regret']):>7}  {where:<24} "
-                     f"{_rho(r['spearman_final']):>9} {_pts(r['pick_final_test']):>6} {_pts(r['regret_final']):>8}")
+                     f"{rho(r['spearman']):>8} {points(r['pick_test']):>7} {points(r['regret']):>7}  {where:<24} "
+                     f"{rho(r['spearman_final']):>9} {points(r['pick_final_test']):>6} {points(r['regret_final']):>8}")
     return "\n".join(lines)
 
 
@@ -244,7 +181,7 @@ def pick_vs_oracle(evals: list[dict], metric: str, mode: str, test_metric: str =
     r = rows[0]
     tie = f", mean over {r['n_tied']} tied checkpoints" if r["n_tied"] > 1 else ""
     return (f"selected by {metric}: {r['pick_trial']} @ step {r['pick_step']} -> {test_metric} "
-            f"{_pts(r['pick_test'])}{tie}; test-label oracle: {r['oracle_trial']} @ step {r['oracle_step']} -> "
-            f"{_pts(r['oracle_test'])}; regret {_pts(r['regret'])} points (a random checkpoint: "
-            f"{_pts(rows[-1]['regret'])}); Spearman({metric}, {test_metric}) over {r['n_checkpoints']} "
-            f"checkpoints {_rho(r['spearman'])}")
+            f"{points(r['pick_test'])}{tie}; test-label oracle: {r['oracle_trial']} @ step {r['oracle_step']} -> "
+            f"{points(r['oracle_test'])}; regret {points(r['regret'])} points (a random checkpoint: "
+            f"{points(rows[-1]['regret'])}); Spearman({metric}, {test_metric}) over {r['n_checkpoints']} "
+            f"checkpoints {rho(r['spearman'])}")

@@ -62,6 +62,12 @@ def running_driver(directory: Path) -> dict | None:
     return info if info is not None and holder_alive(info) is not False else None
 
 
+def refuse_running(directory: Path, what: str) -> None:
+    """Fail before any work when a live driver already owns the folder (the lock is taken later, atomically)."""
+    if running_driver(directory) is not None:
+        DriverLock(directory, what)._judge_existing()  # raises the one-line refusal
+
+
 def _describe(info: dict) -> str:
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("started", 0)))
     return f"driver pid {info.get('pid')} on {info.get('host')} since {since}"

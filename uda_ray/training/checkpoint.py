@@ -1,4 +1,6 @@
-"""The checkpoint format: file names, saving and (safe) loading, the RNG state, finding a run's checkpoints.
+"""The checkpoint format: file names, saving and (safe) loading, the RNG state; where a run's checkpoints live
+(their folder names, decided here only), finding, persisting and pruning them, and the cleanup of folders that a
+killed writer left behind.
 
 A checkpoint is a folder holding
     state.pt       {"method": the method's state_dict, "step": int, "rng": [per-rank RNG state],
@@ -13,8 +15,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import random
+import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -121,13 +126,32 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     model.load_state_dict(state["method"]["model"])
 
 
-# -- a run's checkpoints --------------------------------------------------------------------------
+# -- where a run's checkpoints live ---------------------------------------------------------------
+
+# <run>/checkpoint_step_NNNNNNN (the step, 7 digits): how Ray Train names them here, and the inline launcher too
+CHECKPOINT_PREFIX = "checkpoint_step_"
+LOCAL_CHECKPOINTS = "checkpoints"  # LocalSession's (one process, no Ray): <run>/checkpoints/step_NNNNNNN
+CKPT_TMP_PREFIX = "uda_ray_ckpt_"  # + the writer's pid + "_": a checkpoint being written, in the temp dir
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """The folder of a run's checkpoint of `step`, under the run's folder (Ray Train's and the inline path's)."""
+    return f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+def local_checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """LocalSession's checkpoint folder of `step`."""
+    return Path(run_dir) / LOCAL_CHECKPOINTS / f"step_{step:07d}"
+
+
+def local_checkpoints(run_dir: Path) -> list[Path]:
+    """LocalSession's checkpoint folders of a run, by step."""
+    return sorted((Path(run_dir) / LOCAL_CHECKPOINTS).glob("step_*"))
 
 
 def checkpoints_in(run_dir: Path) -> list[Path]:
     """Checkpoint folders of a run: Ray Train's checkpoint_step_* or LocalSession's checkpoints/step_*."""
-    run_dir = Path(run_dir)
-    return sorted(run_dir.glob("checkpoint_step_*")) + sorted((run_dir / "checkpoints").glob("step_*"))
+    return sorted(Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*")) + local_checkpoints(run_dir)
 
 
 def checkpoint_kept(path: str | Path | None) -> bool:
@@ -167,3 +191,93 @@ def latest_metrics(run_dir: Path) -> dict | None:
     """The metrics of a run's last checkpoint, or None."""
     cks = [c for c in checkpoints_in(run_dir) if (c / METRICS_FILE).is_file()]
     return upgrade_row(json.loads((cks[-1] / METRICS_FILE).read_text())) if cks else None
+
+
+# -- persisting, pruning, cleaning up --------------------------------------------------------------
+
+
+def _step_of(ck: Path) -> int:
+    return int(ck.name[len(CHECKPOINT_PREFIX):])
+
+
+def _ckpt_score(ck: Path, metric: str, mode: str) -> float:
+    """A checkpoint's selection metric from its metrics.json, signed so that higher is better (-inf: none)."""
+    try:
+        v = json.loads((ck / METRICS_FILE).read_text()).get(metric)
+    except (OSError, json.JSONDecodeError):
+        return -math.inf
+    if not isinstance(v, (int, float)) or v != v:
+        return -math.inf
+    return float(v) if mode == "max" else -float(v)
+
+
+def run_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run folder (checkpoint_step_*, each holding its state), by step."""
+    found = [p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=_step_of)
+
+
+def prune_checkpoints(run_dir: Path, keep: int, metric: str, mode: str) -> list[Path]:
+    """Delete all but the `keep` best checkpoints by `metric` (ties: the later one) and the latest, as Ray
+    Train's CheckpointConfig(num_to_keep, checkpoint_score_attribute, checkpoint_score_order) keeps them.
+    Returns the deleted folders."""
+    cks = run_checkpoints(run_dir)
+    if len(cks) <= keep:
+        return []
+    ranked = sorted(cks, key=lambda c: (_ckpt_score(c, metric, mode), _step_of(c)), reverse=True)
+    kept = set(ranked[:keep]) | {cks[-1]}
+    gone = [c for c in cks if c not in kept]
+    for c in gone:
+        shutil.rmtree(c, ignore_errors=True)
+    return gone
+
+
+def persist_checkpoint(src: Path, run_dir: Path, step: int) -> Path:
+    """Copy the checkpoint folder `src` into the run folder as its checkpoint of `step` (replacing one there):
+    copied into `.<name>.<pid>.tmp`, then renamed, so a crash leaves a temporary folder (see
+    remove_unfinished_copies), never a partial checkpoint. Returns the checkpoint's folder."""
+    run_dir = Path(run_dir)
+    dest = run_dir / checkpoint_dir_name(step)
+    tmp = run_dir / f".{dest.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def remove_unfinished_copies(run_dir: Path) -> None:
+    """Remove the temporary copies that persist_checkpoint calls of a dead attempt left unfinished."""
+    for tmp in Path(run_dir).glob(f".{CHECKPOINT_PREFIX}*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def new_writing_dir() -> Path:
+    """A new folder in the temp dir to write a checkpoint into, named by this process's pid, so that the folder
+    of a writer killed mid-write can be told apart (remove_orphaned_checkpoint_folders)."""
+    return Path(tempfile.mkdtemp(prefix=f"{CKPT_TMP_PREFIX}{os.getpid()}_"))
+
+
+def remove_orphaned_checkpoint_folders(tmp_dir: str | None = None) -> list[Path]:
+    """Remove the checkpoint folders a writer killed mid-write left in the temp dir: those named by a pid that
+    no longer runs on this host (a folder whose pid was reused stays until that process ends too). Returns them."""
+    removed = []
+    for d in Path(tmp_dir or tempfile.gettempdir()).glob(f"{CKPT_TMP_PREFIX}*_*"):
+        pid = d.name[len(CKPT_TMP_PREFIX):].split("_", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process `pid` runs on this host (another user's process counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

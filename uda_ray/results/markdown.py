@@ -1,0 +1,76 @@
+"""The markdown table of runs that a pipeline writes beside its stages (`pipeline.report`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from uda_ray.metric_names import DEFAULT_SELECTION, mode_of
+from uda_ray.results.stats import finite
+from uda_ray.results.tables import read_table
+from uda_ray.results.text import points
+from uda_ray.storage import layout
+from uda_ray.target_labels import MARK, SHORT_MARK, row_marked
+
+
+def markdown_report(title: str, run_dirs: list[tuple[str, Path]], note: str = "", selection: str | None = None) -> str:
+    """A markdown table of runs (label, folder holding results/) built from their Parquet tables: the test
+    mIoU (in %) of the checkpoint `selection` picks (default: metric_names.DEFAULT_SELECTION; a label-free
+    validator) beside the test-label oracle's (the best test mIoU of the run), the final test mIoU, pixel
+    accuracy, model cost, and per-class IoU at the oracle's step. A line under the table names the label protocol
+    of the numbers (data.label_set: cityscapes19, or synthia16 where every mIoU is the 16-class model's)."""
+    selection = selection or DEFAULT_SELECTION
+    pick = max if mode_of(selection) == "max" else min
+    lines = [f"# {title}", "", note, ""] if note else [f"# {title}", ""]
+    lines += [f"| run | method | model | steps | selected by {selection}: test mIoU (step) | "
+              "oracle: best test mIoU (step) | final mIoU | pixel acc | GFLOPs |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    runs = [r for label, d in run_dirs if (r := _run(label, layout.results_dir(d), selection, pick)) is not None]
+    lines += [r["line"] for r in runs]
+    protocols = {r["label"]: r["protocol"] for r in runs}  # run label -> data.label_set
+    if protocols:
+        kinds = sorted(set(protocols.values()))
+        lines += ["", f"Label protocol (data.label_set): {kinds[0]} for every run." if len(kinds) == 1 else
+                  "Label protocol (data.label_set): " + ", ".join(f"{k}: {v}" for k, v in protocols.items()) + "."]
+    marked = [r["label"] for r in runs if r["marked"]]  # runs trained on target ground truth
+    if marked:
+        lines += ["", f"{MARK} ({SHORT_MARK}): {', '.join(marked)}. Oracles or runs started from one, not UDA "
+                  "results: they saw the target's labels in training."]
+    if runs:
+        lines += _per_class([(r["shown"], r["ious"]) for r in runs])
+    return "\n".join(lines) + "\n"
+
+
+def _run(label: str, results: Path, selection: str, pick: Callable) -> dict | None:
+    """One run's table line, its per-class IoU at the oracle's step, its label protocol and whether it saw the
+    target's labels; None when it has no trial or no evaluation with a test mIoU."""
+    trials = read_table(results, "trials")
+    if not trials:
+        return None
+    t = trials[0]
+    evals = [e for e in read_table(results, "evals") if e.get("test/miou") is not None]
+    if not evals:
+        return None
+    best = max(evals, key=lambda e: e["test/miou"])
+    last = max(evals, key=lambda e: e["step"])
+    scored = [e for e in evals if finite(e.get(selection))]
+    chosen = pick(scored, key=lambda e: e[selection]) if scored else None
+    sel = f"{points(chosen['test/miou'])} ({chosen['step']})" if chosen else "-"
+    marked = row_marked(t)
+    shown = f"{label} ({SHORT_MARK})" if marked else label
+    line = (f"| {shown} | {t['method']} | {t['model']} | {last['step']} | {sel} | "
+            f"{points(best['test/miou'])} ({best['step']}) | {points(last['test/miou'])} | "
+            f"{points(last['test/pixel_acc'])} | {last.get('model/gflops') or float('nan'):.2f} |")
+    ious = {r["class_name"]: r["iou"] for r in read_table(results, "class_iou") if r["step"] == best["step"]}
+    return {"label": label, "shown": shown, "line": line, "ious": ious, "marked": marked,
+            "protocol": t.get("config.data.label_set") or "cityscapes19"}  # older tables: 19 classes
+
+
+def _per_class(per_class: list[tuple[str, dict]]) -> list[str]:
+    from uda_ray.data.labels import CLASSES
+
+    lines = ["", "Per-class IoU (%) at each run's best test step (- = class absent from labels and predictions):",
+             "", "| run | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES)]
+    for label, ious in per_class:
+        lines.append(f"| {label} | " + " | ".join(points(ious.get(c), digits=0) for c in CLASSES) + " |")
+    return lines

@@ -1,0 +1,97 @@
+"""Questions asked of a results folder's tables: the best trials by a metric, and the Pareto front of a
+multi-objective sweep. Read-only; a value counts only when it is finite (uda_ray.results.stats.finite)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from uda_ray.metric_names import check_metric, mode_of
+from uda_ray.results.stats import finite, non_dominated
+from uda_ray.results.tables import read_table
+
+
+def best_trials(results_dir: Path, metric: str | None = None, mode: str | None = None, top: int = 5,
+                method: str | None = None) -> list[dict]:
+    """Trials ranked by their best value of `metric` (default: the sweep's objective) over all evals.
+
+    Each row says whether that step's checkpoint is still on disk: Ray Train keeps only the run's
+    `train.keep_checkpoints` best by the run's own selection metric (and the latest), so the best step by
+    another metric may have lost its weights. `rank_checkpoint` is the checkpoint folder when it was kept,
+    else None (`rank_checkpoint_kept` False); `kept_step`, `kept_value`, `kept_checkpoint` and
+    `kept_test_miou` name the best step by `metric` among those whose checkpoint still exists (the same step
+    when it was kept; all None when the trial has no checkpoint left)."""
+    trials = read_table(results_dir, "trials")
+    if method:
+        trials = [t for t in trials if t["method"] == method]
+    if not trials:
+        return []
+    if metric:
+        metric = check_metric(metric, "metric")
+        mode = mode or mode_of(metric)
+    else:
+        metric, mode = trials[0]["objective"], mode or trials[0]["mode"]
+    evals = read_table(results_dir, "evals")
+    out = []
+    for t in trials:
+        vals = [e for e in evals if e["trial_id"] == t["trial_id"] and finite(e.get(metric))]
+        if vals:
+            out.append({**t, **_ranked(vals, metric, mode)})
+    out.sort(key=lambda r: r["rank_value"], reverse=(mode == "max"))
+    return out[:top]
+
+
+def _ranked(vals: list[dict], metric: str, mode: str) -> dict[str, Any]:
+    """The `rank_*` and `kept_*` columns of one trial from its eval rows with a value of `metric`."""
+    from uda_ray.training.checkpoint import checkpoint_kept
+
+    pick = max if mode == "max" else min
+    kept = [v for v in vals if checkpoint_kept(v.get("checkpoint_path"))]
+    e = pick(kept + [v for v in vals if v not in kept], key=lambda x: x[metric])  # a tie: the kept one
+    is_kept = checkpoint_kept(e.get("checkpoint_path"))
+    k = e if is_kept else pick(kept, key=lambda x: x[metric]) if kept else {}
+    # test/miou at the picked step, None when the target has no test labels (absent, not zero)
+    return {"rank_metric": metric, "rank_mode": mode, "rank_value": e[metric], "rank_step": e["step"],
+            "rank_checkpoint": e.get("checkpoint_path") if is_kept else None,
+            "rank_checkpoint_kept": is_kept, "rank_test_miou": e.get("test/miou"),
+            "kept_step": k.get("step"), "kept_value": k.get(metric),
+            "kept_checkpoint": k.get("checkpoint_path"), "kept_test_miou": k.get("test/miou")}
+
+
+def pareto_rows(trials: Iterable[dict], evals: Iterable[dict], objectives: list[dict],
+                constraints: Iterable[Any] = ()) -> list[dict]:
+    """The completed trials with a finite value of every objective at their last evaluation (the values the
+    searcher was told), in the order of `trials`: each trial's row plus `values`, `step`, `checkpoint`,
+    `feasible` (every constraint met there), `violated` (the constraints it breaks, as text) and `on_front`
+    (not dominated by another feasible row, uda_ray.results.stats.non_dominated). `constraints` are
+    uda_ray.search.space.Constraint or their fields as dicts."""
+    from uda_ray.search.space import Constraint
+
+    metrics = [o["metric"] for o in objectives]
+    cons = [c if isinstance(c, Constraint) else Constraint(**c) for c in constraints]
+    last: dict[str, dict] = {}
+    for e in sorted(evals, key=lambda e: e["step"]):  # the last evaluation of each trial wins
+        last[e["trial_id"]] = e
+    out = []
+    for t in trials:
+        e = last.get(t["trial_id"])
+        if t.get("status") != "completed" or e is None or not all(finite(e.get(m)) for m in metrics):
+            continue
+        violations = [c.violation(e.get(c.metric)) for c in cons]
+        out.append({**t, "values": [e[m] for m in metrics], "step": e["step"], "checkpoint": e.get("checkpoint_path"),
+                    "feasible": all(v <= 0 for v in violations),
+                    "violated": [str(c) for c, v in zip(cons, violations) if v > 0]})
+    front = non_dominated([(r["trial_id"], r["values"]) for r in out if r["feasible"]], [o["mode"] for o in objectives])
+    for r in out:
+        r["on_front"] = r["trial_id"] in front
+    return out
+
+
+def pareto_front(results_dir: Path, objectives: list[dict], constraints: Iterable[Any] = ()) -> list[dict]:
+    """`pareto_rows` of a results folder: front first, ordered by the first objective (best first), then the
+    rest."""
+    out = pareto_rows(read_table(results_dir, "trials"), read_table(results_dir, "evals"), objectives, constraints)
+    sign = -1.0 if objectives[0]["mode"] == "max" else 1.0
+    out.sort(key=lambda r: (not r["on_front"], sign * r["values"][0]))
+    return out

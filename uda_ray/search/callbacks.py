@@ -1,0 +1,122 @@
+"""The sweep's Tune callback: the results tables, TensorBoard and MLflow written on the driver as results arrive,
+and the live view. Imports Ray: import it where Ray is needed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from uda_ray.results.tables import ResultsWriter
+from uda_ray.results.tensorboard import TB_DIR, TensorBoardLog
+from uda_ray.search.driver import plain
+from uda_ray.search.experiments import experiment_of
+from uda_ray.storage import layout
+from uda_ray.training.progress import LiveView, read_progress
+
+progress = logging.getLogger("uda_ray.training.progress")  # the live view (printed by the CLI)
+
+
+class ResultsCallback(tune.Callback):
+    """Writes the Parquet tables on the driver as results arrive, and prints a concise live view.
+
+    `sweep`: what every trial driver gets (the sweep folder under "dir", "base_raw"); `writer_args`: the
+    ResultsWriter's arguments (results_dir, sweep, metric, mode, search_seed); `mlflow`: a tracking URI to log
+    to, or None."""
+
+    def __init__(self, sweep: dict, writer_args: dict, mlflow: str | None = None) -> None:
+        self.sweep, self.writer_args, self.mlflow = sweep, writer_args, mlflow
+        self.writer: ResultsWriter | None = None
+        self.t0 = time.time()
+        tty = sys.stdout if sys.stdout.isatty() and progress.handlers else None  # the CLI on a terminal
+        self.view = LiveView(progress.info, tty)
+        self.polled = 0.0
+
+    def setup(self, **info: Any) -> None:
+        # reloads existing tables on resume; the trials file is rewritten at most once a second by results
+        # (at every start and end), so a sweep of thousands of trials stays cheap to record
+        self.writer = ResultsWriter(**self.writer_args, trials_every_s=1.0)
+        self.tb = TensorBoardLog(Path(self.sweep["dir"]) / TB_DIR)
+        self.ml = None
+        if self.mlflow:
+            from uda_ray.results.mlflow_log import MLflowLog
+
+            self.ml = MLflowLog(self.mlflow, Path(self.sweep["dir"]).name)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        # between evaluations: the running trials' heartbeats (step, steps/s, ETA), calmly
+        now = time.time()
+        if now - self.polled < 1.0:
+            return
+        self.polled = now
+        beats = {}
+        for t in trials:
+            if t.status == "RUNNING":
+                p = read_progress(layout.trial_dir(Path(self.sweep["dir"]), t.trial_id))
+                if p:
+                    beats[t.trial_id] = p
+        self.view.update(beats, now - self.t0, now)
+
+    def _exp(self, trial: Any) -> tuple[dict, dict]:
+        params = plain(trial.config["params"])
+        return experiment_of(self.sweep["base_raw"], params), params
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.writer.start(trial.trial_id, *self._exp(trial))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if "step" not in result:
+            return
+        self.writer.result(trial.trial_id, *self._exp(trial), result)
+        self.tb.log(trial.trial_id, result)
+        if self.ml is not None:
+            self.ml.log(trial.trial_id, plain(trial.config["params"]), result)
+        metric = self.writer_args["metric"]
+        self._line(trials, f"{trial.trial_id} step {int(result['step'])}: "
+                           f"{metric}={result.get(metric, float('nan')):.4f}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.tb.close(trial.trial_id)
+        row = self.writer.end(trial.trial_id, *self._exp(trial), "completed")
+        if self.ml is not None:
+            self.ml.end(trial.trial_id, plain(trial.config["params"]), row["status"])
+        self._line(trials, f"{trial.trial_id} {row['status'].replace('_', ' ')}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.tb.close(trial.trial_id)
+        if self.ml is not None:
+            self.ml.end(trial.trial_id, plain(trial.config["params"]), "errored")
+        self.writer.end(trial.trial_id, *self._exp(trial), "errored", _error_text(trial))
+        self._line(trials, f"{trial.trial_id} errored: {_error_text(trial)}")
+
+    def _line(self, trials: list, what: str) -> None:
+        rows = self.writer.store.rows["trials"].values()
+        n = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped_early", "errored")}
+        running = sum(r["status"] == "running" for r in rows)
+        scored = [r for r in rows if r.get("best_value") is not None]
+        best = ""
+        if scored:
+            b = (max if self.writer_args["mode"] == "max" else min)(scored, key=lambda r: r["best_value"])
+            best = f" | best {b['best_value']:.4f} ({b['trial_id']}: {_short_params(b['params'])})"
+        self.view.before_line()
+        progress.info(f"[{time.time() - self.t0:6.0f}s] {n['completed']} done, {running} running, "
+                      f"{n['stopped_early']} stopped early, {n['errored']} errored{best} | {what}")
+
+
+def _short_params(params_json: str) -> str:
+    p = json.loads(params_json)
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
+
+
+def _error_text(trial: Any) -> str:
+    try:
+        path = Path(trial.local_path) / "error.txt"
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        return lines[-1][:300] if lines else "unknown error"
+    except Exception:  # noqa: BLE001 - best effort: the full error is in the trial's folder
+        return "see the trial's error.txt"
