@@ -1,4 +1,5 @@
-"""The shape of the package: no import cycles, Ray only at the edges, no method importing another method.
+"""The shape of the package: imports run downward through its layers, no import cycles, Ray only at the edges,
+no method importing another method, small modules and functions.
 
 Read from the source (the AST of every module), so the tests are fast and see imports inside functions too.
 """
@@ -87,6 +88,89 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+# The layers, bottom to top (docs/architecture.md draws them). A module imports only modules of its own layer or
+# of layers below it (cycles inside a layer are caught by the cycle test). A new module must be placed here.
+LAYERS: list[tuple[str, set[str]]] = [
+    ("foundations: errors, names, the strict loader, the storage plan, statistics, heartbeat and timing", {
+        "uda_ray", "uda_ray.errors", "uda_ray.metric_names", "uda_ray.config_loader", "uda_ray.storage",
+        "uda_ray.storage.layout", "uda_ray.storage.lock", "uda_ray.results", "uda_ray.results.stats",
+        "uda_ray.training", "uda_ray.training.timing", "uda_ray.training.progress", "uda_ray.training.optim",
+        "uda_ray.search", "uda_ray.search.private", "uda_ray.data", "uda_ray.data.labels", "uda_ray.selection",
+        "uda_ray.pipelines", "uda_ray.driver"}),
+    ("plain PyTorch: configs, data, models, methods, losses, metrics, validators, the checkpoint format", {
+        "uda_ray.config", "uda_ray.target_labels", "uda_ray.losses", "uda_ray.metrics", "uda_ray.fda",
+        "uda_ray.data.transforms", "uda_ray.data.datasets", "uda_ray.data.splits", "uda_ray.data.synthetic",
+        "uda_ray.data.loading", "uda_ray.selection.validators", "uda_ray.training.checkpoint",
+        *(m for m in MODULES if m.startswith(("uda_ray.models", "uda_ray.methods")))}),
+    ("registries, input checks, the results tables' rows and files", {
+        "uda_ray.build", "uda_ray.checks", "uda_ray.search.space", "uda_ray.results.rows", "uda_ray.results.tables",
+        "uda_ray.results.tensorboard", "uda_ray.results.mlflow_log"}),
+    ("training: the loop, its evaluations, sessions and launchers, and the label-making passes it runs", {
+        "uda_ray.training.step", "uda_ray.training.evaluate", "uda_ray.training.sessions", "uda_ray.training.loop",
+        "uda_ray.training.launchers", "uda_ray.pipelines.pseudo_labels", "uda_ray.pipelines.intrada_rank"}),
+    ("reading results: queries, text, reports, the validator study, seed variance", {
+        "uda_ray.results.queries", "uda_ray.results.text", "uda_ray.results.markdown", "uda_ray.results.report_data",
+        "uda_ray.results.figures", "uda_ray.results.report", "uda_ray.selection.study",
+        "uda_ray.selection.seed_variance"}),
+    ("search and pipelines: Tune and Optuna, the trial driver, the cluster, pipeline stages and actions", {
+        "uda_ray.search.experiments", "uda_ray.search.study", "uda_ray.search.searcher", "uda_ray.search.scheduler",
+        "uda_ray.search.driver", "uda_ray.search.callbacks", "uda_ray.search.cluster", "uda_ray.search.tune",
+        "uda_ray.pipelines.actions", "uda_ray.pipelines.runner"}),
+    ("the driver side of each API call", {
+        "uda_ray.driver.prepare", "uda_ray.driver.queries", "uda_ray.driver.sweeps", "uda_ray.driver.runs"}),
+    ("the surface: the Python API and the command line", {"uda_ray.api", "uda_ray.cli"}),
+]
+# Imports that go up a layer, each with the reason (none today).
+UPWARD_IMPORTS: dict[tuple[str, str], str] = {}
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 450, 50
+# modules allowed past ~400 lines, with the reason
+LONG_MODULES = {
+    "uda_ray.methods.cpsl": "a method is one file (its Config, its class): CPSL's stage 1 is the largest method",
+    "uda_ray.data.synthetic": "the built-in benchmark's scene generator",
+    "uda_ray.methods.blocks": "the shared building blocks of the methods (discriminator step, EMA, projection heads)",
+}
+
+
+def layer_of(name: str) -> int:
+    for i, (_, members) in enumerate(LAYERS):
+        if name in members:
+            return i
+    raise AssertionError(f"{name} is in no layer of tests/test_architecture.py LAYERS: place it")
+
+
+def test_every_module_is_in_exactly_one_layer():
+    for name in MODULES:
+        homes = [title for title, members in LAYERS if name in members]
+        assert len(homes) == 1, f"{name}: in {len(homes)} layers ({homes})"
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{name} (layer {layer_of(name)}) imports {dep} (layer {layer_of(dep)})"
+            for name in sorted(graph) for dep in sorted(graph[name])
+            if layer_of(dep) > layer_of(name) and (name, dep) not in UPWARD_IMPORTS]
+
+
+def test_imports_run_downward_through_the_layers():
+    up = upward_imports({name: imported_modules(name) for name in MODULES})
+    assert not up, "imports that go up a layer:\n" + "\n".join(up)
+
+
+def test_the_layer_check_catches_a_planted_upward_import():
+    planted = {"uda_ray.methods.base": {"uda_ray.training.loop"}, "uda_ray.api": {"uda_ray.errors"}}
+    assert upward_imports(planted) == ["uda_ray.methods.base (layer 1) imports uda_ray.training.loop (layer 3)"]
+
+
+def test_modules_and_functions_stay_small():
+    long_modules = [f"{n}: {len(p.read_text().splitlines())} lines" for n, p in MODULES.items()
+                    if len(p.read_text().splitlines()) > (MAX_MODULE_LINES if n in LONG_MODULES else 400)]
+    assert not long_modules, long_modules
+    long_functions = [f"{n}.{f.name}: {f.end_lineno - f.lineno + 1} lines" for n, p in MODULES.items()
+                      for f in ast.walk(ast.parse(p.read_text()))
+                      if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                      and f.end_lineno - f.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long_functions, long_functions
+
+
 def test_cycle_finder_finds_a_planted_cycle_and_accepts_a_dag():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
@@ -166,7 +250,8 @@ UNCHECKABLE = re.compile(r"METHODS\.md|DESIGN\.md|RAY_NOTES|PERF_NOTES|STYLE\.md
 
 def user_facing_files() -> list[Path]:
     root = PKG.parent
-    return sorted([*PKG.rglob("*.py"), root / "README.md", *root.glob("experiments/**/*.md"),
+    return sorted([*PKG.rglob("*.py"), root / "README.md", *root.glob("docs/*.md"), root / "benchmarks" / "README.md",
+                   *root.glob("experiments/**/*.md"),
                    *root.glob("experiments/**/*.yaml"), *root.glob("search_spaces/*.yaml"),
                    *root.glob("benchmarks/*.py")])
 
@@ -186,3 +271,16 @@ def test_user_facing_text_cites_no_document_users_do_not_have():
     hits = [f"{p.relative_to(PKG.parent)}:{i}: {m.group(0)}" for p in files
             for i, line in enumerate(p.read_text().splitlines(), 1) if (m := UNCHECKABLE.search(line))]
     assert not hits, "cite the paper or the original repository instead:\n" + "\n".join(hits)
+
+
+def test_the_architecture_page_lists_every_module():
+    page = (PKG.parent / "docs" / "architecture.md").read_text()
+    missing = []
+    for name, path in MODULES.items():
+        if path.name == "__init__.py" and not path.read_text().strip():
+            continue
+        folder = path.parent.relative_to(PKG.parent).as_posix()
+        section = page.split(f"### `{folder}/`", 1)[-1].split("\n### ", 1)[0] if f"### `{folder}/`" in page else ""
+        if f"| `{path.name}` |" not in section:
+            missing.append(name)
+    assert not missing, f"docs/architecture.md does not list {missing}"
