@@ -117,7 +117,8 @@ LAYERS: list[tuple[str, set[str]]] = [
         "uda_ray.search.driver", "uda_ray.search.callbacks", "uda_ray.search.cluster", "uda_ray.search.tune",
         "uda_ray.pipelines.actions", "uda_ray.pipelines.runner"}),
     ("the driver side of each API call", {
-        "uda_ray.driver.prepare", "uda_ray.driver.queries", "uda_ray.driver.sweeps", "uda_ray.driver.runs"}),
+        "uda_ray.driver.prepare", "uda_ray.driver.queries", "uda_ray.driver.sweeps", "uda_ray.driver.runs",
+        "uda_ray.driver.evaluate"}),
     ("the surface: the Python API and the command line", {"uda_ray.api", "uda_ray.cli"}),
 ]
 # Imports that go up a layer, each with the reason (none today).

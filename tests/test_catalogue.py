@@ -186,6 +186,18 @@ CASES = [
                                               str(w.root / "a_file")], "a_file"),
     ("pipeline-report-missing-folder", lambda w: ["pipeline", str(w.root / "pipeline.yaml"), "--report",
                                                   str(w.root / "no_dir" / "r.md")], "no_dir"),
+    ("pipeline-set-unknown-key", lambda w: ["pipeline", str(w.root / "pipeline.yaml"), "--set", "optim.lrr=0.1"],
+     "optim.lrr"),
+    # --- evaluate
+    ("evaluate-missing-checkpoint", lambda w: ["evaluate", str(w.root / "no_ckpt")], "no such file"),
+    ("evaluate-folder-without-state", lambda w: ["evaluate", str(w.root)], "no checkpoint there"),
+    ("evaluate-not-a-checkpoint", lambda w: ["evaluate", str(w.root / "a_list.pth")], "a_list.pth"),
+    ("evaluate-weights-wrong-keys", lambda w: ["evaluate", str(w.root / "wrong_keys.pth"), "--experiment",
+                                               str(w.root / "exp.yaml")], "wrong_keys.pth"),
+    ("evaluate-experiment-missing", lambda w: ["evaluate", str(w.root / "wrong_keys.pth"), "--experiment",
+                                               str(w.root / "nope.yaml")], "nope.yaml"),
+    ("evaluate-out-missing-folder", lambda w: ["evaluate", str(w.root / "a_list.pth"), "--out",
+                                               str(w.root / "no_dir" / "m.json")], "no_dir"),
     # --- profile
     ("profile-unknown-model", lambda w: ["profile", "nope"], "nope"),
     ("profile-bad-size", lambda w: ["profile", "bisenet_r18", "--size", "big"], "--size"),

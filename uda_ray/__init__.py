@@ -11,8 +11,8 @@ names differ from the functions').
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Sweep", "best", "convert_weights", "export_best", "ls", "pareto", "pipeline", "report", "rerun", "resume",
-           "show_progress", "sweep", "train", "validators"]
+__all__ = ["Sweep", "best", "convert_weights", "evaluate", "export_best", "ls", "pareto", "pipeline", "report",
+           "rerun", "resume", "show_progress", "sweep", "train", "validators"]
 
 
 def __getattr__(name: str) -> Any:

@@ -6,7 +6,8 @@
     api.best("adv-lr", storage="/shared/uda", metric="uv/snd")
     api.ls("/shared/uda")                            # one dict per sweep
     api.train("experiments/x.yaml", overrides=["train.max_steps=2000"])
-    api.pipeline("experiments/pipelines/fda_mbt.yaml")
+    api.pipeline("experiments/pipelines/fda_mbt.yaml", overrides=["train.max_steps=200"])
+    api.evaluate("uda_ray_runs/runs/x/checkpoints/checkpoint_step_0002000")  # test metrics and validators
 
 Every function returns plain objects (dicts, lists of dicts, a `Sweep` dataclass, pyarrow Tables). Errors a
 user can cause raise `uda_ray.errors.UserError` (the CLI prints them as one line, exit status 2). Progress
@@ -33,6 +34,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from uda_ray.driver import evaluate as evaluation
 from uda_ray.driver import runs, sweeps
 from uda_ray.driver.prepare import resolve_data, with_data
 from uda_ray.driver.queries import best, export_best, leaderboard, pareto
@@ -41,7 +43,7 @@ from uda_ray.errors import UserError
 from uda_ray.storage import layout
 from uda_ray.storage.lock import refuse_running
 
-__all__ = ["ENDED", "INTERRUPTED", "Sweep", "best", "convert_weights", "export_best", "leaderboard", "ls",
+__all__ = ["ENDED", "INTERRUPTED", "Sweep", "best", "convert_weights", "evaluate", "export_best", "leaderboard", "ls",
            "pareto", "pipeline", "profile_model", "ray_connection", "refuse_running", "report", "rerun",
            "resolve_data", "resume", "show_progress", "storage_root", "sweep", "sweep_dir", "synthetic_data",
            "train", "validators", "with_data"]
@@ -139,13 +141,29 @@ def train(experiment: str | os.PathLike, *, storage: str | os.PathLike | None = 
 
 
 def pipeline(path: str | os.PathLike, *, storage: str | os.PathLike | None = None, report: str | None = None,
-             address: str | None = None) -> list[dict]:
+             address: str | None = None, overrides: Mapping[str, Any] | Iterable[str] = ()) -> list[dict]:
     """Run the stages of a pipeline file in order (completed stages are skipped); one summary dict per
     stage (with the pipeline's selection metric as select_metric). With `report`, also write a markdown table
-    of the stages' results there."""
-    plan = runs.plan_pipeline(path, storage=storage, report=report, address=address)
+    of the stages' results there. `overrides` change every experiment stage ({"train.max_steps": 500} or
+    ["train.max_steps=500"]), applied last: after the file's `set:` and each stage's own `set`."""
+    plan = runs.plan_pipeline(path, storage=storage, report=report, address=address, overrides=overrides)
     with ray_connection(plan.address):
         return runs.pipeline(plan)
+
+
+def evaluate(checkpoint: str | os.PathLike, *, experiment: str | os.PathLike | None = None,
+             overrides: Mapping[str, Any] | Iterable[str] = (), weights: str = "model", device: str = "cpu",
+             storage: str | os.PathLike | None = None, out: str | os.PathLike | None = None) -> dict:
+    """Evaluate a trained segmenter in-process (no Ray): the evaluation the training loop runs (target test
+    split: mIoU, pixel accuracy, per-class IoU; source val; the label-free validators). `checkpoint`: a
+    uda_ray checkpoint (folder with state.pt, or the file), under its own experiment; `overrides` may change
+    its data.* settings and train.eval_batch_size. With `experiment` (a YAML), `checkpoint` is a weights file
+    (a state_dict of the segmenter, e.g. after convert_weights) evaluated under that experiment (any
+    override). `weights`: "model" or "teacher" (a checkpoint's EMA teacher). Returns {"source", "step",
+    "metrics", ...}; with `out`, also written there as JSON."""
+    plan = evaluation.plan_evaluate(checkpoint, experiment=experiment, overrides=overrides, weights=weights,
+                                    device=device, storage=storage, out=out)
+    return evaluation.evaluate(plan)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -84,8 +84,16 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 def cmd_pipeline(a: argparse.Namespace) -> None:
     t0 = time.time()
-    summary = api.pipeline(a.pipeline, storage=a.storage, report=a.report, address=a.address)
+    summary = api.pipeline(a.pipeline, storage=a.storage, report=a.report, address=a.address, overrides=a.set)
     print(text.pipeline_ended(summary, time.time() - t0, a.report))
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    result = api.evaluate(a.checkpoint, experiment=a.experiment, overrides=a.set, weights=a.weights,
+                          device=a.device, storage=a.storage, out=a.out)
+    print(text.evaluation_summary(result))
+    if a.out:
+        print(f"wrote {a.out}")
 
 
 def cmd_data_synth(a: argparse.Namespace) -> None:
@@ -167,6 +175,23 @@ def _run_commands(sub: Any) -> None:
     sp = _command(sub, "pipeline", cmd_pipeline, "run the stages of a pipeline in order (skips completed ones)",
                   "pipeline", address=True)
     sp.add_argument("--report", metavar="FILE.md", help="write a markdown table of the stages' results")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override every experiment stage; applied last (wins over the file's set: and the "
+                         "stages' own set)")
+    sp = _command(sub, "evaluate", cmd_evaluate, "evaluate a checkpoint (test mIoU, per-class IoU, validators) "
+                  "under its experiment's protocol, in-process (no Ray)")
+    sp.add_argument("checkpoint", help="a uda_ray checkpoint (folder with state.pt, or the file); with "
+                                       "--experiment, a weights file")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override the protocol: data.* and train.eval_batch_size of a checkpoint's experiment "
+                         "(any key with --experiment)")
+    sp.add_argument("--experiment", metavar="EXPERIMENT.yaml",
+                    help="evaluate CHECKPOINT as a weights file (a state_dict of the segmenter, e.g. a published "
+                         "model after convert-weights) under this experiment")
+    sp.add_argument("--weights", choices=["model", "teacher"], default="model",
+                    help="a checkpoint's segmenter (default) or its EMA teacher")
+    sp.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    sp.add_argument("--out", metavar="FILE.json", help="also write the metrics as JSON")
 
 
 def _tool_commands(sub: Any) -> None:

@@ -56,7 +56,22 @@ def leaderboard(name: str, *, storage: str | os.PathLike | None = None, top: int
         return {"kind": "pareto", "rows": pareto(name, storage=storage, method=method), "method": method,
                 "objectives": meta["objective"], "constraints": meta.get("constraints") or []}
     return {"kind": "best", "rows": best(name, storage=storage, top=top, metric=metric, method=method),
-            "method": method}
+            "method": method, "baseline_gain": None if method else baseline_gain(name, storage=storage, metric=metric)}
+
+
+def baseline_gain(name: str, *, storage: str | os.PathLike | None = None, metric: str | None = None) -> dict | None:
+    """The winner of sweep `name` against its baseline trial (a space with `baseline: true`), by `metric`
+    (default: the objective), test mIoU at each one's selected step (uda_ray.results.queries.gain_over_baseline);
+    None for a sweep without a baseline."""
+    from uda_ray.metric_names import check_metric
+    from uda_ray.results.queries import gain_over_baseline, ranked_trials
+
+    d = layout.find_sweep(layout.root(storage), name)
+    base = (layout.read_meta(d).get("baseline") or {}).get("trial_id")
+    if not base:
+        return None
+    return gain_over_baseline(ranked_trials(layout.results_dir(d), check_metric(metric, "metric") if metric
+                                            else None), base)
 
 
 def multi_objective(meta: dict, metric: str | None) -> bool:

@@ -90,12 +90,13 @@ class PipelinePlan:
 
 
 def plan_pipeline(path: str | os.PathLike, *, storage: str | os.PathLike | None, report: str | None,
-                  address: str | None) -> PipelinePlan:
-    """A pipeline file loaded and every stage checked (uda_ray.api.pipeline's arguments)."""
+                  address: str | None, overrides: Mapping[str, Any] | Iterable[str] = ()) -> PipelinePlan:
+    """A pipeline file loaded and every stage checked, with the `--set` overrides of every experiment stage
+    (uda_ray.api.pipeline's arguments)."""
     from uda_ray.checks import output_file
     from uda_ray.pipelines.runner import load_pipeline
 
-    pipe = load_pipeline(path)
+    pipe = load_pipeline(path, overrides_dict(overrides))
     root = layout.root(storage)
     if report:
         output_file(report, "--report")

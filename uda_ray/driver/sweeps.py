@@ -65,6 +65,10 @@ class Sweep:
     def best(self, top: int = 5, metric: str | None = None, method: str | None = None) -> list[dict]:
         return queries.best(self.name, storage=self.dir.parent, top=top, metric=metric, method=method)
 
+    def baseline_gain(self) -> dict | None:
+        """The winner against the sweep's baseline trial (`baseline: true`); None without one."""
+        return queries.baseline_gain(self.name, storage=self.dir.parent) if self.meta.get("baseline") else None
+
     def vs_oracle(self) -> str | None:
         """One line comparing the sweep's pick with choosing by the test labels (when it has them)."""
         from uda_ray.metric_names import mode_of
@@ -233,6 +237,10 @@ def _write_sweep_folder(plan: StartPlan) -> dict:
             "constraints": [dataclasses.asdict(c) for c in sp.constraints],
             "address": plan.address, "created": time.time(), "status": "running",
             "pid": os.getpid(), "host": socket.gethostname()}
+    if sp.baseline is not None:  # the first trial runs the base's own values (uda_ray.search.searcher)
+        from uda_ray.search.tune import baseline_trial_id
+
+        meta["baseline"] = {"trial_id": baseline_trial_id(sweep_d, plan.seed), "params": sp.baseline}
     layout.write_meta(sweep_d, meta)
     return meta
 

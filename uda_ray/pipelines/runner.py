@@ -2,7 +2,8 @@
 
 ```yaml
 name: intrada_synthetic
-set: {train.max_steps: 150}                  # optional overrides for every experiment stage
+set: {train.max_steps: 150}                  # optional overrides for every experiment stage (`uda-ray pipeline
+                                             # --set KEY=VALUE` adds more, applied after the stages' own)
 stages:
   - name: inter                              # IntraDA step 1: AdvEnt inter-domain
     experiment: ../experiments/synthetic_bisenet_r18_advent.yaml
@@ -77,30 +78,35 @@ class PipelineConfig:
 class Pipeline:
     cfg: PipelineConfig
     path: Path  # the pipeline file (experiment paths are relative to it)
+    cli_set: dict = field(default_factory=dict)  # `uda-ray pipeline --set`: every experiment stage, applied last
 
     def overrides(self, st: StageConfig) -> dict:
-        """The `--set`-style overrides of an experiment stage: the pipeline's select, its set, the stage's."""
-        return {"select": self.cfg.select, **self.cfg.set, **st.set}
+        """The `--set`-style overrides of an experiment stage: the pipeline's select, its set, the stage's,
+        then the command line's (which win)."""
+        return {"select": self.cfg.select, **self.cfg.set, **st.set, **self.cli_set}
 
     def experiment_path(self, st: StageConfig) -> Path:
         p = Path(st.experiment)
         return p if p.is_absolute() else self.path.parent / p
 
 
-def load_pipeline(path: str | Path) -> Pipeline:
+def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> Pipeline:
+    """The pipeline file, every stage checked; `overrides` (dotted, the command line's --set) change every
+    experiment stage, applied after the file's `set` and the stage's own."""
     p = Path(path)
     cfg = build(PipelineConfig, read_yaml(p), str(p))
     if not cfg.stages:
         raise ConfigError(f"{p}: a pipeline needs at least one stage")
     seen: set[str] = set()
-    pipe = Pipeline(cfg, p)
+    pipe = Pipeline(cfg, p, dict(overrides or {}))
     for st in cfg.stages:
         where = f"{p}: stage '{st.name}'"
         if st.name in seen:
             raise ConfigError(f"{where}: duplicate stage name")
         if (st.experiment is None) == (st.action is None):
             raise ConfigError(f"{where}: give exactly one of experiment, {', '.join(ACTIONS)}")
-        for v in list(st.set.values()) + list((st.action or ("", {}))[1].values()):
+        cli = list(pipe.cli_set.values()) if st.experiment is not None else []
+        for v in list(st.set.values()) + list((st.action or ("", {}))[1].values()) + cli:
             ref = _ref_stage(v)
             if ref is not None and ref not in seen:
                 raise ConfigError(f"{where}: refers to '{ref}', which is not an earlier stage")

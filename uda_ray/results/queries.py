@@ -42,6 +42,32 @@ def best_trials(results_dir: Path, metric: str | None = None, mode: str | None =
     return out[:top]
 
 
+def ranked_trials(results_dir: Path, metric: str | None = None, mode: str | None = None) -> list[dict]:
+    """Every trial with an evaluation of `metric`, ranked as `best_trials` ranks them (best first)."""
+    return best_trials(results_dir, metric=metric, mode=mode, top=2**31)
+
+
+def gain_over_baseline(ranked: list[dict], baseline: str) -> dict[str, Any]:
+    """The winner of `ranked` (rows with trial_id, rank_metric, rank_mode, rank_value and rank_test_miou at
+    each trial's selected step, best first) against the `baseline` trial: `state` is "no_evaluation" (the
+    baseline has no value of the metric yet), "baseline_wins" (nothing ranks above it), or "gain"; `gain` is
+    the winner's value minus the baseline's (in the metric's units, signed), `test_gain` the same for test
+    mIoU in points (None unless both have a finite one)."""
+    base = next((r for r in ranked if r["trial_id"] == baseline), None)
+    out: dict[str, Any] = {"baseline": baseline, "metric": ranked[0]["rank_metric"] if ranked else None,
+                           "winner": ranked[0]["trial_id"] if ranked else None, "gain": None, "test_gain": None}
+    if base is None:
+        return {**out, "state": "no_evaluation"}
+    win = ranked[0]
+    out.update(metric=base["rank_metric"], baseline_value=base["rank_value"], winner_value=win["rank_value"],
+               baseline_test=base.get("rank_test_miou"), winner_test=win.get("rank_test_miou"))
+    if win["trial_id"] == baseline or win["rank_value"] == base["rank_value"]:
+        return {**out, "winner": baseline, "state": "baseline_wins"}
+    if finite(out["winner_test"]) and finite(out["baseline_test"]):
+        out["test_gain"] = 100.0 * (out["winner_test"] - out["baseline_test"])
+    return {**out, "state": "gain", "gain": win["rank_value"] - base["rank_value"]}
+
+
 def _ranked(vals: list[dict], metric: str, mode: str) -> dict[str, Any]:
     """The `rank_*` and `kept_*` columns of one trial from its eval rows with a value of `metric`."""
     from uda_ray.training.checkpoint import checkpoint_kept

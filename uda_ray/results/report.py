@@ -28,10 +28,18 @@ from typing import Any
 
 from uda_ray.errors import UserError
 from uda_ray.results import figures
-from uda_ray.results.report_data import ReportData, param_kinds, pareto_points, selected_rows, test_metric, trial_params
+from uda_ray.results.report_data import (
+    ReportData,
+    baseline_gain,
+    param_kinds,
+    pareto_points,
+    selected_rows,
+    test_metric,
+    trial_params,
+)
 from uda_ray.results.stats import finite
 from uda_ray.results.tables import read_table
-from uda_ray.results.text import fmt
+from uda_ray.results.text import baseline_line, fmt
 from uda_ray.storage import layout
 from uda_ray.target_labels import MARK, SHORT_MARK, row_marked
 
@@ -174,6 +182,9 @@ def _header(data: ReportData) -> str:
                                                                       for k, v in counts.items() if v)
            + f"; objective {html.escape(objs)}; folder {html.escape(str(data.folder))}; generated "
            + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()) + "</p>")
+    gain = baseline_gain(data) if data.kind == "sweep" else None
+    if gain:
+        out += f'<p class="note" id="baseline"><strong>Baseline</strong>: {html.escape(baseline_line(gain))}</p>'
     marked = [t["trial_id"] for t in data.trials if row_marked(t)]
     if marked:
         out += (f'<p class="gt" id="target-gt"><strong>{MARK}</strong>: {len(marked)} of {len(data.trials)} '

@@ -53,6 +53,21 @@ def selected_rows(data: ReportData) -> dict[str, dict]:
     return out
 
 
+def baseline_gain(data: ReportData) -> dict | None:
+    """The winner against the sweep's baseline trial (sweep.json `baseline`), each at its selected step
+    (uda_ray.results.queries.gain_over_baseline); None for a sweep without a baseline."""
+    from uda_ray.results.queries import gain_over_baseline
+
+    base = (data.meta.get("baseline") or {}).get("trial_id")
+    if not base:
+        return None
+    ranked = sorted(({"trial_id": tid, "rank_metric": data.metric, "rank_mode": data.mode,
+                      "rank_value": r[data.metric], "rank_test_miou": r.get("test/miou")}
+                     for tid, r in selected_rows(data).items()),
+                    key=lambda r: r["rank_value"], reverse=data.mode == "max")
+    return gain_over_baseline(ranked, base)
+
+
 def test_metric(data: ReportData) -> str | None:
     """The first of TEST_METRICS some evaluation reported, else None (a target without test labels)."""
     for m in TEST_METRICS:

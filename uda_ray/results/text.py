@@ -118,10 +118,25 @@ def metrics_line(m: dict, select: str) -> str:
 
 
 def leaderboard(board: dict) -> str:
-    """`uda_ray.api.leaderboard`'s answer: the Pareto front or the best trials."""
+    """`uda_ray.api.leaderboard`'s answer: the Pareto front or the best trials (and, in a sweep with a
+    baseline, the winner's gain over it)."""
     if board["kind"] == "pareto":
         return pareto_table(board["objectives"], board["constraints"], board["rows"], board["method"])
-    return best_table(board["rows"], board["method"])
+    gain = board.get("baseline_gain")
+    return best_table(board["rows"], board["method"]) + (f"\n{baseline_line(gain)}" if gain else "")
+
+
+def baseline_line(g: dict) -> str:
+    """One line on the winner against the sweep's baseline trial (uda_ray.results.queries.gain_over_baseline):
+    `winner A vs baseline B: uv/im +0.0123, test/miou +2.1 points`."""
+    b, m = g["baseline"], g.get("metric") or "the objective"
+    if g["state"] == "no_evaluation":
+        return f"baseline {b}: no evaluation of {m} yet, no gain to state"
+    if g["state"] == "baseline_wins":
+        test = f", test/miou={points(g['baseline_test'])}" if finite(g.get("baseline_test")) else ""
+        return f"the baseline {b} wins: {m}={g['baseline_value']:.4f}{test}; no trial beat the base configuration"
+    test = f", test/miou {g['test_gain']:+.1f} points" if g.get("test_gain") is not None else ""
+    return f"winner {g['winner']} vs baseline {b}: {m} {g['gain']:+.4f}{test}"
 
 
 def sweep_ended(s: Any, top: int = 5) -> str:
@@ -130,6 +145,9 @@ def sweep_ended(s: Any, top: int = 5) -> str:
     started = s.meta.get("resumed") or s.meta["created"]
     lines = [f"sweep '{s.name}' {s.status.replace('_', ' ')} in {s.meta['finished'] - started:.0f}s"
              + (" (since the resume)" if s.meta.get("resumed") else ""), best_table(s.best(top=top))]
+    gain = s.baseline_gain() if hasattr(s, "baseline_gain") else None
+    if gain:
+        lines.append(baseline_line(gain))
     oracle = s.vs_oracle()
     if oracle:
         lines.append(oracle)
@@ -215,3 +233,32 @@ def profile_report(result: dict) -> str:
         lines.append(f"  paper    {paper['params'] / 1e6:10.3f} M params, {paper['gflops']:.2f} GFLOPs @ {ph}x{pw}")
         lines.append(f"  source   {paper['source']}")
     return "\n".join(lines)
+
+
+def evaluation_summary(result: dict) -> str:
+    """The lines `uda-ray evaluate` prints: the headline metrics, the validators, the per-class IoU."""
+    m = result["metrics"]
+    step = f" at step {result['step']}" if result.get("step") is not None else ""
+    lines = [f"{result['source']}{step}: {result['method']}/{result['model']} on {result['target_root']}"
+             + (f"  [{MARK}]" if result.get("target_ground_truth") else "")]
+    if "test/miou" in m:
+        lines.append(f"test mIoU {_pct(m['test/miou'])}%  pixel accuracy {_pct(m.get('test/pixel_acc'))}%")
+    for k in ("test/miou16", "test/miou13", "src_val/miou", "src_val/pixel_acc", "sel/miou"):
+        if k in m:
+            lines.append(f"{k} {_pct(m[k])}%")
+    uv = [k for k in m if k.startswith("uv/")]
+    if uv:
+        lines.append("validators: " + "  ".join(f"{k} {_num(m[k])}" for k in uv))
+    ious = [(k.removeprefix("test/iou/"), v) for k, v in m.items() if k.startswith("test/iou/")]
+    if ious:
+        lines.append("per-class IoU (test, %):")
+        lines.extend(f"  {name:<14} {_pct(v)}" for name, v in ious)
+    return "\n".join(lines)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4g}"

@@ -36,6 +36,7 @@ class ResultsCallback(tune.Callback):
         tty = sys.stdout if sys.stdout.isatty() and progress.handlers else None  # the CLI on a terminal
         self.view = LiveView(progress.info, tty)
         self.polled = 0.0
+        self._experiments: dict[str, tuple[dict, dict]] = {}  # trial id -> (experiment, params)
 
     def setup(self, **info: Any) -> None:
         # reloads existing tables on resume; the trials file is rewritten at most once a second by results
@@ -63,8 +64,12 @@ class ResultsCallback(tune.Callback):
         self.view.update(beats, now - self.t0, now)
 
     def _exp(self, trial: Any) -> tuple[dict, dict]:
-        params = plain(trial.config["params"])
-        return experiment_of(self.sweep["base_raw"], params), params
+        """The trial's resolved experiment and its params, built once per trial (not on every result)."""
+        cached = self._experiments.get(trial.trial_id)
+        if cached is None:
+            params = plain(trial.config["params"])
+            cached = self._experiments[trial.trial_id] = (experiment_of(self.sweep["base_raw"], params), params)
+        return cached
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.writer.start(trial.trial_id, *self._exp(trial))

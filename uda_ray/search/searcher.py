@@ -23,7 +23,7 @@ from uda_ray.search.private import (
     unflatten_params,
 )
 from uda_ray.search.space import SearchSpace
-from uda_ray.search.study import study_storage
+from uda_ray.search.study import BASELINE_ATTR, study_storage
 
 
 class PruneAwareOptunaSearch(OptunaSearch):
@@ -48,10 +48,20 @@ class PruneAwareOptunaSearch(OptunaSearch):
     the study keeps what it was told once.
     """
 
-    def __init__(self, *, max_steps: int, constraints: tuple = (), **kwargs: Any) -> None:
+    def __init__(self, *, max_steps: int, constraints: tuple = (), baseline: dict | None = None,
+                 **kwargs: Any) -> None:
+        self.baseline = baseline  # the base's own parameter values, the first trial (`baseline: true`)
         super().__init__(**kwargs)
         self.max_steps = max_steps
         self.constraints = constraints
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        """Tune hands the space over here and the study is created (or loaded from the journal): the baseline
+        is enqueued into it then (once per study, see enqueue_baseline)."""
+        done = super().set_search_properties(metric, mode, config, **spec)
+        if done and self.baseline is not None:
+            enqueue_baseline(searcher_study(self), self.baseline)
+        return done
 
     def suggest(self, trial_id: str) -> dict | None:
         out = super().suggest(trial_id)
@@ -77,13 +87,16 @@ class PruneAwareOptunaSearch(OptunaSearch):
             study = searcher_study(self)
             known = {trial_storage_id(t) for t in searcher_trials(self).values()}
             self._earlier = {}
-            live = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+            waiting = optuna.trial.TrialState.WAITING
+            live = (optuna.trial.TrialState.RUNNING, waiting)
             for ft in study.get_trials(deepcopy=False):
                 if trial_storage_id(ft) in known:
                     continue
                 if "tune_trial_id" in ft.user_attrs:
                     self._earlier[ft.user_attrs["tune_trial_id"]] = ft
-                elif ft.state in live:  # asked for, then killed before it was named: never matched again
+                elif ft.state in live and not (ft.state == waiting and BASELINE_ATTR in ft.user_attrs):
+                    # asked for, then killed before it was named: never matched again (but an enqueued
+                    # baseline not yet asked for is WAITING: the next ask takes it)
                     _fail_unrun(study, ft, "suggested just before an interruption; never run")
         return self._earlier
 
@@ -162,9 +175,20 @@ def make_searcher(space: SearchSpace, seed: int, sweep_dir: Path | None = None) 
         sampler=optuna.samplers.TPESampler(seed=seed),
         storage=study_storage(sweep_dir) if sweep_dir is not None else None,
         study_name=Path(sweep_dir).name if sweep_dir is not None else None,
-        max_steps=space.base.train.max_steps, constraints=space.constraints,
+        max_steps=space.base.train.max_steps, constraints=space.constraints, baseline=space.baseline,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent_trials)
+
+
+def enqueue_baseline(study: Any, point: dict) -> bool:
+    """Enqueue the base experiment's own parameter values (`point`) as the study's next trial, once per study:
+    not when the study already holds it (a sweep started again from its folder). The next `ask` (the sweep's
+    first suggestion, trial <prefix>_00000) takes it; the study is journaled, so after a restore it is a
+    trial like any other and is never enqueued again. Returns whether it was enqueued."""
+    if any(BASELINE_ATTR in t.user_attrs for t in study.get_trials(deepcopy=False)):
+        return False
+    study.enqueue_trial({f"params/{k}": v for k, v in point.items()}, user_attrs={BASELINE_ATTR: True})
+    return True
 
 
 class TrialIdsInOrder(SearchGenerator):

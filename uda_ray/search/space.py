@@ -10,6 +10,7 @@ num_samples: 8
 max_concurrent_trials: 1
 seed: 0                                # Optuna TPE seed; omit for a fresh one per sweep (recorded)
 scheduler: {asha: {grace_period: 100, reduction_factor: 3}}   # or null
+baseline: false                        # true: the first trial runs the base's own values of the params
 params:
   optim.lr: {loguniform: [1.0e-4, 5.0e-2]}
   method: {choice: [source_only, target_only]}
@@ -18,6 +19,7 @@ params:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +126,7 @@ class _SpaceFile:
     scheduler: SchedulerConfig | None = None
     driver_cpus: float = 0.25
     constraints: dict | None = None
+    baseline: bool = False
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,7 @@ class SearchSpace:
     scheduler: SchedulerConfig | None
     driver_cpus: float
     constraints: tuple[Constraint, ...] = ()
+    baseline: dict[str, Any] | None = None  # `baseline: true`: the base's value of each searched param
 
     @property
     def metric(self) -> str:
@@ -215,7 +219,8 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None) -> Sea
         raise ConfigError(f"{p}: scheduler.asha.grace_period exceeds train.max_steps ({base.train.max_steps})")
     params = {k: _parse_param(k, v, str(p)) for k, v in (sf.params or {}).items()}
     space = SearchSpace(str(p), base_raw, base, params, objectives, sf.num_samples, sf.max_concurrent_trials,
-                        sf.seed, sf.scheduler, sf.driver_cpus, parse_constraints(sf.constraints, str(p)))
+                        sf.seed, sf.scheduler, sf.driver_cpus, parse_constraints(sf.constraints, str(p)),
+                        baseline_point(base, params, str(p)) if sf.baseline else None)
     for key, prm in params.items():  # each corner, the others at their first corner
         for v in prm.corners():
             sample = {k: q.corners()[0] for k, q in params.items()}
@@ -223,3 +228,46 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None) -> Sea
             space.experiment(sample, f"{p}: params.{key}={v!r}")
     return space
 
+
+
+_NO_VALUE = object()
+
+
+def _base_value(base: ExperimentConfig, key: str) -> Any:
+    """The value of the dotted `key` in the built base experiment (its YAML, else the defaults), or _NO_VALUE."""
+    v: Any = base
+    for part in key.split("."):
+        if isinstance(v, dict):
+            v = v.get(part, _NO_VALUE)
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            v = getattr(v, part, _NO_VALUE)
+        else:
+            return _NO_VALUE
+        if v is _NO_VALUE:
+            return v
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _in_param(v: Any, prm: Param) -> bool:
+    if prm.kind == "choice":  # True == 1 in Python: a bool matches only a bool
+        return any(v == c and isinstance(v, bool) == isinstance(c, bool) for c in prm.values)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    if prm.kind == "int" and v != int(v):
+        return False
+    return prm.values[0] <= v <= prm.values[1]
+
+
+def baseline_point(base: ExperimentConfig, params: dict[str, Param], source: str) -> dict[str, Any]:
+    """`baseline: true`: each searched parameter at the base experiment's own value, which must lie in its
+    range or choices (ConfigError naming the parameter otherwise)."""
+    out = {}
+    for key, prm in params.items():
+        v = _base_value(base, key)
+        if v is _NO_VALUE or (v is None and not (prm.kind == "choice" and None in prm.values)):
+            raise ConfigError(f"{source}: baseline: the base experiment has no value for params.{key}")
+        if not _in_param(v, prm):
+            raise ConfigError(f"{source}: baseline: the base's {key}={v!r} is outside params.{key} "
+                              f"({prm.kind}: {list(prm.values)!r})")
+        out[key] = v if prm.kind == "choice" else int(v) if prm.kind == "int" else float(v)
+    return out

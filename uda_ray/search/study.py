@@ -12,6 +12,7 @@ from uda_ray.search.space import SearchSpace
 from uda_ray.storage import layout
 
 STUDY_FILE = "optuna_journal.log"
+BASELINE_ATTR = "uda_ray_baseline"  # the user attribute of the baseline trial in the Optuna study
 
 
 def tune_domains(space: SearchSpace) -> dict:

@@ -36,6 +36,11 @@ def trial_id_prefix(sweep_dir: Path, seed: int) -> str:
     return hashlib.sha1(f"{Path(sweep_dir).name}:{seed}".encode()).hexdigest()[:5]
 
 
+def baseline_trial_id(sweep_dir: Path, seed: int) -> str:
+    """The id of a sweep's baseline trial (`baseline: true`): its first suggestion takes the enqueued baseline."""
+    return f"{trial_id_prefix(sweep_dir, seed)}_{0:05d}"
+
+
 def make_search_alg(searcher: Any, prefix: str) -> Any:
     """Tune's SearchGenerator over `searcher`, naming the n-th suggested trial `<prefix>_<n:05d>`
     (see searcher.TrialIdsInOrder)."""
