@@ -274,3 +274,26 @@ def test_the_labeled_selection_split_never_enters_the_training_stream(synth_root
     ds = build_datasets(cfg.data, source=False, target=True, target_labels=True)
     sel, tgt = set(names_of(ds["sel"])), set(names_of(ds["tgt"]))
     assert len(sel) == 2 and tgt and not sel & tgt
+
+
+def test_a_warm_start_never_seeds_a_uda_search_with_runs_trained_on_target_ground_truth(tmp_path, synth_root):
+    """`--warm-start` carries only parameters and objective values, but values learnt by an oracle would steer a
+    UDA search with what the target labels taught: such trials are skipped, with the reason."""
+    from uda_ray.results.tables import ResultsWriter
+    from uda_ray.search.space import load_space
+    from uda_ray.search.study import warm_start_points
+
+    earlier = tmp_path / "earlier"
+    w = ResultsWriter(earlier / "results", "earlier", "src_val/miou", "max", 0)
+    for tid, over in (("oracle", {"method": "self_training", "data.target_labels": "ground_truth"}),
+                      ("uda", {"method": "adversarial"})):
+        exp = experiment_dict(build_experiment(tiny_experiment(synth_root, **over, **{"optim.lr": 0.01})))
+        w.result(tid, exp, {"optim.lr": 0.01}, {"step": 4, "src_val/miou": 0.3, "checkpoint_path": None})
+        w.end(tid, exp, {"optim.lr": 0.01}, "completed")
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_experiment(synth_root, method="adversarial")))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({
+        "base": "base.yaml", "num_samples": 2, "objective": {"metric": "src_val/miou"},
+        "params": {"optim.lr": {"loguniform": [1e-3, 1e-1]}}}))
+    points, skipped = warm_start_points(earlier, load_space(tmp_path / "space.yaml"))
+    assert [p["user_attrs"]["warm_start_trial_id"] for p in points] == ["uda"]
+    assert dict(skipped)["oracle"].startswith("trained on target ground truth")

@@ -75,15 +75,20 @@ def warm_start_points(earlier_dir: Path, space: SearchSpace) -> tuple[list[dict]
     (what the searcher is told); one stopped early by the scheduler comes as PRUNED with its intermediate
     values; errored and unfinished trials are skipped, as are trials whose parameters are not exactly the
     new space's or fall outside its ranges / choices."""
+    from uda_ray.config import experiment_dict
     from uda_ray.results.tables import read_table
+    from uda_ray.target_labels import row_marked, trains_on_target_gt
 
     earlier_dir = Path(earlier_dir)
     dists = optuna_distributions(space)
     metrics = [o.metric for o in space.objectives]
+    # a UDA search is not seeded by runs that saw the target's labels (values learnt from an oracle)
+    oracle_ok = trains_on_target_gt(experiment_dict(space.base))
     evals = read_table(layout.results_dir(earlier_dir), "evals")
     points, skipped = [], []
     for t in read_table(layout.results_dir(earlier_dir), "trials"):
-        point = _warm_start_point(t, earlier_dir.name, evals, dists, metrics)
+        point = (_warm_start_point(t, earlier_dir.name, evals, dists, metrics) if oracle_ok or not row_marked(t)
+                 else "trained on target ground truth (it would seed a UDA search with an oracle's values)")
         if isinstance(point, str):
             skipped.append((t["trial_id"], point))
         else:
