@@ -37,3 +37,23 @@ def test_trials_of_one_model_share_its_profile(tmp_path, synth_root, monkeypatch
     keys = ("model/params", "model/gflops", "model/latency_ms", "model/fps")
     assert all(first.reports[-1][k] == second.reports[-1][k] for k in keys)
     assert first.reports[-1]["model/gflops"] > 0
+
+
+def test_a_run_trains_the_same_whether_its_profile_was_measured_or_read_from_the_cache(tmp_path, synth_root):
+    """The profile draws random inputs; measured under a forked RNG, it leaves the run's random stream alone, so
+    a sweep trial's numbers do not depend on whether it or a concurrent trial measured the model first."""
+    from tests.conftest import tiny_experiment
+    from uda_ray.build import build_experiment
+    from uda_ray.training.loop import fit
+    from uda_ray.training.sessions import LocalSession
+
+    cfg = build_experiment(tiny_experiment(synth_root, **{"train.profile": True}))
+    cold, warm = LocalSession(tmp_path / "sweep" / "cold"), LocalSession(tmp_path / "sweep" / "warm")
+    fit(cfg, cold)  # measures the model: the cache beside the runs is empty
+    fit(cfg, warm)  # reads it from the cache
+    keys = [k for k in cold.reports[-1] if k.startswith(("test/", "uv/", "loss/"))]
+    assert keys
+    def values(s):  # NaN (a class absent from labels and predictions) compared as equal
+        return [[None if r[k] != r[k] else r[k] for k in keys] for r in s.reports]
+
+    assert values(cold) == values(warm)

@@ -95,12 +95,18 @@ def check_selectable(cfg: ExperimentConfig, has_test: bool) -> None:
 
 
 def model_profile(model: nn.Module, size_hw: tuple[int, int], device: torch.device) -> dict[str, float]:
-    """Params, GFLOPs (torch's FLOP counter: a multiply-add = 2 FLOPs) and latency of the eval model."""
+    """Params, GFLOPs (torch's FLOP counter: a multiply-add = 2 FLOPs) and latency of the eval model.
+
+    Measured under a forked RNG: the random inputs it draws must not move the run's own random stream. A sweep
+    measures each model once (a cache beside its runs), so without the fork a trial's training depended on
+    whether it or a concurrent trial measured first."""
     from uda_ray.models.profile import count_gflops, count_params, measure_latency
 
     was_training = model.training
-    lat = measure_latency(model, size_hw, device=str(device), warmup=1, iters=3)
-    out = {"model/params": float(count_params(model)), "model/gflops": count_gflops(model, size_hw),
-           "model/latency_ms": lat["latency_ms"], "model/fps": lat["fps"]}
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        lat = measure_latency(model, size_hw, device=str(device), warmup=1, iters=3)
+        out = {"model/params": float(count_params(model)), "model/gflops": count_gflops(model, size_hw),
+               "model/latency_ms": lat["latency_ms"], "model/fps": lat["fps"]}
     model.train(was_training)
     return out
