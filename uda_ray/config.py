@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from uda_ray import target_labels as target_labels_rule
 from uda_ray.config_loader import to_dict
 from uda_ray.errors import ConfigError
 from uda_ray.metric_names import DEFAULT_SELECTION, check_metric
@@ -61,7 +62,7 @@ class DataConfig:
     # What a method that reads target labels trains on (uda_ray.target_labels): "pseudo" (pseudo_from or
     # target_label_root; a run with neither is refused) or "ground_truth" (the target's own labels: an oracle
     # ablation, marked in every output). target_only is the oracle: ground truth unless given pseudo-labels.
-    target_labels: str = "pseudo"
+    target_labels: str = target_labels_rule.PSEUDO
     # set by uda_ray, not by hand: the checkpoint this run starts or learns from that was trained on target
     # ground truth (directly or through its own ancestors), so this run is marked too
     target_gt_via: str | None = None
@@ -131,7 +132,7 @@ class DataConfig:
         _check(0.0 < self.easy_fraction < 1.0, "data.easy_fraction must be in (0, 1)")
         _check(0.0 <= self.pseudo_percentile <= 1.0, "data.pseudo_percentile must be in [0, 1]")
         _check(0.0 < self.pseudo_cap <= 1.0, "data.pseudo_cap must be in (0, 1]")
-        _check(self.target_labels in ("pseudo", "ground_truth"),
+        _check(self.target_labels in target_labels_rule.CHOICES,
                f"data.target_labels must be 'pseudo' or 'ground_truth', got {self.target_labels!r}")
         _check(not (self.pseudo_from and self.target_label_root),
                "data: give pseudo_from (labels made by the run) or target_label_root (a folder), not both")
