@@ -42,7 +42,7 @@ def main() -> None:
     ds = build_datasets(data, source=False, target=False, target_labels=False, splits=sp)
     loaders = eval_loaders(ds, cfg, 0, 1)
     torch.manual_seed(0)
-    model = build_model(cfg.model).eval()
+    model = build_model(cfg.model, cfg.data.normalize).eval()
     dev = torch.device("cpu")
     fns = {
         "test split only (before)": lambda: evaluate(model, loaders["test"], cfg.model.num_classes, dev),

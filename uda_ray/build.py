@@ -56,15 +56,19 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
     return build_experiment(experiment_raw(path, overrides), str(path))
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    return MODELS[cfg.name](num_classes=cfg.num_classes, pretrained=cfg.pretrained, **cfg.kwargs)
+def build_model(cfg: ModelConfig, normalize: str = "imagenet") -> nn.Module:
+    """The segmenter of `cfg`, with the input normalization `normalize` (data.normalize)."""
+    from uda_ray.models.resnet import set_input_normalization
+
+    model = MODELS[cfg.name](num_classes=cfg.num_classes, pretrained=cfg.pretrained, **cfg.kwargs)
+    return set_input_normalization(model, normalize)
 
 
 def build_method(cfg: ExperimentConfig, wrap: Callable | None, device: torch.device | str) -> Method:
     cls = METHODS[cfg.method]
 
     def segmenter() -> nn.Module:
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, cfg.data.normalize)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if cfg.train.compile:
@@ -90,6 +94,6 @@ def load_trained(checkpoint: str | Path, device: str = "cpu", weights: str = "mo
         raise UserError(f"weights: 'model' or 'teacher', got {weights!r}")
     if weights not in state["method"]:
         raise UserError(f"{checkpoint}: the {cfg.method} checkpoint has no '{weights}' weights")
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.data.normalize)
     model.load_state_dict(state["method"][weights])
     return cfg, model.to(device).eval()

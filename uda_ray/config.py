@@ -40,6 +40,10 @@ class SynthConfig:
         _check(min(self.size) >= 16, "data.synthetic.size: both sides must be >= 16")
 
 
+PSEUDO_THRESHOLDS = ("class_percentile", "image_median")  # data.pseudo_threshold
+NORMALIZATIONS = ("imagenet", "caffe_bgr")  # data.normalize (uda_ray.models.resnet.set_input_normalization)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "gta5"
@@ -58,6 +62,13 @@ class DataConfig:
     eval_size: tuple[int, int] | None = None  # (W, H) input of target val images; None = target_size
     hflip: bool = True
     grayscale: bool = False  # feed every image (source, target, val) as 3-channel grayscale
+    # the model's input normalization, wherever an image enters a model (uda_ray.models.resnet.
+    # set_input_normalization): "imagenet" (the model's own: ImageNet mean/std) or "caffe_bgr" (BGR, 0..255
+    # minus the Caffe mean, no std: the ADVENT / AdaptSegNet / seed BiSeNet code)
+    normalize: str = "imagenet"
+    # (W, H): evaluate labeled splits with the labels resized (nearest) to this size and the logits upsampled
+    # to it (github.com/isola-quezada-98/Project1 evaluates Cityscapes val at 1024x512); None: labels as stored
+    eval_label_size: tuple[int, int] | None = None
     target_label_root: str | None = None  # pseudo-label folder (trainIds) replacing target labels
     # What a method that reads target labels trains on (uda_ray.target_labels): "pseudo" (pseudo_from or
     # target_label_root; a run with neither is refused) or "ground_truth" (the target's own labels: an oracle
@@ -74,6 +85,11 @@ class DataConfig:
     pseudo_percentile: float = 0.5
     pseudo_cap: float = 0.9
     pseudo_stylize_beta: float | None = None  # predict on target images FDA-stylized toward the source
+    # the thresholds' rule: "class_percentile" (above: one threshold per class over the whole target train set,
+    # BDL / FDA-MBT) or "image_median" (createpseudolabels.py of the real-time DA project, micolrosini/Real-Time-Domain-
+    # Adaptation-in-Image-Segmentation on GitHub: per image, per class predicted in it,
+    # the median confidence of that class's pixels in that image, capped at pseudo_cap; pseudo_percentile unused)
+    pseudo_threshold: str = "class_percentile"
     # IntraDA: a ranking folder (an `intrada_rank` stage). The source becomes the easiest `easy_fraction` of
     # the target train set with the ranking's pseudo-labels, the target its hard rest.
     ranking: str | None = None
@@ -110,7 +126,7 @@ class DataConfig:
             self.synthetic is not None or (self.target_root and (self.source_root or self.ranking)),
             "data: give source_root and target_root, or `synthetic` to use the built-in benchmark",
         )
-        for key in ("source_size", "target_size", "crop_size", "eval_size", "random_width"):
+        for key in ("source_size", "target_size", "crop_size", "eval_size", "random_width", "eval_label_size"):
             v = getattr(self, key)
             _check(v is None or min(v) >= 8, f"data.{key}: both sides must be >= 8")
         _check(self.resize_filter in ("bilinear", "bicubic"),
@@ -132,6 +148,10 @@ class DataConfig:
         _check(0.0 < self.easy_fraction < 1.0, "data.easy_fraction must be in (0, 1)")
         _check(0.0 <= self.pseudo_percentile <= 1.0, "data.pseudo_percentile must be in [0, 1]")
         _check(0.0 < self.pseudo_cap <= 1.0, "data.pseudo_cap must be in (0, 1]")
+        _check(self.pseudo_threshold in PSEUDO_THRESHOLDS, f"data.pseudo_threshold must be one of "
+               f"{', '.join(PSEUDO_THRESHOLDS)}, got {self.pseudo_threshold!r}")
+        _check(self.normalize in NORMALIZATIONS,
+               f"data.normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
         _check(self.target_labels in target_labels_rule.CHOICES,
                f"data.target_labels must be 'pseudo' or 'ground_truth', got {self.target_labels!r}")
         _check(not (self.pseudo_from and self.target_label_root),
@@ -157,6 +177,12 @@ LAUNCHERS = ("auto", "ray_train", "inline")
 @dataclass(frozen=True)
 class TrainConfig:
     max_steps: int = 1000
+    # The run's length in epochs of its training set (the source train split; the target train split for a method
+    # without source, target_only), as the BiSeNet UDA projects count it (e.g. 50 epochs):
+    # max_steps = ceil(epochs * images / global batch),
+    # computed when the data are resolved (uda_ray.driver.prepare.resolve_epochs); the poly horizon follows.
+    # A max_steps given beside it must agree (one line otherwise); None: max_steps is the length.
+    epochs: int | None = None
     eval_every: int = 100
     batch_size: int = 8  # per worker; the global batch is batch_size * num_workers
     num_workers: int = 1  # training processes (DDP workers under Ray Train)
@@ -183,6 +209,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.amp in ("off", "bf16", "fp16"), f"train.amp must be 'off', 'bf16' or 'fp16', got {self.amp!r}")
         _check(self.max_steps >= 1, "train.max_steps must be >= 1")
+        _check(self.epochs is None or self.epochs >= 1, f"train.epochs must be >= 1 (or null), got {self.epochs}")
         _check(1 <= self.eval_every, "train.eval_every must be >= 1")
         _check(self.batch_size >= 1 and self.eval_batch_size >= 1, "train batch sizes must be >= 1")
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")

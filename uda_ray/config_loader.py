@@ -100,6 +100,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return build(tp, value, source, prefix=key + ".")
     if tp is Any:
         return value
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices or isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -134,7 +139,12 @@ def _coerce_union(value: Any, args: tuple, key: str, source: str) -> Any:
             return _coerce(value, arg, key, source)
         except ConfigError as e:
             errors.append(str(e))
-    raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: '{key}' has the wrong type: {value!r}")
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
+    whats = [e.split(f"'{key}' must be ", 1)[1].rsplit(", got ", 1)[0] for e in errors if f"'{key}' must be " in e]
+    if len(whats) == len(errors):  # "must be a number or one of 'x', got 'y'"
+        raise ConfigError(f"{source}: '{key}' must be {' or '.join(whats)}, got {value!r}")
+    raise ConfigError(f"{source}: '{key}' has the wrong type: {value!r}")
 
 
 def build(cls: type, raw: dict, source: str = "<config>", prefix: str = "") -> Any:
@@ -234,6 +244,20 @@ def merge(base: dict, child: dict) -> dict:
     return out
 
 
+LENGTH_KEYS = ("max_steps", "epochs")  # train.*: the two ways to give a run's length
+
+
+def _child_length_wins(parent: dict, child: dict) -> None:
+    """A child that gives the run's length one way (train.max_steps or train.epochs) drops the other way from
+    its base: inherited, it would be a second, disagreeing length (uda_ray.driver.prepare.resolve_epochs)."""
+    ctrain, ptrain = child.get("train"), parent.get("train")
+    if not (isinstance(ctrain, dict) and isinstance(ptrain, dict)):
+        return
+    for key, other in (LENGTH_KEYS, LENGTH_KEYS[::-1]):
+        if key in ctrain and other not in ctrain:
+            ptrain.pop(other, None)
+
+
 def load_raw(path: str | Path) -> dict:
     """Read a YAML file, resolving at most one level of `base: other.yaml` (relative to the file)."""
     p = Path(path)
@@ -250,5 +274,6 @@ def load_raw(path: str | Path) -> dict:
             raise ConfigError(f"{bp}: 'base' chains are not allowed (one level of inheritance at most)")
         if raw.get("method", parent.get("method")) != parent.get("method"):
             parent.pop("method_cfg", None)  # another method: the base's hyperparameters do not apply
+        _child_length_wins(parent, raw)
         raw = merge(parent, raw)
     return raw

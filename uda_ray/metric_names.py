@@ -38,6 +38,11 @@ _M = [
     Metric("test/miou16", "max", "mean IoU over the 16 SYNTHIA classes, target test split", True),
     Metric("test/miou13", "max", "mean IoU over the 13 SYNTHIA classes, target test split", True),
     Metric("test/pixel_acc", "max", "pixel accuracy, target test split", True),
+    # the definitions of Project1 (BiSeNet UDA; github.com/isola-quezada-98/Project1), beside the standard ones
+    Metric("test/miou18", "max", "Project1's mIoU: mean IoU over the first 18 classes (bicycle left out), a class "
+                                 "absent from labels and predictions counting 0, target test split (19 classes)", True),
+    Metric("test/acc_img", "max", "Project1's accuracy: mean over images of correct / all pixels of the image "
+                                  "(255-labeled pixels count as wrong), target test split", True),
     Metric("src_val/miou", "max", "mean IoU on the held-out source validation split"),
     Metric("src_val/pixel_acc", "max", "pixel accuracy on the held-out source validation split"),
     Metric("sel/miou", "max", "mean IoU on the small labeled target selection split (from target train)"),

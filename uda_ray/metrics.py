@@ -1,4 +1,6 @@
-"""Confusion matrix -> mIoU, per-class IoU, pixel accuracy; summed across DDP workers."""
+"""Confusion matrix -> mIoU, per-class IoU, pixel accuracy; summed across DDP workers. Beside them, Project1's
+definitions (github.com/isola-quezada-98/Project1, `val` in train_*.py with utils.py): its mIoU over the first 18
+classes (`miou18`) and its mean of per-image accuracies (`ImageAccuracy`)."""
 
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ def metrics_from_confusion(mat: torch.Tensor, class_names: tuple[str, ...] | Non
         "pixel_acc": (mat.diag().sum().item() / total) if total else float("nan"),
     }
     if mat.shape[0] == len(CLASSES):
+        out["miou18"] = miou18(mat)
         out["miou16"] = _nanmean(iou[list(MIOU16_CLASSES)])
         out["miou13"] = _nanmean(iou[list(MIOU13_CLASSES)])
     elif mat.shape[0] == len(SYNTHIA16_CLASSES):
@@ -73,6 +76,40 @@ def metrics_from_confusion(mat: torch.Tensor, class_names: tuple[str, ...] | Non
     for name, v in zip(names, iou.tolist()):
         out[f"iou/{name}"] = v
     return out
+
+
+def miou18(mat: torch.Tensor) -> float:
+    """Project1's mIoU of a 19-class confusion matrix: `np.mean(per_class_iu(hist)[:-1])`, the mean over the
+    first 18 classes (bicycle dropped), each IoU = TP / (TP + FP + FN + 1e-5): a class absent from both labels
+    and predictions counts as 0 (its epsilon), not skipped as in `miou`."""
+    mat = mat.double().cpu()
+    tp = mat.diag()
+    iou = tp / (mat.sum(0) + mat.sum(1) - tp + 1e-5)  # (C,)
+    return iou[:18].mean().item()
+
+
+class ImageAccuracy:
+    """Project1's pixel accuracy: the mean over images of each image's accuracy, where an image's accuracy is
+    correct pixels / ALL its pixels (its `compute_global_accuracy` divides by len(label): pixels labeled 255
+    count, as wrong, since no prediction is 255). Exact under DDP: the per-image accuracies are summed and
+    counted on each rank, and both sums all-reduced."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.stats = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of accuracies, images)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """pred, target: (B, H, W) train ids of the same shape (255 in target = ignore)."""
+        correct = (pred == target).flatten(1).double().mean(1)  # (B,) per-image accuracy
+        self.stats += torch.stack([correct.sum(), torch.tensor(float(len(correct)), dtype=torch.float64,
+                                                               device=correct.device)])
+
+    def all_reduce(self) -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.stats)
+
+    def compute(self) -> float:
+        total, n = self.stats.tolist()
+        return total / n if n else float("nan")
 
 
 def _nanmean(x: torch.Tensor) -> float:

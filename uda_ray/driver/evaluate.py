@@ -95,7 +95,7 @@ def _from_checkpoint(p: Path, ov: dict, weights: str) -> tuple[Any, Any, int | N
     cfg = build_experiment(apply_overrides(state["config"], ov), f"{p} (its experiment)")
     if weights not in state["method"]:
         raise UserError(f"{p}: the {cfg.method} checkpoint has no '{weights}' weights")
-    model = build_model(dataclasses.replace(cfg.model, pretrained=None))
+    model = build_model(dataclasses.replace(cfg.model, pretrained=None), cfg.data.normalize)
     try:
         model.load_state_dict(state["method"][weights])
     except RuntimeError as e:
@@ -124,7 +124,7 @@ def _segmenter_from_file(cfg: Any, p: Path) -> Any:
     state = read_pretrained(str(p), 101)
     if "conv1.weight" in state:
         raise UserError(f"{p}: holds backbone weights only (torchvision ResNet keys), not a trained segmenter")
-    model = build_model(dataclasses.replace(cfg.model, pretrained=None))
+    model = build_model(dataclasses.replace(cfg.model, pretrained=None), cfg.data.normalize)
     load_pretrained(model, model, state, str(p))
     return model
 

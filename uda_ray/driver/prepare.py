@@ -53,7 +53,7 @@ def prepare_experiment(raw: dict, source: str, root: Path, *, select: str | None
     else:
         check(raw, cfg)
     data = resolve_data(cfg.data, root, cfg.select if select == OWN else select)
-    raw = with_data(raw, data)
+    raw = resolve_epochs(with_data(raw, data), cfg, data, source)
     return Prepared(raw, build_experiment(raw, source))
 
 
@@ -160,6 +160,37 @@ def resolve_data(data: Any, root: Path, select: str | None = None) -> Any:
                             f"(select a label-free metric, e.g. {DEFAULT_SELECTION})")
         progress.info(f"the target at {data.target_root} has no labeled test split: test metrics are absent")
     return data
+
+
+def epoch_steps(epochs: int, images: int, global_batch: int) -> int:
+    """Steps of `epochs` passes over `images` at `global_batch` images a step: ceil(epochs * images / batch)."""
+    return max(1, -(-epochs * images // global_batch))
+
+
+def resolve_epochs(raw: dict, cfg: Any, data: Any, source: str) -> dict:
+    """With train.epochs: the raw experiment with train.max_steps = epoch_steps(epochs, images of the training
+    split, batch_size * num_workers). A max_steps in the raw experiment (the file, its base or an override)
+    that disagrees is one line; one that agrees (a prepared experiment prepared again) is kept."""
+    from uda_ray.data.loading import splits_of
+    from uda_ray.errors import ConfigError
+    from uda_ray.methods import METHODS
+
+    tc = cfg.train
+    if tc.epochs is None:
+        return raw
+    sp = splits_of(data)
+    uses_source = METHODS[cfg.method].uses_source
+    images = len(sp.source_train if uses_source else sp.target_train)
+    batch = tc.batch_size * tc.num_workers
+    steps = epoch_steps(tc.epochs, images, batch)
+    given = (raw.get("train") or {}).get("max_steps")
+    if given is not None and given != steps:
+        split = "source" if uses_source else "target"
+        raise ConfigError(f"{source}: train.epochs {tc.epochs} over the {images} {split} train images at a global "
+                          f"batch of {batch} is {steps} steps, but train.max_steps is {given}: give one of them "
+                          "(an override: --set train.epochs=null)")
+    progress.info(f"train.epochs {tc.epochs}: {steps} steps ({images} images, global batch {batch})")
+    return {**raw, "train": {**(raw.get("train") or {}), "max_steps": steps}}
 
 
 def with_data(raw: dict, data: Any) -> dict:

@@ -132,7 +132,7 @@ def plan_start(space: str | os.PathLike, *, storage: str | os.PathLike | None, a
                mlflow: str | None) -> StartPlan:
     """Everything `start` needs, checked (uda_ray.api.sweep's arguments): UserError before anything is written."""
     from uda_ray import checks
-    from uda_ray.search.space import load_space
+    from uda_ray.search.space import check_grace, load_space
 
     space_path = Path(space)
     sp = load_space(space_path, overrides_dict(overrides))
@@ -152,6 +152,8 @@ def plan_start(space: str | os.PathLike, *, storage: str | os.PathLike | None, a
         checks.space(dataclasses.replace(sp, base_raw=raw, base=base))
 
     ready = prepare_experiment(sp.base_raw, str(space_path), root, select=sp.metric, check=check)
+    if sp.scheduler and sp.scheduler.asha and ready.cfg.train.epochs is not None:  # its steps known now
+        check_grace(sp.scheduler.asha.grace_period, ready.cfg.train.max_steps, str(space_path))
     sp = dataclasses.replace(sp, base_raw=ready.raw, base=ready.cfg)
     seed = sp.seed if sp.seed is not None else random.SystemRandom().randrange(2**31)
     return StartPlan(space_path, sp, sweep_d, seed, address, warm, mlflow)

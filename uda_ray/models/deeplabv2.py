@@ -15,23 +15,18 @@ import torch
 from torch import Tensor, nn
 
 from uda_ray.errors import ConfigError
-from uda_ray.models.resnet import Normalize, load_pretrained, read_pretrained, resnet, resnet_stages
+from uda_ray.models.resnet import (
+    CAFFE_MEAN_BGR,
+    CaffeNormalize,
+    Normalize,
+    load_pretrained,
+    read_pretrained,
+    resnet,
+    resnet_stages,
+)
 
-CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)  # the originals' IMG_MEAN
+__all__ = ["CAFFE_MEAN_BGR", "CaffeNormalize", "DeepLabV2", "deeplabv2_r101", "deeplabv2_r101_ml"]
 STYLES = ("torchvision", "caffe")
-
-
-class CaffeNormalize(nn.Module):
-    """RGB in 0..255 -> BGR minus the Caffe mean (the input the originals' DeepLab weights expect)."""
-
-    mean: Tensor
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.flip(1) - self.mean  # (B, 3, H, W): RGB -> BGR
 
 
 def caffe_resnet(blocks: tuple[int, int, int, int] = (3, 4, 23, 3)) -> nn.Module:

@@ -10,10 +10,12 @@ import torch
 from torch import Tensor, nn
 from torchvision import models as tvm
 
+from uda_ray.config import NORMALIZATIONS
 from uda_ray.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)  # the originals' IMG_MEAN (AdaptSegNet, ADVENT)
 
 # depth -> (torchvision builder, ImageNet weights used for pretrained="imagenet")
 RESNETS = {
@@ -35,6 +37,37 @@ class Normalize(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return (x / 255.0 - self.mean) / self.std  # (B, 3, H, W)
+
+
+class CaffeNormalize(nn.Module):
+    """RGB in 0..255 -> BGR minus the Caffe mean, no std division (the input the originals' DeepLab weights
+    expect, and what the BiSeNet code of the AdaptSegNet-derived student projects feeds: `image[:, :, ::-1]`
+    then `image -= IMG_MEAN`)."""
+
+    mean: Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flip(1) - self.mean  # (B, 3, H, W): RGB -> BGR
+
+
+def set_input_normalization(model: nn.Module, name: str) -> nn.Module:
+    """`data.normalize` applied to a segmenter (in place; returned): "imagenet" keeps the model's own input
+    normalization (ImageNet mean/std; a caffe-style DeepLab keeps its Caffe mean, which its weights need),
+    "caffe_bgr" replaces it by `CaffeNormalize`. Every model normalizes inside its forward (its `normalize`
+    module), so the choice reaches every place an image enters it: training, evaluation, pseudo-labels, the
+    IntraDA ranking; FDA swaps spectra of the 0..255 images before that, as the original does."""
+    if name not in NORMALIZATIONS:
+        raise ValueError(f"unknown input normalization {name!r} (valid: {', '.join(NORMALIZATIONS)})")
+    if name == "caffe_bgr":
+        if not isinstance(getattr(model, "normalize", None), nn.Module):
+            raise UserError(f"data.normalize: caffe_bgr needs a model with a `normalize` module "
+                            f"({type(model).__name__} has none)")
+        model.normalize = CaffeNormalize()
+    return model
 
 
 def resnet(depth: int, dilate: tuple[bool, bool, bool] = (False, False, False)) -> tvm.ResNet:

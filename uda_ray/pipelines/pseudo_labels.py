@@ -13,6 +13,16 @@ when that rounds to n (e.g. n = 1, percentile 0.66); we clip the index to n - 1.
 A fixed `threshold` instead (CPSL's stages 2 and 3: confidence >= 0.95, `--threshold 0.95`) keeps exactly the
 pixels whose confidence reaches it, in every class: a percentile-1.0 threshold capped at 0.95 would keep each
 class's most confident pixel even below 0.95.
+
+`threshold: image_median` (Montressori, Rosini & Vanderputten's real-time DA project,
+github.com/micolrosini/Real-Time-Domain-Adaptation-in-Image-Segmentation, createpseudolabels.py): thresholds
+per IMAGE and per class predicted in it. Its loop computes, for each image (batch 1) and each class c, the
+median (torch.median: the lower middle value) of the max-softmax confidences of the pixels of THAT image
+predicted as c, caps it at 0.9 (`cap`), and sets pixels below their class's threshold to 255. So it is per
+class within the image, not one median of the whole image's confidences. Its code appends a 0 AND the median
+of an empty tensor for a class absent from the image, which shifts every later class's threshold by one
+position (a bug); the rule it states, done here, gives an absent class no threshold at all (no pixel of the
+image is compared against it).
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -71,6 +81,20 @@ def class_thresholds(probs_max: Tensor, preds: Tensor, num_classes: int, percent
     for c in range(num_classes):
         x = conf[pred == c]  # (n_c,)
         out[c] = _nearest_rank(x[x < cap], x.numel(), percentile, cap)
+    return out
+
+
+IMAGE_MEDIAN = "image_median"  # the per-image rule's name (data.pseudo_threshold, the action's `threshold`)
+
+
+def image_median_thresholds(conf: Tensor, pred: Tensor, num_classes: int, cap: float = 0.9) -> Tensor:
+    """Seed 000's per-image thresholds (C,) float32: for each class predicted in the image, the median (lower
+    middle value, as torch.median) of its pixels' confidences conf (H, W), capped at `cap`; `cap` for the
+    classes not predicted (no pixel is compared against them)."""
+    conf, pred = conf.flatten().float(), pred.flatten()
+    out = torch.full((num_classes,), cap, dtype=torch.float32)
+    for c in pred.unique().tolist():
+        out[c] = min(float(conf[pred == c].median()), cap)
     return out
 
 
@@ -140,7 +164,7 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 
 def generate(models: list[nn.Module], dataset: Dataset, out_dir: str | Path, percentile: float = 0.5,
              cap: float = 0.9, device: torch.device | str = "cpu", source_desc: dict | None = None,
-             num_workers: int = 0, threshold: float | None = None) -> dict[str, Any]:
+             num_workers: int = 0, threshold: float | str | None = None) -> dict[str, Any]:
     """Pseudo-label a target train set with one model or an ensemble (mean softmax); write a label folder.
 
     Items of `dataset`: {"img": float (3, H, W) 0..255, "lbl": (H, W) (only its size is used: the output
@@ -149,23 +173,40 @@ def generate(models: list[nn.Module], dataset: Dataset, out_dir: str | Path, per
     those, see `_nearest_rank`), the second writes uint8 train-id PNGs under out_dir/gtFine/... and
     out_dir/manifest.json. The models are moved to `device` and set to eval mode. Written into a temporary
     sibling folder, then moved into place. Returns the manifest. With a fixed `threshold` (percentile and cap
-    unused): one pass, every pixel with confidence < threshold becomes 255.
+    unused): one pass, every pixel with confidence < threshold becomes 255. With `threshold` "image_median"
+    (percentile unused): one pass, each image thresholded by its own `image_median_thresholds` (the
+    real-time DA project's createpseudolabels.py).
     """
     _check(percentile, cap)
-    if threshold is not None and not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    check_threshold(threshold)
     device = torch.device(device)
     out_dir = Path(out_dir)
     for m in models:
         m.to(device).eval()
+    if threshold == IMAGE_MEDIAN:
+        rule = {"threshold": IMAGE_MEDIAN, "cap": cap,
+                "median": "per image, per class predicted in it: torch.median of its pixels' confidences "
+                          "(github.com/micolrosini/Real-Time-Domain-Adaptation-in-Image-Segmentation)"}
+        return _write(models, dataset, out_dir, device, num_workers,
+                      lambda conf, pred, n: image_median_thresholds(conf, pred, n, cap), source_desc, rule)
     if threshold is not None:
-        return _write(models, dataset, out_dir, device, num_workers, None, threshold, source_desc,
-                      {"threshold": threshold})
+        fixed = float(threshold)
+        return _write(models, dataset, out_dir, device, num_workers,
+                      lambda conf, pred, n: torch.full((n,), fixed), source_desc, {"threshold": threshold})
     thresholds = _class_thresholds_pass(models, dataset, device, num_workers, percentile, cap)
     rule = {"percentile": percentile, "cap": cap,
             "percentile_method": "nearest rank: ascending sort, index round_half_even(n * percentile), "
                                  "clipped to n - 1 (BDL / FDA)"}
-    return _write(models, dataset, out_dir, device, num_workers, thresholds, None, source_desc, rule)
+    return _write(models, dataset, out_dir, device, num_workers, lambda conf, pred, n: thresholds, source_desc, rule)
+
+
+def check_threshold(threshold: float | str | None) -> None:
+    """A fixed threshold in (0, 1], "image_median", or None (class-wise percentiles)."""
+    if isinstance(threshold, str):
+        if threshold != IMAGE_MEDIAN:
+            raise ValueError(f"threshold: a number in (0, 1] or '{IMAGE_MEDIAN}', got {threshold!r}")
+    elif threshold is not None and not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
 
 
 def _class_thresholds_pass(models: list[nn.Module], dataset: Dataset, device: torch.device, num_workers: int,
@@ -191,17 +232,19 @@ def _class_thresholds_pass(models: list[nn.Module], dataset: Dataset, device: to
 
 
 def _write(models: list[nn.Module], dataset: Dataset, out_dir: Path, device: torch.device, num_workers: int,
-           thresholds: Tensor | None, fixed: float | None, source_desc: dict | None, rule: dict) -> dict[str, Any]:
-    """The writing pass: class-wise `thresholds` (C,), or one `fixed` threshold for every class."""
+           thresholds_of: Any, source_desc: dict | None, rule: dict) -> dict[str, Any]:
+    """The writing pass: each image thresholded by thresholds_of(conf (H, W), pred (H, W), C) -> (C,) (the
+    same class-wise or fixed thresholds for every image, or the image's own). The manifest's `thresholds`: the
+    last image's (the same for all but image_median)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     counts: Tensor | None = None  # (C,) pixels predicted per class
     kept: Tensor | None = None  # (C,) pixels kept per class
+    thresholds: Tensor | None = None
     n_images = 0
     try:
         for name, conf, pred, num_classes in _predictions(models, dataset, device, num_workers):
-            if thresholds is None:
-                thresholds = torch.full((num_classes,), float(fixed), dtype=torch.float32)
+            thresholds = thresholds_of(conf, pred, num_classes).float()  # (C,)
             if counts is None or kept is None:
                 counts = torch.zeros(num_classes, dtype=torch.int64)
                 kept = torch.zeros(num_classes, dtype=torch.int64)
@@ -220,7 +263,7 @@ def _write(models: list[nn.Module], dataset: Dataset, out_dir: Path, device: tor
             "model": source_desc or {},
             **rule,
             "num_classes": len(counts),
-            "thresholds": [float(t) for t in thresholds],
+            "thresholds": None if rule.get("threshold") == IMAGE_MEDIAN else [float(t) for t in thresholds],
             "num_images": n_images,
             "pixels": total,
             "pixels_predicted_per_class": [int(c) for c in counts],
@@ -256,11 +299,12 @@ class Stylized(Dataset):
 
 def from_checkpoints(checkpoints: list[Path], out: Path, percentile: float = 0.5, cap: float = 0.9,
                      stylize_beta: float | None = None, weights: str = "model", device: str = "cpu",
-                     threshold: float | None = None, flip: bool = False) -> dict[str, Any]:
+                     threshold: float | Literal["image_median"] | None = None, flip: bool = False) -> dict[str, Any]:
     """Class-wise thresholded pseudo-labels of the target train set from one trained model or an ensemble
     (mean softmax: FDA-MBT) given by their checkpoints. With `stylize_beta`, predictions are made on target
     images FDA-stylized toward the source; with `flip`, each model's softmax is averaged with its softmax on
-    the mirrored image (CPSL)."""
+    the mirrored image (CPSL); `threshold`: a fixed one (CPSL) or "image_median" (micolrosini's real-time DA
+    project), see `generate`."""
     loaded = [load_trained(c, device, weights) for c in checkpoints]
     cfg = loaded[0][0]
     ds = target_dataset(cfg.data)

@@ -243,7 +243,8 @@ def evaluation_summary(result: dict) -> str:
              + (f"  [{MARK}]" if result.get("target_ground_truth") else "")]
     if "test/miou" in m:
         lines.append(f"test mIoU {_pct(m['test/miou'])}%  pixel accuracy {_pct(m.get('test/pixel_acc'))}%")
-    for k in ("test/miou16", "test/miou13", "src_val/miou", "src_val/pixel_acc", "sel/miou"):
+    for k in ("test/miou16", "test/miou13", "test/miou18", "test/acc_img", "src_val/miou", "src_val/pixel_acc",
+              "sel/miou"):
         if k in m:
             lines.append(f"{k} {_pct(m[k])}%")
     uv = [k for k in m if k.startswith("uv/")]

@@ -183,6 +183,14 @@ def _parse_param(key: str, spec: Any, source: str) -> Param:
     return Param(kind, (lo, hi))
 
 
+EPOCH_LENGTH_KEYS = ("train.epochs", "train.batch_size", "train.num_workers")  # each changes epochs' steps
+
+
+def check_grace(grace_period: int, max_steps: int, source: str) -> None:
+    if grace_period > max_steps:
+        raise ConfigError(f"{source}: scheduler.asha.grace_period exceeds train.max_steps ({max_steps})")
+
+
 def load_space(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchSpace:
     """Load and fully validate a search space: every corner of every param must give a valid experiment."""
     from uda_ray.build import build_experiment
@@ -215,9 +223,14 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None) -> Sea
         raise ConfigError(f"{p}: max_concurrent_trials must be >= 1, got {sf.max_concurrent_trials}")
     if sf.driver_cpus <= 0:
         raise ConfigError(f"{p}: driver_cpus must be > 0 (Ray refuses zero)")
-    if sf.scheduler and sf.scheduler.asha and sf.scheduler.asha.grace_period > base.train.max_steps:
-        raise ConfigError(f"{p}: scheduler.asha.grace_period exceeds train.max_steps ({base.train.max_steps})")
+    # with train.epochs the length is known once the data are (uda_ray.driver.sweeps checks it then)
+    if sf.scheduler and sf.scheduler.asha and base.train.epochs is None:
+        check_grace(sf.scheduler.asha.grace_period, base.train.max_steps, str(p))
     params = {k: _parse_param(k, v, str(p)) for k, v in (sf.params or {}).items()}
+    length = [k for k in params if k in EPOCH_LENGTH_KEYS] if base.train.epochs is not None else []
+    if length:
+        raise ConfigError(f"{p}: {length[0]} cannot be searched with train.epochs: it changes the run's length, "
+                          "and ASHA needs one budget per sweep")
     space = SearchSpace(str(p), base_raw, base, params, objectives, sf.num_samples, sf.max_concurrent_trials,
                         sf.seed, sf.scheduler, sf.driver_cpus, parse_constraints(sf.constraints, str(p)),
                         baseline_point(base, params, str(p)) if sf.baseline else None)

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from uda_ray.config import ExperimentConfig
@@ -16,23 +17,41 @@ from uda_ray.data.loading import val_loader
 from uda_ray.errors import ConfigError
 from uda_ray.methods.base import upsample
 from uda_ray.metric_names import DEFAULT_SELECTION, needs_test_labels
-from uda_ray.metrics import ConfusionMatrix
+from uda_ray.metrics import ConfusionMatrix, ImageAccuracy
 from uda_ray.selection.validators import ValidatorAccumulator
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, num_classes: int, device: torch.device) -> dict[str, float]:
-    """Confusion matrix at the label's full resolution (logits upsampled bilinearly), summed over ranks."""
+def evaluate(model: nn.Module, loader: Any, num_classes: int, device: torch.device,
+             label_size: tuple[int, int] | None = None) -> dict[str, float]:
+    """Confusion matrix at the label's full resolution (logits upsampled bilinearly), summed over ranks; with
+    `label_size` (W, H: data.eval_label_size) the labels are first resized to it (nearest). Also acc_img, the
+    mean of per-image accuracies (uda_ray.metrics.ImageAccuracy)."""
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(num_classes, device)
+    acc = ImageAccuracy(device)
     for item in loader:
         lbl = item["lbl"].to(device)  # (B, H, W) full resolution
+        if label_size is not None:
+            lbl = resize_labels(lbl, label_size)
         logits = model(item["img"].to(device))["out"]  # (B, C, h, w)
-        cm.update(upsample(logits, tuple(lbl.shape[-2:])).argmax(1), lbl)
+        pred = upsample(logits, tuple(lbl.shape[-2:])).argmax(1)  # (B, H, W)
+        cm.update(pred, lbl)
+        acc.update(pred, lbl)
     cm.all_reduce()
+    acc.all_reduce()
     model.train(was_training)
-    return cm.compute()
+    return {**cm.compute(), "acc_img": acc.compute()}
+
+
+def resize_labels(lbl: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Labels (B, H, W) resized to `size` (W, H) by nearest neighbour (PIL's NEAREST, as Project1 resizes its
+    validation labels: github.com/isola-quezada-98/Project1)."""
+    w, h = size
+    if tuple(lbl.shape[-2:]) == (h, w):
+        return lbl
+    return F.interpolate(lbl[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
 
 
 @torch.no_grad()
@@ -64,13 +83,14 @@ def evaluate_splits(model: nn.Module, loaders: dict[str, Any], cfg: ExperimentCo
     t0 = time.time()
     c = cfg.model.num_classes
     out: dict[str, float] = {}
+    size = cfg.data.eval_label_size
     if "test" in loaders:
-        out.update({f"test/{k}": v for k, v in evaluate(model, loaders["test"], c, device).items()})
+        out.update({f"test/{k}": v for k, v in evaluate(model, loaders["test"], c, device, size).items()})
     if "src_val" in loaders:
         ev = evaluate(model, loaders["src_val"], c, device)
         out.update({"src_val/miou": ev["miou"], "src_val/pixel_acc": ev["pixel_acc"]})
     if "sel" in loaders:
-        out["sel/miou"] = evaluate(model, loaders["sel"], c, device)["miou"]
+        out["sel/miou"] = evaluate(model, loaders["sel"], c, device, size)["miou"]
     if "holdout" in loaders:
         out.update(evaluate_unlabeled(model, loaders["holdout"], c, device, cfg.data.validator_pixels,
                                       cfg.data.split_seed))

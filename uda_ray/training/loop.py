@@ -186,14 +186,16 @@ def _refuse_known_divergence(run_dir: Path, start: int, digest: str) -> None:
 
 def _own_pseudo_labels(cfg: ExperimentConfig, session: Session) -> ExperimentConfig:
     """Rank 0 writes the run's pseudo-labels (once: a resumed run reuses them), the others wait."""
-    from uda_ray.pipelines.pseudo_labels import from_checkpoints
+    from uda_ray.pipelines.pseudo_labels import IMAGE_MEDIAN, from_checkpoints
 
     d = cfg.data
     out = session.run_dir / "pseudo_labels"
     if session.rank == 0 and not (out / "manifest.json").is_file():
-        log.info("pseudo-labels from %s (percentile %s, cap %s)", d.pseudo_from, d.pseudo_percentile, d.pseudo_cap)
+        log.info("pseudo-labels from %s (%s, percentile %s, cap %s)", d.pseudo_from, d.pseudo_threshold,
+                 d.pseudo_percentile, d.pseudo_cap)
+        threshold = IMAGE_MEDIAN if d.pseudo_threshold == IMAGE_MEDIAN else None
         from_checkpoints([Path(d.pseudo_from)], out, percentile=d.pseudo_percentile, cap=d.pseudo_cap,
-                         stylize_beta=d.pseudo_stylize_beta, device=str(session.device))
+                         stylize_beta=d.pseudo_stylize_beta, device=str(session.device), threshold=threshold)
     if session.world_size > 1:
         dist.barrier()
     return dataclasses.replace(cfg, data=dataclasses.replace(d, target_label_root=str(out), pseudo_from=None))
