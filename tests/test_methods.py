@@ -21,11 +21,45 @@ from uda_ray.training.step import autocast
 OPTIM = OptimConfig(name="sgd", lr=1e-2, momentum=0.9, weight_decay=1e-4)
 
 
+def teacher_checkpoint() -> str:
+    """A checkpoint file holding a TinySeg segmenter (seeded, so the same in every process), written once."""
+    import os
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"uda_ray_test_teacher_{os.getuid()}.pt"
+    if not path.is_file():
+        gen = torch.Generator().manual_seed(7)
+        model = TinySeg()
+        state = {k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in model.state_dict().items()}
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({"method": {"model": state}, "step": 0}, tmp)
+        os.replace(tmp, path)
+    return str(path)
+
+
+# Configurations of a method beyond its defaults that the shared tests cover too: name -> (method, method_cfg).
+VARIANTS = {
+    # the real-time DA project's MPL: teacher from a checkpoint, fresh student, the student's discriminator
+    "mpl_pretrained_teacher_adv": ("mpl", lambda: {"teacher_from": teacher_checkpoint(), "fresh_student": True,
+                                                   "lambda_adv": 1e-2, "discriminator": "dsc"}),
+}
+CONFIGS = sorted(METHODS) + sorted(VARIANTS)
+
+
+def method_config(name: str) -> tuple[type, object]:
+    """The method class and its Config of a METHODS name (defaults) or a VARIANTS name."""
+    from uda_ray.config_loader import build
+
+    if name in VARIANTS:
+        method, raw = VARIANTS[name]
+        return METHODS[method], build(METHODS[method].Config, raw(), name)
+    return METHODS[name], METHODS[name].Config()
+
+
 def make_method(name: str, seed: int = 0, wrap=None, amp: str = "off"):
     torch.manual_seed(seed)
-    cls = METHODS[name]
-    return cls(TinySeg(), cls.Config(), OPTIM, num_classes=NUM_CLASSES, wrap=wrap,
-               model_factory=TinySeg, amp=amp)
+    cls, cfg = method_config(name)
+    return cls(TinySeg(), cfg, OPTIM, num_classes=NUM_CLASSES, wrap=wrap, model_factory=TinySeg, amp=amp)
 
 
 def through_file(state: dict) -> dict:
@@ -40,7 +74,7 @@ def _params(m) -> list[torch.Tensor]:
     return [p.detach().clone() for p in m.eval_model().parameters()]
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", CONFIGS)
 def test_step_changes_params_and_returns_finite_losses(name):
     m = make_method(name)
     before = _params(m)
@@ -54,7 +88,7 @@ def test_step_changes_params_and_returns_finite_losses(name):
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", CONFIGS)
 def test_checkpoint_round_trip_gives_identical_next_step(name):
     m = make_method(name)
     m.train_step(make_batch(0), 0)
@@ -72,7 +106,7 @@ def test_checkpoint_round_trip_gives_identical_next_step(name):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", CONFIGS)
 def test_fp16_step_is_finite_and_its_grad_scalers_resume_exactly(name, narrow_discriminators):
     """train.amp fp16: float16 autocast, one GradScaler per optimizer (discriminators, teacher included); their
     states go through a checkpoint file and the next step is the same, bit for bit (CPU float16 is
@@ -120,7 +154,7 @@ def test_fp32_state_has_no_grad_scalers():
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", CONFIGS)
 def test_two_worker_ddp_step_matches_one_worker_with_same_global_batch(name):
     assert_ddp_matches_one_worker(functools.partial(_make_wrapped, name), _eval_params)
 
@@ -134,7 +168,7 @@ def _eval_params(m) -> list[torch.Tensor]:
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("name", ["adversarial", "mpl"])
+@pytest.mark.parametrize("name", ["adversarial", "mpl", "mpl_pretrained_teacher_adv"])
 def test_two_worker_ddp_fp16_step_matches_one_worker(name):
     """fp16 under DDP: the scalers unscale the all-reduced gradients, so both workers skip or step alike and
     end where one worker on the global batch does (segmenter, discriminator / teacher, and the scales)."""
@@ -150,8 +184,7 @@ def _make_wrapped_fp16(name: str, wrap):
     element whose gradient is near 0 by about +-lr whatever its size, so a float16 rounding difference can
     flip a step as large as the whole update and no tolerance would separate right from wrong."""
     torch.manual_seed(0)
-    cls = METHODS[name]
-    cfg = cls.Config()
+    cls, cfg = method_config(name)
     if hasattr(cfg, "d_optim"):
         cfg = dataclasses.replace(cfg, d_optim=OPTIM)
     m = cls(TinySeg(), cfg, OPTIM, num_classes=NUM_CLASSES, wrap=wrap, model_factory=TinySeg, amp="fp16")

@@ -188,3 +188,65 @@ def test_the_loop_gives_mpl_a_held_out_batch_of_other_source_images(tmp_path, sy
     for src, held, lbl in seen:
         assert held.shape == src.shape and lbl.shape == held.shape[:1] + held.shape[2:]
         assert not torch.equal(src, held)
+
+
+# -- the real-time DA project's MPL: pretrained teacher, fresh student, the student's discriminator ----------
+
+
+def _teacher_state() -> dict:
+    from tests.test_methods import teacher_checkpoint
+
+    return torch.load(teacher_checkpoint(), weights_only=True)["method"]["model"]
+
+
+def test_teacher_from_a_checkpoint_and_a_fresh_student():
+    from tests.test_methods import teacher_checkpoint
+
+    torch.manual_seed(0)
+    init = TinySeg().state_dict()  # what make_mpl's student is initialized to (same seed)
+    m = make_mpl(MPLConfig(teacher_from=teacher_checkpoint(), fresh_student=True))
+    for k, v in _teacher_state().items():
+        assert torch.equal(m.teacher_raw.state_dict()[k], v)
+        assert torch.equal(m.model_raw.state_dict()[k], init[k]) and not torch.equal(init[k], v)
+    same = make_mpl(MPLConfig(teacher_from=teacher_checkpoint()))  # not fresh: the student starts as the teacher
+    for k, v in _teacher_state().items():
+        assert torch.equal(same.model_raw.state_dict()[k], v)
+
+
+def test_fresh_student_needs_a_teacher_checkpoint():
+    with pytest.raises(ConfigError, match="fresh_student needs method_cfg.teacher_from"):
+        build(MPLConfig, {"fresh_student": True})
+    with pytest.raises(ConfigError, match="discriminator: unknown 'big'"):
+        build(MPLConfig, {"lambda_adv": 1e-3, "discriminator": "big"})
+    with pytest.raises(ConfigError, match="lambda_adv must be a finite number >= 0"):
+        build(MPLConfig, {"lambda_adv": -1.0})
+
+
+def test_teacher_from_a_missing_checkpoint_is_one_line(tmp_path):
+    from uda_ray.errors import UserError
+
+    with pytest.raises(UserError, match="no checkpoint there"):
+        make_mpl(MPLConfig(teacher_from=str(tmp_path / "nope")))
+
+
+@pytest.mark.parametrize("disc", ["fc", "dsc"])
+def test_discriminator_term_trains_the_students_discriminator(disc, narrow_discriminators):
+    m = make_mpl(MPLConfig(lambda_adv=1e-2, discriminator=disc))
+    assert m.adversary is not None and len(m.optimizers) == 3  # student, teacher, discriminator
+    d = m.adversary.discs["main"]
+    before = [p.detach().clone() for p in d.parameters()]
+    logs = m.train_step(make_batch(0), 0)
+    assert {"loss/adv", "loss/d_src", "loss/d_tgt"} <= set(logs)
+    assert all(torch.isfinite(v).all() for v in logs.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, d.parameters()))
+    assert {"d_main", "opt_d_main"} <= set(m.state_dict())  # the checkpoint holds D and its optimizer
+
+
+def test_the_adversarial_term_changes_the_students_update():
+    """With the same batch, the student's update differs between lambda_adv 0 and > 0 (and 0 logs no D)."""
+    a, b = make_mpl(), make_mpl(MPLConfig(lambda_adv=1.0))
+    batch = make_batch(0)
+    a.train_step(batch, 0)
+    b.train_step(batch, 0)
+    assert any(not torch.equal(x, y) for x, y in zip(a.model_raw.parameters(), b.model_raw.parameters()))
+    assert "loss/adv" not in make_mpl().train_step(batch, 0)

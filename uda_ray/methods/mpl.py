@@ -40,13 +40,25 @@ student and teacher has its own GradScaler; when the student's update is skipped
 scaling), ce_new = ce_old says nothing about the labels: that step's reward is 0 (the teacher's MPL term drops
 out; its source CE still trains it) and the baseline is not updated.
 eval_model() is the student.
+
+The variant of Montressori, Rosini & Vanderputten's real-time DA project (github.com/micolrosini/Real-Time-Domain-
+Adaptation-in-Image-Segmentation, MPL.py), beside the default above: `teacher_from` (a checkpoint: a folder,
+state.pt, `run:NAME` or `sweep:NAME`) initializes the teacher with that run's segmenter ("a pretrained network
+aimed at creating the pseudo labels"); `fresh_student` keeps the student at the model's own initialization
+(their student is a new BiSeNet, ImageNet backbone) instead of starting it from the teacher's weights; and
+`lambda_adv` > 0 adds their discriminator term to the student's step: lambda_adv * BCE(D(softmax(student on
+target)), source) with D (`discriminator`: fc or dsc, Adam `d_optim`) trained on the student's detached source
+(0) and target (1) softmaxes, each half-weighted (blocks.OutputAdversary, as the adversarial method). What stays
+ours: the reward (theirs is stud_lr * CE_tgt * CE_src scaled by an epoch schedule, not the student's
+improvement), and their teacher's own adversarial term (weight 1, a second D trained on the student's outputs),
+left out.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,7 +70,14 @@ from uda_ray.data.labels import IGNORE
 from uda_ray.errors import ConfigError
 from uda_ray.fda import fda_source_to_target
 from uda_ray.methods.base import Method, UDABatch, backward_first_then_last, seg_loss, sync_grads, upsample
-from uda_ray.methods.blocks import is_distributed
+from uda_ray.methods.blocks import (
+    OutputAdversary,
+    check_discriminator,
+    check_weight,
+    d_optim_default,
+    is_distributed,
+)
+from uda_ray.training.checkpoint import load_weights
 from uda_ray.training.optim import OptimConfig, build_optimizer
 
 
@@ -71,8 +90,23 @@ class MPLConfig:
     lambda_uda: float = 0.0  # teacher consistency (UDA) term; off by default
     uda_beta: float = 0.01  # its strong view: the target stylized toward the source batch (FDA)
     uda_threshold: float = 0.9  # its confidence mask on the teacher's plain-target softmax
+    # the real-time DA project's MPL (module docstring): the teacher from an earlier run's checkpoint (a folder,
+    # state.pt, run:NAME, sweep:NAME; its segmenter), a fresh student, the student's discriminator term
+    teacher_from: str | None = None  # None: the teacher starts as a copy of the student
+    fresh_student: bool = False  # with teacher_from: the student keeps the model's init, not the teacher's weights
+    lambda_adv: float = 0.0  # the student's adversarial term; 0 = off (no discriminator)
+    discriminator: str = "fc"  # "fc" (AdaptSegNet) | "dsc" (depthwise-separable)
+    d_optim: OptimConfig = field(default_factory=d_optim_default)  # Adam 1e-4, betas (0.9, 0.99)
 
     def __post_init__(self) -> None:
+        check_weight("lambda_adv", self.lambda_adv)
+        check_discriminator(self.discriminator)
+        if self.teacher_from is not None and not self.teacher_from:
+            raise ConfigError("method_cfg.teacher_from must be a checkpoint (folder, file, run:NAME, sweep:NAME) "
+                              "or null")
+        if self.fresh_student and self.teacher_from is None:
+            raise ConfigError("method_cfg.fresh_student needs method_cfg.teacher_from (without it the teacher "
+                              "starts as a copy of the student)")
         if self.teacher_lr is not None and not self.teacher_lr > 0:
             raise ConfigError(f"method_cfg.teacher_lr must be > 0, got {self.teacher_lr}")
         if not 0.0 <= self.ema_rate < 1.0:
@@ -129,7 +163,12 @@ class MPL(Method):
     def __init__(self, model: nn.Module, cfg: MPLConfig, optim: OptimConfig, **kwargs: Any) -> None:
         super().__init__(model, cfg, optim, **kwargs)
         teacher = self.model_factory() if self.model_factory is not None else copy.deepcopy(self.model_raw)
-        teacher.load_state_dict(self.model_raw.state_dict())  # start as a copy of the student
+        if cfg.teacher_from is not None:
+            load_weights(teacher, cfg.teacher_from)  # the checkpoint's segmenter
+            if not cfg.fresh_student:
+                self.model_raw.load_state_dict(teacher.state_dict())  # the student starts as the teacher
+        else:
+            teacher.load_state_dict(self.model_raw.state_dict())  # start as a copy of the student
         self.teacher_raw = teacher.to(self.device)
         self.teacher = self.wrap(self.teacher_raw)
         t_optim = dataclasses.replace(optim, lr=cfg.teacher_lr or optim.lr)
@@ -138,6 +177,12 @@ class MPL(Method):
         self.t_opt = build_optimizer(groups, t_optim)
         self.optimizers.append(self.t_opt)
         self.baseline = MovingAverage(cfg.ema_rate)
+        self.adversary: OutputAdversary | None = None  # the student's discriminator (lambda_adv > 0)
+        if cfg.lambda_adv > 0:
+            self.adversary = OutputAdversary(
+                cfg.discriminator, self.num_classes, multi_level=False, lambda_adv=cfg.lambda_adv,
+                lambda_adv_aux=0.0, d_optim=cfg.d_optim, wrap=self.wrap, device=self.device, scaling=self.scaling)
+            self.optimizers.extend(self.adversary.optimizers)
 
     def _pseudo_labels(self, t_logits: Tensor) -> Tensor:
         """(B, C, H, W) detached teacher logits -> (B, H, W) int64 hard labels."""
@@ -163,38 +208,54 @@ class MPL(Method):
             self.model_raw.train(was_training)
 
     def _student_step(self, batch: UDABatch, pseudo: Tensor) -> tuple[Tensor, Tensor, bool, dict[str, Tensor]]:
-        """One student update; returns (ce_old, ce_new, applied, logs): global held-out source CEs before and
-        after it, and whether the update was applied (False: skipped by fp16 loss scaling)."""
+        """One student update (and, with lambda_adv, its discriminator's); returns (ce_old, ce_new, applied,
+        logs): global held-out source CEs before and after it, and whether the update was applied (False:
+        skipped by fp16 loss scaling)."""
         if batch.src_img_held is None or batch.src_lbl_held is None:
             raise ValueError("mpl measures its reward on a held-out source batch (UDABatch.src_img_held / "
                              "src_lbl_held; the training loop supplies it)")
-        w = self.cfg.student_source_weight
+        w, adv = self.cfg.student_source_weight, self.adversary
         ce_old = self._held_out_ce(batch)
         self.opt.zero_grad(set_to_none=True)
         logs: dict[str, Tensor] = {}
+        src_maps: list[Tensor] = []  # D's detached inputs (with lambda_adv)
+        tgt_maps: list[Tensor] = []
 
         def target_loss() -> Tensor:
-            loss = seg_loss(self.model(batch.tgt_img), pseudo, self.aux_weights)
+            out = self.model(batch.tgt_img)
+            loss = seg_loss(out, pseudo, self.aux_weights)
             logs["loss/seg_tgt_student"] = loss.detach()
+            if adv is not None:
+                with adv.frozen():
+                    loss = adv.add_fooling_terms(loss, out, tuple(batch.tgt_img.shape[-2:]), logs, tgt_maps)
             return loss
 
         if w > 0:
             def source_loss() -> Tensor:
-                loss = seg_loss(self.model(batch.src_img), batch.src_lbl, self.aux_weights)
+                out = self.model(batch.src_img)
+                if adv is not None:
+                    src_maps.extend(m.detach() for m in adv.inputs(out, tuple(batch.src_img.shape[-2:])))
+                loss = seg_loss(out, batch.src_lbl, self.aux_weights)
                 logs["loss/seg_src_student"] = loss.detach()
                 return w * loss
 
             backward_first_then_last(self.model, target_loss, source_loss, self.backward)
         else:
             self.backward(target_loss())  # pseudo-label CE reaches every head (aux included)
+            if adv is not None:  # D's source input without a source CE: one more forward, no graph
+                with torch.no_grad():
+                    src_maps.extend(adv.inputs(self.model(batch.src_img), tuple(batch.src_img.shape[-2:])))
         applied = self.scaling.step_applied(self.opt)
         ce_new = self._held_out_ce(batch)  # same batch, same (eval) mode: the difference is the step's effect
+        if adv is not None:
+            logs.update(adv.train_discriminators(src_maps, tgt_maps))
         return ce_old, ce_new, applied, logs
 
     def train_step(self, batch: UDABatch, step: int) -> dict[str, Tensor]:
         """Logged: loss/seg_src_teacher, loss/seg_tgt_student, loss/seg_src_student (if weighted), loss/mpl
-        (teacher CE on its own labels), loss/uda (if on), mpl/ce_old, mpl/ce_new, mpl/reward_raw (= ce_old -
-        ce_new), mpl/baseline (before its update), mpl/reward (= raw - baseline)."""
+        (teacher CE on its own labels), loss/uda (if on), loss/adv, loss/d_src, loss/d_tgt (with lambda_adv),
+        mpl/ce_old, mpl/ce_new, mpl/reward_raw (= ce_old - ce_new), mpl/baseline (before its update), mpl/reward
+        (= raw - baseline)."""
         cfg = self.cfg
         self.model.train()
         self.teacher.train()
@@ -247,5 +308,6 @@ class MPL(Method):
         return (-(probs * log_q).sum(dim=1) * mask).mean()
 
     def stateful(self) -> dict[str, Any]:
+        adv = self.adversary.stateful() if self.adversary is not None else {}  # D and its optimizer
         return {**super().stateful(), "teacher": self.teacher_raw, "opt_teacher": self.t_opt,
-                "reward_baseline": self.baseline}
+                "reward_baseline": self.baseline, **adv}
