@@ -258,6 +258,18 @@ def test_distill_teacher_loads_the_ema_teacher_else_the_model(tmp_path):
         make(CPSLDistill, CPSLDistillConfig(teacher_checkpoint=str(tmp_path / "missing")))
 
 
+def test_distill_teacher_defaults_to_the_checkpoints_student_as_the_original(tmp_path):
+    """CPSL's stage 2 builds its teacher from the stage-1 checkpoint's 'ResNet101' state, which holds the student
+    (the EMA model is never saved): the default teacher_key is "model"."""
+    a, b = TinySeg().state_dict(), TinySeg().state_dict()
+    torch.save({"method": {"model": a, "teacher": b}, "step": 3}, tmp_path / "state.pt")
+    m = make(CPSLDistill, CPSLDistillConfig(teacher_checkpoint=str(tmp_path)))
+    assert CPSLDistillConfig().teacher_key == "model"
+    got = m.teacher_raw.state_dict()
+    assert all(torch.equal(v, a[k]) for k, v in got.items())
+    assert not all(torch.equal(v, b[k]) for k, v in got.items())
+
+
 def test_distill_teacher_is_frozen_and_kd_starts_at_zero_as_a_copy():
     m = make(CPSLDistill)
     logs = m.train_step(make_batch(0), 0)

@@ -10,10 +10,15 @@ ImageNet model) learns from
 - lambda_src * source CE (the original always adds its loss_GTA),
 student and teacher both on the target's photometric strong view (the original's --S_pseudo 1 feeds both the
 RandAugment view; its geometric ops are left out here, the loop's crop/flip already applies to the labels).
-The teacher comes from `teacher_checkpoint` (a run's checkpoint folder or state.pt): its ["method"]["teacher"]
-(CPSL stage 1's EMA teacher) when present and teacher_key = "teacher", else ["method"]["model"] (the original
-loads the stage-1 student, i.e. teacher_key = "model"). Without one, it is a copy of the student at the first
-step (after the loop's `init_from`). Stage 3 = this method again with the stage-2 checkpoint as teacher.
+The teacher comes from `teacher_checkpoint` (a run's checkpoint folder or state.pt): by default (teacher_key
+"model") its segmenter ["method"]["model"], the stage-1 STUDENT, as the original: its stage-2 command passes
+the stage-1 best_model.pkl as --resume_path, the teacher is built from checkpoint['ResNet101']['model_state']
+(models/adaptation_modelv2.py), and train.py's `validation` saves there only the nets in model.nets, i.e. the
+student BaseNet (the EMA model BaseNet_ema is never saved). The stage-2 pseudo-labels come from the same
+student (generate_pseudo_label.py loads that checkpoint into BaseNet). teacher_key "teacher" takes the
+checkpoint's EMA teacher ["method"]["teacher"] instead when it has one (our option, not the original's).
+Without a checkpoint, the teacher is a copy of the student at the first step (after the loop's `init_from`).
+Stage 3 = this method again with the stage-2 checkpoint as teacher (its student, "model").
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from uda_ray.training.optim import OptimConfig
 @dataclass(frozen=True)
 class CPSLDistillConfig:  # sources: the original's README stage-2/3 commands and parser_train.py
     teacher_checkpoint: str | None = None  # checkpoint folder or state.pt; None: copy of the initial student
-    teacher_key: str = "teacher"  # "teacher": the checkpoint's EMA teacher if any; "model": its segmenter
+    teacher_key: str = "model"  # "model": its segmenter (the original); "teacher": its EMA teacher if any
     lambda_kd: float = 1.0  # --distillation 1
     lambda_src: float = 1.0  # source CE (loss_GTA, weight 1 in step_distillation)
     strong_aug: bool = True  # --S_pseudo 1: student and teacher see the strong view
@@ -55,7 +60,7 @@ class CPSLDistillConfig:  # sources: the original's README stage-2/3 commands an
             raise ConfigError("method_cfg.teacher_checkpoint must be a path or null")
 
 
-def load_teacher_state(path: str | Path, key: str = "teacher") -> dict[str, Tensor]:
+def load_teacher_state(path: str | Path, key: str = "model") -> dict[str, Tensor]:
     """The teacher's segmenter state dict from a checkpoint folder (holding state.pt) or file."""
     p = Path(path)
     f = p / STATE_FILE if p.is_dir() else p
