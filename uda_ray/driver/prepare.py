@@ -80,8 +80,9 @@ def cluster_address(address: str | None, meta: dict | None = None) -> str | None
 # references
 
 
-def resolve_ref(ref: str, storage: Path) -> str:
-    """`run:NAME` / `sweep:NAME` -> an absolute checkpoint folder; paths are checked and made absolute."""
+def resolve_ref(ref: str, storage: Path, key: str = "train.init_from") -> str:
+    """`run:NAME` / `sweep:NAME` -> an absolute checkpoint folder; paths are checked and made absolute (`key`
+    names the setting in the error)."""
     from uda_ray.training.checkpoint import STATE_FILE, best_checkpoint_in, load_state
 
     if layout.is_reference(ref):
@@ -89,7 +90,7 @@ def resolve_ref(ref: str, storage: Path) -> str:
         return str(best_checkpoint_in(folder)) if kind == "run" else _best_of_sweep(ref, name, folder, storage)
     p = Path(ref).expanduser().absolute()
     if not (p.is_file() or (p / STATE_FILE).is_file()):
-        raise UserError(f"train.init_from: {ref} is neither a checkpoint folder (with state.pt) nor a file")
+        raise UserError(f"{key}: {ref} is neither a checkpoint folder (with state.pt) nor a file")
     load_state(p, mmap=True)  # refuses, on the driver and before any run starts, a file that is not safe to load
     return str(p)
 
@@ -122,12 +123,16 @@ def resolve_refs(raw: dict, storage: Path) -> dict:
     return out
 
 
+CHECKPOINT_SETTINGS = (("train", "init_from"), ("method_cfg", "teacher_from"))  # paths checked like references
+
+
 def _resolve(raw: Any, storage: Path) -> Any:
     if isinstance(raw, dict):
         out = {k: _resolve(v, storage) for k, v in raw.items()}
-        init = (out.get("train") or {}).get("init_from") if isinstance(out.get("train"), dict) else None
-        if init:
-            out["train"] = {**out["train"], "init_from": resolve_ref(init, storage)}
+        for section, key in CHECKPOINT_SETTINGS:  # checked (and made absolute) before any run starts
+            value = out[section].get(key) if isinstance(out.get(section), dict) else None
+            if isinstance(value, str) and value:
+                out[section] = {**out[section], key: resolve_ref(value, storage, f"{section}.{key}")}
         return out
     if isinstance(raw, list):
         return [_resolve(v, storage) for v in raw]
