@@ -87,9 +87,9 @@ def test_bad_set_override_exits_2(tmp_path, capsys, synth_root):
 
 def test_train_with_unknown_key_exits_2(tmp_path, capsys, synth_root):
     p = tmp_path / "e.yaml"
-    p.write_text(yaml.safe_dump(tiny_experiment(synth_root, **{"train.epochs": 3})))
+    p.write_text(yaml.safe_dump(tiny_experiment(synth_root, **{"train.epochz": 3})))
     code, _, err = _run(capsys, "train", str(p), "--storage", str(tmp_path / "s"))
-    assert code == 2 and "unknown key 'train.epochs'" in err
+    assert code == 2 and "unknown key 'train.epochz'" in err
 
 
 def test_ls_on_empty_storage(tmp_path, capsys):

@@ -237,3 +237,35 @@ def test_image_median_pseudo_labels_written_from_a_model(tmp_path):
     man = generate([Fixed()], ds, tmp_path / "pl", threshold="image_median")
     assert man["threshold"] == "image_median" and man["thresholds"] is None
     assert man["pixels_kept_per_class"][0] == 2 * 2 * 3  # per image: the lower median drops the lowest column
+
+
+def test_a_pipeline_stage_of_epochs_is_done_at_its_computed_steps(tmp_path, synth_root):
+    import yaml
+
+    from uda_ray.driver.prepare import prepare_experiment, raw_of
+    from uda_ray.pipelines.runner import load_pipeline, run_pipeline
+    from uda_ray.training.loop import fit
+    from uda_ray.training.sessions import LocalSession
+
+    raw = tiny_experiment(synth_root, **{"train.epochs": 1, "train.batch_size": 4})
+    del raw["train"]["max_steps"]
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"name": "p", "stages": [{"name": "a", "experiment": "e.yaml"}]}))
+    store = tmp_path / "store"
+
+    def prepare(cfg):
+        return prepare_experiment(raw_of(cfg), cfg.name, store).cfg  # as `uda-ray pipeline` prepares a stage
+
+    runs = []
+
+    def run(cfg, storage, name):
+        runs.append(cfg.train.max_steps)
+        return fit(cfg, LocalSession(storage / name))
+
+    run_pipeline(load_pipeline(tmp_path / "p.yaml"), store, run, prepare, log=lambda m: None)
+    assert len(runs) == 1 and runs[0] < 1000  # the default max_steps would be 1000
+    run_pipeline(load_pipeline(tmp_path / "p.yaml"), store, run, prepare, log=lambda m: None)
+    assert len(runs) == 1  # done at its own steps: skipped
+    stage = load_pipeline(tmp_path / "p.yaml", {"train.max_steps": 2})  # an explicit, disagreeing length
+    with pytest.raises(ConfigError, match="but train.max_steps is 2"):
+        run_pipeline(stage, tmp_path / "store2", run, prepare, log=lambda m: None)

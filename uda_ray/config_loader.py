@@ -167,10 +167,24 @@ def build(cls: type, raw: dict, source: str = "<config>", prefix: str = "") -> A
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{source}: missing required key '{prefix}{name}'")
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except ConfigError as e:
         msg = str(e)
         raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+    try:
+        object.__setattr__(obj, GIVEN, frozenset(kwargs))  # not a field: never saved, compared or flattened
+    except AttributeError:  # a class with __slots__: no record (given_keys says None)
+        pass
+    return obj
+
+
+GIVEN = "_given_keys"  # the attribute `build` leaves on what it builds: the keys the raw dict gave
+
+
+def given_keys(cfg: Any) -> frozenset[str] | None:
+    """The keys that were given (file, base, overrides) when the loader built `cfg`; None if it did not build
+    it (a dataclass made in code, or by dataclasses.replace)."""
+    return getattr(cfg, GIVEN, None)
 
 
 def to_dict(cfg: Any) -> Any:

@@ -198,6 +198,20 @@ def resolve_epochs(raw: dict, cfg: Any, data: Any, source: str) -> dict:
     return {**raw, "train": {**(raw.get("train") or {}), "max_steps": steps}}
 
 
+def raw_of(cfg: Any) -> dict:
+    """A built experiment as a raw dict to prepare (again): `experiment_dict`, without the train.max_steps
+    default that the loader filled in beside train.epochs (the epochs give the length; uda_ray.config_loader.
+    given_keys tells a given max_steps from a default)."""
+    from uda_ray.config import experiment_dict
+    from uda_ray.config_loader import given_keys
+
+    raw = experiment_dict(cfg)
+    given = given_keys(cfg.train)
+    if cfg.train.epochs is not None and given is not None and "max_steps" not in given:
+        raw["train"].pop("max_steps")
+    return raw
+
+
 def with_data(raw: dict, data: Any) -> dict:
     """The raw experiment with the resolved dataset roots."""
     raw = dict(raw)

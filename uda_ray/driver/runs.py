@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from uda_ray.driver.prepare import cluster_address, overrides_dict, prepare_experiment, with_data
+from uda_ray.driver.prepare import cluster_address, overrides_dict, prepare_experiment, raw_of, with_data
 from uda_ray.driver.sweeps import DEFAULT_OBJECTIVE
 from uda_ray.storage import layout
 from uda_ray.storage.lock import DriverLock, refuse_running
@@ -108,14 +108,13 @@ def plan_pipeline(path: str | os.PathLike, *, storage: str | os.PathLike | None,
 
 def pipeline(plan: PipelinePlan) -> list[dict]:
     """Run a planned pipeline's stages (Ray is connected); one summary dict per stage, and the report."""
-    from uda_ray.config import experiment_dict
     from uda_ray.pipelines.runner import run_pipeline
     from uda_ray.training.launchers import fit_run
 
     pipe, root = plan.pipe, plan.root
 
     def prepare(cfg: Any) -> Any:  # each experiment stage, once its `@stage` references are resolved
-        return prepare_experiment(experiment_dict(cfg), cfg.name, root).cfg
+        return prepare_experiment(raw_of(cfg), cfg.name, root).cfg
 
     with DriverLock(plan.dir, f"pipeline '{pipe.cfg.name}'"):
         summary = run_pipeline(pipe, root, fit_run, prepare, log=progress.info)

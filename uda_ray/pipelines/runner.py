@@ -151,7 +151,13 @@ def stage_done(pipe: Pipeline, st: StageConfig, pdir: Path) -> bool:
         return (d / "manifest.json").is_file()
     cfg = load_experiment(pipe.experiment_path(st), pipe.overrides(st))
     m = latest_metrics(d)
-    return bool(m) and int(m.get("step", 0)) >= cfg.train.max_steps
+    steps = cfg.train.max_steps
+    if cfg.train.epochs is not None:  # its steps were computed from the data: the run's own config has them
+        saved = d / "config.yaml"
+        if not saved.is_file():
+            return False
+        steps = int(read_yaml(saved)["train"]["max_steps"])
+    return bool(m) and int(m.get("step", 0)) >= steps
 
 
 def run_pipeline(pipe: Pipeline, root: Path, run_experiment: Callable[[Any, Path, str], dict],
