@@ -269,3 +269,29 @@ def test_a_pipeline_stage_of_epochs_is_done_at_its_computed_steps(tmp_path, synt
     stage = load_pipeline(tmp_path / "p.yaml", {"train.max_steps": 2})  # an explicit, disagreeing length
     with pytest.raises(ConfigError, match="but train.max_steps is 2"):
         run_pipeline(stage, tmp_path / "store2", run, prepare, log=lambda m: None)
+
+
+def test_caffe_bgr_reaches_every_model_a_run_builds_and_loads(tmp_path):
+    from uda_ray.build import build_method, load_trained
+    from uda_ray.config import experiment_dict
+
+    cfg = build_experiment(tiny_experiment(tmp_path, **{"data.normalize": "caffe_bgr", "method": "mpl"}))
+    m = build_method(cfg, None, "cpu")
+    assert isinstance(m.model_raw.normalize, CaffeNormalize) and isinstance(m.teacher_raw.normalize, CaffeNormalize)
+    path = tmp_path / "state.pt"
+    torch.save({"config": experiment_dict(cfg), "method": {"model": m.model_raw.state_dict()}, "step": 1}, path)
+    _, model = load_trained(path)  # pseudo-labels, the IntraDA ranking and ensembles load models this way
+    assert isinstance(model.normalize, CaffeNormalize)
+
+
+def test_fda_swap_on_0_255_then_caffe_mean_equals_the_originals_order():
+    """FDA's code swaps the spectra of the 0..255 (BGR) images, then subtracts the mean; the swap is per channel,
+    so swapping RGB images and then reversing the channels (the model's CaffeNormalize) gives the same input."""
+    from uda_ray.fda import fda_source_to_target
+
+    g = torch.Generator().manual_seed(0)
+    src, tgt = torch.rand(1, 3, 32, 48, generator=g) * 255, torch.rand(1, 3, 32, 48, generator=g) * 255
+    ours = CaffeNormalize()(fda_source_to_target(src, tgt, 0.1))
+    mean = torch.tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1)
+    original = fda_source_to_target(src.flip(1), tgt.flip(1), 0.1) - mean  # BGR, swapped, then the mean
+    torch.testing.assert_close(ours, original, atol=1e-3, rtol=0)
