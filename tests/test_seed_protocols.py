@@ -83,9 +83,23 @@ def test_epochs_of_target_only_count_the_target_train_split(tmp_path, synth_root
     assert ready.cfg.train.max_steps == math.ceil(len(splits_of(ready.cfg.data).target_train) / 2)
 
 
+def test_epoch_split_target_and_shorter(tmp_path, synth_root):
+    from uda_ray.data.loading import splits_of
+
+    over = {"train.epochs": 1, "data.source_val_fraction": 0.3}  # fewer source train images than target's
+    tgt = _prepare(tmp_path, synth_root, drop_max_steps=True, **over, **{"train.epoch_split": "target"})
+    sp = splits_of(tgt.cfg.data)
+    assert len(sp.target_train) != len(sp.source_train)  # (else the test could not tell them apart)
+    assert tgt.cfg.train.max_steps == math.ceil(len(sp.target_train) / 2)
+    short = _prepare(tmp_path, synth_root, drop_max_steps=True, **over, **{"train.epoch_split": "shorter"})
+    assert short.cfg.train.max_steps == math.ceil(min(len(sp.target_train), len(sp.source_train)) / 2)
+    with pytest.raises(ConfigError, match="train.epoch_split must be one of source, target, shorter"):
+        build_experiment(tiny_experiment(tmp_path, **{"train.epoch_split": "both"}))
+
+
 def test_epochs_and_a_disagreeing_max_steps_are_one_line(tmp_path, synth_root):
-    with pytest.raises(ConfigError, match=r"train.epochs 1 over the \d+ source train images at a global batch of 2 "
-                                          r"is \d+ steps, but train.max_steps is 4") as e:
+    with pytest.raises(ConfigError, match=r"train.epochs 1 over \d+ train images \(train.epoch_split source\) at a "
+                                          r"global batch of 2 is \d+ steps, but train.max_steps is 4") as e:
         _prepare(tmp_path, synth_root, **{"train.epochs": 1})
     assert "\n" not in str(e.value)
 

@@ -172,6 +172,7 @@ class ModelConfig:
 
 
 LAUNCHERS = ("auto", "ray_train", "inline")
+EPOCH_SPLITS = ("source", "target", "shorter")  # train.epoch_split
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,10 @@ class TrainConfig:
     # computed when the data are resolved (uda_ray.driver.prepare.resolve_epochs); the poly horizon follows.
     # A max_steps given beside it must agree (one line otherwise); None: max_steps is the length.
     epochs: int | None = None
+    # what one epoch passes over: "source" (the source train split; the target's for a method without source),
+    # "target" (the target train split), "shorter" (the smaller of the two: a loop over zip(source, target), as
+    # the real-time DA project's trainUnsupervised.py and MPL.py iterate)
+    epoch_split: str = "source"
     eval_every: int = 100
     batch_size: int = 8  # per worker; the global batch is batch_size * num_workers
     num_workers: int = 1  # training processes (DDP workers under Ray Train)
@@ -210,6 +215,8 @@ class TrainConfig:
         _check(self.amp in ("off", "bf16", "fp16"), f"train.amp must be 'off', 'bf16' or 'fp16', got {self.amp!r}")
         _check(self.max_steps >= 1, "train.max_steps must be >= 1")
         _check(self.epochs is None or self.epochs >= 1, f"train.epochs must be >= 1 (or null), got {self.epochs}")
+        _check(self.epoch_split in EPOCH_SPLITS,
+               f"train.epoch_split must be one of {', '.join(EPOCH_SPLITS)}, got {self.epoch_split!r}")
         _check(1 <= self.eval_every, "train.eval_every must be >= 1")
         _check(self.batch_size >= 1 and self.eval_batch_size >= 1, "train batch sizes must be >= 1")
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")

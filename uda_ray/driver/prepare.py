@@ -173,9 +173,10 @@ def epoch_steps(epochs: int, images: int, global_batch: int) -> int:
 
 
 def resolve_epochs(raw: dict, cfg: Any, data: Any, source: str) -> dict:
-    """With train.epochs: the raw experiment with train.max_steps = epoch_steps(epochs, images of the training
-    split, batch_size * num_workers). A max_steps in the raw experiment (the file, its base or an override)
-    that disagrees is one line; one that agrees (a prepared experiment prepared again) is kept."""
+    """With train.epochs: the raw experiment with train.max_steps = epoch_steps(epochs, images of the split
+    an epoch passes over (train.epoch_split), batch_size * num_workers). A max_steps in the raw experiment
+    (the file, its base or an override) that disagrees is one line; one that agrees is kept (a prepared
+    experiment prepared again)."""
     from uda_ray.data.loading import splits_of
     from uda_ray.errors import ConfigError
     from uda_ray.methods import METHODS
@@ -184,17 +185,18 @@ def resolve_epochs(raw: dict, cfg: Any, data: Any, source: str) -> dict:
     if tc.epochs is None:
         return raw
     sp = splits_of(data)
-    uses_source = METHODS[cfg.method].uses_source
-    images = len(sp.source_train if uses_source else sp.target_train)
+    split = tc.epoch_split if METHODS[cfg.method].uses_source else "target"
+    counts = {"source": len(sp.source_train), "target": len(sp.target_train)}
+    counts["shorter"] = min(counts.values())
+    images = counts[split]
     batch = tc.batch_size * tc.num_workers
     steps = epoch_steps(tc.epochs, images, batch)
     given = (raw.get("train") or {}).get("max_steps")
     if given is not None and given != steps:
-        split = "source" if uses_source else "target"
-        raise ConfigError(f"{source}: train.epochs {tc.epochs} over the {images} {split} train images at a global "
-                          f"batch of {batch} is {steps} steps, but train.max_steps is {given}: give one of them "
-                          "(an override: --set train.epochs=null)")
-    progress.info(f"train.epochs {tc.epochs}: {steps} steps ({images} images, global batch {batch})")
+        raise ConfigError(f"{source}: train.epochs {tc.epochs} over {images} train images (train.epoch_split "
+                          f"{split}) at a global batch of {batch} is {steps} steps, but train.max_steps is {given}: "
+                          "give one of them (an override: --set train.epochs=null)")
+    progress.info(f"train.epochs {tc.epochs}: {steps} steps ({images} {split} images, global batch {batch})")
     return {**raw, "train": {**(raw.get("train") or {}), "max_steps": steps}}
 
 
