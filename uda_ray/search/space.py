@@ -46,7 +46,7 @@ class Objective:
     mode: str | None = None  # default: the metric's mode in the registry (uda_ray.metric_names)
 
     def __post_init__(self) -> None:
-        metric = check_metric(self.metric, "objective.metric")
+        metric = check_metric(self.metric, "objective.metric", per_run=True)
         object.__setattr__(self, "metric", metric)
         if self.mode is None:
             object.__setattr__(self, "mode", mode_of(metric))
