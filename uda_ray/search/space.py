@@ -87,7 +87,7 @@ def parse_constraints(raw: Any, source: str) -> tuple[Constraint, ...]:
         raise ConfigError(f"{source}: constraints must be a mapping like {{model/fps: \">= 30\"}}, got {raw!r}")
     out = []
     for metric, spec in raw.items():
-        name = check_metric(metric, f"{source}: constraints")
+        name = check_metric(metric, f"{source}: constraints", per_run=True)
         m = re.fullmatch(r"\s*(>=|<=)\s*([-+0-9.eE]+)\s*", str(spec))
         try:
             bound = float(m.group(2)) if m else None

@@ -67,19 +67,25 @@ def pool_scores(checkpoints: list[str | Path], device: str = "cpu", batch_size: 
     size, total, preds = None, None, []
     for i, ck in enumerate(checkpoints):
         progress.info(f"{METRIC}: member {i + 1}/{len(checkpoints)} {ck}")
-        model = load_trained(ck, device)[1]
-        maps = []
-        for item in loader:
-            probs = model(item["img"].to(device))["out"].float().softmax(1).cpu()  # (B, C, h, w)
-            size = size or tuple(probs.shape[-2:])
-            if tuple(probs.shape[-2:]) != size:
-                probs = torch.nn.functional.interpolate(probs, size=size, mode="bilinear", align_corners=False)
-            maps.append(probs)
-        probs = torch.cat(maps).movedim(1, 0).double()  # (C, N, h, w)
+        probs = member_probs(load_trained(ck, device)[1], loader, device, size)  # (C, N, h, w)
+        size = tuple(probs.shape[-2:])
         total = probs if total is None else total + probs
         preds.append(probs.argmax(0).to(torch.int16))
-        del model
     return ensv(torch.stack(preds), total).tolist()
+
+
+@torch.no_grad()
+def member_probs(model: torch.nn.Module, loader: object, device: str | torch.device,
+                 size: tuple[int, int] | None) -> torch.Tensor:
+    """One member's softmax maps of the held-out images, (C, N, h, w) float64 on the CPU, resized (bilinear) to
+    `size` when given and different."""
+    maps = []
+    for item in loader:
+        probs = model(item["img"].to(device))["out"].float().softmax(1).cpu()  # (B, C, h, w)
+        if size is not None and tuple(probs.shape[-2:]) != size:
+            probs = torch.nn.functional.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+        maps.append(probs)
+    return torch.cat(maps).movedim(1, 0).double()
 
 
 def compute(pool: list[dict], results_dir: Path, device: str = "cpu") -> list[dict]:

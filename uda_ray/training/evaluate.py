@@ -40,7 +40,7 @@ def evaluate(model: nn.Module, loader: Any, num_classes: int, device: torch.devi
 
 @torch.no_grad()
 def evaluate_unlabeled(model: nn.Module, loader: Any, num_classes: int, device: torch.device, pixels: int,
-                       seed: int, source: PixelSamples | None = None) -> dict[str, float]:
+                       seed: int, source: PixelSamples | None = None, mixval: bool = True) -> dict[str, float]:
     """The label-free validators (uda_ray.selection.validators) of the model's softmax on unlabeled images, at the
     model's output resolution; pixels for SND / BNM (and DEV's target features) sampled per image by (seed, image
     name); MixVal (uda_ray.selection.estimators) on mixes with each image's partner (`mix_partners`); with the
@@ -50,7 +50,7 @@ def evaluate_unlabeled(model: nn.Module, loader: Any, num_classes: int, device: 
     model.eval()
     acc = ValidatorAccumulator(num_classes, pixels_per_image=pixels, seed=seed)
     t_atc = atc_threshold(source.cat("score"), source.cat("correct")) if source is not None and len(source) else None
-    partners, tgt = mix_partners(loader), PixelSamples()
+    partners, tgt = mix_partners(loader) if mixval else None, PixelSamples()
     sums = torch.zeros(6, dtype=torch.float64)  # ATC: pixels above t, pixels; MixVal: mixval_counts
     for item in loader:
         out = model(item["img"].to(device))
