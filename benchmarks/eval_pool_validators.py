@@ -5,12 +5,12 @@ holdout: entropy, IM, SND, BNM) against the same passes with each new validator,
                                               [--repeats 3] [--device cpu|cuda] [--set data.held_out_max=40 ...]
 
 An untrained model of the experiment on its data (the synthetic benchmark is generated under $UDA_RAY_DATA or
-./uda_ray_data when needed). Candidates run interleaved in one process, the minimum of `--repeats` kept, in
-CPU seconds of this process on a CPU, wall-clock seconds (synchronized) on a GPU. Prints each candidate's time and its extra seconds over the old
-pass: ATC + DEV (both come from the same samples: source-val pixel samples with features and losses, the target
-features at the SND / BNM pixels, one Newton-fitted logistic regression), MixVal (one more forward pass over
-each held-out image and its partner), everything together; and EnsV per pool member (its held-out forward pass
-and resize, what `uda-ray ensv` repeats for every kept checkpoint, plus loading it).
+./uda_ray_data when needed). Candidates run interleaved in one process, the minimum of `--repeats` kept, in CPU
+seconds of this process on a CPU, wall-clock seconds (synchronized) on a GPU. Prints each candidate's time and its
+extra seconds over the old pass: ATC + DEV (both from the same samples: source-val pixel samples with features
+and losses, the target features at the SND / BNM pixels, one Newton-fitted logistic regression), MixVal (one
+more forward pass over each held-out image's partner and its mix), everything together; and EnsV per pool member
+(its held-out forward pass and resize, what `uda-ray ensv` repeats for every kept checkpoint, plus loading it).
 """
 
 from __future__ import annotations
