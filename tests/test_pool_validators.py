@@ -190,6 +190,11 @@ def test_ensv_of_a_single_checkpoint_is_refused_and_a_run_cannot_select_by_it(tm
         check_pool([{"trial_id": "r", "step": 2, "checkpoint_path": "x"}], "run r")
     with pytest.raises(ConfigError, match="computed after a sweep"):
         build_experiment(tiny_experiment(synth_root, select="uv/ensv"))
+    from uda_ray.search.space import Objective
+
+    with pytest.raises(ConfigError, match="objective.metric: 'uv/ensv' needs a pool of checkpoints"):
+        Objective(metric="uv/ensv")
+    assert Objective(metric="uv/mixval").mode == "max" and Objective(metric="uv/dev").mode == "min"
 
 
 def test_stage_best_by_ensv_picks_a_checkpoint_of_the_stage(pool):

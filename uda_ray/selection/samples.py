@@ -46,6 +46,17 @@ def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gather_dict(d: dict) -> dict:
+    """The union of every DDP rank's dict (itself when not distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, d)
+        return {k: v for g in gathered for k, v in g.items()}
+    return d
+
+
 def sample_positions(valid: torch.Tensor, k: int, seed: int, key: int) -> torch.Tensor:
     """Flat indices of up to k pixels of one (H, W) map among its `valid` ones (bool), a function of
     (seed, key, the valid mask) only (uda_ray.selection.validators.pixel_sample over the valid pixels)."""

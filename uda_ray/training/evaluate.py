@@ -19,7 +19,7 @@ from uda_ray.methods.base import upsample
 from uda_ray.metric_names import DEFAULT_SELECTION, needs_test_labels
 from uda_ray.metrics import ConfusionMatrix
 from uda_ray.selection.estimators import atc_threshold, dev, mix, mixval_counts, mixval_scores, neg_entropy
-from uda_ray.selection.samples import PixelSamples, at_positions, sample_positions, sum_over_ranks
+from uda_ray.selection.samples import PixelSamples, at_positions, gather_dict, sample_positions, sum_over_ranks
 from uda_ray.selection.validators import ValidatorAccumulator, pixel_sample
 
 
@@ -50,7 +50,7 @@ def evaluate_unlabeled(model: nn.Module, loader: Any, num_classes: int, device: 
     model.eval()
     acc = ValidatorAccumulator(num_classes, pixels_per_image=pixels, seed=seed)
     t_atc = atc_threshold(source.cat("score"), source.cat("correct")) if source is not None and len(source) else None
-    partners, tgt = mix_partners(loader) if mixval else None, PixelSamples()
+    partners, tgt, probes = mix_partners(loader) if mixval else None, PixelSamples(), []
     sums = torch.zeros(6, dtype=torch.float64)  # ATC: pixels above t, pixels; MixVal: mixval_counts
     for item in loader:
         out = model(item["img"].to(device))
@@ -65,9 +65,13 @@ def evaluate_unlabeled(model: nn.Module, loader: Any, num_classes: int, device: 
                 flat = pixel_sample(probs.shape[2] * probs.shape[3], pixels, seed, key)
                 tgt.add(key, feat=at_positions(f, flat, tuple(probs.shape[2:])))
         if partners is not None:
-            sums[2:] += _mix_probe(model, item, probs.argmax(1), partners, device)
+            probes += _mix_probe(model, item, probs.argmax(1), partners, device)
     acc.reduce()
     tgt.reduce()
+    if partners is not None:  # every image's pseudo-label, for its partner's mix (held by whichever rank)
+        labels = gather_dict({name: lbl for name, lbl, _, _ in probes})
+        for _, lbl, other, pred in probes:
+            sums[2:] += mixval_counts(pred, lbl, labels[other])
     sums = sum_over_ranks(sums)
     model.train(was_training)
     res = {**acc.compute(), **mixval_scores(sums[2:])}
@@ -90,14 +94,15 @@ def mix_partners(loader: Any) -> Any:
 
 
 def _mix_probe(model: nn.Module, item: dict, labels: torch.Tensor, partners: Any, device: torch.device
-               ) -> torch.Tensor:
-    """MixVal's counts of one batch: each image mixed (lambda 0.55) with its partner; the partners' pseudo-labels
-    and the mixes' predictions from one forward pass over both."""
-    other = torch.stack([partners(n)["img"] for n in item["name"]]).to(device)
-    mixed = mix(item["img"].to(device), other)
-    pred = model(torch.cat([other.float(), mixed]))["out"].argmax(1)  # (2B, h, w)
-    b = labels.shape[0]
-    return mixval_counts(pred[b:], labels, pred[:b])
+               ) -> list[tuple[str, torch.Tensor, str, torch.Tensor]]:
+    """MixVal's probes of one batch: each image mixed (lambda 0.55) with its partner and predicted, one forward
+    pass. Returns (name, its pseudo-label, the partner's name, the mix's prediction) per image, (h, w) int16 on
+    the CPU; the partner's pseudo-label comes from the pass over the partner itself (`evaluate_unlabeled`)."""
+    others = [partners(n) for n in item["name"]]
+    mixed = mix(item["img"].to(device), torch.stack([o["img"] for o in others]).to(device))
+    pred = model(mixed)["out"].argmax(1).to(torch.int16).cpu()  # (B, h, w)
+    own = labels.to(torch.int16).cpu()
+    return [(n, own[i], o["name"], pred[i]) for i, (n, o) in enumerate(zip(item["name"], others))]
 
 
 @torch.no_grad()
