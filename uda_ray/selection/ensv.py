@@ -8,7 +8,8 @@ checkpoint of a run or pipeline stage). The members are loaded one at a time: th
 each once; the pass keeps the running sum of the softmax maps and each member's argmax map, at the first
 member's output resolution (the others' maps resized to it, bilinear). The scores go to results/ensv.parquet
 (trial_id, step, checkpoint_path, uv/ensv, pool_size), which `best --metric uv/ensv`, `--export` and
-`@stage:best` read. Ray-free, in-process, on the driver.
+`@stage:best` read. Ray-free, in-process, on the driver. Importing this module does not import torch (reading
+the table, as `uda-ray validators` and `best` do, needs none).
 """
 
 from __future__ import annotations
@@ -16,13 +17,11 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from uda_ray.errors import UserError
 from uda_ray.results.stats import finite
 from uda_ray.results.tables import atomic_write, read_table, rows_to_table
-from uda_ray.selection.estimators import ensv
 
 METRIC = "uv/ensv"
 TABLE = "ensv"
@@ -53,11 +52,13 @@ def check_pool(pool: list[dict], what: str) -> None:
                         "(EnsV scores each checkpoint against the ensemble of the others: a single run has no pool)")
 
 
-@torch.no_grad()
 def pool_scores(checkpoints: list[str | Path], device: str = "cpu", batch_size: int = 4) -> list[float]:
     """EnsV of each checkpoint on the held-out target slice of the first one's experiment, in order."""
+    import torch
+
     from uda_ray.build import load_trained
     from uda_ray.data.loading import build_datasets, val_loader
+    from uda_ray.selection.estimators import ensv
 
     cfg = load_trained(checkpoints[0], "cpu")[0]
     ds = build_datasets(cfg.data, source=False, target=False, target_labels=False, evaluation=True)
@@ -74,17 +75,18 @@ def pool_scores(checkpoints: list[str | Path], device: str = "cpu", batch_size: 
     return ensv(torch.stack(preds), total).tolist()
 
 
-@torch.no_grad()
-def member_probs(model: torch.nn.Module, loader: object, device: str | torch.device,
-                 size: tuple[int, int] | None) -> torch.Tensor:
+def member_probs(model: Any, loader: Any, device: Any, size: tuple[int, int] | None) -> Any:
     """One member's softmax maps of the held-out images, (C, N, h, w) float64 on the CPU, resized (bilinear) to
     `size` when given and different."""
+    import torch
+
     maps = []
-    for item in loader:
-        probs = model(item["img"].to(device))["out"].float().softmax(1).cpu()  # (B, C, h, w)
-        if size is not None and tuple(probs.shape[-2:]) != size:
-            probs = torch.nn.functional.interpolate(probs, size=size, mode="bilinear", align_corners=False)
-        maps.append(probs)
+    with torch.no_grad():
+        for item in loader:
+            probs = model(item["img"].to(device))["out"].float().softmax(1).cpu()  # (B, C, h, w)
+            if size is not None and tuple(probs.shape[-2:]) != size:
+                probs = torch.nn.functional.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+            maps.append(probs)
     return torch.cat(maps).movedim(1, 0).double()
 
 
