@@ -101,6 +101,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "uda_ray.config", "uda_ray.target_labels", "uda_ray.losses", "uda_ray.metrics", "uda_ray.fda",
         "uda_ray.data.transforms", "uda_ray.data.datasets", "uda_ray.data.splits", "uda_ray.data.scenes",
         "uda_ray.data.synthetic", "uda_ray.data.loading", "uda_ray.selection.validators", "uda_ray.training.checkpoint",
+        "uda_ray.selection.estimators", "uda_ray.selection.samples",
         *(m for m in MODULES if m.startswith(("uda_ray.models", "uda_ray.methods")))}),
     ("registries, input checks, the results tables' rows and files", {
         "uda_ray.build", "uda_ray.checks", "uda_ray.search.space", "uda_ray.results.rows", "uda_ray.results.tables",
@@ -110,7 +111,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "uda_ray.training.launchers", "uda_ray.pipelines.pseudo_labels", "uda_ray.pipelines.intrada_rank"}),
     ("reading results: queries, text, reports, the validator study, seed variance", {
         "uda_ray.results.queries", "uda_ray.results.text", "uda_ray.results.markdown", "uda_ray.results.report_data",
-        "uda_ray.results.figures", "uda_ray.results.report", "uda_ray.selection.study",
+        "uda_ray.results.figures", "uda_ray.results.report", "uda_ray.selection.study", "uda_ray.selection.ensv",
         "uda_ray.selection.seed_variance"}),
     ("search and pipelines: Tune and Optuna, the trial driver, the cluster, pipeline stages and actions", {
         "uda_ray.search.experiments", "uda_ray.search.study", "uda_ray.search.searcher", "uda_ray.search.scheduler",

@@ -43,9 +43,9 @@ from uda_ray.errors import UserError
 from uda_ray.storage import layout
 from uda_ray.storage.lock import refuse_running
 
-__all__ = ["ENDED", "INTERRUPTED", "Sweep", "best", "convert_weights", "evaluate", "export_best", "leaderboard", "ls",
-           "pareto", "pipeline", "profile_model", "ray_connection", "refuse_running", "report", "rerun",
-           "resolve_data", "resume", "show_progress", "storage_root", "sweep", "sweep_dir", "synthetic_data",
+__all__ = ["ENDED", "INTERRUPTED", "Sweep", "best", "convert_weights", "ensv", "evaluate", "export_best",
+           "leaderboard", "ls", "pareto", "pipeline", "profile_model", "ray_connection", "refuse_running", "report",
+           "rerun", "resolve_data", "resume", "show_progress", "storage_root", "sweep", "sweep_dir", "synthetic_data",
            "train", "validators", "with_data"]
 
 progress = logging.getLogger("uda_ray.training.progress")
@@ -185,10 +185,30 @@ def validators(name: str, *, storage: str | os.PathLike | None = None) -> tuple[
     """Measure every validator of a sweep, pipeline or run against test mIoU (uda_ray.selection.study); writes
     results/validators.parquet beside the other tables and returns (rows, path)."""
     from uda_ray.selection import study
+    from uda_ray.selection.ensv import with_pool_metrics
 
     _, results_dir, sources = layout.find_evals(layout.root(storage), name)
-    rows = study.validators_table(study.read_evals(sources))
+    evals = with_pool_metrics(study.read_evals(sources), results_dir)  # uv/ensv where `ensv` scored the pool
+    rows = study.validators_table(evals)
     return rows, study.write_table(results_dir, rows)
+
+
+def ensv(name: str, *, storage: str | os.PathLike | None = None, device: str = "cpu") -> tuple[list[dict], Path]:
+    """EnsV (uda_ray.selection.ensv) of the kept checkpoints of sweep or run `name`, scored as one pool on the
+    held-out target slice; writes results/ensv.parquet (read by `best --metric uv/ensv`, `--export` and
+    `validators`) and returns (rows best first, path). UserError when there is no pool of >= 2 checkpoints."""
+    from uda_ray.errors import UserError
+    from uda_ray.selection import ensv as pool
+
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: expected cpu or cuda")
+    kind, results_dir, _ = layout.find_evals(layout.root(storage), name)
+    if kind == "pipeline":
+        raise UserError(f"{name} is a pipeline: its `select: uv/ensv` scores a stage's checkpoints at @stage:best")
+    members = pool.sweep_pool(results_dir) if kind == "sweep" else pool.run_pool(results_dir.parent)
+    pool.check_pool(members, f"{kind} {name}")
+    rows = pool.compute(members, results_dir, device)
+    return rows, results_dir / f"{pool.TABLE}.parquet"
 
 
 def rerun(name: str, *, top: int = 3, seeds: int = 3, metric: str | None = None,

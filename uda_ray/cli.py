@@ -72,6 +72,15 @@ def cmd_validators(a: argparse.Namespace) -> None:
     print(f"{study.format_table(rows)}\nwrote {path}")
 
 
+def cmd_ensv(a: argparse.Namespace) -> None:
+    rows, path = api.ensv(a.name, storage=a.storage, device=a.device)
+    print(f"uv/ensv of {len(rows)} kept checkpoints (agreement with the pool's mean-softmax prediction on the "
+          "held-out target slice), best first:")
+    for r in rows:
+        print(f"  {r['trial_id']:<16} step {r['step']:>7}  {r['uv/ensv']:.4f}")
+    print(f"wrote {path}; rank by it with `uda-ray best {a.name} --metric uv/ensv`")
+
+
 def cmd_rerun(a: argparse.Namespace) -> None:
     summary = api.rerun(a.sweep, top=a.top, seeds=a.seeds, metric=a.metric, storage=a.storage, address=a.address)
     print(text.rerun_ended(summary, layout.results_dir(api.sweep_dir(a.sweep, a.storage))))
@@ -155,6 +164,9 @@ def _sweep_commands(sub: Any) -> None:
                     help="export the N-th entry of the printed list (the Pareto front of a multi-objective sweep)")
     _command(sub, "validators", cmd_validators,
              "how well each validator tracks test mIoU (Spearman, selection regret)", "name")
+    sp = _command(sub, "ensv", cmd_ensv, "score the kept checkpoints of a sweep (or run) with EnsV: agreement "
+                  "with the pool's ensemble on the held-out target slice (then best --metric uv/ensv)", "name")
+    sp.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     sp = _command(sub, "rerun", cmd_rerun, "retrain a sweep's top configurations with new seeds: mean ± std",
                   "sweep", address=True)
     sp.add_argument("--top", type=int, default=3, help="configurations to retrain (default 3)")

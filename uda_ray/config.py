@@ -250,7 +250,7 @@ class ExperimentConfig:
     select: str = DEFAULT_SELECTION
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "select", check_metric(self.select, "select"))
+        object.__setattr__(self, "select", check_metric(self.select, "select", per_run=True))
         _check(self.select != "sel/miou" or self.data.selection_labeled > 0,
                "select: sel/miou needs a labeled selection split (data.selection_labeled > 0)")
         _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name)),

@@ -31,6 +31,7 @@ class Metric:
     mode: str | None  # "max" / "min"; None: reported, not selectable
     description: str
     needs_test_labels: bool = False
+    pool: bool = False  # computed after a sweep over a pool of checkpoints, not by a run's evaluations
 
 
 _M = [
@@ -53,6 +54,17 @@ _M = [
     Metric("uv/snd", "max", "soft neighbourhood density of pixel predictions, temperature 0.05 "
                             "(Saito et al., ICCV 2021)"),
     Metric("uv/bnm", "max", "batch nuclear norm of the (N, C) prediction matrix / N (Cui et al., CVPR 2020)"),
+    Metric("uv/atc", "max", "ATC-NE: predicted target pixel accuracy, the fraction of held-out target pixels whose "
+                            "negative entropy exceeds a threshold fitted on source val (Garg et al., ICLR 2022)"),
+    Metric("uv/dev", "min", "DEV: source-val pixel loss weighted by a domain classifier's density ratio, with "
+                            "a control variate (You et al., ICML 2019)"),
+    Metric("uv/mixval", "max", "MixVal: mean of the intra- and inter-class accuracies on mixed held-out target "
+                               "images vs the dominant image's pseudo-label (Hu et al., NeurIPS 2023)"),
+    Metric("uv/mixval_intra", "max", "MixVal's accuracy on mixed pixels where both images' pseudo-labels agree"),
+    Metric("uv/mixval_inter", "max", "MixVal's accuracy on mixed pixels where the pseudo-labels differ"),
+    Metric("uv/ensv", "max", "EnsV: pixel agreement with the argmax of the pool's mean softmax on the target "
+                             "holdout (Hu et al., NeurIPS 2024 D&B); computed after a sweep (`uda-ray ensv`)",
+           pool=True),
     Metric("train/lr", None, "learning rate of the first optimizer at the evaluation"),
     Metric("time/elapsed_s", "min", "seconds since the run (or its resume) started"),
     Metric("time/step_s", "min", "mean seconds per training step since the previous evaluation"),
@@ -68,7 +80,8 @@ FAMILIES: dict[str, Metric] = {
     "train/loss/": Metric("train/loss/", "min", "a training loss (train/loss/<name>), mean since the last "
                                                 "evaluation"),
 }
-LABEL_FREE = ("uv/entropy", "uv/im", "uv/snd", "uv/bnm")  # need no labels at all
+LABEL_FREE = ("uv/entropy", "uv/im", "uv/snd", "uv/bnm", "uv/mixval", "uv/mixval_intra", "uv/mixval_inter",
+              "uv/ensv")  # need no labels at all (uv/atc and uv/dev read the SOURCE labels)
 REPORTED_PREFIXES = ("test/", "src_val/", "sel/", "uv/", "train/", "time/", "model/")
 
 # The default selection metric (objective, kept checkpoints, `best`, `@stage:best`) when a space, an
@@ -101,9 +114,10 @@ def valid_names() -> list[str]:
     return [*METRICS, *(f"{p}<name>" for p in FAMILIES)]
 
 
-def check_metric(name: object, where: str = "metric", selectable: bool = True) -> str:
+def check_metric(name: object, where: str = "metric", selectable: bool = True, per_run: bool = False) -> str:
     """The canonical name of a known metric, or ConfigError listing the valid ones. `selectable`: the
-    metric must have a mode (it can rank trials and checkpoints)."""
+    metric must have a mode (it can rank trials and checkpoints). `per_run`: it must be one a run's own
+    evaluations report (a run's `select`, a sweep's objective), not a pool metric computed after a sweep."""
     if not isinstance(name, str):
         raise ConfigError(f"{where}: a metric name must be a string, got {name!r}")
     new = canonical(name)
@@ -115,7 +129,15 @@ def check_metric(name: object, where: str = "metric", selectable: bool = True) -
     if selectable and m.mode is None:
         sel = [n for n, x in METRICS.items() if x.mode]
         raise ConfigError(f"{where}: '{name}' is reported but cannot rank anything (valid: {', '.join(sel)})")
+    if per_run and m.pool:
+        raise ConfigError(f"{where}: '{name}' needs a pool of checkpoints and is computed after a sweep "
+                          f"(`uda-ray ensv`); a run cannot select by it while training (e.g. {DEFAULT_SELECTION})")
     return new
+
+
+def is_pool_metric(name: str) -> bool:
+    m = _lookup(canonical(name))
+    return bool(m and m.pool)
 
 
 def mode_of(name: str) -> str:

@@ -19,7 +19,7 @@ def best(name: str, *, storage: str | os.PathLike | None = None, top: int = 5, m
     one dict per trial (rank_metric, rank_value, rank_step, rank_checkpoint, params, config_json, ...).
     Ranked by every evaluation; `rank_checkpoint_kept` says whether the best step's checkpoint is still on
     disk, and `kept_step` / `kept_checkpoint` name the best step whose checkpoint is (results.best_trials)."""
-    from uda_ray.metric_names import REPORTED_PREFIXES, check_metric
+    from uda_ray.metric_names import REPORTED_PREFIXES, check_metric, is_pool_metric
     from uda_ray.results.queries import best_trials
     from uda_ray.results.tables import read_table
 
@@ -28,6 +28,12 @@ def best(name: str, *, storage: str | os.PathLike | None = None, top: int = 5, m
         raise UserError("top must be >= 1")
     if metric:
         metric = check_metric(metric, "metric")
+        if is_pool_metric(metric):
+            from uda_ray.selection.ensv import missing_table_error
+
+            if err := missing_table_error(name, results):
+                raise err
+            return best_trials(results, metric=metric, top=top, method=method)
         evals = read_table(results, "evals")
         if evals and not any(e.get(metric) is not None for e in evals):
             known = sorted({k for e in evals for k in e if k.startswith(REPORTED_PREFIXES) and e[k] is not None

@@ -34,7 +34,7 @@ from uda_ray import checks
 from uda_ray.build import load_experiment
 from uda_ray.config import ConfigError
 from uda_ray.config_loader import build, read_yaml
-from uda_ray.metric_names import DEFAULT_SELECTION, check_metric, mode_of
+from uda_ray.metric_names import DEFAULT_SELECTION, check_metric, is_pool_metric, mode_of
 from uda_ray.pipelines.actions import ACTIONS
 from uda_ray.results.tables import read_table
 from uda_ray.storage import layout
@@ -83,7 +83,9 @@ class Pipeline:
     def overrides(self, st: StageConfig) -> dict:
         """The `--set`-style overrides of an experiment stage: the pipeline's select, its set, the stage's,
         then the command line's (which win)."""
-        return {"select": self.cfg.select, **self.cfg.set, **st.set, **self.cli_set}
+        # a pool metric (uv/ensv) picks among a stage's checkpoints afterwards; the stage keeps them by the default
+        select = DEFAULT_SELECTION if is_pool_metric(self.cfg.select) else self.cfg.select
+        return {"select": select, **self.cfg.set, **st.set, **self.cli_set}
 
     def experiment_path(self, st: StageConfig) -> Path:
         p = Path(st.experiment)
@@ -131,6 +133,16 @@ def _ref_stage(v: Any) -> str | None:
     return None
 
 
+def best_of_stage(d: Path, select: str) -> Path:
+    """A stage's best checkpoint by `select`: from its checkpoints' metrics, or for a pool metric (uv/ensv) by
+    scoring its kept checkpoints as a pool (uda_ray.selection.ensv)."""
+    if is_pool_metric(select):
+        from uda_ray.selection.ensv import best_checkpoint
+
+        return best_checkpoint(d)
+    return best_checkpoint_in(d, select, mode_of(select))
+
+
 def resolve_stage_refs(values: dict, pdir: Path, select: str = DEFAULT_SELECTION) -> dict:
     """'@stage' -> <pdir>/<stage>; '@stage:best' -> its best checkpoint by `select`; '@stage/sub' -> a path
     inside."""
@@ -139,7 +151,7 @@ def resolve_stage_refs(values: dict, pdir: Path, select: str = DEFAULT_SELECTION
         if _ref_stage(v) is not None:
             stage, _, rest = v[1:].partition(":")
             d = layout.stage_dir(pdir, stage)
-            out[k] = str(best_checkpoint_in(d, select, mode_of(select))) if rest == "best" else str(d)
+            out[k] = str(best_of_stage(d, select)) if rest == "best" else str(d)
         else:
             out[k] = v
     return out
@@ -191,7 +203,7 @@ def _run_action(pipe: Pipeline, st: StageConfig, pdir: Path, log: Callable[[str]
     sel = pipe.cfg.select
     args = resolve_stage_refs({k: v for k, v in args.items() if k != "from"}, pdir, sel)
     args = {("lambda_" if k == "lambda" else k): v for k, v in args.items()}
-    cks = [best_checkpoint_in(layout.stage_dir(pdir, f), sel, mode_of(sel)) for f in _as_list(st.action[1]["from"])]
+    cks = [best_of_stage(layout.stage_dir(pdir, f), sel) for f in _as_list(st.action[1]["from"])]
     log(f"stage {st.name}: {name} from {', '.join(str(c) for c in cks)}")
     ACTIONS[name](cks, layout.stage_dir(pdir, st.name), **args)
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from uda_ray.metric_names import check_metric, mode_of
+from uda_ray.metric_names import check_metric, is_pool_metric, mode_of
 from uda_ray.results.stats import finite, non_dominated
 from uda_ray.results.tables import read_table
 
@@ -33,6 +33,10 @@ def best_trials(results_dir: Path, metric: str | None = None, mode: str | None =
     else:
         metric, mode = trials[0]["objective"], mode or trials[0]["mode"]
     evals = read_table(results_dir, "evals")
+    if is_pool_metric(metric):  # computed after the sweep (uda_ray.selection.ensv), joined on (trial, step)
+        from uda_ray.selection.ensv import with_pool_metrics
+
+        evals = with_pool_metrics(evals, results_dir)
     out = []
     for t in trials:
         vals = [e for e in evals if e["trial_id"] == t["trial_id"] and finite(e.get(metric))]

@@ -46,7 +46,7 @@ class Objective:
     mode: str | None = None  # default: the metric's mode in the registry (uda_ray.metric_names)
 
     def __post_init__(self) -> None:
-        metric = check_metric(self.metric, "objective.metric")
+        metric = check_metric(self.metric, "objective.metric", per_run=True)
         object.__setattr__(self, "metric", metric)
         if self.mode is None:
             object.__setattr__(self, "mode", mode_of(metric))
@@ -87,7 +87,7 @@ def parse_constraints(raw: Any, source: str) -> tuple[Constraint, ...]:
         raise ConfigError(f"{source}: constraints must be a mapping like {{model/fps: \">= 30\"}}, got {raw!r}")
     out = []
     for metric, spec in raw.items():
-        name = check_metric(metric, f"{source}: constraints")
+        name = check_metric(metric, f"{source}: constraints", per_run=True)
         m = re.fullmatch(r"\s*(>=|<=)\s*([-+0-9.eE]+)\s*", str(spec))
         try:
             bound = float(m.group(2)) if m else None

@@ -31,8 +31,16 @@ V's mode (from uda_ray.metric_names) is "min", so that a higher score always mea
   test metric over all trials) and `regret_final` = `oracle_final_test` - `pick_final_test`. Trials stopped
   early by ASHA compete with their last (early) evaluation.
 
+- The *worst-model rate* (Hu et al., NeurIPS 2024 Datasets & Benchmarks, "Towards Reliable Model Selection for
+  Unsupervised Domain Adaptation": does a selector avoid the worst models of the pool?): `pick_pct` is the
+  fraction of checkpoints whose test metric is strictly below `pick_test`; `worst` is 1.0 when
+  `pick_pct` < 0.25 (the pick is in the bottom quarter of the pool), else 0.0; `worst_final` the same over the
+  trials' final checkpoints. Averaged over several sweeps, `worst` is how often a validator picks a bottom-quarter
+  model.
+
 One reference row, validator `(random)`: the expected regret of picking a checkpoint (and a trial's final
-checkpoint) uniformly at random: `oracle_test` - mean test metric. A validator whose regret is not below it
+checkpoint) uniformly at random: `oracle_test` - mean test metric; its `worst` and `worst_final` are the chances
+that a random pick is in the bottom quarter. A validator whose regret is not below it
 selects no better than chance.
 
 Note: a picked checkpoint is a row of the evals table; whether its weights are still on disk depends on
@@ -55,7 +63,8 @@ TABLE = "validators"
 COLUMNS = ("validator", "mode", "n_checkpoints", "n_trials", "spearman", "pick_trial", "pick_step",
            "pick_test", "n_tied", "oracle_test", "oracle_trial", "oracle_step", "regret",
            "spearman_final", "pick_final_trial", "pick_final_test", "oracle_final_test", "regret_final",
-           "test_metric")
+           "pick_pct", "worst", "worst_final", "test_metric")
+BOTTOM = 0.25  # the bottom quarter of the pool: the "worst models" a selector should avoid
 
 
 def _pick(points: list[tuple[float, float, str, int]]) -> tuple[str, int, float, int]:
@@ -63,6 +72,11 @@ def _pick(points: list[tuple[float, float, str, int]]) -> tuple[str, int, float,
     top = max(p[0] for p in points)
     tied = sorted((p for p in points if p[0] == top), key=lambda p: (p[2], p[3]))
     return tied[0][2], tied[0][3], sum(p[1] for p in tied) / len(tied), len(tied)
+
+
+def below(test: float, pool: list[float]) -> float:
+    """The fraction of `pool` strictly below `test`."""
+    return sum(t < test for t in pool) / len(pool)
 
 
 def measure(evals: Iterable[Mapping[str, Any]], validators: Mapping[str, str],
@@ -94,21 +108,30 @@ def measure(evals: Iterable[Mapping[str, Any]], validators: Mapping[str, str],
                    spearman_final=spearman([p[0] for p in fin], [p[1] for p in fin]))
         if ck:
             trial, step, test, tied = _pick(ck)
+            pct = below(test, [e[test_metric] for e in pts])
             row.update(pick_trial=trial, pick_step=step, pick_test=test, n_tied=tied,
-                       regret=oracle["oracle_test"] - test)
+                       regret=oracle["oracle_test"] - test, pick_pct=pct, worst=float(pct < BOTTOM))
         if fin:
             trial, _, test, _ = _pick(fin)
             row.update(pick_final_trial=trial, pick_final_test=test,
-                       regret_final=oracle["oracle_final_test"] - test)
+                       regret_final=oracle["oracle_final_test"] - test,
+                       worst_final=float(below(test, [e[test_metric] for e in finals.values()]) < BOTTOM))
         rows.append(row)
     mean_test = sum(e[test_metric] for e in pts) / len(pts)
     mean_final = sum(e[test_metric] for e in finals.values()) / len(finals)
     ref: dict[str, Any] = {c: None for c in COLUMNS}
     ref.update(oracle, validator=RANDOM, n_checkpoints=len(pts), n_trials=len(finals), spearman=math.nan,
                spearman_final=math.nan, pick_test=mean_test, regret=oracle["oracle_test"] - mean_test,
-               pick_final_test=mean_final, regret_final=oracle["oracle_final_test"] - mean_final)
+               pick_final_test=mean_final, regret_final=oracle["oracle_final_test"] - mean_final,
+               worst=_random_worst([e[test_metric] for e in pts]),
+               worst_final=_random_worst([e[test_metric] for e in finals.values()]))
     rows.append(ref)
     return rows
+
+
+def _random_worst(pool: list[float]) -> float:
+    """The chance that a uniformly random member of `pool` is in its bottom quarter."""
+    return sum(below(t, pool) < BOTTOM for t in pool) / len(pool)
 
 
 def validator_modes(columns: Iterable[str]) -> dict[str, str]:
@@ -160,16 +183,25 @@ def format_table(rows: list[dict]) -> str:
             f"{next(r['n_trials'] for r in rows if r['validator'] == RANDOM)} trials; best "
             f"{points(r0['oracle_test'])} ({r0['oracle_trial']} @ {r0['oracle_step']}), best final "
             f"{points(r0['oracle_final_test'])}. mIoU in points; regret = best - picked.")
-    lines = [head, f"{'validator':<14} {'mode':<4} {'n':>4} {'spearman':>8} {'picked':>7} {'regret':>7}  "
-                   f"{'pick (trial @ step)':<24} {'rho_final':>9} {'final':>6} {'regret_f':>8}"]
+    lines = [head, f"{'validator':<16} {'mode':<4} {'n':>4} {'spearman':>8} {'picked':>7} {'regret':>7} {'worst':>5}  "
+                   f"{'pick (trial @ step)':<24} {'rho_final':>9} {'final':>6} {'regret_f':>8} {'worst_f':>7}"]
     for r in rows:
         where = f"{r['pick_trial']} @ {r['pick_step']}" if r.get("pick_trial") else "-"
         if (r.get("n_tied") or 1) > 1:
             where += f" ({r['n_tied']} tied)"
-        lines.append(f"{r['validator']:<14} {r.get('mode') or '-':<4} {r['n_checkpoints']:>4} "
-                     f"{rho(r['spearman']):>8} {points(r['pick_test']):>7} {points(r['regret']):>7}  {where:<24} "
-                     f"{rho(r['spearman_final']):>9} {points(r['pick_final_test']):>6} {points(r['regret_final']):>8}")
+        lines.append(f"{r['validator']:<16} {r.get('mode') or '-':<4} {r['n_checkpoints']:>4} "
+                     f"{rho(r['spearman']):>8} {points(r['pick_test']):>7} {points(r['regret']):>7} "
+                     f"{_worst(r, 'worst'):>5}  {where:<24} {rho(r['spearman_final']):>9} "
+                     f"{points(r['pick_final_test']):>6} {points(r['regret_final']):>8} {_worst(r, 'worst_final'):>7}")
+    lines.append(f"worst: the pick is in the bottom quarter of the pool by {r0['test_metric']} (random: the chance)")
     return "\n".join(lines)
+
+
+def _worst(row: dict, key: str) -> str:
+    v = row.get(key)
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if row["validator"] == RANDOM else ("yes" if v else "no")
 
 
 def pick_vs_oracle(evals: list[dict], metric: str, mode: str, test_metric: str = TEST_METRIC) -> str | None:

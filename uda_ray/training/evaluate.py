@@ -13,12 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from uda_ray.config import ExperimentConfig
-from uda_ray.data.loading import val_loader
+from uda_ray.data.labels import IGNORE
+from uda_ray.data.loading import names_of, val_loader
 from uda_ray.errors import ConfigError
 from uda_ray.methods.base import upsample
 from uda_ray.metric_names import DEFAULT_SELECTION, needs_test_labels
 from uda_ray.metrics import ConfusionMatrix, ImageAccuracy
-from uda_ray.selection.validators import ValidatorAccumulator
+from uda_ray.selection.estimators import atc_threshold, dev, mix, mixval_counts, mixval_scores, neg_entropy
+from uda_ray.selection.samples import PixelSamples, at_positions, gather_dict, sample_positions, sum_over_ranks
+from uda_ray.selection.validators import ValidatorAccumulator, pixel_sample
 
 
 @torch.no_grad()
@@ -56,19 +59,99 @@ def resize_labels(lbl: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_unlabeled(model: nn.Module, loader: Any, num_classes: int, device: torch.device, pixels: int,
-                       seed: int) -> dict[str, float]:
+                       seed: int, source: PixelSamples | None = None, mixval: bool = True) -> dict[str, float]:
     """The label-free validators (uda_ray.selection.validators) of the model's softmax on unlabeled images, at the
-    model's output resolution; pixels for SND / BNM sampled per image by (seed, image name). Under DDP the
-    running sums are summed and the pixel samples gathered over ranks (ValidatorAccumulator.reduce)."""
+    model's output resolution; pixels for SND / BNM (and DEV's target features) sampled per image by (seed, image
+    name); MixVal (uda_ray.selection.estimators) on mixes with each image's partner (`mix_partners`); with the
+    source-val `source` samples (`evaluate_source`), ATC and DEV. Under DDP the running sums are summed and the
+    pixel samples gathered over ranks, so every rank computes what one process would."""
     was_training = model.training
     model.eval()
     acc = ValidatorAccumulator(num_classes, pixels_per_image=pixels, seed=seed)
+    t_atc = atc_threshold(source.cat("score"), source.cat("correct")) if source is not None and len(source) else None
+    partners, tgt, probes = mix_partners(loader) if mixval else None, PixelSamples(), []
+    sums = torch.zeros(6, dtype=torch.float64)  # ATC: pixels above t, pixels; MixVal: mixval_counts
     for item in loader:
-        probs = model(item["img"].to(device))["out"].float().softmax(1)
-        acc.update(probs, [name_key(n) for n in item["name"]])
+        out = model(item["img"].to(device))
+        probs = out["out"].float().softmax(1)  # (B, C, h, w)
+        keys = [name_key(n) for n in item["name"]]
+        acc.update(probs, keys)
+        if t_atc is not None:
+            sums[0] += float((neg_entropy(probs.movedim(1, -1)) > t_atc).sum())
+            sums[1] += probs[:, 0].numel()
+            feat = out.get("feat", out["out"]).float()
+            for f, key in zip(feat, keys):
+                flat = pixel_sample(probs.shape[2] * probs.shape[3], pixels, seed, key)
+                tgt.add(key, feat=at_positions(f, flat, tuple(probs.shape[2:])))
+        if partners is not None:
+            probes += _mix_probe(model, item, probs.argmax(1), partners, device)
     acc.reduce()
+    tgt.reduce()
+    if partners is not None:  # every image's pseudo-label, for its partner's mix (held by whichever rank)
+        labels = gather_dict({name: lbl for name, lbl, _, _ in probes})
+        for _, lbl, other, pred in probes:
+            sums[2:] += mixval_counts(pred, lbl, labels[other])
+    sums = sum_over_ranks(sums)
     model.train(was_training)
-    return acc.compute()
+    res = {**acc.compute(), **mixval_scores(sums[2:])}
+    if t_atc is not None and sums[1] > 0:
+        res["uv/atc"] = float(sums[0] / sums[1])
+        res["uv/dev"] = dev(source.cat("feat"), source.cat("loss"), tgt.cat("feat"), seed)
+    return res
+
+
+def mix_partners(loader: Any) -> Any:
+    """MixVal's partner of each held-out image: the next image of the full held-out split (dataset order,
+    cyclic), whichever rank holds it: name -> its item. None when the split has fewer than two images or the
+    loader's dataset is not a split of a named dataset."""
+    full = getattr(loader.dataset, "dataset", None)
+    if full is None or not hasattr(full, "items") or len(full) < 2:
+        return None
+    names = names_of(full)
+    nxt = {n: (i + 1) % len(names) for i, n in enumerate(names)}
+    return lambda name: full[nxt[name]]
+
+
+def _mix_probe(model: nn.Module, item: dict, labels: torch.Tensor, partners: Any, device: torch.device
+               ) -> list[tuple[str, torch.Tensor, str, torch.Tensor]]:
+    """MixVal's probes of one batch: each image mixed (lambda 0.55) with its partner and predicted, one forward
+    pass. Returns (name, its pseudo-label, the partner's name, the mix's prediction) per image, (h, w) int16 on
+    the CPU; the partner's pseudo-label comes from the pass over the partner itself (`evaluate_unlabeled`)."""
+    others = [partners(n) for n in item["name"]]
+    mixed = mix(item["img"].to(device), torch.stack([o["img"] for o in others]).to(device))
+    pred = model(mixed)["out"].argmax(1).to(torch.int16).cpu()  # (B, h, w)
+    own = labels.to(torch.int16).cpu()
+    return [(n, own[i], o["name"], pred[i]) for i, (n, o) in enumerate(zip(item["name"], others))]
+
+
+@torch.no_grad()
+def evaluate_source(model: nn.Module, loader: Any, num_classes: int, device: torch.device, pixels: int, seed: int
+                    ) -> tuple[dict[str, float], PixelSamples]:
+    """`evaluate` of the labeled source-val split, and ATC's and DEV's samples of it: at `pixels` labeled pixels
+    per image (seeded by (seed, image name)), the confidence score (negative entropy), whether the prediction is
+    right, the cross-entropy loss (logits upsampled to the label, as the confusion matrix sees them) and the
+    model's features there (nearest position); gathered over ranks."""
+    was_training = model.training
+    model.eval()
+    cm, samples = ConfusionMatrix(num_classes, device), PixelSamples()
+    for item in loader:
+        lbl = item["lbl"].to(device)  # (B, H, W)
+        out = model(item["img"].to(device))
+        logits = upsample(out["out"], tuple(lbl.shape[-2:])).float()  # (B, C, H, W)
+        cm.update(logits.argmax(1), lbl)
+        feat = out.get("feat", out["out"]).float()
+        for lg, lb, f, name in zip(logits, lbl, feat, item["name"]):
+            key = name_key(name)
+            flat = sample_positions(lb != IGNORE, pixels, seed, key).to(device)
+            lp = lg.flatten(1)[:, flat].T.log_softmax(1)  # (k, C)
+            y = lb.flatten()[flat]
+            samples.add(key, score=neg_entropy(lp.exp()), correct=lp.argmax(1) == y,
+                        loss=-lp.gather(1, y.unsqueeze(1)).squeeze(1).double(),
+                        feat=at_positions(f, flat, tuple(lb.shape)))
+    cm.all_reduce()
+    samples.reduce()
+    model.train(was_training)
+    return cm.compute(), samples
 
 
 def name_key(name: str) -> int:
@@ -86,14 +169,16 @@ def evaluate_splits(model: nn.Module, loaders: dict[str, Any], cfg: ExperimentCo
     size = cfg.data.eval_label_size
     if "test" in loaders:
         out.update({f"test/{k}": v for k, v in evaluate(model, loaders["test"], c, device, size).items()})
+    source = None
     if "src_val" in loaders:
-        ev = evaluate(model, loaders["src_val"], c, device)
+        ev, source = evaluate_source(model, loaders["src_val"], c, device, cfg.data.validator_pixels,
+                                     cfg.data.split_seed)
         out.update({"src_val/miou": ev["miou"], "src_val/pixel_acc": ev["pixel_acc"]})
     if "sel" in loaders:
         out["sel/miou"] = evaluate(model, loaders["sel"], c, device, size)["miou"]
     if "holdout" in loaders:
         out.update(evaluate_unlabeled(model, loaders["holdout"], c, device, cfg.data.validator_pixels,
-                                      cfg.data.split_seed))
+                                      cfg.data.split_seed, source))
     out["time/eval_s"] = time.time() - t0
     return out
 
