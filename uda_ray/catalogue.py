@@ -133,13 +133,13 @@ def _reported(e: Entry) -> str:
 
 def markdown_table(entries: list[Entry]) -> str:
     """The human-readable table of experiments/README.md (the test compares the README with this)."""
-    lines = ["| entry | paper, table, row | reported | command (or why not) | GPU hours (estimate) |",
-             "|---|---|---|---|---|"]
+    lines = ["| entry | paper; table; row | reported | command (or why not) | what still differs | one GPU, hours "
+             "(estimate) |", "|---|---|---|---|---|---|"]
     for e in entries:
         cmd = f"`{e.command}`" if e.command else f"not expressible: {e.reason}"
-        hours = "" if e.gpu_hours is None else f"{e.gpu_hours:g}"
+        hours = "" if e.gpu_hours is None else f"{e.gpu_hours:g}" + (f" ({e.note})" if e.note else "")
         lines.append(f"| `{e.id}` | {_cell(e.paper)}; {_cell(e.table)}; {_cell(e.row)} | {_cell(_reported(e))} "
-                     f"| {_cell(cmd)} | {hours} |")
+                     f"| {_cell(cmd)} | {_cell(e.differs)} | {_cell(hours)} |")
     return "\n".join(lines)
 
 
@@ -152,7 +152,7 @@ def listing(entries: list[Entry]) -> str:
             out.append(f"  command: {e.command}")
             out += [f"    {{{k}}}: {v}" for k, v in e.inputs.items()]
             if e.gpu_hours is not None:
-                out.append(f"  one GPU: ~{e.gpu_hours:g} h (estimate)")
+                out.append(f"  one GPU: ~{e.gpu_hours:g} h (estimate)" + (f"; {e.note}" if e.note else ""))
         else:
             out.append(f"  not expressible: {e.reason}")
         if e.differs:
