@@ -123,8 +123,9 @@ STAGE_INPUTS = {"no pseudo-labels": {"data.target_label_root": "/pipeline/pseudo
 # the protocol-options work on the reproduction catalogue (experiments/reproduce/catalogue.yaml `needs`): a shipped
 # file that needs one is skipped, naming it, by the tests that load shipped files while the checkout lacks the
 # option. Once the options exist nothing is skipped and this list can go.
-PENDING_KEYS = ("train.epochs", "train.epoch_split", "data.normalize", "data.eval_label_size", "method_cfg.teacher_from",
-                "method_cfg.fresh_student", "method_cfg.lambda_adv", "method_cfg.discriminator", "threshold")
+PENDING_KEYS = ("train.epochs", "train.epoch_split", "data.normalize", "data.eval_label_size",
+                "method_cfg.teacher_from", "method_cfg.fresh_student", "method_cfg.lambda_adv",
+                "method_cfg.discriminator", "threshold")
 
 
 def pending_option(e: Exception) -> str | None:

@@ -1,8 +1,10 @@
 """Nothing in the reproduction catalogue rots: every expressible entry of experiments/reproduce/catalogue.yaml runs,
 through `uda-ray reproduce ENTRY`, on the synthetic benchmark's GTA5 / Cityscapes layouts (linked where the shipped
 files look: data/GTA5, data/Cityscapes) at a tiny size for one step or one short epoch, in-process (no Ray). The
-only overrides are sizes, lengths, and what a CPU-only CI machine cannot have (a GPU, loader processes, fp16, the
-ImageNet download, the 512x1024 profile): a renamed key, a missing file or a broken pipeline fails here.
+only overrides are sizes (images, crops, batches, and ResNet-101 backbones cut to one block per stage), lengths,
+and what a CPU-only CI machine cannot have (a GPU, loader processes, fp16, the ImageNet download, the 512x1024
+profile): a renamed key, a missing file or a broken pipeline fails here. Each distinct command runs once (several
+rows can share one run); on a 2-core machine the file takes about 70 s of CPU time.
 
 Entries whose commands use protocol options that this checkout does not have yet (`needs`, e.g. train.epochs) are
 skipped with the option named; once the options exist they run like the rest."""
