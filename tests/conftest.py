@@ -115,7 +115,8 @@ def fit_full_then_resumed(cfg, tmp_path, step: int = 2):
 # What a pipeline (or the user's --set) gives a stage experiment that cannot run alone: the refusal it meets
 # without it (uda_ray.target_labels), and a stand-in value for loading it.
 STAGE_INPUTS = {"no pseudo-labels": {"data.target_label_root": "/pipeline/pseudo_labels"},
-                "is the target itself": {"data.ranking": "/pipeline/ranking"}}
+                "is the target itself": {"data.ranking": "/pipeline/ranking"},
+                "needs method_cfg.teacher_from": {"method_cfg.teacher_from": "/pipeline/teacher"}}
 
 
 def load_shipped(load, path, overrides: dict | None = None):

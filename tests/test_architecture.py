@@ -96,7 +96,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "uda_ray.storage.layout", "uda_ray.storage.lock", "uda_ray.results", "uda_ray.results.stats",
         "uda_ray.training", "uda_ray.training.timing", "uda_ray.training.progress", "uda_ray.training.optim",
         "uda_ray.search", "uda_ray.search.private", "uda_ray.data", "uda_ray.data.labels", "uda_ray.selection",
-        "uda_ray.pipelines", "uda_ray.driver"}),
+        "uda_ray.pipelines", "uda_ray.driver", "uda_ray.catalogue"}),
     ("plain PyTorch: configs, data, models, methods, losses, metrics, validators, the checkpoint format", {
         "uda_ray.config", "uda_ray.target_labels", "uda_ray.losses", "uda_ray.metrics", "uda_ray.fda",
         "uda_ray.data.transforms", "uda_ray.data.datasets", "uda_ray.data.splits", "uda_ray.data.scenes",

@@ -16,6 +16,9 @@ from uda_ray.training.optim import set_lr
 from uda_ray.training.sessions import LocalSession
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+def _load(name: str, overrides: dict | None = None):
+    """A shipped experiment (uda_ray.build.load_experiment, stage inputs stood in for as tests.conftest does)."""
+    return load_shipped(load_experiment, EXPERIMENTS / f"{name}.yaml", overrides)
 
 # -- schedule horizon -------------------------------------------------------------------------------
 
@@ -82,34 +85,53 @@ PAPER_SCHEDULES = {
     "gta5_to_cityscapes_bisenet_r18_self_training": (20_000, 20_000),
     "gta5_to_cityscapes_enet_minent": (20_000, 20_000),
     "gta5_to_cityscapes_enet_contrastive": (20_000, 20_000),
+    # Singh & Gerem's slides: model 1 "DeepLabV2 trained for 100k iterations" (model 2: no schedule given, the same)
+    "gta5_to_cityscapes_deeplabv2_minent_gray_singh": (100_000, 100_000),
+    "gta5_to_cityscapes_deeplabv2_contrastive_singh": (100_000, 100_000),
+    "gta5_to_cityscapes_enet_fda_singh": (20_000, 20_000),
 }
+# Counted in epochs (train.epochs): Bianco, Isola Quezada & Zizzari and Montressori, Rosini & Vanderputten
+# train 50 epochs (the slides; trainUnsupervised.py / MPL.py --num_epochs 50), poly over them.
+EPOCH_SCHEDULES = {n: 50 for n in (
+    "cityscapes_bisenet_r18_target_only_bianco", "gta5_to_cityscapes_bisenet_r18_adversarial_fc_bianco",
+    "gta5_to_cityscapes_bisenet_r18_adversarial_dsc_bianco", "gta5_to_cityscapes_bisenet_r18_fda_bianco",
+    "gta5_to_cityscapes_bisenet_r101_adversarial_dsc_montressori",
+    "gta5_to_cityscapes_bisenet_r101_adversarial_fc_montressori",
+    "gta5_to_cityscapes_bisenet_r101_self_training_montressori", "gta5_to_cityscapes_bisenet_r101_mpl_montressori")}
 
 
 def test_every_paper_experiment_has_a_pinned_schedule():
     shipped = {p.stem for p in EXPERIMENTS.glob("*.yaml") if not p.stem.startswith("synthetic")}
-    assert shipped == set(PAPER_SCHEDULES)
+    assert shipped == set(PAPER_SCHEDULES) | set(EPOCH_SCHEDULES)
 
 
 # How often the originals evaluate or snapshot (the checkpoints their reported best is picked from): ADVENT
 # SAVE_PRED_EVERY 2000, AdaptSegNet SAVE_PRED_EVERY 5000, FDA --save-pred-every 2500, CPSL --val_interval 1000.
 PAPER_EVAL_EVERY = {"advent": 2000, "minent": 2000, "intrada": 2000, "adaptsegnet": 5000, "fda": 2500,
-                    "cpsl": 1000, "cpsl_distill": 1000}
+                    "cpsl": 1000, "cpsl_distill": 1000, "minent_gray_singh": 2000, "contrastive_singh": 2000}
 
 
 @pytest.mark.parametrize("name", sorted(n for n in PAPER_SCHEDULES if "deeplabv2" in n))
 def test_paper_experiments_evaluate_as_often_as_the_originals_snapshot(name):
-    cfg = load_shipped(load_experiment, EXPERIMENTS / f"{name}.yaml")
+    cfg = _load(name)
     assert cfg.train.eval_every == PAPER_EVAL_EVERY[name.split("deeplabv2_")[1]]
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_SCHEDULES))
 def test_paper_experiments_follow_the_originals_schedule(name):
-    cfg = load_shipped(load_experiment, EXPERIMENTS / f"{name}.yaml")
+    cfg = _load(name)
     steps, horizon = PAPER_SCHEDULES[name]
     assert (cfg.train.max_steps, cfg.poly_horizon) == (steps, horizon)
     d_optim = getattr(cfg.method_cfg, "d_optim", None)
     if d_optim is not None:  # the discriminators decay over the segmenter's horizon
         assert d_optim.poly_horizon is None
+
+
+@pytest.mark.parametrize("name", sorted(EPOCH_SCHEDULES))
+def test_report_experiments_run_the_reports_epochs(name):
+    cfg = _load(name)
+    assert cfg.train.epochs == EPOCH_SCHEDULES[name]
+    assert cfg.train.batch_size == 4  # both reports' batch
 
 
 # -- geometry -----------------------------------------------------------------------------------------
@@ -130,6 +152,10 @@ CPSL_GTA = dict(source=FULL, target=FULL, random_width=(1100, 3300), crop=(896, 
                 filter="bilinear")
 CPSL_SYN = dict(CPSL_GTA, source=SYN)
 SEED = dict(ADVENT_GTA, hflip=True, filter="bilinear")  # the project defaults; the seeds do not say
+# Bianco, Isola Quezada & Zizzari (Project1's dataset code): both domains resized bicubically to 1024x512, no crop,
+# no flip, val at 1024x512. Montressori, Rosini & Vanderputten: GTA5 1280x720, Cityscapes 1024x512, the same.
+BIANCO = dict(ADVENT_GTA, source=CS)
+MONTRESSORI = ADVENT_GTA
 PAPER_GEOMETRY = {
     "gta5_to_cityscapes_deeplabv2_advent": ADVENT_GTA,
     "gta5_to_cityscapes_deeplabv2_minent": ADVENT_GTA,
@@ -148,6 +174,17 @@ PAPER_GEOMETRY = {
     "gta5_to_cityscapes_bisenet_r18_self_training": SEED,
     "gta5_to_cityscapes_enet_minent": SEED,
     "gta5_to_cityscapes_enet_contrastive": SEED,
+    "gta5_to_cityscapes_deeplabv2_minent_gray_singh": ADVENT_GTA,
+    "gta5_to_cityscapes_deeplabv2_contrastive_singh": ADVENT_GTA,
+    "gta5_to_cityscapes_enet_fda_singh": SEED,
+    "cityscapes_bisenet_r18_target_only_bianco": BIANCO,
+    "gta5_to_cityscapes_bisenet_r18_adversarial_fc_bianco": BIANCO,
+    "gta5_to_cityscapes_bisenet_r18_adversarial_dsc_bianco": BIANCO,
+    "gta5_to_cityscapes_bisenet_r18_fda_bianco": BIANCO,
+    "gta5_to_cityscapes_bisenet_r101_adversarial_dsc_montressori": MONTRESSORI,
+    "gta5_to_cityscapes_bisenet_r101_adversarial_fc_montressori": MONTRESSORI,
+    "gta5_to_cityscapes_bisenet_r101_self_training_montressori": MONTRESSORI,
+    "gta5_to_cityscapes_bisenet_r101_mpl_montressori": MONTRESSORI,
 }
 # Every stage of the paper pipelines: a training stage's geometry, or for an action stage (pseudo-labels,
 # ranking: made from target train images at the `from` run's data.target_size) that input size.
@@ -161,6 +198,12 @@ PIPELINE_GEOMETRY = {
                                    "pl2": FULL, "stage3": CPSL_SYN},
     "gta5_to_cityscapes_self_training": {"adv": SEED, "pl": CS, "st": SEED},
     "gta5_to_cityscapes_contrastive": {"m1": SEED, "pl": CS, "m2": SEED},
+    "gta5_to_cityscapes_intrada_norm": {"inter": ADVENT_GTA, "rank": CS, "intra": INTRADA},
+    "gta5_to_cityscapes_advent_minent_ensemble": {"minent": ADVENT_GTA, "advent": ADVENT_GTA, "ensemble": CS},
+    "gta5_to_cityscapes_deeplabv2_contrastive_singh": {"m1": ADVENT_GTA, "pl": CS, "m2": ADVENT_GTA},
+    "gta5_to_cityscapes_deeplabv2_pseudo_ce_singh": {"m1": ADVENT_GTA, "pl": CS, "m2": ADVENT_GTA},
+    "gta5_to_cityscapes_self_training_montressori": {"adv": MONTRESSORI, "pl": CS, "st": MONTRESSORI},
+    "gta5_to_cityscapes_mpl_montressori": {"adv": MONTRESSORI, "pl": CS, "st": MONTRESSORI, "mpl": MONTRESSORI},
 }
 
 
@@ -171,7 +214,7 @@ def _geometry(cfg) -> dict:
 
 
 def test_every_paper_experiment_and_pipeline_has_a_geometry_row():
-    assert set(PAPER_GEOMETRY) == set(PAPER_SCHEDULES)
+    assert set(PAPER_GEOMETRY) == set(PAPER_SCHEDULES) | set(EPOCH_SCHEDULES)
     shipped = {p.stem for p in (EXPERIMENTS / "pipelines").glob("*.yaml") if not p.stem.startswith("synthetic")}
     assert shipped == set(PIPELINE_GEOMETRY)
 
@@ -179,7 +222,7 @@ def test_every_paper_experiment_and_pipeline_has_a_geometry_row():
 @pytest.mark.parametrize("name", sorted(PAPER_SCHEDULES))
 def test_synthia_paper_experiments_train_the_16_class_protocol(name):
     """ADVENT and CPSL train SYNTHIA -> Cityscapes with 16 classes; everything else with the 19."""
-    cfg = load_shipped(load_experiment, EXPERIMENTS / f"{name}.yaml")
+    cfg = _load(name)
     expected = ("synthia16", 16) if name.startswith("synthia_") else ("cityscapes19", 19)
     assert (cfg.data.label_set, cfg.model.num_classes) == expected
 
@@ -187,13 +230,13 @@ def test_synthia_paper_experiments_train_the_16_class_protocol(name):
 @pytest.mark.parametrize("name", sorted(n for n in PAPER_SCHEDULES if "deeplabv2" in n))
 def test_batchnorm_is_frozen_as_in_each_original(name):
     """ADVENT / AdaptSegNet / FDA / IntraDA (batch 1) freeze BatchNorm; CPSL trains it (batch 4, SyncBN)."""
-    cfg = load_shipped(load_experiment, EXPERIMENTS / f"{name}.yaml")
+    cfg = _load(name)
     assert cfg.model.kwargs["freeze_bn"] is ("cpsl" not in name)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_GEOMETRY))
 def test_paper_experiments_follow_the_originals_geometry(name):
-    assert _geometry(load_shipped(load_experiment, EXPERIMENTS / f"{name}.yaml")) == PAPER_GEOMETRY[name]
+    assert _geometry(_load(name)) == PAPER_GEOMETRY[name]
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINE_GEOMETRY))
@@ -204,7 +247,8 @@ def test_every_pipeline_stage_follows_the_originals_geometry(name):
     resolved = {}
     for st in pipe.cfg.stages:
         if st.action is None:
-            resolved[st.name] = _geometry(load_experiment(pipe.experiment_path(st), {**pipe.cfg.set, **st.set}))
+            resolved[st.name] = _geometry(load_shipped(load_experiment, pipe.experiment_path(st),
+                                                       {**pipe.cfg.set, **st.set}))
         else:
             kind, args = st.action
             src = args["from"] if isinstance(args["from"], str) else args["from"][0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import time
 from typing import Any
@@ -103,6 +104,33 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     print(text.evaluation_summary(result))
     if a.out:
         print(f"wrote {a.out}")
+
+
+def cmd_reproduce(a: argparse.Namespace) -> int | None:
+    from uda_ray import catalogue
+
+    entries = catalogue.load_catalogue(a.catalogue)
+    if a.list or a.markdown:
+        print(catalogue.markdown_table(entries) if a.markdown else catalogue.listing(entries))
+        return None
+    if not a.entry:
+        raise UserError("reproduce: name an ENTRY, or --list")
+    inputs = dict(_key_value(v, "--with") for v in a.inputs)
+    root = None if a.catalogue else catalogue.REPO_ROOT  # another catalogue's paths: from the working directory
+    argv = catalogue.entry_argv(catalogue.find(entries, a.entry), inputs=inputs, overrides=a.set,
+                                storage=a.storage, repo_root=root)
+    print("uda-ray " + " ".join(shlex.quote(t) for t in argv))
+    if a.dry_run:
+        return None
+    sub = parser().parse_args(argv)
+    return sub.fn(sub)
+
+
+def _key_value(text: str, flag: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"{flag} {text}: expected NAME=VALUE")
+    return key, value
 
 
 def cmd_data_synth(a: argparse.Namespace) -> None:
@@ -204,6 +232,21 @@ def _run_commands(sub: Any) -> None:
                     help="a checkpoint's segmenter (default) or its EMA teacher")
     sp.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     sp.add_argument("--out", metavar="FILE.json", help="also write the metrics as JSON")
+    _reproduce_command(sub)
+
+
+def _reproduce_command(sub: Any) -> None:
+    sp = _command(sub, "reproduce", cmd_reproduce, "the command that reproduces a paper's table row "
+                  "(experiments/reproduce/catalogue.yaml): list the entries, print one, or run it", overrides=True)
+    sp.add_argument("entry", nargs="?", help="a catalogue entry id (see --list)")
+    sp.add_argument("--list", action="store_true", help="list every entry: paper, table, row, reported number, "
+                                                         "command or why none, what differs, time estimate")
+    sp.add_argument("--markdown", action="store_true", help="print the catalogue as experiments/README.md's table")
+    sp.add_argument("--with", dest="inputs", action="append", default=[], metavar="NAME=VALUE",
+                    help="fill the entry's {NAME} placeholder (e.g. a published checkpoint file)")
+    sp.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    sp.add_argument("--catalogue", metavar="FILE.yaml", help="another catalogue (default experiments/reproduce/"
+                    "catalogue.yaml); its paths are relative to the working directory")
 
 
 def _tool_commands(sub: Any) -> None:
