@@ -151,7 +151,7 @@ def plan_start(space: str | os.PathLike, *, storage: str | os.PathLike | None, a
     def check(raw: dict, base: Any) -> None:  # the base experiment and each searched model configuration
         checks.space(dataclasses.replace(sp, base_raw=raw, base=base))
 
-    ready = prepare_experiment(sp.base_raw, str(space_path), root, select=sp.metric, check=check)
+    ready = prepare_experiment(sp.base_raw, str(space_path), root, select=sp.metric, check=check, replay=True)
     sp = dataclasses.replace(sp, base_raw=ready.raw, base=ready.cfg)
     seed = sp.seed if sp.seed is not None else random.SystemRandom().randrange(2**31)
     return StartPlan(space_path, sp, sweep_d, seed, address, warm, mlflow)
