@@ -2,7 +2,8 @@
 
 Under <sweep>/results/ (or <run>/results/):
 
-    trials.parquet      one file, one row per trial, rewritten atomically (temporary file, fsync, rename)
+    trials.parquet      one file, one row per trial, rewritten atomically (temporary file, fsync, rename); a
+                        sweep's driver rewrites it at most once a second, and before each Tune snapshot
     evals.parquet/      a folder of Parquet segments (Spark-style), one row per (trial, step)
     class_iou.parquet/  the same, one row per (trial, step, class)
 
@@ -34,6 +35,7 @@ import pyarrow.parquet as pq
 from uda_ray.errors import UserError
 from uda_ray.metric_names import REPORTED_PREFIXES, mode_of, upgrade_row
 from uda_ray.results.rows import TrialSummary, eval_rows
+from uda_ray.results.trials_table import TrialsArrow
 
 TABLES = {"trials": ("trial_id",), "evals": ("trial_id", "step"), "class_iou": ("trial_id", "step", "class_name")}
 APPEND_ONLY = ("evals", "class_iou")
@@ -260,10 +262,8 @@ class TableStore:
         for r in self.append_only["evals"].rows():
             self.evals_by_trial.setdefault(r["trial_id"], []).append(r)
         self.trials_every_s = trials_every_s
-        self._trials_written = 0.0
-
-    def _tables(self) -> dict[str, SegmentTable]:
-        return self.append_only
+        self._trials_written, self._trials_dirty = 0.0, True
+        self._trials_arrow = TrialsArrow(lambda rows: rows_to_table(rows, FIXED["trials"]))
 
     def has(self, table: str, key: tuple) -> bool:
         return key in self.append_only[table].keys
@@ -272,21 +272,24 @@ class TableStore:
         if table == "trials":
             for r in rows:
                 self.rows["trials"][(r["trial_id"],)] = r
+                self._trials_dirty = True
             return
-        for r in self._tables()[table].insert(rows):
+        for r in self.append_only[table].insert(rows):
             if table == "evals":
                 self.evals_by_trial.setdefault(r["trial_id"], []).append(r)
 
     def flush(self, tables: Iterable[str] = tuple(TABLES), force: bool = True) -> None:
+        """Write what changed; the trials file only when a row changed since it was written and (unless `force`)
+        `trials_every_s` have passed since."""
         self.dir.mkdir(parents=True, exist_ok=True)
         tables = list(tables)
         for t in ("class_iou", "evals"):  # class rows first: an eval row means its classes are on disk
             if t in tables:
-                self._tables()[t].flush()
-        if "trials" in tables and (force or time.time() - self._trials_written >= self.trials_every_s):
-            rows = list(self.rows["trials"].values())
-            atomic_write(rows_to_table(rows, FIXED["trials"]), self.dir / "trials.parquet")
-            self._trials_written = time.time()
+                self.append_only[t].flush()
+        if "trials" in tables and self._trials_dirty and (
+                force or time.time() - self._trials_written >= self.trials_every_s):
+            atomic_write(self._trials_arrow.table(self.rows["trials"]), self.dir / "trials.parquet")
+            self._trials_written, self._trials_dirty = time.time(), False
 
 
 def read_table(results_dir: Path, table: str) -> list[dict]:
@@ -365,7 +368,7 @@ class ResultsWriter:
         s = self._summary(trial_id, experiment, params)
         s.row["status"] = "running"
         self.store.upsert("trials", [s.update(self._evals_of(trial_id))])
-        self.store.flush(["trials"])
+        self.store.flush(["trials"], force=False)
 
     def result(self, trial_id: str, experiment: dict, params: dict, result: dict) -> dict:
         """Record one evaluation. A step already recorded (replayed after a resume) keeps its first row."""
@@ -389,5 +392,5 @@ class ResultsWriter:
         row["status"] = status
         row["error"] = error
         self.store.upsert("trials", [row])
-        self.store.flush(["trials"])
+        self.store.flush(["trials"], force=False)
         return row
