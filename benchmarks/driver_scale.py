@@ -2,6 +2,8 @@
 
     python benchmarks/driver_scale.py [--sizes 1000 10000] [--evals 4] [--concurrent 8] [--slice 1000]
                                       [--keep DIR] [--profile FILE] [--no-report]
+    python benchmarks/driver_scale.py --part callback [--sizes 1000 10000]   # uda_ray's own driver work alone
+    python benchmarks/driver_scale.py --part optuna [--sizes 1000 10000]     # TPE + journal at N trials
 
 Each size is one sweep (`uda_ray.sweep`, in this process, on a local Ray cluster) whose trials train nothing:
 `train.launcher: replay` with seeded synthetic curves (uda_ray.training.replay), `--evals` evaluations each, ASHA
@@ -22,6 +24,13 @@ Then, on the finished sweep: `uda-ray best` and `uda-ray report` as commands (fr
 included) and in this process, and `resume` of the finished sweep (a new local cluster, Tune's state, the
 searcher, the scheduler's rungs and the tables restored; nothing left to run).
 `--profile FILE`: cProfile of the driver during the first size (pstats file; `python -m pstats FILE`).
+
+The two other parts measure pieces without Ray, so that they reach 10,000 trials in minutes on a shared machine:
+`--part callback` drives uda_ray's real results callback (ResultsCallback: the tables, the live line, the
+heartbeat poll, the flush before Tune's snapshots) with N trials of `--evals` synthetic results each, as Tune
+would call it, and prints the same per-slice lines (CPU s per trial, RSS, ms per result). `--part optuna` is
+Optuna's own cost: a study journaled as a sweep's (JournalStorage, JournalFileBackend) filled with N finished
+trials, then the time of one TPE ask + tell at that size, and of loading the journal (what a resume does).
 """
 
 from __future__ import annotations
@@ -224,6 +233,91 @@ def run_size(n: int, a: argparse.Namespace, tmp: Path, profile: str | None) -> d
     return out
 
 
+# ------------------------------------------------------------------------------------------------
+# parts without Ray
+
+
+def callback_part(n: int, a: argparse.Namespace, tmp: Path) -> None:
+    """uda_ray's ResultsCallback driven as Tune drives it, N trials of `--evals` results, no Ray."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from uda_ray.search.callbacks import ResultsCallback
+    from uda_ray.training.replay import synthetic_curve
+
+    space = json.loads(write_space(tmp, n, a.evals, a.concurrent).read_text())
+    base = json.loads(Path(space["base"]).read_text())
+    sweep_dir = tmp / f"callback{n}"
+    cb = ResultsCallback({"base_raw": base, "dir": str(sweep_dir)},
+                         dict(results_dir=sweep_dir / "results", sweep=sweep_dir.name, metric="uv/im", mode="max",
+                              search_seed=0))
+    cb.setup()
+    rng = np.random.default_rng(0)
+    probe, running = Probe(a.slice), []
+    probe.first = probe.mark = probe.snapshot()
+    print(f"== callback only: {n} trials, {a.evals} results each, {a.concurrent} running at a time", flush=True)
+    last_state = time.time()
+    for i in range(n):
+        params = {"optim.lr": float(10 ** rng.uniform(-4, -1.3)), "optim.momentum": float(rng.uniform(0.8, 0.99)),
+                  "optim.weight_decay": float(10 ** rng.uniform(-5, -3))}
+        t = SimpleNamespace(trial_id=f"cb_{i:05d}", config={"params": params}, status="RUNNING", local_path=str(tmp))
+        cb.on_trial_start(0, running, t)
+        running = [*running[-(a.concurrent - 1):], t]
+        for m in synthetic_curve(params, [100 * (k + 1) for k in range(a.evals)], 0):
+            t0 = time.perf_counter()
+            cb.on_trial_result(0, running, t, m)
+            probe.acc["record 1 result"] += time.perf_counter() - t0
+            probe.calls["record 1 result"] += 1
+            cb.on_step_end(0, running)
+        cb.on_trial_complete(0, running, t)
+        if time.time() - last_state >= 10:  # Tune's experiment snapshot (at most every 10 s)
+            cb.get_state()
+            last_state = time.time()
+        probe.trial_ended()
+    cb.on_experiment_end(running)
+
+
+def optuna_part(n: int, a: argparse.Namespace, tmp: Path) -> None:
+    """Optuna alone: a journaled study with N finished trials; one TPE ask + tell, and loading the journal."""
+    import numpy as np
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    dists = {"lr": optuna.distributions.FloatDistribution(1e-4, 5e-2, log=True),
+             "momentum": optuna.distributions.FloatDistribution(0.8, 0.99),
+             "wd": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)}
+    path = tmp / f"optuna{n}.log"
+    path.unlink(missing_ok=True)
+    study = optuna.create_study(storage=JournalStorage(JournalFileBackend(str(path))), study_name="s",
+                                direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    rng = np.random.default_rng(0)
+    t0 = time.time()
+    for i in range(n):
+        p = {"lr": float(10 ** rng.uniform(-4, -1.3)), "momentum": float(rng.uniform(0.8, 0.99)),
+             "wd": float(10 ** rng.uniform(-5, -3))}
+        state = optuna.trial.TrialState.COMPLETE if i % 3 == 0 else optuna.trial.TrialState.PRUNED
+        study.add_trial(optuna.trial.create_trial(params=p, distributions=dists, state=state,
+                                                  value=float(rng.uniform()) if i % 3 == 0 else None,
+                                                  intermediate_values={100: float(rng.uniform())}))
+    fill = time.time() - t0
+    times = []
+    for _ in range(a.repeats):
+        t = time.perf_counter()
+        trial = study.ask(dists)
+        study.tell(trial, float(rng.uniform()))
+        times.append(time.perf_counter() - t)
+    t = time.time()
+    optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(path))))
+    load = time.time() - t
+    print("  optuna " + json.dumps({"trials": n, "tpe_ask_tell_ms_min": min(times) * 1e3,
+                                    "tpe_ask_tell_ms_median": sorted(times)[len(times) // 2] * 1e3,
+                                    "journal_load_s": load, "journal_mb": path.stat().st_size / 1e6,
+                                    "fill_s": fill}, default=lambda v: round(v, 3)), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
@@ -233,11 +327,18 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
     ap.add_argument("--profile", help="cProfile the driver during the first size into this pstats file")
     ap.add_argument("--no-report", action="store_true", help="skip timing `uda-ray report`")
+    ap.add_argument("--part", choices=["sweep", "callback", "optuna"], default="sweep",
+                    help="sweep: the whole driver on Ray (default); callback / optuna: one part alone, no Ray")
+    ap.add_argument("--repeats", type=int, default=20, help="--part optuna: TPE asks timed per size")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="uda_ray_scale_") as t:
         tmp = a.keep or Path(t)
         tmp.mkdir(parents=True, exist_ok=True)
+        if a.part != "sweep":
+            for n in a.sizes:
+                (callback_part if a.part == "callback" else optuna_part)(n, a, tmp)
+            return
         results = [run_size(n, a, tmp, a.profile if i == 0 else None) for i, n in enumerate(a.sizes)]
     if len(results) > 1:
         lo, hi = results[0], results[-1]

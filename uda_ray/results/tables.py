@@ -262,7 +262,7 @@ class TableStore:
         for r in self.append_only["evals"].rows():
             self.evals_by_trial.setdefault(r["trial_id"], []).append(r)
         self.trials_every_s = trials_every_s
-        self._trials_written, self._trials_dirty = 0.0, True
+        self._trials_written, self._trials_dirty, self._trials_cost = 0.0, True, 0.0
         self._trials_arrow = TrialsArrow(lambda rows: rows_to_table(rows, FIXED["trials"]))
 
     def has(self, table: str, key: tuple) -> bool:
@@ -280,16 +280,18 @@ class TableStore:
 
     def flush(self, tables: Iterable[str] = tuple(TABLES), force: bool = True) -> None:
         """Write what changed; the trials file only when a row changed since it was written and (unless `force`)
-        `trials_every_s` have passed since."""
+        `trials_every_s` have passed since, and 10x the time its last write took (a tenth of the driver's time at
+        most, however large the sweep)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         tables = list(tables)
         for t in ("class_iou", "evals"):  # class rows first: an eval row means its classes are on disk
             if t in tables:
                 self.append_only[t].flush()
-        if "trials" in tables and self._trials_dirty and (
-                force or time.time() - self._trials_written >= self.trials_every_s):
+        every = max(self.trials_every_s, 10 * self._trials_cost) if self.trials_every_s else 0.0
+        if "trials" in tables and self._trials_dirty and (force or time.time() - self._trials_written >= every):
+            t0 = time.time()
             atomic_write(self._trials_arrow.table(self.rows["trials"]), self.dir / "trials.parquet")
-            self._trials_written, self._trials_dirty = time.time(), False
+            self._trials_written, self._trials_dirty, self._trials_cost = time.time(), False, time.time() - t0
 
 
 def read_table(results_dir: Path, table: str) -> list[dict]:
