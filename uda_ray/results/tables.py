@@ -155,7 +155,7 @@ class SegmentTable:
     def __init__(self, directory: Path, name: str) -> None:
         self.dir, self.name, self.key = Path(directory), name, TABLES[name]
         self.path = self.dir / f"{name}.parquet"
-        self.keys: set[tuple] = set()
+        self.keys: set[tuple] = set()  # the (trial_id, step) recorded: a class_iou step's rows come together
         self.pending: list[dict] = []
         self.schema: pa.Schema | None = None
         self.segments: list[str] = []
@@ -177,8 +177,8 @@ class SegmentTable:
         self.schema = pa.unify_schemas(schemas)
         if any(not sc.equals(self.schema) for sc in schemas):  # a driver died while adding a column
             self._widen(self.schema, [f for f, sc in zip(self.segments, schemas) if not sc.equals(self.schema)])
-        t = pq.read_table(self.path, columns=list(self.key), schema=self.schema)
-        self.keys = set(zip(*(t.column(k).to_pylist() for k in self.key)))
+        t = pq.read_table(self.path, columns=["trial_id", "step"], schema=self.schema)
+        self.keys = set(zip(t.column("trial_id").to_pylist(), t.column("step").to_pylist()))
         self.open_table = pq.read_table(self.path / self.segments[-1], schema=self.schema)
 
     def _convert_one_file(self) -> None:
@@ -200,13 +200,15 @@ class SegmentTable:
         return pq.read_table(self.path, schema=self.schema).to_pylist() if self.segments else []
 
     def insert(self, rows: Iterable[dict]) -> list[dict]:
-        """Queue the rows whose key is new; returns them."""
-        new = []
+        """Queue the rows of a (trial, step) not recorded before this call; returns them. (Kept in memory per
+        (trial, step), not per key: a class_iou key set grew by 19 tuples per evaluation, 8.6 MB per 1,000 trials.)"""
+        new, fresh = [], set()
         for r in rows:
-            k = tuple(r[c] for c in self.key)
-            if k not in self.keys:
-                self.keys.add(k)
+            k = (r["trial_id"], r["step"])
+            if k in fresh or k not in self.keys:
+                fresh.add(k)
                 new.append(r)
+        self.keys |= fresh
         self.pending += new
         return new
 
