@@ -296,7 +296,7 @@ def optuna_part(n: int, a: argparse.Namespace, tmp: Path) -> None:
     rng = np.random.default_rng(0)
     t0 = time.time()
     for i in range(n):
-        p = {"lr": float(10 ** rng.uniform(-4, -1.3)), "momentum": float(rng.uniform(0.8, 0.99)),
+        p = {"lr": float(10 ** rng.uniform(-4, -1.31)), "momentum": float(rng.uniform(0.8, 0.99)),
              "wd": float(10 ** rng.uniform(-5, -3))}
         state = optuna.trial.TrialState.COMPLETE if i % 3 == 0 else optuna.trial.TrialState.PRUNED
         study.add_trial(optuna.trial.create_trial(params=p, distributions=dists, state=state,

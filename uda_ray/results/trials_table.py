@@ -3,7 +3,7 @@ it): rows are converted to Arrow in chunks of CHUNK trials (in the order the tri
 when one of its rows changed, and a rewrite joins the chunks. Converting every cell of every trial in Python at
 every rewrite made a sweep's per-trial driver cost grow with its number of trials (benchmarks/driver_scale.py:
 1.5 s per rewrite at 10,000 trials); trials change near the end of the table (the latest started), so a rewrite
-converts one or two chunks."""
+converts one or two chunks of CHUNK trials."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pyarrow as pa
 
-CHUNK = 256  # trials per converted chunk
+CHUNK = 64  # trials per converted chunk
 
 
 class TrialsArrow:
