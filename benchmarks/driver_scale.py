@@ -4,6 +4,7 @@
                                       [--keep DIR] [--profile FILE] [--no-report]
     python benchmarks/driver_scale.py --part callback [--sizes 1000 10000]   # uda_ray's own driver work alone
     python benchmarks/driver_scale.py --part optuna [--sizes 1000 10000]     # TPE + journal at N trials
+    python benchmarks/driver_scale.py --part queries --source SWEEP_DIR [--sizes 10000]  # best, report at N
 
 Each size is one sweep (`uda_ray.sweep`, in this process, on a local Ray cluster) whose trials train nothing:
 `train.launcher: replay` with seeded synthetic curves (uda_ray.training.replay), `--evals` evaluations each, ASHA
@@ -31,6 +32,8 @@ heartbeat poll, the flush before Tune's snapshots) with N trials of `--evals` sy
 would call it, and prints the same per-slice lines (CPU s per trial, RSS, ms per result). `--part optuna` is
 Optuna's own cost: a study journaled as a sweep's (JournalStorage, JournalFileBackend) filled with N finished
 trials, then the time of one TPE ask + tell at that size, and of loading the journal (what a resume does).
+`--part queries` copies a finished sweep (`--source`, e.g. one of this script's) with its tables replicated to N
+trials (trial ids suffixed, segments of the usual size) and times `uda-ray best` and `uda-ray report` on it.
 """
 
 from __future__ import annotations
@@ -318,6 +321,47 @@ def optuna_part(n: int, a: argparse.Namespace, tmp: Path) -> None:
                                     "fill_s": fill}, default=lambda v: round(v, 3)), flush=True)
 
 
+def queries_part(n: int, a: argparse.Namespace, tmp: Path) -> None:
+    """`best` and `report` on a copy of a finished sweep whose tables are replicated to N trials."""
+    import shutil
+
+    import uda_ray
+    from uda_ray.results.tables import FIXED, SEGMENT_ROWS, SegmentTable, atomic_write, read_table, rows_to_table
+
+    src, name = Path(a.source), f"queries{n}"
+    dst = tmp / "runs" / name
+    shutil.rmtree(dst, ignore_errors=True)
+    (dst / "results").mkdir(parents=True)
+    for f in ("sweep.json", "space.yaml", "base.yaml", "optuna_journal.log"):
+        shutil.copy(src / f, dst / f)
+    meta = json.loads((dst / "sweep.json").read_text())
+    (dst / "sweep.json").write_text(json.dumps({**meta, "name": name, "num_samples": n, "status": "completed"}))
+    trials = read_table(src / "results", "trials")
+    copies = -(-n // len(trials))
+    ids = [(c, t["trial_id"]) for c in range(copies) for t in trials][:n]
+    keep = {(c, tid) for c, tid in ids}
+
+    def rows(table: str) -> list[dict]:
+        out = [{**r, "trial_id": f"{r['trial_id']}-{c}", "sweep": name}
+               for c in range(copies) for r in read_table(src / "results", table) if (c, r["trial_id"]) in keep]
+        return out
+
+    atomic_write(rows_to_table(rows("trials"), FIXED["trials"]), dst / "results" / "trials.parquet")
+    for table in ("evals", "class_iou"):
+        seg, all_rows = SegmentTable(dst / "results", table), rows(table)
+        for i in range(0, len(all_rows), SEGMENT_ROWS[table]):
+            seg.insert(all_rows[i:i + SEGMENT_ROWS[table]])
+            seg.flush()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(uda_ray.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    storage = str(tmp / "runs")
+    out = {"trials": n, "evals_rows": len(read_table(dst / "results", "evals")),
+           "best_cmd_s": timed_cmd(["best", name, "--storage", storage], env),
+           "report_cmd_s": timed_cmd(["report", name, "--storage", storage, "--out", str(tmp / f"{name}.html"),
+                                      "--no-predictions"], env)}
+    print("  queries " + json.dumps(out, default=lambda v: round(v, 3)), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
@@ -327,8 +371,9 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
     ap.add_argument("--profile", help="cProfile the driver during the first size into this pstats file")
     ap.add_argument("--no-report", action="store_true", help="skip timing `uda-ray report`")
-    ap.add_argument("--part", choices=["sweep", "callback", "optuna"], default="sweep",
-                    help="sweep: the whole driver on Ray (default); callback / optuna: one part alone, no Ray")
+    ap.add_argument("--part", choices=["sweep", "callback", "optuna", "queries"], default="sweep",
+                    help="sweep: the whole driver on Ray (default); callback / optuna / queries: one part, no Ray")
+    ap.add_argument("--source", help="--part queries: a finished sweep folder whose tables are replicated")
     ap.add_argument("--repeats", type=int, default=20, help="--part optuna: TPE asks timed per size")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -336,8 +381,9 @@ def main() -> None:
         tmp = a.keep or Path(t)
         tmp.mkdir(parents=True, exist_ok=True)
         if a.part != "sweep":
+            part = {"callback": callback_part, "optuna": optuna_part, "queries": queries_part}[a.part]
             for n in a.sizes:
-                (callback_part if a.part == "callback" else optuna_part)(n, a, tmp)
+                part(n, a, tmp)
             return
         results = [run_size(n, a, tmp, a.profile if i == 0 else None) for i, n in enumerate(a.sizes)]
     if len(results) > 1:
