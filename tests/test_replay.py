@@ -181,3 +181,29 @@ def test_a_replay_sweep_goes_through_the_real_driver_and_writes_the_tables(tmp_p
     mine = sorted((e for e in read_table(storage / "rec" / "results", "evals") if e["trial_id"].endswith("_00000")),
                   key=lambda e: e["step"])
     assert [e["uv/im"] for e in mine] == [e["uv/im"] for e in first[:len(mine)]]
+
+
+def test_the_report_draws_the_curves_of_many_trials_as_one_collection_per_panel(tmp_path):
+    """Past figures.BULK trials a panel's curves are one artist; the figure still shows every curve."""
+    from uda_ray.results import figures
+    from uda_ray.results.report_data import ReportData
+
+    n = figures.BULK + 10
+    evals = [{"trial_id": f"t{i:03d}", "step": s, "uv/im": m["uv/im"], "test/miou": m["test/miou"]}
+             for i in range(n) for s, m in zip((10, 20), synthetic_curve({"optim.lr": 1e-3 * (i + 1)}, [10, 20], 0))]
+    trials = [{"trial_id": f"t{i:03d}", "status": "stopped_early" if i % 2 else "completed"} for i in range(n)]
+    data = ReportData("sweep", "s", tmp_path, trials, evals, [], [{"metric": "uv/im", "mode": "max"}])
+    drawn = []
+    real = figures._curves_bulk
+
+    def spy(ax, by, status, m, cmap):
+        real(ax, by, status, m, cmap)
+        drawn.append((m, len(ax.collections[0].get_segments()), len(ax.lines)))
+
+    figures._curves_bulk = spy
+    try:
+        png = figures.fig_curves(data)
+    finally:
+        figures._curves_bulk = real
+    assert png and png.startswith("data:image/png;base64,")
+    assert ("uv/im", n, 0) in drawn  # every trial's curve, in one collection, no line per trial
