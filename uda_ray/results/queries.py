@@ -32,10 +32,13 @@ def best_trials(results_dir: Path, metric: str | None = None, mode: str | None =
         mode = mode or mode_of(metric)
     else:
         metric, mode = trials[0]["objective"], mode or trials[0]["mode"]
-    evals = read_table(results_dir, "evals")
+    by_trial: dict[str, list[dict]] = {}  # grouped once (scanning every eval per trial took 3 minutes at 10,000)
+    for e in read_table(results_dir, "evals"):
+        if finite(e.get(metric)):
+            by_trial.setdefault(e["trial_id"], []).append(e)
     out = []
     for t in trials:
-        vals = [e for e in evals if e["trial_id"] == t["trial_id"] and finite(e.get(metric))]
+        vals = by_trial.get(t["trial_id"])
         if vals:
             out.append({**t, **_ranked(vals, metric, mode)})
     out.sort(key=lambda r: r["rank_value"], reverse=(mode == "max"))
