@@ -171,8 +171,30 @@ class ModelConfig:
         _check(self.num_classes >= 2, "model.num_classes must be >= 2")
 
 
-LAUNCHERS = ("auto", "ray_train", "inline")
+LAUNCHERS = ("auto", "ray_train", "inline", "replay")
 EPOCH_SPLITS = ("source", "target", "shorter")  # train.epoch_split
+REPLAY_MATCH = ("params", "index")
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """What a `train.launcher: replay` trial reports instead of training (uda_ray.training.replay): a learning
+    curve read from a recorded sweep's `evals` table, or a seeded synthetic one. For measuring the sweep driver
+    (benchmarks/driver_scale.py) and for trying a search space or scheduler without a GPU."""
+
+    # "synthetic", or a recorded sweep: its folder, its results/ folder or its evals.parquet
+    source: str = "synthetic"
+    # a recorded source: "params" (the recorded trial nearest to the trial's sampled parameters) or "index"
+    # (the trial's index in the sweep, modulo the recorded trials)
+    match: str = "params"
+    seed: int = 0  # the synthetic curves' seed
+    seconds_per_eval: float = 0.0  # slept before each reported evaluation (a stand-in for training time)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source), "train.replay.source: 'synthetic' or the folder of a recorded sweep")
+        _check(self.match in REPLAY_MATCH,
+               f"train.replay.match must be one of {', '.join(REPLAY_MATCH)}, got {self.match!r}")
+        _check(self.seconds_per_eval >= 0, "train.replay.seconds_per_eval must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -202,8 +224,10 @@ class TrainConfig:
     max_failures: int = 2
     # how a sweep trial runs `fit`: "inline" in the Tune trial's own process (one worker, no Ray Train controller
     # or worker group: seconds less start-up per trial), "ray_train" as a Ray Train TorchTrainer (DDP), "auto"
-    # inline for num_workers == 1 and ray_train otherwise
+    # inline for num_workers == 1 and ray_train otherwise; "replay" trains nothing: the trial reports a recorded
+    # or synthetic learning curve (`replay`) through the sweep's real driver path (scale runs, dry runs)
     launcher: str = "auto"
+    replay: ReplayConfig | None = None  # launcher replay: where its curves come from (None: synthetic, seed 0)
     # GPU-oriented options, off by default (they change the numbers): mixed precision of every forward and
     # backward pass of a step, discriminators included ("off" | "bf16" | "fp16"; fp16 with one gradient scaler per
     # optimizer), channels-last memory format and torch.compile of the segmenter
@@ -228,11 +252,21 @@ class TrainConfig:
         _check(self.launcher != "inline" or self.num_workers == 1,
                f"train.launcher: inline runs one process; train.num_workers: {self.num_workers} needs "
                "launcher: ray_train (or auto)")
+        _check(self.launcher != "replay" or self.num_workers == 1,
+               f"train.launcher: replay runs one process per trial; train.num_workers: {self.num_workers} must be 1")
+        _check(self.replay is None or self.launcher == "replay",
+               f"train.replay is read by launcher: replay only (train.launcher is {self.launcher!r})")
 
     @property
     def inline(self) -> bool:
-        """Whether `fit` runs in the Tune trial's own process (launcher inline, or auto with one worker)."""
-        return self.launcher == "inline" or (self.launcher == "auto" and self.num_workers == 1)
+        """Whether the trial's work runs in the Tune trial's own process (launcher inline or replay, or auto with
+        one worker)."""
+        return self.launcher in ("inline", "replay") or (self.launcher == "auto" and self.num_workers == 1)
+
+    @property
+    def replay_source(self) -> ReplayConfig:
+        """The replay settings of launcher replay (the defaults when `replay` is not given)."""
+        return self.replay or ReplayConfig()
 
 
 @dataclass(frozen=True)

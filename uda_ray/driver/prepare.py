@@ -12,6 +12,10 @@ sweep's base, a pipeline stage or a seed rerun is trained with (`prepare_experim
        metric computable (a target without test labels cannot rank by a test metric)
     4. built again with the resolved roots: the prepared config
 
+A sweep's base with `train.launcher: replay` trains nothing and reads no data: step 3 is its curve source
+instead (a recorded sweep's folder made absolute and checked to hold evaluations). Anything but a sweep
+refuses launcher replay.
+
 Also the Ray address of a call (`cluster_address`). Ray-free; torch is imported when a function needs it.
 """
 
@@ -39,10 +43,11 @@ class Prepared:
 
 
 def prepare_experiment(raw: dict, source: str, root: Path, *, select: str | None = OWN,
-                       check: Callable[[dict, Any], None] | None = None) -> Prepared:
+                       check: Callable[[dict, Any], None] | None = None, replay: bool = False) -> Prepared:
     """`raw` ready to run under the storage root `root` (the steps in the module's docstring). `select`: the
     metric that must be computable on the data (default the experiment's own `select`; None: none).
-    `check(raw, cfg)` validates before the data are resolved (default: checks.experiment)."""
+    `check(raw, cfg)` validates before the data are resolved (default: checks.experiment). `replay`: whether
+    `train.launcher: replay` may be used (a sweep's base)."""
     from uda_ray import checks
     from uda_ray.build import build_experiment
 
@@ -52,6 +57,12 @@ def prepare_experiment(raw: dict, source: str, root: Path, *, select: str | None
         checks.experiment(cfg, source)
     else:
         check(raw, cfg)
+    if cfg.train.launcher == "replay":
+        if not replay:
+            raise UserError(f"{source}: train.launcher: replay replays learning curves in sweeps only; "
+                            "give inline, ray_train or auto to train")
+        raw = _replay_source_resolved(raw, cfg)
+        return Prepared(raw, build_experiment(raw, source))
     data = resolve_data(cfg.data, root, cfg.select if select == OWN else select)
     raw = resolve_epochs(with_data(raw, data), cfg, data, source)
     return Prepared(raw, build_experiment(raw, source))
@@ -139,6 +150,20 @@ def _resolve(raw: Any, storage: Path) -> Any:
     if layout.is_reference(raw):
         return resolve_ref(raw, storage)
     return raw
+
+
+def _replay_source_resolved(raw: dict, cfg: Any) -> dict:
+    """The experiment with a recorded replay source made absolute (the trials may run in another folder),
+    checked to hold evaluations."""
+    from uda_ray.training.replay import SYNTHETIC, check_source, recorded_results_dir
+
+    rp = cfg.train.replay_source
+    check_source(rp)
+    if rp.source == SYNTHETIC:
+        return raw
+    train = dict(raw.get("train") or {})
+    train["replay"] = {**(train.get("replay") or {}), "source": str(recorded_results_dir(rp.source))}
+    return {**raw, "train": train}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -151,7 +151,7 @@ def plan_start(space: str | os.PathLike, *, storage: str | os.PathLike | None, a
     def check(raw: dict, base: Any) -> None:  # the base experiment and each searched model configuration
         checks.space(dataclasses.replace(sp, base_raw=raw, base=base))
 
-    ready = prepare_experiment(sp.base_raw, str(space_path), root, select=sp.metric, check=check)
+    ready = prepare_experiment(sp.base_raw, str(space_path), root, select=sp.metric, check=check, replay=True)
     if sp.scheduler and sp.scheduler.asha and ready.cfg.train.epochs is not None:  # its steps known now
         check_grace(sp.scheduler.asha.grace_period, ready.cfg.train.max_steps, str(space_path))
     sp = dataclasses.replace(sp, base_raw=ready.raw, base=ready.cfg)

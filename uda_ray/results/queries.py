@@ -37,9 +37,13 @@ def best_trials(results_dir: Path, metric: str | None = None, mode: str | None =
         from uda_ray.selection.ensv import with_pool_metrics
 
         evals = with_pool_metrics(evals, results_dir)
+    by_trial: dict[str, list[dict]] = {}  # grouped once (scanning every eval per trial took 3 minutes at 10,000)
+    for e in evals:
+        if finite(e.get(metric)):
+            by_trial.setdefault(e["trial_id"], []).append(e)
     out = []
     for t in trials:
-        vals = [e for e in evals if e["trial_id"] == t["trial_id"] and finite(e.get(metric))]
+        vals = by_trial.get(t["trial_id"])
         if vals:
             out.append({**t, **_ranked(vals, metric, mode)})
     out.sort(key=lambda r: r["rank_value"], reverse=(mode == "max"))

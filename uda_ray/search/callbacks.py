@@ -42,6 +42,7 @@ class ResultsCallback(tune.Callback):
         # reloads existing tables on resume; the trials file is rewritten at most once a second by results
         # (at every start and end), so a sweep of thousands of trials stays cheap to record
         self.writer = ResultsWriter(**self.writer_args, trials_every_s=1.0)
+        self.tally = Tally(self.writer_args["mode"], self.writer.store.rows["trials"].values())
         self.tb = TensorBoardLog(Path(self.sweep["dir"]) / TB_DIR)
         self.ml = None
         if self.mlflow:
@@ -49,12 +50,23 @@ class ResultsCallback(tune.Callback):
 
             self.ml = MLflowLog(self.mlflow, Path(self.sweep["dir"]).name)
 
+    def get_state(self) -> dict | None:
+        """Called by Tune as it snapshots the experiment: the pending trials rows are written first, so a trial the
+        snapshot holds as finished has its final row on disk (a driver killed later restores both together)."""
+        if self.writer is not None:
+            self.writer.store.flush(["trials"])
+        return None
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.writer.store.flush(["trials"])
+
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         # between evaluations: the running trials' heartbeats (step, steps/s, ETA), calmly
         now = time.time()
         if now - self.polled < 1.0:
             return
         self.polled = now
+        self.writer.store.flush(["trials"], force=False)  # rows changed since the last write, at most once a second
         beats = {}
         for t in trials:
             if t.status == "RUNNING":
@@ -73,11 +85,12 @@ class ResultsCallback(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.writer.start(trial.trial_id, *self._exp(trial))
+        self.tally.add(self.writer.store.rows["trials"][(trial.trial_id,)])
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if "step" not in result:
             return
-        self.writer.result(trial.trial_id, *self._exp(trial), result)
+        self.tally.add(self.writer.result(trial.trial_id, *self._exp(trial), result))
         self.tb.log(trial.trial_id, result)
         if self.ml is not None:
             self.ml.log(trial.trial_id, plain(trial.config["params"]), result)
@@ -88,6 +101,7 @@ class ResultsCallback(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.tb.close(trial.trial_id)
         row = self.writer.end(trial.trial_id, *self._exp(trial), "completed")
+        self.tally.add(row)
         if self.ml is not None:
             self.ml.end(trial.trial_id, plain(trial.config["params"]), row["status"])
         self._line(trials, f"{trial.trial_id} {row['status'].replace('_', ' ')}")
@@ -96,21 +110,39 @@ class ResultsCallback(tune.Callback):
         self.tb.close(trial.trial_id)
         if self.ml is not None:
             self.ml.end(trial.trial_id, plain(trial.config["params"]), "errored")
-        self.writer.end(trial.trial_id, *self._exp(trial), "errored", _error_text(trial))
+        self.tally.add(self.writer.end(trial.trial_id, *self._exp(trial), "errored", _error_text(trial)))
         self._line(trials, f"{trial.trial_id} errored: {_error_text(trial)}")
 
     def _line(self, trials: list, what: str) -> None:
-        rows = self.writer.store.rows["trials"].values()
-        n = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped_early", "errored")}
-        running = sum(r["status"] == "running" for r in rows)
-        scored = [r for r in rows if r.get("best_value") is not None]
-        best = ""
-        if scored:
-            b = (max if self.writer_args["mode"] == "max" else min)(scored, key=lambda r: r["best_value"])
-            best = f" | best {b['best_value']:.4f} ({b['trial_id']}: {_short_params(b['params'])})"
+        n, b = self.tally.count, self.tally.best
+        best = f" | best {b['best_value']:.4f} ({b['trial_id']}: {_short_params(b['params'])})" if b else ""
         self.view.before_line()
-        progress.info(f"[{time.time() - self.t0:6.0f}s] {n['completed']} done, {running} running, "
+        progress.info(f"[{time.time() - self.t0:6.0f}s] {n['completed']} done, {n['running']} running, "
                       f"{n['stopped_early']} stopped early, {n['errored']} errored{best} | {what}")
+
+
+class Tally:
+    """The trials by status and the best row so far, kept up to date row by row (the live line is printed at
+    every result: counting all the trials' rows each time made its cost grow with the sweep)."""
+
+    def __init__(self, mode: str, rows: Any) -> None:
+        self.better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
+        self.status: dict[str, str] = {}
+        self.count: dict[str, int] = {s: 0 for s in ("running", "completed", "stopped_early", "errored")}
+        self.best: dict | None = None
+        for r in rows:
+            self.add(r)
+
+    def add(self, row: dict) -> None:
+        tid, old = row["trial_id"], self.status.get(row["trial_id"])
+        if old in self.count:
+            self.count[old] -= 1
+        self.status[tid] = row["status"]
+        if row["status"] in self.count:
+            self.count[row["status"]] += 1
+        v = row.get("best_value")
+        if v is not None and (self.best is None or self.better(v, self.best["best_value"])):
+            self.best = row
 
 
 def _short_params(params_json: str) -> str:

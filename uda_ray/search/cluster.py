@@ -123,7 +123,7 @@ def check_resources(train: Any, driver_cpus: float, concurrent: int, local: bool
     have = ray.cluster_resources()
     driver_cpus = 0.0 if train.inline else driver_cpus  # an inline trial's process is its one worker
     need_cpu = driver_cpus + train.num_workers * train.cpus_per_worker
-    need_gpu = train.num_workers if train.use_gpu else 0
+    need_gpu = train.num_workers if train.use_gpu and train.launcher != "replay" else 0
     problems = []
     if need_cpu > have.get("CPU", 0) + 1e-9:
         driver = f" + {driver_cpus:g} for the trial driver" if driver_cpus else ""

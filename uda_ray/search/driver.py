@@ -33,6 +33,12 @@ def trial_driver(config: dict, sweep: dict) -> None:
     params = plain(config["params"])
     cfg = build_experiment(apply_overrides(sweep["base_raw"], params), f"trial {trial_id}")
     run_dir = layout.trial_dir(Path(sweep["dir"]), trial_id)
+    if cfg.train.launcher == "replay":  # trains nothing: a recorded or synthetic curve (uda_ray.training.replay)
+        from uda_ray.training.launchers import tune_trial_replay
+
+        tune_trial_replay(cfg, run_dir, params, trial_id)
+        mark("trial_driver_end", trial=trial_id)
+        return
     if cfg.train.inline:
         from uda_ray.training.launchers import tune_trial_fit
 
@@ -81,6 +87,8 @@ def trial_resources(config: dict, sweep: dict) -> Any:
         tc = build_experiment(apply_overrides(sweep["base_raw"], plain(config["params"])), "<trial config>").train
     except UserError:  # a sampled config the trial itself will refuse (and end errored): the base's resources
         tc = build_experiment(sweep["base_raw"], "<base config>").train
+    if tc.launcher == "replay":  # one process that trains nothing: its CPU share, never a GPU
+        return PlacementGroupFactory([{"CPU": tc.cpus_per_worker}])
     if tc.inline:
         return PlacementGroupFactory([{"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}])
     return PlacementGroupFactory([{"CPU": sweep["driver_cpus"]}])

@@ -25,8 +25,9 @@ class ResumableASHA(ASHAScheduler):
         super().on_trial_add(tune_controller, trial)
         if trial.status not in (Trial.TERMINATED, Trial.ERROR):
             return
-        if "_restored_evals" not in self.__dict__:
+        if "_restored_evals" not in self.__dict__:  # read once, grouped by trial (not scanned once per trial)
             results = layout.results_dir(Path(experiment_path_of(trial)).parent)
-            self._restored_evals = read_table(results, "evals")
-        asha_replay(self, trial, sorted((r for r in self._restored_evals if r["trial_id"] == trial.trial_id),
-                                        key=lambda r: r["step"]))
+            self._restored_evals: dict[str, list[dict]] = {}
+            for r in read_table(results, "evals"):
+                self._restored_evals.setdefault(r["trial_id"], []).append(r)
+        asha_replay(self, trial, sorted(self._restored_evals.pop(trial.trial_id, []), key=lambda r: r["step"]))

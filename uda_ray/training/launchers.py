@@ -1,6 +1,7 @@
 """How a run is launched: the Ray side of `fit` (uda_ray.training.loop).
 
     tune_trial_fit   `fit` in the calling Tune trial's process (`train.launcher` inline)
+    tune_trial_replay  no `fit`: a recorded or synthetic learning curve reported to Tune (launcher replay)
     make_trainer     a TorchTrainer whose workers (ray_train_worker) run `fit` under DDP (launcher ray_train)
     fit_run          the driver side of one run outside a sweep (`uda-ray train`, pipeline stages, reruns): one
                      Ray task running `fit` (inline), or a TorchTrainer with a callback writing the run's tables
@@ -47,6 +48,28 @@ def _inline_fit(cfg: ExperimentConfig, session: TuneSession) -> dict[str, float]
 def tune_trial_fit(cfg: ExperimentConfig, run_dir: Path) -> dict[str, float]:
     """`fit` in the calling Tune trial's process (launcher inline)."""
     return _inline_fit(cfg, TuneSession(run_dir, cfg))
+
+
+def tune_trial_replay(cfg: ExperimentConfig, run_dir: Path, params: dict, trial_id: str) -> None:
+    """Launcher replay: report the trial's learning curve (uda_ray.training.replay) to Tune as the training loop
+    would, evaluation by evaluation (after `seconds_per_eval` each), with a heartbeat in the run folder for the
+    live view. Nothing is trained, loaded or checkpointed."""
+    import time
+
+    import ray.tune
+
+    from uda_ray.training.progress import Heartbeat
+    from uda_ray.training.replay import curve_for, trial_index
+
+    tc, rp = cfg.train, cfg.train.replay_source
+    curve = curve_for(rp, params, trial_index(trial_id), tc.max_steps, tc.eval_every)
+    beat = Heartbeat(run_dir, curve[-1]["step"] if curve else tc.max_steps, 0)
+    t0 = time.time()
+    for metrics in curve:
+        if rp.seconds_per_eval:
+            time.sleep(rp.seconds_per_eval)
+        beat.step(int(metrics["step"]))
+        ray.tune.report({**metrics, "time/elapsed_s": time.time() - t0})
 
 
 def _run_task(exp: dict, run_dir: str, results_dir: str, name: str) -> dict[str, Any]:
