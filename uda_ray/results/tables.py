@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from uda_ray.errors import UserError
 from uda_ray.metric_names import REPORTED_PREFIXES, mode_of, upgrade_row
 from uda_ray.results.rows import TrialSummary, eval_rows
+from uda_ray.storage import store
 
 TABLES = {"trials": ("trial_id",), "evals": ("trial_id", "step"), "class_iou": ("trial_id", "step", "class_name")}
 APPEND_ONLY = ("evals", "class_iou")
@@ -70,12 +71,14 @@ def _fsync_dir(d: Path) -> None:
 
 
 def atomic_write(table: pa.Table, path: Path) -> None:
-    """Atomically (re)place one Parquet file; the temporary name is hidden, so readers skip it."""
+    """Atomically (re)place one Parquet file; the temporary name is hidden, so readers skip it. Under a storage
+    URI's staging folder the file is then uploaded (one atomic PUT: uda_ray.storage.store)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    store.push(path)
 
 
 def _cell(v: Any) -> Any:
@@ -193,6 +196,8 @@ class SegmentTable:
         os.replace(staging, self.path)
         aside.unlink()
         _fsync_dir(self.dir)
+        store.remove(self.path)  # the store's one file, replaced by the segments' folder
+        store.push(self.path)
 
     def rows(self) -> list[dict]:
         return pq.read_table(self.path, schema=self.schema).to_pylist() if self.segments else []
