@@ -376,7 +376,7 @@ class ResultsWriter:
         """Record one evaluation. A step already recorded (replayed after a resume) keeps its first row."""
         if self.store.has("evals", (trial_id, int(result["step"]))):
             return self._summary(trial_id, experiment, params).row
-        ev, ious = eval_rows(self.sweep, trial_id, result)
+        ev, ious = eval_rows(self.sweep, trial_id, store.as_staged(self.store.dir, result))
         self.store.upsert("evals", [ev])
         self.store.upsert("class_iou", ious)
         s = self._summary(trial_id, experiment, params)

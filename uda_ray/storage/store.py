@@ -132,6 +132,19 @@ def located(path: str | os.PathLike) -> Store | None:
     return found
 
 
+def as_staged(folder: str | os.PathLike, result: dict) -> dict:
+    """A reported result whose `checkpoint_path` is in the store of `folder`'s staging root (Ray Train wrote it
+    there) with that path as its staging path: tables name checkpoints by local paths, whatever the storage."""
+    cp = result.get("checkpoint_path")
+    if not isinstance(cp, str) or cp.startswith("/"):
+        return result
+    store = located(folder)
+    base = None if store is None else store.remote(store.staging) + "/"
+    if base is None or not cp.startswith(base):
+        return result
+    return {**result, "checkpoint_path": str(store.staging / cp[len(base):])}
+
+
 def push(path: str | os.PathLike) -> None:
     """Upload a file, or a folder with everything in it, to the same place in the store (nothing for a local
     path). Each object PUT is atomic. The local copies take the store's times, so a later pull skips them."""
