@@ -179,6 +179,14 @@ def test_a_sweep_on_s3_survives_a_driver_kill_and_is_resumed_queried_and_exporte
     assert all(t["trial_id"] in p.stdout for t in trials) and (tmp_path / "best.yaml").is_file()
     p = _cli(tmp_path, "third", "ls", "--storage", uri)
     assert p.returncode == 0 and "s3sweep" in p.stdout and "completed" in p.stdout, p.stdout + p.stderr
+    p = _cli(tmp_path, "third", "validators", "s3sweep", "--storage", uri)
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = _cli(tmp_path, "third", "report", "s3sweep", "--storage", uri)
+    assert p.returncode == 0, p.stdout + p.stderr
+    with s3.fs.open_input_stream(f"{BUCKET}/team/a/s3sweep/report.html") as f:
+        page = f.read().decode()
+    assert "no checkpoint of the best trials is on disk" not in page  # the best checkpoint came from the store
+    assert any(f.startswith("results/validators.parquet") for f in s3.files("team/a/s3sweep"))
     p = _cli(tmp_path, "fourth", "train", str(tmp_path / "best.yaml"), "--storage", uri, "--name", "again")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert [e["step"] for e in sorted(s3.table("team/a/runs", "again", "evals"), key=lambda e: e["step"])] == \
@@ -241,3 +249,23 @@ def test_two_nodes_with_separate_staging_share_only_the_store(tmp_path, synth_ro
         assert any(f.startswith(f"train/train-{t['trial_id']}/checkpoint_step_") for f in s3.files("two/two"))
         assert list((tmp_path / f"cache-{node}").rglob(f"train-{t['trial_id']}/checkpoint_step_*/state.pt"))
         assert not list((tmp_path / f"cache-{other}").rglob(f"train-{t['trial_id']}/checkpoint_step_*"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_ray_train_sweep_on_s3_writes_its_checkpoints_into_the_store_through_ray(tmp_path, synth_root, s3):
+    space = _space(tmp_path, synth_root, base={"train.launcher": "ray_train", "train.max_steps": 4,
+                                               "train.cpus_per_worker": 0.5}, num_samples=1, driver_cpus=0.5)
+    uri = s3.uri("rt")
+    p = _cli(tmp_path, "driver", "sweep", str(space), "--storage", uri, "--name", "rt")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (trial,) = s3.table("rt", "rt", "trials")
+    assert trial["status"] == "completed"
+    tid = trial["trial_id"]
+    assert f"train/train-{tid}/checkpoint_step_0000004/state.pt" in s3.files("rt/rt")
+    # the tables name the checkpoint by its staging path, as on every other path, and a reader elsewhere finds it
+    stage = tmp_path / "driver"  # the driver's UDA_RAY_CACHE
+    assert trial["last_checkpoint"].startswith(str(stage)) and trial["last_checkpoint"].endswith(
+        f"train-{tid}/checkpoint_step_0000004")
+    p = _cli(tmp_path, "other", "best", "rt", "--storage", uri)
+    assert p.returncode == 0 and tid in p.stdout, p.stdout + p.stderr

@@ -145,6 +145,30 @@ def as_staged(folder: str | os.PathLike, result: dict) -> dict:
     return {**result, "checkpoint_path": str(store.staging / cp[len(base):])}
 
 
+def here(path: str | os.PathLike, fetch: bool = True) -> Path:
+    """A path recorded under some machine's staging folder of an open store (a checkpoint in a results table)
+    as this machine's staging copy, brought down from the store if missing (`fetch`); any other path unchanged."""
+    p = Path(path)
+    for st in list(_stores.values()):
+        if st.staging.name in p.parts:
+            local = st.staging.joinpath(*p.parts[p.parts.index(st.staging.name) + 1:])
+            if fetch and not local.exists():
+                pull(local)
+            return local
+    return p
+
+
+def in_store(path: str | os.PathLike) -> bool:
+    """Whether a file recorded under a staging folder (see `here`) is in its store (False for a local path)."""
+    local = here(path, fetch=False)
+    st = located(local)
+    if st is None:
+        return False
+    import pyarrow.fs as pafs
+
+    return st.fs.get_file_info(st.remote(local)).type == pafs.FileType.File
+
+
 def push(path: str | os.PathLike) -> None:
     """Upload a file, or a folder with everything in it, to the same place in the store (nothing for a local
     path). Each object PUT is atomic. The local copies take the store's times, so a later pull skips them."""

@@ -160,8 +160,8 @@ def checkpoints_in(run_dir: Path) -> list[Path]:
 def checkpoint_kept(path: str | Path | None) -> bool:
     """Whether a checkpoint folder recorded in a results table is still on disk: Ray Train keeps only the
     `train.keep_checkpoints` best by the run's selection metric (and the latest), so a step that another
-    metric ranks first may have lost its weights."""
-    return bool(path) and (Path(path) / STATE_FILE).is_file()
+    metric ranks first may have lost its weights. Under a storage URI: on this machine, or in the store."""
+    return bool(path) and ((Path(path) / STATE_FILE).is_file() or store.in_store(Path(path) / STATE_FILE))
 
 
 def run_select(run_dir: Path) -> str:
