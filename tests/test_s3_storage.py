@@ -142,6 +142,41 @@ def test_an_unknown_scheme_is_a_user_error_in_the_api(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
+# the mirror itself
+
+
+def test_a_root_pulls_what_another_staging_pushed_but_checkpoints_and_removals_reach_the_store(
+        tmp_path, s3, monkeypatch):
+    from uda_ray.storage import layout, store
+
+    for k, v in CREDENTIALS.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("UDA_RAY_CACHE", str(tmp_path / "cache"))
+    uri = s3.uri("mirror")
+    a = layout.root(uri)
+    (a / "sw" / "results").mkdir(parents=True)
+    (a / "sw" / "sweep.json").write_text('{"name": "sw"}')
+    layout.write_meta(a / "sw", {"name": "sw", "status": "running"})  # pushed by the writer
+    ck = a / "sw" / "train" / "train-t" / "checkpoint_step_0000002"
+    ck.mkdir(parents=True)
+    (ck / "state.pt").write_bytes(b"weights")
+    store.push(ck)
+    assert s3.files("mirror") == ["sw/sweep.json", "sw/train/train-t/checkpoint_step_0000002/state.pt"]
+    # another staging folder of the same store (the same URI with one more setting: another cache entry)
+    b = layout.root(uri + "&region=us-east-1")
+    assert b != a and layout.read_meta(b / "sw")["status"] == "running"
+    assert not (b / "sw" / "train").exists()  # a command's pull leaves checkpoints in the store
+    from uda_ray.training.checkpoint import checkpoints_in
+
+    (got,) = checkpoints_in(b / "sw" / "train" / "train-t")  # ... until a reader of the run asks for them
+    assert (got / "state.pt").read_bytes() == b"weights"
+    assert store.here(ck) == ck and store.in_store(ck / "state.pt")
+    store.remove(ck)
+    assert s3.files("mirror") == ["sw/sweep.json"]
+    assert not store.in_store(ck / "state.pt")
+
+
+# ------------------------------------------------------------------------------------------------
 # a sweep on S3: killed, resumed elsewhere, queried, exported, trained
 
 
