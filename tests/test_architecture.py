@@ -93,7 +93,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundations: errors, names, the strict loader, the storage plan, statistics, heartbeat and timing", {
         "uda_ray", "uda_ray.errors", "uda_ray.metric_names", "uda_ray.config_loader", "uda_ray.storage",
-        "uda_ray.storage.layout", "uda_ray.storage.lock", "uda_ray.results", "uda_ray.results.stats",
+        "uda_ray.storage.layout", "uda_ray.storage.lock",
+        "uda_ray.storage.store", "uda_ray.results", "uda_ray.results.stats",
         "uda_ray.training", "uda_ray.training.timing", "uda_ray.training.progress", "uda_ray.training.optim",
         "uda_ray.search", "uda_ray.search.private", "uda_ray.data", "uda_ray.data.labels", "uda_ray.selection",
         "uda_ray.pipelines", "uda_ray.driver", "uda_ray.catalogue"}),
@@ -115,7 +116,8 @@ LAYERS: list[tuple[str, set[str]]] = [
         "uda_ray.results.figures", "uda_ray.results.report", "uda_ray.selection.study", "uda_ray.selection.ensv",
         "uda_ray.selection.seed_variance"}),
     ("search and pipelines: Tune and Optuna, the trial driver, the cluster, pipeline stages and actions", {
-        "uda_ray.search.experiments", "uda_ray.search.study", "uda_ray.search.searcher", "uda_ray.search.scheduler",
+        "uda_ray.search.experiments", "uda_ray.search.study", "uda_ray.search.journal", "uda_ray.search.searcher",
+        "uda_ray.search.scheduler",
         "uda_ray.search.driver", "uda_ray.search.callbacks", "uda_ray.search.cluster", "uda_ray.search.tune",
         "uda_ray.pipelines.actions", "uda_ray.pipelines.runner"}),
     ("the driver side of each API call", {

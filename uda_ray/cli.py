@@ -15,7 +15,7 @@ from uda_ray import api
 from uda_ray.errors import UserError
 from uda_ray.results import text
 from uda_ray.selection import study
-from uda_ray.storage import layout
+from uda_ray.storage import layout, store
 
 EXIT_USER, EXIT_INTERRUPTED = 2, 130
 
@@ -59,7 +59,9 @@ def cmd_best(a: argparse.Namespace) -> None:
 
 
 def cmd_ls(a: argparse.Namespace) -> None:
-    print(text.sweeps_table(api.ls(a.storage), api.storage_root(a.storage)))
+    given = a.storage or os.environ.get("UDA_RAY_STORAGE") or ""
+    rows = api.ls(a.storage)
+    print(text.sweeps_table(rows, store.redact(given) if store.is_uri(given) else api.storage_root(a.storage)))
 
 
 def cmd_report(a: argparse.Namespace) -> None:

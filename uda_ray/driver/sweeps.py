@@ -21,7 +21,7 @@ from typing import Any
 from uda_ray.driver import queries
 from uda_ray.driver.prepare import cluster_address, overrides_dict, prepare_experiment
 from uda_ray.errors import UserError
-from uda_ray.storage import layout
+from uda_ray.storage import layout, store
 from uda_ray.storage.lock import DriverLock, refuse_running, running_driver
 
 progress = logging.getLogger("uda_ray.training.progress")
@@ -215,7 +215,9 @@ def _start(plan: StartPlan) -> Sweep:
     progress.info(f"sweep '{sweep_d.name}': {sp.num_samples} trials over {', '.join(sp.params) or 'nothing'} "
                   f"(base {sp.base.method}/{sp.base.model.name}), objective {sp.metric} ({sp.mode}), "
                   f"TPE seed {plan.seed}")
-    progress.info(f"storage: {sweep_d}")
+    remote = store.located(sweep_d)
+    progress.info(f"storage: {sweep_d}" if remote is None else
+                  f"storage: {store.redact(remote.uri)}/{sweep_d.name} (staged in {sweep_d})")
     if plan.mlflow:
         meta["mlflow"] = plan.mlflow
         layout.write_meta(sweep_d, meta)
@@ -234,6 +236,8 @@ def _write_sweep_folder(plan: StartPlan) -> dict:
     raw_space.update(base="base.yaml", seed=plan.seed)
     raw_space.pop("set", None)
     (sweep_d / "space.yaml").write_text(dump_yaml(raw_space))
+    store.push(sweep_d / "base.yaml")  # under a storage URI: into the store (sweep.json is pushed by write_meta)
+    store.push(sweep_d / "space.yaml")
     meta = {"name": sweep_d.name, "space_file": str(plan.space_path.absolute()), "seed": plan.seed,
             "objective": [dataclasses.asdict(o) for o in sp.objectives], "num_samples": sp.num_samples,
             "constraints": [dataclasses.asdict(c) for c in sp.constraints],
@@ -250,7 +254,7 @@ def _write_sweep_folder(plan: StartPlan) -> dict:
 def _fit(tuner: Any, sweep_d: Path, meta: dict) -> Sweep:
     """Run the Tuner to its end (or Ctrl-C) and record the sweep's status."""
     from uda_ray.results.tables import read_table
-    from uda_ray.search.tune import run, sweep_status_after
+    from uda_ray.search.tune import TUNE_DIR, run, sweep_status_after
 
     try:
         meta["status"] = sweep_status_after(run(tuner))
@@ -261,6 +265,7 @@ def _fit(tuner: Any, sweep_d: Path, meta: dict) -> Sweep:
     if ended < meta["num_samples"]:
         meta["status"] = INTERRUPTED
     meta.update(pid=None, finished=time.time())
+    store.push(sweep_d / TUNE_DIR)  # Tune's final state and its trial folders, under a storage URI
     layout.write_meta(sweep_d, meta)
     return Sweep(sweep_d.name, sweep_d, meta)
 

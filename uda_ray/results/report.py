@@ -40,7 +40,7 @@ from uda_ray.results.report_data import (
 from uda_ray.results.stats import finite
 from uda_ray.results.tables import read_table
 from uda_ray.results.text import baseline_line, fmt
-from uda_ray.storage import layout
+from uda_ray.storage import layout, store
 from uda_ray.target_labels import MARK, SHORT_MARK, row_marked
 
 # ------------------------------------------------------------------------------------------------
@@ -236,4 +236,5 @@ def write_report(kind: str, folder: Path, out: Path, predictions: bool = True) -
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out)
+    store.push(out)  # under a storage URI's staging folder: into the store
     return out

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from uda_ray.results.stats import finite, spearman
+from uda_ray.storage import store
 
 TEST_METRICS = ("test/miou",)  # the test-split metrics the report compares the selection metric with
 
@@ -128,7 +129,7 @@ def best_checkpoint(data: ReportData) -> tuple[str, Path] | None:
     sel = selected_rows(data)
     ranked = sorted(sel.items(), key=lambda kv: kv[1][data.metric], reverse=data.mode == "max")
     for tid, row in ranked:
-        ck = row.get("checkpoint_path")
+        ck = row.get("checkpoint_path") and store.here(row["checkpoint_path"])  # under a URI: this machine's copy
         if ck and (Path(ck) / STATE_FILE).is_file():
             return tid, Path(ck)
     return None

@@ -15,12 +15,12 @@ recorded (replayed by a resumed trial) keeps its first row: a resume adds no dup
 have a declared Arrow type and every reported metric is float64: a value of another type is an error,
 never a silent cast to text.
 
-The rows are built in uda_ray.results.rows; questions asked of the tables (the best trials, the Pareto
-front) are in uda_ray.results.queries.
+Rows are built in uda_ray.results.rows; the questions asked of the tables are in uda_ray.results.queries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -36,6 +36,7 @@ from uda_ray.errors import UserError
 from uda_ray.metric_names import REPORTED_PREFIXES, mode_of, upgrade_row
 from uda_ray.results.rows import TrialSummary, eval_rows
 from uda_ray.results.trials_table import TrialsArrow
+from uda_ray.storage import store
 
 TABLES = {"trials": ("trial_id",), "evals": ("trial_id", "step"), "class_iou": ("trial_id", "step", "class_name")}
 APPEND_ONLY = ("evals", "class_iou")
@@ -63,30 +64,27 @@ def _fsync_dir(d: Path) -> None:
         fd = os.open(d, os.O_RDONLY)
     except OSError:
         return
-    try:
+    with contextlib.suppress(OSError):
         os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    os.close(fd)
 
 
 def atomic_write(table: pa.Table, path: Path) -> None:
-    """Atomically (re)place one Parquet file; the temporary name is hidden, so readers skip it."""
+    """Atomically (re)place one Parquet file; the temporary name is hidden, so readers skip it. Under a storage
+    URI's staging folder the file is then uploaded (one atomic PUT: uda_ray.storage.store)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    store.push(path)
 
 
 def _cell(v: Any) -> Any:
     """Parquet-friendly scalar: lists/dicts as JSON text, NaN kept as float."""
     if isinstance(v, (list, tuple, dict)):
         return json.dumps(v)
-    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
-        return v.item()
-    return v
+    return v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v
 
 
 def _typed(vals: list, typ: pa.DataType, column: str) -> pa.Array:
@@ -195,6 +193,8 @@ class SegmentTable:
         os.replace(staging, self.path)
         aside.unlink()
         _fsync_dir(self.dir)
+        store.remove(self.path)  # the store's one file, replaced by the segments' folder
+        store.push(self.path)
 
     def rows(self) -> list[dict]:
         return pq.read_table(self.path, schema=self.schema).to_pylist() if self.segments else []
@@ -323,13 +323,12 @@ PROC_FD = Path("/proc/self/fd").is_dir()  # Linux: an open file can be read agai
 
 
 def _read_file(p: Path, tries: int = 20) -> pa.Table:
-    """One Parquet file that a writer may atomically replace meanwhile. pyarrow reading by path takes the size
-    from a stat and reads another open of the file, so a replacement in between reads as corrupt (seen as
-    "Couldn't deserialize thrift" while a sweep ran). On Linux the path read goes through /proc/self/fd of one
-    open handle, so the stat and the read see the same file (a replaced file's handle keeps the old, whole
-    one); elsewhere a failed read is retried (each replacement is atomic, so a later read is whole).
-    Not pyarrow reading a Python file object or an in-memory buffer: about 1 process in 5 to 1 in 100 that
-    read a table that way aborted at exit ("terminate called without an active exception", pyarrow 26)."""
+    """One Parquet file that a writer may atomically replace meanwhile. pyarrow reading by path stats and opens
+    the file separately, so a replacement in between reads as corrupt ("Couldn't deserialize thrift"). On Linux
+    the read goes through /proc/self/fd of one open handle (a replaced file's handle keeps the old, whole one);
+    elsewhere a failed read is retried (each replacement is atomic). Not a Python file object or an in-memory
+    buffer: 1 process in 5 to 100 reading that way aborted at exit (pyarrow 26, "terminate called without...").
+    """
     if PROC_FD:
         with open(p, "rb") as f:
             return pq.read_table(f"/proc/self/fd/{f.fileno()}")
@@ -378,7 +377,7 @@ class ResultsWriter:
         """Record one evaluation. A step already recorded (replayed after a resume) keeps its first row."""
         if self.store.has("evals", (trial_id, int(result["step"]))):
             return self._summary(trial_id, experiment, params).row
-        ev, ious = eval_rows(self.sweep, trial_id, result)
+        ev, ious = eval_rows(self.sweep, trial_id, store.as_staged(self.store.dir, result))
         self.store.upsert("evals", [ev])
         self.store.upsert("class_iou", ious)
         s = self._summary(trial_id, experiment, params)

@@ -16,7 +16,7 @@ from uda_ray.results.tables import ResultsWriter
 from uda_ray.results.tensorboard import TB_DIR, TensorBoardLog
 from uda_ray.search.driver import plain
 from uda_ray.search.experiments import experiment_of
-from uda_ray.storage import layout
+from uda_ray.storage import layout, store
 from uda_ray.training.progress import LiveView, read_progress
 
 progress = logging.getLogger("uda_ray.training.progress")  # the live view (printed by the CLI)
@@ -37,8 +37,13 @@ class ResultsCallback(tune.Callback):
         self.view = LiveView(progress.info, tty)
         self.polled = 0.0
         self._experiments: dict[str, tuple[dict, dict]] = {}  # trial id -> (experiment, params)
+        self._tune_seen: dict[str, tuple[int, int]] = {}  # Tune's state files as last pushed to a store
 
     def setup(self, **info: Any) -> None:
+        if self.sweep.get("store"):  # restored from Tune's state on another machine: this one's staging copy
+            here = store.local_path(*self.sweep["store"])
+            self.sweep = {**self.sweep, "dir": str(here), "tune": str(here / Path(self.sweep["tune"]).name)}
+            self.writer_args = {**self.writer_args, "results_dir": layout.results_dir(here)}
         # reloads existing tables on resume; the trials file is rewritten at most once a second by results
         # (at every start and end), so a sweep of thousands of trials stays cheap to record
         self.writer = ResultsWriter(**self.writer_args, trials_every_s=1.0)
@@ -61,6 +66,8 @@ class ResultsCallback(tune.Callback):
         self.writer.store.flush(["trials"])
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.sweep.get("store"):  # Tune's experiment state, into the store as soon as Tune saves it
+            store.push_changed(self.sweep["tune"], self._tune_seen)
         # between evaluations: the running trials' heartbeats (step, steps/s, ETA), calmly
         now = time.time()
         if now - self.polled < 1.0:

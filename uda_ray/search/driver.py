@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from uda_ray.errors import UserError
-from uda_ray.storage import layout
+from uda_ray.storage import layout, store
 
 TRAIN_FAILED_FILE = "train_failed.txt"  # a Ray Train run that used up train.max_failures (Tune must not rerun it)
 
@@ -32,7 +32,11 @@ def trial_driver(config: dict, sweep: dict) -> None:
     mark("trial_driver_start", trial=trial_id)
     params = plain(config["params"])
     cfg = build_experiment(apply_overrides(sweep["base_raw"], params), f"trial {trial_id}")
-    run_dir = layout.trial_dir(Path(sweep["dir"]), trial_id)
+    # under a storage URI, this node's staging copy of the sweep folder; a trial restarted on a node that lacks
+    # its run folder brings its checkpoints down from the store first
+    sweep_dir = store.local_path(*sweep["store"]) if sweep.get("store") else Path(sweep["dir"])
+    run_dir = layout.trial_dir(sweep_dir, trial_id)
+    store.pull(run_dir)
     if cfg.train.launcher == "replay":  # trains nothing: a recorded or synthetic curve (uda_ray.training.replay)
         from uda_ray.training.launchers import tune_trial_replay
 

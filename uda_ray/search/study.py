@@ -9,7 +9,7 @@ from typing import Any
 
 from uda_ray.errors import UserError
 from uda_ray.search.space import SearchSpace
-from uda_ray.storage import layout
+from uda_ray.storage import layout, store
 
 STUDY_FILE = "optuna_journal.log"
 BASELINE_ATTR = "uda_ray_baseline"  # the user attribute of the baseline trial in the Optuna study
@@ -33,11 +33,19 @@ def tune_domains(space: SearchSpace) -> dict:
 
 
 def study_storage(sweep_dir: Path) -> Any:
-    """The sweep's persisted Optuna storage: a journal file under the sweep folder (what optuna-dashboard opens)."""
+    """The sweep's persisted Optuna storage: a journal file under the sweep folder (what optuna-dashboard opens);
+    under a storage URI's staging folder, mirrored to the store after every append (uda_ray.search.journal)."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    return JournalStorage(JournalFileBackend(str(Path(sweep_dir).absolute() / STUDY_FILE)))
+    path = Path(sweep_dir).absolute() / STUDY_FILE
+    remote = store.located(path)
+    if remote is None:
+        return JournalStorage(JournalFileBackend(str(path)))
+    from uda_ray.search.journal import MirroredJournalFileBackend
+
+    rel = path.relative_to(remote.staging).as_posix()
+    return JournalStorage(MirroredJournalFileBackend(str(path), remote.uri, rel))
 
 
 def load_study(sweep_dir: Path) -> Any:

@@ -22,7 +22,7 @@ from uda_ray.errors import UserError
 from uda_ray.search.driver import trial_driver, trial_resources
 from uda_ray.search.space import SearchSpace
 from uda_ray.search.study import tune_domains
-from uda_ray.storage import layout
+from uda_ray.storage import layout, store
 
 TUNE_DIR = "tune"
 REUSE_ACTORS = os.environ.get("UDA_RAY_REUSE_ACTORS", "1") != "0"
@@ -71,6 +71,13 @@ def make_callbacks(sweep: dict, writer_args: dict, mlflow: str | None = None) ->
     return [ResultsCallback(sweep, writer_args, mlflow)]
 
 
+def store_of(sweep_dir: Path) -> tuple[str, str] | None:
+    """(storage URI, the sweep folder's path in it) of a sweep under a URI's staging folder, else None: how a
+    trial on another node finds its own staging copy (uda_ray.storage.store)."""
+    remote = store.located(sweep_dir)
+    return None if remote is None else (remote.uri, Path(sweep_dir).absolute().relative_to(remote.staging).as_posix())
+
+
 def has_tune_state(sweep_dir: Path) -> bool:
     """Whether Ray Tune saved the sweep's experiment state (it does at its first loop step, with the first
     trial suggested): before that (a driver killed while it started) there is nothing to restore, and the
@@ -86,7 +93,8 @@ def build_tuner(space: SearchSpace, sweep_dir: Path, seed: int, restore: bool = 
     from uda_ray.search.searcher import make_searcher
 
     # what every trial driver needs
-    sweep = {"base_raw": space.base_raw, "dir": str(sweep_dir), "driver_cpus": space.driver_cpus}
+    sweep = {"base_raw": space.base_raw, "dir": str(sweep_dir), "driver_cpus": space.driver_cpus,
+             "tune": str(sweep_dir / TUNE_DIR), "store": store_of(sweep_dir)}
     trainable = tune.with_resources(tune.with_parameters(trial_driver, sweep=sweep),
                                     functools.partial(trial_resources, sweep=sweep))
     tune_path = sweep_dir / TUNE_DIR

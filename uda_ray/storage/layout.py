@@ -10,9 +10,11 @@
     <root>/data/                          generated datasets (the synthetic benchmark), unless $UDA_RAY_DATA
     <folder>/report.html                  `uda-ray report`'s page about a sweep, run or pipeline folder
 
-Every folder of the plan is made by a function here, so that another kind of storage (a cloud URI) changes
-this module and not its callers. What a run or a Tune experiment keeps inside its own folder (checkpoints,
-tune/, the Optuna journal) is the business of the code that writes it.
+Every folder of the plan is made by a function here. A cloud URI root (`s3://bucket/prefix`, any URI a pyarrow
+filesystem serves) is this node's staging folder of it (uda_ray.storage.store): `root` brings down the store's
+files but checkpoints and datasets, and each writer pushes what it writes (`write_meta` here; the tables, the
+Optuna journal, checkpoints and Tune's state where they are written). What a run or a Tune experiment keeps
+inside its own folder (checkpoints, tune/, the Optuna journal) is the business of the code that writes it.
 
 Names: NAME is a sweep (<root>/NAME), a run (runs/NAME) or a pipeline (pipelines/NAME); in an experiment,
 `run:NAME` and `sweep:NAME` refer to a run's or a sweep's folder (`reference`). This module only locates
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from uda_ray.errors import UserError
+from uda_ray.storage import store
 
 RESULTS = "results"  # the results tables' folder of a sweep, a run, a pipeline stage, a rerun, a pipeline
 SWEEP_FILE = "sweep.json"
@@ -41,8 +44,17 @@ REFERENCES = ("run:", "sweep:")  # experiment values naming another run's or swe
 
 def root(storage: str | os.PathLike | None = None) -> Path:
     """The storage root: `storage`, else $UDA_RAY_STORAGE, else ./uda_ray_runs (absolute); a folder, or a path
-    where one can be made (UserError otherwise). Nothing is created."""
-    r = Path(storage or os.environ.get("UDA_RAY_STORAGE") or DEFAULT_ROOT).expanduser().absolute()
+    where one can be made (UserError otherwise). Nothing is created. A storage URI (`s3://bucket/prefix?...`):
+    this node's staging folder of it, with the store's files but checkpoints and datasets brought down
+    (UserError, one line, for a URI no filesystem serves, an unreachable endpoint or a missing bucket)."""
+    given = str(storage or os.environ.get("UDA_RAY_STORAGE") or DEFAULT_ROOT)
+    if store.is_uri(given):
+        staging = store.open_store(given).staging
+        store.pull(staging, skip=bulky)
+        return staging
+    if given.startswith("file://"):
+        given = given[len("file://"):]
+    r = Path(given).expanduser().absolute()
     if r.exists() and not r.is_dir():
         raise UserError(f"storage {r}: not a folder")
     existing = r
@@ -53,6 +65,13 @@ def root(storage: str | os.PathLike | None = None) -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"storage {r}: {existing} is not writable")
     return r
+
+
+def bulky(rel: str) -> bool:
+    """What a command's pull leaves in the store (a store-relative posix path): checkpoints (a trial pulls its
+    own run folder's when it starts) and generated datasets."""
+    parts = rel.split("/")
+    return parts[0] == DATA or any(p.startswith(("checkpoint_", ".")) or p == "checkpoints" for p in parts)
 
 
 def data_dir(root: Path) -> Path:
@@ -147,6 +166,7 @@ def write_meta(sweep: Path, meta: dict) -> None:
     tmp = Path(sweep) / f".{SWEEP_FILE}.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, Path(sweep) / SWEEP_FILE)
+    store.push(Path(sweep) / SWEEP_FILE)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import numpy as np
 
 from uda_ray.errors import UserError
 from uda_ray.metric_names import DEFAULT_SELECTION, mode_of, upgrade_row
+from uda_ray.storage import store
 
 if TYPE_CHECKING:  # torch is imported by the functions that read or write states: finding checkpoints needs none
     import torch
@@ -150,15 +151,17 @@ def local_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def checkpoints_in(run_dir: Path) -> list[Path]:
-    """Checkpoint folders of a run: Ray Train's checkpoint_step_* or LocalSession's checkpoints/step_*."""
+    """Checkpoint folders of a run: Ray Train's checkpoint_step_* or LocalSession's checkpoints/step_*. Under a
+    storage URI's staging folder, those of the store are brought down first (uda_ray.storage.store)."""
+    store.pull(run_dir, skip=lambda rel: not rel.startswith((CHECKPOINT_PREFIX, LOCAL_CHECKPOINTS + "/")))
     return sorted(Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*")) + local_checkpoints(run_dir)
 
 
 def checkpoint_kept(path: str | Path | None) -> bool:
     """Whether a checkpoint folder recorded in a results table is still on disk: Ray Train keeps only the
     `train.keep_checkpoints` best by the run's selection metric (and the latest), so a step that another
-    metric ranks first may have lost its weights."""
-    return bool(path) and (Path(path) / STATE_FILE).is_file()
+    metric ranks first may have lost its weights. Under a storage URI: on this machine, or in the store."""
+    return bool(path) and ((Path(path) / STATE_FILE).is_file() or store.in_store(Path(path) / STATE_FILE))
 
 
 def run_select(run_dir: Path) -> str:

@@ -20,7 +20,7 @@ import torch
 from uda_ray.build import build_experiment
 from uda_ray.config import ExperimentConfig, experiment_dict
 from uda_ray.metric_names import mode_of
-from uda_ray.storage import layout
+from uda_ray.storage import layout, store
 from uda_ray.training.loop import fit
 from uda_ray.training.sessions import RaySession, RunSession, TuneSession
 from uda_ray.training.timing import mark
@@ -72,8 +72,15 @@ def tune_trial_replay(cfg: ExperimentConfig, run_dir: Path, params: dict, trial_
         ray.tune.report({**metrics, "time/elapsed_s": time.time() - t0})
 
 
-def _run_task(exp: dict, run_dir: str, results_dir: str, name: str) -> dict[str, Any]:
-    """The Ray task of an inline run: its last reported metrics (checkpoint_path included)."""
+def _run_task(exp: dict, run_dir: str, results_dir: str, name: str,
+              remote: tuple[str, str] | None = None) -> dict[str, Any]:
+    """The Ray task of an inline run: its last reported metrics (checkpoint_path included). Under a storage URI
+    (`remote`: the URI, the run folder in it) the run folder is this node's staging copy, brought down first
+    (a retried task on another node resumes from the store's checkpoints)."""
+    if remote is not None:
+        run_dir = str(store.local_path(*remote))
+        results_dir = str(layout.results_dir(Path(run_dir)))
+        store.pull(run_dir)
     cfg = build_experiment(exp, "<run config>")
     session = RunSession(Path(run_dir), cfg, Path(results_dir), name)
     try:
@@ -103,6 +110,7 @@ def make_trainer(cfg: ExperimentConfig, storage: Path, name: str, callbacks: lis
     from ray.train.torch import TorchConfig, TorchTrainer
 
     tc = cfg.train
+    remote = store.located(storage)  # under a storage URI: Ray Train writes the checkpoints into the store itself
     return TorchTrainer(
         ray_train_worker,
         train_loop_config={"experiment": experiment_dict(cfg), "run_dir": str(storage / name)},
@@ -112,7 +120,8 @@ def make_trainer(cfg: ExperimentConfig, storage: Path, name: str, callbacks: lis
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=str(storage) if remote is None else remote.remote(storage),
+            storage_filesystem=None if remote is None else remote.fs,
             callbacks=callbacks or [],
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=tc.keep_checkpoints,
@@ -192,11 +201,15 @@ def _fit_run_inline(cfg: ExperimentConfig, storage: Path, name: str) -> dict[str
     results_dir = layout.results_dir(storage / name)
     task = ray.remote(_run_task).options(num_cpus=tc.cpus_per_worker, num_gpus=1 if tc.use_gpu else 0,
                                          max_retries=tc.max_failures, retry_exceptions=True)
+    remote = store.located(storage / name)
+    where = None if remote is None else (remote.uri, (storage / name).absolute().relative_to(remote.staging).as_posix())
     try:
-        last = ray.get(task.remote(exp, str(storage / name), str(results_dir), name))
+        last = ray.get(task.remote(exp, str(storage / name), str(results_dir), name, where))
     except Exception as e:
         err = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        store.pull(results_dir)  # what the task wrote on its node, before the driver adds the run's end
         ResultsWriter.for_run(results_dir, name, cfg.select).end(name, exp, {}, "errored", err[:500])
         raise
+    store.pull(results_dir)
     ResultsWriter.for_run(results_dir, name, cfg.select).end(name, exp, {}, "completed")
     return dict(last)

@@ -23,6 +23,7 @@ from torch import nn
 
 from uda_ray.config import ExperimentConfig, experiment_dict
 from uda_ray.metric_names import mode_of
+from uda_ray.storage import store
 from uda_ray.training.checkpoint import (
     checkpoint_dir_name,
     local_checkpoint_dir,
@@ -123,7 +124,10 @@ class TuneSession:
         dest = self.run_dir / checkpoint_dir_name(step)
         if checkpoint_dir is not None:
             persist_checkpoint(checkpoint_dir, self.run_dir, step)
-            prune_checkpoints(self.run_dir, self._keep, self._metric, self._mode)
+            gone = prune_checkpoints(self.run_dir, self._keep, self._metric, self._mode)
+            store.push(dest)  # under a storage URI's staging folder: into the store, the same layout
+            for g in gone:
+                store.remove(g)
         if dest.is_dir():  # also on a replayed evaluation whose checkpoint is still kept
             metrics["checkpoint_path"] = str(dest)
         # (a replayed one whose checkpoint was pruned since keeps the path it had: see loop._replay_reports)
