@@ -21,7 +21,7 @@ SHIPPED = (256, 128)  # (W, H) of the shipped synthetic experiments
 TINY = {"n_source": 2, "n_target": 2, "n_val": 1, "size": (64, 32), "seed": 3}
 # sha256 over the label PNGs of the TINY v2 generation (name + bytes, sorted). Labels depend only on NumPy's
 # seeded Generator and the scene geometry; a change here changes every v2 result, so it must be deliberate.
-TINY_LABELS_SHA256 = "452503cc92aca6fe4f214d357675ad5b04a86a861a9fb6abca748360642eb066"
+TINY_LABELS_SHA256 = "84d54f88acff7dc9d601ab6600671f82bba69e9a7c06445bdaa7a0ef7c5fcae3"
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -89,14 +89,15 @@ def test_v2_target_labels_hold_all_19_classes_at_the_shipped_size() -> None:
 
 
 def test_v2_thin_classes_are_wide_enough_for_a_half_size_input() -> None:
-    """Poles are >= 3 px wide at the shipped size, so >= 1.5 px at the 128x64 network input."""
+    """Poles are >= 8 px wide at the shipped size: >= 4 px at the 128x64 network input, half a cell of its
+    1/8-resolution logits (BiSeNet), which a 1-2 px pole never fills."""
     widths = []
     for i in range(5):
         _, lbl = synthetic._sample(0, 1, i, SHIPPED, real=True, ego=True, version=2)
         for row in (lbl == 5).astype(np.int8):  # pole pixels, row by row
             edges = np.diff(np.r_[0, row, 0])
             widths += (np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)).tolist()
-    assert len(widths) > 100 and np.median(widths) >= 3
+    assert len(widths) > 100 and np.median(widths) >= 8
 
 
 def _class_means(stream: int, real: bool) -> np.ndarray:

@@ -59,22 +59,22 @@ class Layout:
 # lower, in denser streets with more pedestrians, riders, two-wheelers and street furniture.
 SOURCE_LAYOUT = Layout(horizon=(0.28, 0.40), cars=3.0, people=1.2, poles=1.5, trees=0.8, p_truck=0.5,
                        p_bus=0.4, p_train=0.3, p_two_wheeler=0.45, p_barrier=0.6, min_depth=0.15)
-TARGET_LAYOUT = Layout(horizon=(0.40, 0.52), cars=1.8, people=2.4, poles=2.4, trees=1.0, p_truck=0.35,
+TARGET_LAYOUT = Layout(horizon=(0.40, 0.52), cars=1.8, people=2.4, poles=2.4, trees=1.0, p_truck=0.55,
                        p_bus=0.35, p_train=0.3, p_two_wheeler=0.7, p_barrier=0.7, min_depth=0.25)
 
 
 def _pole(c: _Canvas, x: float, yf: float, d: float) -> None:
-    """A pole (>= 3 px wide) carrying a traffic light, a sign, or both, each at least 0.5 d across."""
+    """A pole (>= 8 px wide) carrying a traffic light, a sign, or both (>= 12 px across)."""
     rng = c.rng
-    h, w = d * rng.uniform(2.4, 3.6), max(3.0, 0.16 * d)
+    h, w = d * rng.uniform(2.2, 3.2), max(8.0, 0.25 * d)
     c.rect(c.new(POLE), x - w / 2, yf - h, x + w / 2, yf)
     kind = rng.choice(3)  # 0 light, 1 sign, 2 both
     if kind != 1:
-        lw, lh = max(5.0, 0.5 * d), max(10.0, 1.1 * d)
+        lw, lh = max(12.0, 0.7 * d), max(20.0, 1.2 * d)
         c.rect(c.new(LIGHT), x - lw / 2, yf - h - lh * 0.2, x + lw / 2, yf - h + lh * 0.8)
         c.ellipse(c.new(LIGHT, shade=1.3), x, yf - h + lh * rng.choice([0.1, 0.3, 0.5]), lw / 3, lw / 3)
     if kind != 0:
-        s, sy = max(7.0, 0.7 * d), yf - h * rng.uniform(0.5, 0.75)
+        s, sy = max(14.0, 0.9 * d), yf - h * rng.uniform(0.5, 0.75)
         sign = c.new(SIGN)
         if rng.random() < 0.5:
             c.rect(sign, x - s / 2, sy - s / 2, x + s / 2, sy + s / 2)
@@ -83,8 +83,8 @@ def _pole(c: _Canvas, x: float, yf: float, d: float) -> None:
 
 
 def _two_wheeler(c: _Canvas, cls: int, x: float, yf: float, d: float, ridden: bool) -> None:
-    """A motorcycle (solid wheels, a body) or a bicycle (thick ring wheels, a frame), 1.3x v1's size."""
-    d = 1.3 * d
+    """A motorcycle (solid wheels, a body) or a bicycle (thick ring wheels, a frame), 1.6x v1's size."""
+    d = 1.6 * d
     r, w = 0.24 * d, 1.0 * d
     part = c.new(cls)
     for wx in (x - w / 2 + r, x + w / 2 - r):
@@ -92,25 +92,25 @@ def _two_wheeler(c: _Canvas, cls: int, x: float, yf: float, d: float, ridden: bo
     if cls == MOTORCYCLE:
         c.rect(c.new(cls, shade=0.7), x - w / 2 + r, yf - 2.5 * r, x + w / 2 - r, yf - 0.7 * r)
     else:
-        t = max(2.0, 0.35 * r)
+        t = max(4.0, 0.4 * r)
         c.rect(part, x - w / 2 + r, yf - 1.3 * r - t / 2, x + w / 2 - r, yf - 1.3 * r + t / 2)
         c.rect(part, x - t / 2, yf - 2.4 * r, x + t / 2, yf - r)
     if ridden:
-        _person(c, RIDER, x, yf - 1.7 * r, d, seated=True)
+        _person(c, RIDER, x, yf - 1.7 * r, 0.9 * d, seated=True)
 
 
 def _barrier(c: _Canvas, cls: int, x0: float, x1: float, yb: float, h: float) -> None:
-    """A wall (solid, a coping) or a fence (posts and two rails, each >= 2 px, see-through)."""
+    """A wall (solid, a coping) or a fence (posts and two rails, each >= 6 px, see-through)."""
     i = c.new(cls)
     if cls == WALL:
         c.rect(i, x0, yb - h, x1, yb)
         c.rect(c.new(WALL, shade=0.75), x0, yb - h, x1, yb - 0.85 * h)
         return
-    step, pw = max(6.0, 0.5 * h), max(2.5, 0.18 * h)
+    step, pw = max(16.0, 0.6 * h), max(6.0, 0.22 * h)
     for px in np.arange(x0, x1, step):
         c.rect(i, px, yb - h, px + pw, yb)
     for ry in (0.05, 0.5):
-        c.rect(i, x0, yb - h + ry * h, x1, yb - h + ry * h + max(2.5, 0.16 * h))
+        c.rect(i, x0, yb - h + ry * h, x1, yb - h + ry * h + max(6.0, 0.2 * h))
 
 
 def _skyline(c: _Canvas, rng: np.random.Generator, w: int, h: int, hy: float) -> None:
@@ -149,7 +149,7 @@ def _objects(c: _Canvas, rng: np.random.Generator, lay: Layout) -> list[tuple[fl
             placed.append((near(0.85), lambda x, y, d, cls=cls, r=ridden: _two_wheeler(c, cls, x, y, d, r), True))
     for _ in range(rng.poisson(lay.people)):
         crossing = rng.random() < 0.2
-        placed.append((near(0.95), lambda x, y, d: _person(c, PERSON, x, y, 1.15 * d), crossing))
+        placed.append((near(0.95), lambda x, y, d: _person(c, PERSON, x, y, 1.5 * d), crossing))
     for _ in range(1 + rng.poisson(lay.poles)):
         placed.append((near(0.95), lambda x, y, d: _pole(c, x, y, d), False))
     for _ in range(rng.poisson(lay.trees)):
@@ -157,7 +157,7 @@ def _objects(c: _Canvas, rng: np.random.Generator, lay: Layout) -> list[tuple[fl
     for cls in (WALL, FENCE):
         if rng.random() < lay.p_barrier:
             placed.append((near(0.7), lambda x, y, d, cls=cls: _barrier(
-                c, cls, x - 2.0 * d, x + 2.0 * d, y, 0.9 * d), False))
+                c, cls, x - 2.0 * d, x + 2.0 * d, y, max(24.0, 1.2 * d)), False))
     if rng.random() < 0.25:  # unlabeled clutter (bins, boxes)
         col = tuple(rng.uniform(60, 200, 3))
         placed.append((near(0.8), lambda x, y, d: c.rect(
