@@ -59,8 +59,8 @@ class Layout:
 # lower, in denser streets with more pedestrians, riders, two-wheelers and street furniture.
 SOURCE_LAYOUT = Layout(horizon=(0.28, 0.40), cars=3.0, people=1.2, poles=1.5, trees=0.8, p_truck=0.5,
                        p_bus=0.4, p_train=0.3, p_two_wheeler=0.45, p_barrier=0.6, min_depth=0.15)
-TARGET_LAYOUT = Layout(horizon=(0.40, 0.52), cars=1.8, people=2.4, poles=2.4, trees=1.0, p_truck=0.55,
-                       p_bus=0.35, p_train=0.3, p_two_wheeler=0.7, p_barrier=0.7, min_depth=0.25)
+TARGET_LAYOUT = Layout(horizon=(0.40, 0.52), cars=2.2, people=2.4, poles=2.4, trees=1.0, p_truck=0.6,
+                       p_bus=0.5, p_train=0.3, p_two_wheeler=0.8, p_barrier=0.7, min_depth=0.25)
 
 
 def _pole(c: _Canvas, x: float, yf: float, d: float) -> None:
@@ -138,14 +138,14 @@ def _objects(c: _Canvas, rng: np.random.Generator, lay: Layout) -> list[tuple[fl
     placed: list[tuple[float, Draw, bool]] = []
     near = lambda hi: rng.uniform(lay.min_depth, hi)  # noqa: E731
     for _ in range(rng.poisson(lay.cars)):
-        placed.append((rng.uniform(0.08, 0.6), lambda x, y, d: _vehicle(c, CAR, x, y, d, "car"), True))
+        placed.append((rng.uniform(0.15, 0.65), lambda x, y, d: _vehicle(c, CAR, x, y, d, "car"), True))
     for cls, kind, p in ((TRUCK, "truck", lay.p_truck), (BUS, "bus", lay.p_bus), (TRAIN, "train", lay.p_train)):
         if rng.random() < p:
-            placed.append((rng.uniform(0.08, 0.4),
+            placed.append((rng.uniform(0.15, 0.5),
                            lambda x, y, d, cls=cls, kind=kind: _vehicle(c, cls, x, y, d, kind), True))
     for cls in (MOTORCYCLE, BICYCLE):
         if rng.random() < lay.p_two_wheeler:
-            ridden = rng.random() < 0.7
+            ridden = rng.random() < 0.8
             placed.append((near(0.85), lambda x, y, d, cls=cls, r=ridden: _two_wheeler(c, cls, x, y, d, r), True))
     for _ in range(rng.poisson(lay.people)):
         crossing = rng.random() < 0.2
