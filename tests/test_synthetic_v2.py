@@ -130,3 +130,15 @@ def test_v2_camera_is_lower_in_the_target() -> None:
                               for i in range(10)]))
 
     assert sky_rows(1, True) > sky_rows(0, False) + 0.05
+
+
+def test_cli_writes_v2_with_benchmark_version(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from uda_ray.cli import main
+
+    args = ["data", "synth", "--out", str(tmp_path / "b"), "--n-source", "1", "--n-target", "1", "--n-val", "1",
+            "--size", "32x64"]
+    assert main([*args, "--benchmark-version", "2"]) == 0
+    assert json.loads((tmp_path / "b/MANIFEST.json").read_text())["params"]["version"] == 2
+    with pytest.raises(SystemExit):
+        main([*args, "--benchmark-version", "3"])
+    capsys.readouterr()
