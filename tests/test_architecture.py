@@ -101,6 +101,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("plain PyTorch: configs, data, models, methods, losses, metrics, validators, the checkpoint format", {
         "uda_ray.config", "uda_ray.target_labels", "uda_ray.losses", "uda_ray.metrics", "uda_ray.fda",
         "uda_ray.data.transforms", "uda_ray.data.datasets", "uda_ray.data.splits", "uda_ray.data.scenes",
+        "uda_ray.data.scenes_v2", "uda_ray.data.looks_v2",
         "uda_ray.data.synthetic", "uda_ray.data.loading", "uda_ray.selection.validators", "uda_ray.training.checkpoint",
         "uda_ray.selection.estimators", "uda_ray.selection.samples",
         *(m for m in MODULES if m.startswith(("uda_ray.models", "uda_ray.methods")))}),

@@ -138,7 +138,7 @@ def _key_value(text: str, flag: str) -> tuple[str, str]:
 def cmd_data_synth(a: argparse.Namespace) -> None:
     t0 = time.time()
     out = api.synthetic_data(a.out, n_source=a.n_source, n_target=a.n_target, n_val=a.n_val, size_hw=_hw(a.size),
-                             seed=a.seed, synthia=a.synthia)
+                             seed=a.seed, synthia=a.synthia, version=a.benchmark_version)
     print(f"wrote {out} in {time.time() - t0:.1f}s")
 
 
@@ -260,6 +260,8 @@ def _tool_commands(sub: Any) -> None:
         ds.add_argument(k, type=int, default=v)
     ds.add_argument("--size", default="128x256", help="HxW")
     ds.add_argument("--synthia", action="store_true", help="also write a SYNTHIA-layout source")
+    ds.add_argument("--benchmark-version", type=int, choices=[1, 2], default=1,
+                    help="1: the original shift; 2: appearance, layout, lighting and sensor shift (docs/benchmark.md)")
     ds.set_defaults(fn=cmd_data_synth)
     sp = _command(sub, "convert-weights", cmd_convert_weights, "convert an AdaptSegNet / ADVENT DeepLab-v2 "
                   "checkpoint to this project's keys (for model.kwargs.style: caffe)", storage=False)

@@ -34,10 +34,14 @@ class SynthConfig:
     n_val: int = 50
     size: tuple[int, int] = (256, 128)  # (W, H) of the written images and labels
     seed: int = 0
+    # 1: the original benchmark (palette and texture shift); 2: class-conditional appearance, layout, lighting
+    # and sensor shift (docs/benchmark.md). The default stays 1 until v2's criteria are measured.
+    version: int = 1
 
     def __post_init__(self) -> None:
         _check(min(self.n_source, self.n_target, self.n_val) >= 1, "data.synthetic: image counts must be >= 1")
         _check(min(self.size) >= 16, "data.synthetic.size: both sides must be >= 16")
+        _check(self.version in (1, 2), f"data.synthetic.version must be 1 or 2, got {self.version!r}")
 
 
 PSEUDO_THRESHOLDS = ("class_percentile", "image_median")  # data.pseudo_threshold

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from uda_ray.data import looks_v2, scenes_v2
 from uda_ray.data.labels import TRAIN_TO_CITYSCAPES_ID, TRAIN_TO_SYNTHIA_ID
 from uda_ray.data.scenes import render, scene
 from uda_ray.errors import DatasetError
@@ -24,6 +25,7 @@ from uda_ray.errors import DatasetError
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+VERSIONS = (1, 2)  # the scene distributions and renderings: 1 uda_ray.data.scenes, 2 scenes_v2 + looks_v2
 TRAIN_CITIES = ("synthburg", "pixelton", "voxelheim")
 VAL_CITIES = ("rastria", "meshville")
 
@@ -50,10 +52,14 @@ def write_png16(path: Path, arr: np.ndarray) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
-def _sample(seed: int, stream: int, idx: int, size: tuple[int, int], real: bool, ego: bool
+def _sample(seed: int, stream: int, idx: int, size: tuple[int, int], real: bool, ego: bool, version: int = 1
             ) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng([seed, stream, idx])
-    return render(scene(rng, size[0], size[1], ego), real, rng)
+    if version == 1:
+        return render(scene(rng, size[0], size[1], ego), real, rng)
+    canvas, hy = scenes_v2.scene(rng, size[0], size[1], scenes_v2.TARGET_LAYOUT if real else
+                                 scenes_v2.SOURCE_LAYOUT, ego)
+    return (looks_v2.render_target if real else looks_v2.render_source)(canvas, hy)
 
 
 def _save(path: Path, arr: np.ndarray) -> None:
@@ -62,15 +68,15 @@ def _save(path: Path, arr: np.ndarray) -> None:
 
 
 def _write_all(tmp: Path, p: dict) -> None:
-    seed, size = p["seed"], tuple(p["size"])
+    seed, size, v = p["seed"], tuple(p["size"]), p.get("version", 1)
     for i in range(p["n_source"]):
-        img, lbl = _sample(seed, 0, i, size, real=False, ego=False)
+        img, lbl = _sample(seed, 0, i, size, real=False, ego=False, version=v)
         _save(tmp / "gta5" / "images" / f"{i + 1:05d}.png", img)
         _save(tmp / "gta5" / "labels" / f"{i + 1:05d}.png", _CS_LUT[lbl])
     targets = (("train", p["n_target"], 1, TRAIN_CITIES), ("val", p["n_val"], 2, VAL_CITIES))
     for split, n, stream, cities in targets:
         for i in range(n):
-            img, lbl = _sample(seed, stream, i, size, real=True, ego=True)
+            img, lbl = _sample(seed, stream, i, size, real=True, ego=True, version=v)
             city = cities[i * len(cities) // n]
             stem = f"{city}/{city}_000000_{i:06d}"
             _save(tmp / "cityscapes" / "leftImg8bit" / split / f"{stem}_leftImg8bit.png", img)
@@ -78,7 +84,7 @@ def _write_all(tmp: Path, p: dict) -> None:
     if p["synthia"]:
         (tmp / "synthia" / "GT" / "LABELS").mkdir(parents=True)
         for i in range(p["n_source"]):
-            img, lbl = _sample(seed, 3, i, size, real=False, ego=False)
+            img, lbl = _sample(seed, 3, i, size, real=False, ego=False, version=v)
             _save(tmp / "synthia" / "RGB" / f"{i:07d}.png", img)
             gt = np.zeros(lbl.shape + (3,), np.uint16)
             gt[..., 0] = _SYN_LUT[lbl]
@@ -102,11 +108,16 @@ def _existing(out: Path, params: dict) -> Path | None:
 
 
 def generate(out: Path, n_source: int = 200, n_target: int = 200, n_val: int = 50,
-             size: tuple[int, int] = (256, 128), seed: int = 0, synthia: bool = False) -> Path:
-    """Write the benchmark under `out` (size is (W, H)) atomically; reuse it if already there."""
+             size: tuple[int, int] = (256, 128), seed: int = 0, synthia: bool = False, version: int = 1) -> Path:
+    """Write the benchmark under `out` (size is (W, H)) atomically; reuse it if already there. `version` picks
+    the scenes and renderings (VERSIONS); version 1 writes the same bytes and manifest as before versions."""
     out = Path(out)
     params = {"n_source": int(n_source), "n_target": int(n_target), "n_val": int(n_val),
               "size": [int(size[0]), int(size[1])], "seed": int(seed), "synthia": bool(synthia)}
+    if version not in VERSIONS:
+        raise DatasetError(f"synthetic benchmark at {out}: version must be one of {VERSIONS}, got {version!r}")
+    if version != 1:  # absent for version 1, so a version-1 folder written before versions is reused
+        params["version"] = int(version)
     if min(params["n_source"], params["n_target"], params["n_val"], *params["size"]) < 1:
         raise DatasetError(f"synthetic benchmark at {out}: counts and size must be positive, got {params}")
     if _existing(out, params) is not None:
