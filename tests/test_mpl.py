@@ -250,3 +250,19 @@ def test_the_adversarial_term_changes_the_students_update():
     b.train_step(batch, 0)
     assert any(not torch.equal(x, y) for x, y in zip(a.model_raw.parameters(), b.model_raw.parameters()))
     assert "loss/adv" not in make_mpl().train_step(batch, 0)
+
+
+def test_init_from_reaches_the_teacher_that_copies_the_student():
+    """A fresh run with train.init_from: the loop loads the weights after building the method, and MPL's
+    teacher (a copy of the student, no teacher_from) takes them too."""
+    from types import SimpleNamespace
+
+    from tests.test_methods import teacher_checkpoint
+    from uda_ray.training.loop import _resume_or_init
+
+    m = make_mpl()
+    no_checkpoint = SimpleNamespace(latest_checkpoint=lambda: None)
+    cfg = SimpleNamespace(train=SimpleNamespace(init_from=str(teacher_checkpoint())))
+    assert _resume_or_init(cfg, no_checkpoint, m, "") == (0, {})
+    for k, v in _teacher_state().items():
+        assert torch.equal(m.model_raw.state_dict()[k], v) and torch.equal(m.teacher_raw.state_dict()[k], v)

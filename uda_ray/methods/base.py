@@ -201,6 +201,10 @@ class Method:
     def eval_model(self) -> nn.Module:
         return self.model_raw
 
+    def weights_loaded(self) -> None:
+        """Called once the segmenter's weights were replaced after construction (`train.init_from` in a fresh
+        run): a method that copied the segmenter into another model at construction copies it again."""
+
     def stateful(self) -> dict[str, Any]:
         """Everything with a state_dict that a checkpoint must hold. Subclasses extend."""
         return {"model": self.model_raw, "opt": self.opt}

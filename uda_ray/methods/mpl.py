@@ -160,6 +160,12 @@ class MPL(Method):
     Config = MPLConfig
     uses_held_out_source = True
 
+    def weights_loaded(self) -> None:
+        """`train.init_from` was loaded into the student after construction: without `teacher_from` the teacher
+        starts as a copy of the student, so it takes those weights too (it kept the initialization before)."""
+        if self.cfg.teacher_from is None:
+            self.teacher_raw.load_state_dict(self.model_raw.state_dict())
+
     def __init__(self, model: nn.Module, cfg: MPLConfig, optim: OptimConfig, **kwargs: Any) -> None:
         super().__init__(model, cfg, optim, **kwargs)
         teacher = self.model_factory() if self.model_factory is not None else copy.deepcopy(self.model_raw)

@@ -97,6 +97,7 @@ def _resume_or_init(cfg: ExperimentConfig, session: Session, method: Method, dig
     if ckpt is None:
         if cfg.train.init_from:
             load_weights(method.model_raw, cfg.train.init_from)
+            method.weights_loaded()
             log.info("initialized from %s", cfg.train.init_from)
         return 0, {}
     state = load_state(ckpt, map_location=session.device)
