@@ -205,23 +205,40 @@ class _Ground:
         return rng.uniform(np.interp(tt, self.t, self.xr), np.interp(tt, self.t, self.xr + self.swr))
 
 
-def _skyline(c: _Canvas, rng: np.random.Generator, w: int, h: int, hy: float) -> None:
+@dataclass(frozen=True)
+class Skyline:
+    """The shape of the background band (fractions of the width / of the horizon's height; pixels)."""
+
+    width: tuple[float, float] = (0.08, 0.3)  # a block's width
+    kinds: tuple[float, float, float] = (0.6, 0.3, 0.1)  # P(building), P(tree), P(gap showing the sky)
+    top: tuple[float, float] = (0.02, 0.8)  # a building's top
+    window: tuple[float, float, float, float] = (5, 9, 6, 10)  # window spacing: x range, y range
+    margin: float = 4  # no window this close to the block's right edge or the horizon
+    tree: tuple[float, float] = (3.0, 1.6)  # a tree's diameter: max(minimum, width / divisor)
+
+
+def skyline_band(c: _Canvas, rng: np.random.Generator, w: int, h: int, hy: float, p: Skyline) -> None:
     """The background band at the horizon: buildings (with windows), trees, gaps showing the sky."""
     x = -rng.uniform(0, 0.1) * w
     while x < w:
-        bw = rng.uniform(0.08, 0.3) * w
-        kind = rng.choice(3, p=[0.6, 0.3, 0.1])
+        bw = rng.uniform(*p.width) * w
+        kind = rng.choice(3, p=list(p.kinds))
         if kind == 0:
-            top, bot = rng.uniform(0.02, 0.8) * hy, hy + rng.uniform(0.0, 0.04) * h
+            top, bot = rng.uniform(*p.top) * hy, hy + rng.uniform(0.0, 0.04) * h
             c.rect(c.new(BUILDING), x, top, x + bw, bot)
             win = c.new(BUILDING, shade=0.55)
-            sx, sy = rng.uniform(5, 9), rng.uniform(6, 10)
-            for wy in np.arange(top + 3, hy - 4, sy):
-                for wx in np.arange(x + 2, x + bw - 4, sx):
+            sx, sy = rng.uniform(*p.window[:2]), rng.uniform(*p.window[2:])
+            for wy in np.arange(top + 3, hy - p.margin, sy):
+                for wx in np.arange(x + 2, x + bw - p.margin, sx):
                     c.rect(win, wx, wy, wx + 0.5 * sx, wy + 0.5 * sy)
         elif kind == 1:
-            _tree(c, x + bw / 2, hy + 1, max(3.0, bw / 1.6))
+            _tree(c, x + bw / 2, hy + 1, max(p.tree[0], bw / p.tree[1]))
         x += bw * rng.uniform(0.85, 1.05)
+
+
+def _skyline(c: _Canvas, rng: np.random.Generator, w: int, h: int, hy: float) -> None:
+    """The background band (buildings, trees, sky) and, in front of it, a wall or a fence at random."""
+    skyline_band(c, rng, w, h, hy, Skyline())
     for cls in (WALL, FENCE):
         if rng.random() < 0.5:
             x0 = rng.uniform(-0.1, 0.7) * w

@@ -13,7 +13,6 @@ import numpy as np
 from uda_ray.data.labels import IGNORE
 from uda_ray.data.scenes import (
     BICYCLE,
-    BUILDING,
     BUS,
     CAR,
     FENCE,
@@ -29,11 +28,13 @@ from uda_ray.data.scenes import (
     TRUCK,
     WALL,
     Draw,
+    Skyline,
     _Canvas,
     _person,
     _road,
     _tree,
     _vehicle,
+    skyline_band,
 )
 
 
@@ -113,23 +114,9 @@ def _barrier(c: _Canvas, cls: int, x0: float, x1: float, yb: float, h: float) ->
         c.rect(i, x0, yb - h + ry * h, x1, yb - h + ry * h + max(6.0, 0.2 * h))
 
 
-def _skyline(c: _Canvas, rng: np.random.Generator, w: int, h: int, hy: float) -> None:
-    """The background band: buildings with windows, trees, gaps showing the sky (no thin barriers)."""
-    x = -rng.uniform(0, 0.1) * w
-    while x < w:
-        bw = rng.uniform(0.1, 0.35) * w
-        kind = rng.choice(3, p=[0.65, 0.25, 0.1])
-        if kind == 0:
-            top, bot = rng.uniform(0.0, 0.7) * hy, hy + rng.uniform(0.0, 0.04) * h
-            c.rect(c.new(BUILDING), x, top, x + bw, bot)
-            win = c.new(BUILDING, shade=0.55)
-            sx, sy = rng.uniform(7, 12), rng.uniform(8, 13)
-            for wy in np.arange(top + 3, hy - 5, sy):
-                for wx in np.arange(x + 2, x + bw - 5, sx):
-                    c.rect(win, wx, wy, wx + 0.5 * sx, wy + 0.5 * sy)
-        elif kind == 1:
-            _tree(c, x + bw / 2, hy + 1, max(4.0, bw / 1.5))
-        x += bw * rng.uniform(0.85, 1.05)
+# v2's background band: wider blocks, bigger windows and trees than v1's (no thin barriers in front)
+SKYLINE_V2 = Skyline(width=(0.1, 0.35), kinds=(0.65, 0.25, 0.1), top=(0.0, 0.7), window=(7, 12, 8, 13), margin=5,
+                     tree=(4.0, 1.5))
 
 
 def _objects(c: _Canvas, rng: np.random.Generator, lay: Layout) -> list[tuple[float, Draw, bool]]:
@@ -172,7 +159,7 @@ def scene(rng: np.random.Generator, w: int, h: int, lay: Layout, ego: bool) -> t
     vx = w * rng.uniform(0.35, 0.65)
     c.rect(c.new(SKY), 0, 0, w, h)
     c.rect(c.new(TERRAIN), 0, int(np.ceil(hy)), w, h)
-    _skyline(c, rng, w, h, hy)
+    skyline_band(c, rng, w, h, hy, SKYLINE_V2)
     ground = _road(c, rng, w, h, hy, vx)
     for tt, draw, on_road in sorted(_objects(c, rng, lay), key=lambda o: o[0]):
         yf = hy + tt * (h - hy)
