@@ -9,6 +9,7 @@ from torch import nn
 
 from uda_ray.cli import main
 from uda_ray.config import ConfigError
+from uda_ray.errors import UserError
 from uda_ray.models.convert import convert_state_dict
 from uda_ray.models.deeplabv2 import CAFFE_MEAN_BGR, DeepLabV2, deeplabv2_r101
 from uda_ray.models.resnet import load_pretrained, read_pretrained, resnet_stages
@@ -163,3 +164,114 @@ def test_convert_weights_is_in_the_python_api(tmp_path):
     s = uda_ray.convert_weights(src, tmp_path / "out.pth", num_classes=19)
     assert s["classifiers"] == {"layer5": "aux_classifier", "layer6": "classifier"} and s["layout"] == "full model"
     assert (tmp_path / "out.pth").is_file()
+
+
+# -- CPSL (lslrh/CPSL models/deeplabv2.py: ResNet101 with ProDA's Classifier_Module2, optional bn_pretrain) ------
+
+
+class OrigSEBlock(nn.Module):
+    def __init__(self, n: int, r: int = 16) -> None:
+        super().__init__()
+        self.se = nn.Sequential(nn.Linear(n, n // r), nn.ReLU(), nn.Linear(n // r, n), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.se(x.mean(dim=(2, 3)))[:, :, None, None]
+
+
+class OrigClassifierModule2(nn.Module):
+    """Their names: conv2d_list.<i> = (conv, GroupNorm, ReLU); bottleneck = (SEBlock, conv, GroupNorm);
+    head = (Dropout2d, 1x1 conv without bias)."""
+
+    def __init__(self, cin: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv2d_list = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(cin, 256, 1), nn.GroupNorm(32, 256), nn.ReLU())]
+            + [nn.Sequential(nn.Conv2d(cin, 256, 3, padding=r, dilation=r), nn.GroupNorm(32, 256), nn.ReLU())
+               for r in (6, 12, 18, 24)])
+        self.bottleneck = nn.Sequential(OrigSEBlock(1280), nn.Conv2d(1280, 256, 3, padding=1),
+                                        nn.GroupNorm(32, 256))
+        self.head = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(256, num_classes, 1, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bottleneck(torch.cat([b(x) for b in self.conv2d_list], dim=1)))
+
+
+class OrigCPSL(OrigDeepLab):
+    def __init__(self, blocks: tuple[int, ...], num_classes: int, bn_clr: bool) -> None:
+        super().__init__(blocks, {})
+        self.layer5 = OrigClassifierModule2(2048, num_classes)
+        self.bn_pretrain = nn.BatchNorm2d(2048) if bn_clr else None
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # every head tensor random (GroupNorm's too), so a swapped mapping shows
+            for name, p in self.named_parameters():
+                if name.startswith("layer5"):
+                    p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.dim() > 1 else 0.5) + (p.dim() == 1))
+            if bn_clr:
+                self.bn_pretrain.running_mean.copy_(torch.randn(2048, generator=g) * 0.1)
+                self.bn_pretrain.running_var.copy_(torch.rand(2048, generator=g) + 0.5)
+                self.bn_pretrain.weight.copy_(torch.rand(2048, generator=g) + 0.5)
+
+    def forward(self, rgb01: torch.Tensor) -> dict[str, torch.Tensor]:  # CPSL's input: RGB / 255
+        f4 = super().forward(rgb01)["f4"]
+        return {"out": self.layer5(self.bn_pretrain(f4) if self.bn_pretrain is not None else f4)}
+
+
+def _cpsl_pkl(orig: nn.Module, path, prefix: str = "") -> None:
+    """As CPSL's train.py validation() saves it (numpy best_iou, a prototypes tensor, the discriminator too)."""
+    import numpy as np
+
+    torch.save({"ResNet101": {"model_state": _orig_state(orig, prefix),
+                              "prototypes_ema": torch.zeros(3, 256, requires_grad=True)},
+                "FCDiscriminator": {"model_state": {"conv1.weight": torch.zeros(2, 2)}},
+                "iter": 1000, "best_iou": np.float64(55.7)}, path)
+
+
+@pytest.mark.parametrize("bn_clr", [False, True])
+def test_cpsl_checkpoint_computes_what_cpsl_computes(bn_clr, tmp_path):
+    torch.manual_seed(0)
+    orig = OrigCPSL(TINY, 3, bn_clr).eval()
+    src, dst = tmp_path / "from_gta5_to_cityscapes_on_deeplabv2_best_model.pkl", tmp_path / "ours.pth"
+    _cpsl_pkl(orig, src, prefix="module." if bn_clr else "")
+    assert main(["convert-weights", str(src), str(dst), "--num-classes", "3"]) == 0
+    ours = DeepLabV2(3, freeze_bn=False, style="proda", head="proda", blocks=TINY, bn_clr=bn_clr).eval()
+    ours.load_state_dict(torch.load(dst, weights_only=True), strict=True)
+    rgb = torch.rand(1, 3, 63, 95) * 255
+    with torch.no_grad():
+        torch.testing.assert_close(ours(rgb)["out"], orig(rgb / 255)["out"], rtol=1e-4, atol=1e-4)
+
+
+def test_cpsl_layout_maps_onto_the_full_proda_deeplab_exactly():
+    state, summary = convert_state_dict(_orig_state(OrigCPSL((3, 4, 23, 3), 19, True)), num_classes=19)
+    assert summary["layout"] == "cpsl" and summary["kwargs"] == {"style": "proda", "head": "proda", "bn_clr": True}
+    own = DeepLabV2(19, style="proda", head="proda", bn_clr=True).state_dict()
+    assert set(state) == set(own) and all(state[k].shape == own[k].shape for k in own)
+
+
+def test_cpsl_refusals_are_one_line(tmp_path, capsys):
+    state = _orig_state(OrigCPSL(TINY, 3, False))
+    no_se = {k.replace("bottleneck.0.se.", "bottleneck.9."): v for k, v in state.items()}  # use_se=False-like
+    with pytest.raises(UserError, match="not in CPSL's DeepLab-v2 layout"):
+        convert_state_dict(no_se)
+    with pytest.raises(UserError, match="of its 29 tensors"):
+        convert_state_dict({k: v for k, v in state.items() if "conv2d_list.4" not in k})
+    with pytest.raises(UserError, match="3 classes, not 19"):
+        convert_state_dict(state, num_classes=19)
+    src = tmp_path / "bad.pkl"
+    torch.save({"ResNet101": {"prototypes_ema": torch.zeros(1)}}, src)
+    assert main(["convert-weights", str(src), str(tmp_path / "out.pth")]) == 2
+    assert "holds no 'model_state'" in capsys.readouterr().err and not (tmp_path / "out.pth").exists()
+
+
+def test_evaluate_reads_a_cpsl_pkl_and_names_the_settings_it_needs(tmp_path):
+    from types import SimpleNamespace
+
+    from uda_ray.driver.evaluate import _weights_state
+
+    src = tmp_path / "stage3.pkl"
+    _cpsl_pkl(OrigCPSL(TINY, 3, True), src)
+    cfg = SimpleNamespace(model=SimpleNamespace(num_classes=3, kwargs={"head": "proda", "style": "proda"}))
+    with pytest.raises(UserError, match="--set model.kwargs.bn_clr=true$"):
+        _weights_state(cfg, src)
+    cfg.model.kwargs["bn_clr"] = True
+    state = _weights_state(cfg, src)
+    DeepLabV2(3, style="proda", head="proda", blocks=TINY, bn_clr=True).load_state_dict(state, strict=True)

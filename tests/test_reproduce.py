@@ -173,12 +173,27 @@ def _inline_fit_run(cfg, storage: Path, name: str) -> dict:
     return dict(last)
 
 
-def _weights_file(cfgs: list, out: Path) -> Path:
-    """A segmenter state dict of the entry's network (a stand-in for a published, converted model)."""
+# our ProDA-head DeepLab-v2 keys -> CPSL's (lslrh/CPSL models/deeplabv2.py ResNet101 / Classifier_Module2)
+_TO_CPSL = (("backbone.", ""), ("classifier.branches.", "layer5.conv2d_list."),
+            ("classifier.se.", "layer5.bottleneck.0.se."),
+            ("classifier.fuse.0.", "layer5.bottleneck.1."), ("classifier.fuse.1.", "layer5.bottleneck.2."),
+            ("classifier.cls.", "layer5.head.1."), ("bn_clr.", "bn_pretrain."))
+
+
+def _weights_file(cfgs: list, out: Path, cpsl: bool = False) -> Path:
+    """A segmenter state dict of the entry's network (a stand-in for a published, converted model); `cpsl`:
+    saved as CPSL's released .pkl ({"ResNet101": {"model_state": ...}}, its key names), which evaluate converts."""
     from uda_ray.build import build_model
 
     torch.manual_seed(0)
-    torch.save(build_model(dataclasses.replace(cfgs[0].model, pretrained=None)).state_dict(), out)
+    state = build_model(dataclasses.replace(cfgs[0].model, pretrained=None)).state_dict()
+    if cpsl:
+        renamed = {}
+        for k, v in state.items():
+            ours, theirs = next(p for p in _TO_CPSL if k.startswith(p[0]))
+            renamed[theirs + k.removeprefix(ours)] = v
+        state = {"ResNet101": {"model_state": renamed}, "iter": 1}
+    torch.save(state, out)
     return out
 
 
@@ -189,7 +204,8 @@ def test_every_catalogue_command_runs_tiny(entry, in_process, capsys):
     store = in_process / "store"
     base = catalogue.entry_argv(entry, inputs={k: "CHECKPOINT" for k in entry.inputs}, repo_root=REPO)
     cfgs = _stage_configs(base)
-    inputs = {k: str(_weights_file(cfgs, in_process / f"{entry.id}.pth")) for k in entry.inputs}
+    cpsl = entry.id == "cpsl_published_models"  # its checkpoint: CPSL's own .pkl, converted in memory
+    inputs = {k: str(_weights_file(cfgs, in_process / f"{entry.id}.pth", cpsl)) for k in entry.inputs}
     argv = ["reproduce", entry.id, *(a for o in _tiny_overrides(cfgs) for a in ("--set", o)),
             *(a for k, v in inputs.items() for a in ("--with", f"{k}={v}")), "--storage", str(store)]
     code = main(argv)

@@ -222,7 +222,8 @@ def rerun(name: str, *, top: int = 3, seeds: int = 3, metric: str | None = None,
 
 def convert_weights(src: str | os.PathLike, dst: str | os.PathLike, *, num_classes: int | None = None) -> dict:
     """Convert an AdaptSegNet / ADVENT DeepLab-v2 checkpoint to this project's keys (uda_ray.models.convert),
-    for `model.kwargs.style: caffe` and `model.pretrained: DST`. `num_classes`: keep only classifiers with that
+    for `model.kwargs.style: caffe` and `model.pretrained: DST`; a CPSL .pkl (detected) for the summary's
+    `kwargs` (style proda, head proda, bn_clr). `num_classes`: keep only classifiers with that
     many outputs (the init files' other heads are dropped). Returns the summary (layout, classifiers kept and
     dropped, tensor count, the written path)."""
     from uda_ray.models.convert import convert_file

@@ -263,9 +263,10 @@ def _tool_commands(sub: Any) -> None:
     ds.add_argument("--benchmark-version", type=int, choices=[1, 2], default=1,
                     help="1: the original shift; 2: appearance, layout, lighting and sensor shift (docs/benchmark.md)")
     ds.set_defaults(fn=cmd_data_synth)
-    sp = _command(sub, "convert-weights", cmd_convert_weights, "convert an AdaptSegNet / ADVENT DeepLab-v2 "
-                  "checkpoint to this project's keys (for model.kwargs.style: caffe)", storage=False)
-    sp.add_argument("src", help="the original .pth (e.g. DeepLab_resnet_pretrained_imagenet.pth, a trained model)")
+    sp = _command(sub, "convert-weights", cmd_convert_weights, "convert an AdaptSegNet / ADVENT / CPSL DeepLab-v2 "
+                  "checkpoint to this project's keys (layout detected from its keys)", storage=False)
+    sp.add_argument("src", help="the original .pth / CPSL .pkl (e.g. DeepLab_resnet_pretrained_imagenet.pth, "
+                    "a trained model)")
     sp.add_argument("dst", help="the converted .pth to write (not overwritten)")
     sp.add_argument("--num-classes", type=int, default=None,
                     help="keep only classifiers with this many outputs (the init files' other heads are dropped)")

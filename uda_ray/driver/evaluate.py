@@ -119,14 +119,35 @@ def _segmenter_from_file(cfg: Any, p: Path) -> Any:
     """The experiment's segmenter with a weights file's state_dict, loaded strictly (as model.pretrained loads
     a full-model file; torchvision backbone weights alone are refused: they hold no trained head)."""
     from uda_ray.build import build_model
-    from uda_ray.models.resnet import load_pretrained, read_pretrained
+    from uda_ray.models.resnet import load_pretrained
 
-    state = read_pretrained(str(p), 101)
+    state = _weights_state(cfg, p)
     if "conv1.weight" in state:
         raise UserError(f"{p}: holds backbone weights only (torchvision ResNet keys), not a trained segmenter")
     model = build_model(dataclasses.replace(cfg.model, pretrained=None), cfg.data.normalize)
     load_pretrained(model, model, state, str(p))
     return model
+
+
+_MODEL_DEFAULTS = {"style": "torchvision", "head": "aspp", "bn_clr": False}  # deeplabv2_r101's
+
+
+def _weights_state(cfg: Any, p: Path) -> dict:
+    """A weights file's state dict: ours, or CPSL's released .pkl converted in memory (as `uda-ray
+    convert-weights` would), whose network the experiment must build (style / head / bn_clr, one line if not)."""
+    from uda_ray.models.convert import convert_cpsl_state_dict, is_cpsl, read_original
+
+    state = read_original(p)
+    if not is_cpsl(state):
+        return {k.removeprefix("module."): v for k, v in state.items()}
+    ours, summary = convert_cpsl_state_dict(state, cfg.model.num_classes)
+    have = {**_MODEL_DEFAULTS, **dict(cfg.model.kwargs or {})}
+    want = {**_MODEL_DEFAULTS, **summary["kwargs"]}
+    wrong = [f"model.kwargs.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in want.items()
+             if have[k] != v]
+    if wrong:
+        raise UserError(f"{p}: a CPSL checkpoint; evaluate it with " + " ".join(f"--set {w}" for w in wrong))
+    return ours
 
 
 def evaluate(plan: EvaluatePlan) -> dict:

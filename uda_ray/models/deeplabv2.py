@@ -5,8 +5,11 @@ layer3/layer4 dilated, ImageNet-normalized RGB input. "caffe": the ResNet-101 of
 AdaptSegNet, ADVENT, IntraDA and CPSL build on (wasidennis/AdaptSegNet model/deeplab*.py, valeoai/ADVENT
 advent/model/deeplabv2.py): the stride on the block's first 1x1 conv, a ceil-mode max-pool, the first block of
 layer3 / layer4 already dilated (2 / 4), and BGR input minus the Caffe mean (104.01, 116.67, 122.68), no std.
-The originals' published weights load into the caffe style after `uda-ray convert-weights`
-(`uda_ray.models.convert`); torchvision's ImageNet weights belong to the torchvision style.
+"proda": the same Caffe ResNet fed RGB / 255 with no mean or std, as ProDA and CPSL do (lslrh/CPSL
+data/cityscapes_dataset.py `mean_rgb["cityscapes"] = [0, 0, 0]`, `img / 255.0`; their models/deeplabv2.py loads
+torchvision's ImageNet weights into it, so `pretrained: imagenet` is accepted there). `bn_clr`: CPSL's extra
+BatchNorm(2048) between layer4 and the classifier (its `--bn_clr`, `bn_pretrain`, used by its stage 2 / 3 models).
+The originals' published weights load after `uda-ray convert-weights` (`uda_ray.models.convert`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from uda_ray.models.resnet import (
 )
 
 __all__ = ["CAFFE_MEAN_BGR", "CaffeNormalize", "DeepLabV2", "deeplabv2_r101", "deeplabv2_r101_ml"]
-STYLES = ("torchvision", "caffe")
+STYLES = ("torchvision", "caffe", "proda")
 
 
 def caffe_resnet(blocks: tuple[int, int, int, int] = (3, 4, 23, 3)) -> nn.Module:
@@ -43,6 +46,13 @@ def caffe_resnet(blocks: tuple[int, int, int, int] = (3, 4, 23, 3)) -> nn.Module
     for layer, d in ((net.layer3, 2), (net.layer4, 4)):
         layer[0].conv2.dilation, layer[0].conv2.padding = (d, d), (d, d)
     return net
+
+
+class UnitRGB(nn.Module):
+    """RGB in 0..255 -> RGB / 255, no mean or std (ProDA's / CPSL's input)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x / 255.0  # (B, 3, H, W)
 
 
 class ASPPClassifier(nn.Module):
@@ -115,7 +125,7 @@ class DeepLabV2(nn.Module):
 
     def __init__(self, num_classes: int = 19, multi_level: bool = False, freeze_bn: bool = True,
                  style: str = "torchvision", blocks: tuple[int, int, int, int] = (3, 4, 23, 3),
-                 head: str = "aspp") -> None:
+                 head: str = "aspp", bn_clr: bool = False) -> None:
         super().__init__()
         if style not in STYLES:
             raise ConfigError(f"model.kwargs.style: unknown '{style}' (valid: {', '.join(STYLES)})")
@@ -127,8 +137,8 @@ class DeepLabV2(nn.Module):
         self.num_classes = num_classes
         self.freeze_bn = freeze_bn
         self.style = style
-        if style == "caffe":
-            self.normalize: nn.Module = CaffeNormalize()
+        if style in ("caffe", "proda"):
+            self.normalize: nn.Module = CaffeNormalize() if style == "caffe" else UnitRGB()
             self.backbone = caffe_resnet(blocks)
         else:
             if tuple(blocks) != (3, 4, 23, 3):
@@ -138,6 +148,7 @@ class DeepLabV2(nn.Module):
         self.classifier: nn.Module = ASPPClassifier(2048, num_classes) if head == "aspp" else \
             ProDAClassifier(2048, num_classes)
         self.aux_classifier = ASPPClassifier(1024, num_classes) if multi_level else None
+        self.bn_clr = nn.BatchNorm2d(2048) if bn_clr else None  # CPSL's `bn_pretrain` on the layer4 features
         self.aux_weights: tuple[float, ...] = (0.1,) if multi_level else ()
         if freeze_bn:
             for m in self.modules():
@@ -157,14 +168,17 @@ class DeepLabV2(nn.Module):
         x = self.normalize(x)  # (B, 3, H, W)
         _, _, f3, f4 = resnet_stages(self.backbone, x)  # (B, 1024, H/8, W/8), (B, 2048, H/8, W/8)
         aux = [self.aux_classifier(f3)] if self.training and self.aux_classifier is not None else []
+        if self.bn_clr is not None:
+            f4 = self.bn_clr(f4)
         if self.head == "proda":
             out, feat = self.classifier(f4)  # feat: the head's 256-channel features, as CPSL's prototypes use
             return {"out": out, "aux": aux, "feat": feat}
         return {"out": self.classifier(f4), "aux": aux, "feat": f4}
 
     def param_groups(self, lr: float) -> list[dict]:
-        """Backbone at `lr`, classifier(s) at 10 * lr (the AdaptSegNet / ADVENT recipe)."""
-        heads = [self.classifier] + ([self.aux_classifier] if self.aux_classifier is not None else [])
+        """Backbone at `lr`, classifier(s) (and CPSL's bn_clr, as its get_10x_lr_params) at 10 * lr (the
+        AdaptSegNet / ADVENT recipe)."""
+        heads = [self.classifier] + [m for m in (self.aux_classifier, self.bn_clr) if m is not None]
         return [
             {"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": lr},
             {
@@ -175,22 +189,22 @@ class DeepLabV2(nn.Module):
 
 
 def _build(num_classes: int, pretrained: str | None, multi_level: bool, freeze_bn: bool, style: str,
-           head: str = "aspp") -> DeepLabV2:
-    if style == "caffe" and pretrained == "imagenet":
+           head: str = "aspp", bn_clr: bool = False) -> DeepLabV2:
+    if style == "caffe" and pretrained == "imagenet":  # (proda: CPSL itself loads torchvision's weights)
         raise ConfigError("model.pretrained: imagenet is torchvision's ResNet-101 (another architecture and input "
                           "normalization); the caffe style takes the originals' init weights, converted with "
                           "`uda-ray convert-weights`, as a .pth path")
     state = read_pretrained(pretrained, 101)
-    model = DeepLabV2(num_classes, multi_level, freeze_bn, style, head=head)
+    model = DeepLabV2(num_classes, multi_level, freeze_bn, style, head=head, bn_clr=bn_clr)
     load_pretrained(model, model.backbone, state, str(pretrained))
     return model
 
 
 def deeplabv2_r101(num_classes: int = 19, pretrained: str | None = None, freeze_bn: bool = True,
-                   style: str = "torchvision", head: str = "aspp") -> DeepLabV2:
-    """Single-level DeepLab-v2 ResNet-101 (no aux output); style "torchvision" or "caffe"; head "aspp"
-    (DeepLab's) or "proda" (CPSL's)."""
-    return _build(num_classes, pretrained, False, freeze_bn, style, head)
+                   style: str = "torchvision", head: str = "aspp", bn_clr: bool = False) -> DeepLabV2:
+    """Single-level DeepLab-v2 ResNet-101 (no aux output); style "torchvision", "caffe" or "proda"; head "aspp"
+    (DeepLab's) or "proda" (CPSL's); bn_clr: CPSL's extra BatchNorm before the head."""
+    return _build(num_classes, pretrained, False, freeze_bn, style, head, bn_clr)
 
 
 def deeplabv2_r101_ml(num_classes: int = 19, pretrained: str | None = None, freeze_bn: bool = True,

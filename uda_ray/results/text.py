@@ -176,8 +176,10 @@ def converted_weights(s: dict) -> str:
     """`uda_ray.api.convert_weights`'s summary, with how to use the written file."""
     heads = ", ".join(f"{k} -> {v}" for k, v in s["classifiers"].items()) or "none"
     dropped = "".join(f"; dropped {k} ({v})" for k, v in s["dropped"].items())
+    kwargs = ", ".join(f"model.kwargs.{k}: {str(v).lower() if isinstance(v, bool) else v}"
+                       for k, v in s.get("kwargs", {"style": "caffe"}).items())
     return (f"wrote {s['written']}: {s['layout']}, {s['keys']} tensors; classifiers: {heads}{dropped}. "
-            f"Use it with model.kwargs.style: caffe and model.pretrained: {s['written']}")
+            f"Use it with {kwargs} and model.pretrained: {s['written']}")
 
 
 def rerun_ended(summary: list[dict], results: Path) -> str:
