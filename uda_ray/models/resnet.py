@@ -58,8 +58,9 @@ def set_input_normalization(model: nn.Module, name: str) -> nn.Module:
     """`data.normalize` applied to a segmenter (in place; returned): "imagenet" keeps the model's own input
     normalization (ImageNet mean/std; a caffe-style DeepLab keeps its Caffe mean, a proda-style its RGB / 255,
     which their weights need), "caffe_bgr" replaces it by `CaffeNormalize`. Every model normalizes inside its
-    forward (its `normalize` module), so the choice reaches every place an image enters it: training, evaluation, pseudo-labels, the
-    IntraDA ranking; FDA swaps spectra of the 0..255 images before that, as the original does."""
+    forward (its `normalize` module), so the choice reaches every place an image enters it: training,
+    evaluation, pseudo-labels, the IntraDA ranking; FDA swaps spectra of the 0..255 images before that, as the
+    original does."""
     if name not in NORMALIZATIONS:
         raise ValueError(f"unknown input normalization {name!r} (valid: {', '.join(NORMALIZATIONS)})")
     if name == "caffe_bgr":
