@@ -167,18 +167,29 @@ def _tree(c: _Canvas, x: float, yf: float, d: float) -> None:
     c.ellipse(c.new(VEGETATION), x, yf - h + r, r, r * 1.05)
 
 
-def _barrier(c: _Canvas, cls: int, x0: float, x1: float, yb: float, h: float) -> None:
-    """A wall (solid) or a fence (posts and rails, see-through) standing on row `yb`."""
+@dataclass(frozen=True)
+class Fence:
+    """A fence's shape: post spacing and post width, each max(pixels, fraction of the height); the rails'
+    heights (fractions of the height from the top) and their thickness, max(pixels, fraction)."""
+
+    step: tuple[float, float] = (2.0, 0.35)
+    post: tuple[float, float] = (1.0, 0.12)
+    rails: tuple[float, float] = (0.1, 0.55)
+    rail: tuple[float, float] = (1.0, 0.12)
+
+
+def _barrier(c: _Canvas, cls: int, x0: float, x1: float, yb: float, h: float, fence: Fence = Fence()) -> None:
+    """A wall (solid, a coping) or a fence (posts and rails, see-through) standing on row `yb`."""
     i = c.new(cls)
     if cls == WALL:
         c.rect(i, x0, yb - h, x1, yb)
         c.rect(c.new(WALL, shade=0.75), x0, yb - h, x1, yb - 0.85 * h)
         return
-    step, pw = max(2.0, 0.35 * h), max(1.0, 0.12 * h)
+    step, pw = max(fence.step[0], fence.step[1] * h), max(fence.post[0], fence.post[1] * h)
     for px in np.arange(x0, x1, step):
         c.rect(i, px, yb - h, px + pw, yb)
-    for ry in (0.1, 0.55):
-        c.rect(i, x0, yb - h + ry * h, x1, yb - h + ry * h + max(1.0, 0.12 * h))
+    for ry in fence.rails:
+        c.rect(i, x0, yb - h + ry * h, x1, yb - h + ry * h + max(fence.rail[0], fence.rail[1] * h))
 
 
 @dataclass

@@ -28,7 +28,9 @@ from uda_ray.data.scenes import (
     TRUCK,
     WALL,
     Draw,
+    Fence,
     Skyline,
+    _barrier,
     _Canvas,
     _person,
     _road,
@@ -100,18 +102,8 @@ def _two_wheeler(c: _Canvas, cls: int, x: float, yf: float, d: float, ridden: bo
         _person(c, RIDER, x, yf - 1.7 * r, 0.9 * d, seated=True)
 
 
-def _barrier(c: _Canvas, cls: int, x0: float, x1: float, yb: float, h: float) -> None:
-    """A wall (solid, a coping) or a fence (posts and two rails, each >= 6 px, see-through)."""
-    i = c.new(cls)
-    if cls == WALL:
-        c.rect(i, x0, yb - h, x1, yb)
-        c.rect(c.new(WALL, shade=0.75), x0, yb - h, x1, yb - 0.85 * h)
-        return
-    step, pw = max(16.0, 0.6 * h), max(6.0, 0.22 * h)
-    for px in np.arange(x0, x1, step):
-        c.rect(i, px, yb - h, px + pw, yb)
-    for ry in (0.05, 0.5):
-        c.rect(i, x0, yb - h + ry * h, x1, yb - h + ry * h + max(6.0, 0.2 * h))
+# v2's fences: posts and rails each >= 6 px, so the 128x64 input resolves them
+FENCE_V2 = Fence(step=(16.0, 0.6), post=(6.0, 0.22), rails=(0.05, 0.5), rail=(6.0, 0.2))
 
 
 # v2's background band: wider blocks, bigger windows and trees than v1's (no thin barriers in front)
@@ -144,7 +136,7 @@ def _objects(c: _Canvas, rng: np.random.Generator, lay: Layout) -> list[tuple[fl
     for cls in (WALL, FENCE):
         if rng.random() < lay.p_barrier:
             placed.append((near(0.7), lambda x, y, d, cls=cls: _barrier(
-                c, cls, x - 2.0 * d, x + 2.0 * d, y, max(24.0, 1.2 * d)), False))
+                c, cls, x - 2.0 * d, x + 2.0 * d, y, max(24.0, 1.2 * d), FENCE_V2), False))
     if rng.random() < 0.25:  # unlabeled clutter (bins, boxes)
         col = tuple(rng.uniform(60, 200, 3))
         placed.append((near(0.8), lambda x, y, d: c.rect(
