@@ -90,3 +90,19 @@ def plain_step(model: Any, opt: Any, x: Any, y: Any, aux: tuple[float, ...]) -> 
     opt.zero_grad(set_to_none=True)
     seg_loss(model(x), y, aux).backward()
     opt.step()
+
+
+def eval_setup(experiment: str, overrides: list[str]) -> tuple[Any, dict, Any]:
+    """An experiment's config with its data prepared, its evaluation loaders (test, src_val, holdout, ...) and
+    its splits: what the evaluation benchmarks time, without the training sets."""
+    from uda_ray.build import load_experiment
+    from uda_ray.config_loader import parse_set
+    from uda_ray.data.loading import build_datasets, prepare, splits_of
+    from uda_ray.training.evaluate import eval_loaders
+
+    cfg = load_experiment(experiment, parse_set(overrides))
+    data = prepare(cfg.data)
+    cfg = type(cfg)(**{**cfg.__dict__, "data": data})
+    sp = splits_of(data)
+    ds = build_datasets(data, source=False, target=False, target_labels=False, splits=sp)
+    return cfg, eval_loaders(ds, cfg, 0, 1), sp

@@ -20,13 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from _common import best_of, parse, parser
+from _common import best_of, eval_setup, parse, parser
 
-from uda_ray.build import build_model, load_experiment
-from uda_ray.config_loader import parse_set
-from uda_ray.data.loading import build_datasets, prepare, splits_of
+from uda_ray.build import build_model
 from uda_ray.selection.ensv import member_probs
-from uda_ray.training.evaluate import eval_loaders, evaluate, evaluate_source, evaluate_unlabeled
+from uda_ray.training.evaluate import evaluate, evaluate_source, evaluate_unlabeled
 
 ROOT = Path(__file__).resolve().parents[1]
 ENSV = "EnsV, one pool member's held-out pass"
@@ -39,12 +37,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--set", action="append", default=[])
     args = parse(ap)
-    cfg = load_experiment(args.experiment, parse_set(args.set))
-    data = prepare(cfg.data)
-    cfg = type(cfg)(**{**cfg.__dict__, "data": data})
-    sp = splits_of(data)
-    ds = build_datasets(data, source=False, target=False, target_labels=False, splits=sp)
-    loaders = eval_loaders(ds, cfg, 0, 1)
+    cfg, loaders, sp = eval_setup(args.experiment, args.set)
     torch.manual_seed(0)
     dev = torch.device(args.device)
     model = build_model(cfg.model).to(dev).eval()
