@@ -65,6 +65,32 @@ def test_version_setting_keeps_v1_folder_and_gives_v2_its_own() -> None:
         SynthConfig(version=3)
 
 
+def test_colour_shift_moves_only_the_target_colours_and_keeps_the_default_folder(tmp_path: Path) -> None:
+    full = _files(synthetic.generate(tmp_path / "full", **TINY, version=2))
+    assert _files(synthetic.generate(tmp_path / "one", **TINY, version=2, colour_shift=1.0)) == full
+    half_dir = synthetic.generate(tmp_path / "half", **TINY, version=2, colour_shift=0.5)
+    half = _files(half_dir)
+    assert json.loads((half_dir / "MANIFEST.json").read_text())["params"]["colour_shift"] == 0.5
+    assert "colour_shift" not in json.loads((tmp_path / "full/MANIFEST.json").read_text())["params"]
+    for name in full:  # the game, every label and the layouts are the same; only the target images change
+        same = "/leftImg8bit/" not in name and name != "MANIFEST.json"
+        assert (full[name] == half[name]) == same, name
+    # the palette itself: 0 keeps each class's game colour, 0.5 is half way (car mode 1: silver from navy)
+    from uda_ray.data.looks_v2 import SOURCE_COLORS, TARGET_COLORS, target_colors
+    assert target_colors(1.0) is TARGET_COLORS
+    assert target_colors(0.0)[5] == [tuple(float(v) for v in SOURCE_COLORS[5][0])]
+    car = target_colors(0.5)[13]
+    assert [round(float(v), 1) for v in car[0]] == [102.0, 127.0, 227.5]  # (0,50,245) -> (204,204,210)
+    with pytest.raises(DatasetError, match="colour_shift"):
+        synthetic.generate(tmp_path / "v1", **TINY, colour_shift=0.5)  # version 1 has no such setting
+    key = synthetic_dir(DataConfig(synthetic=SynthConfig(version=2)), Path("/d"))
+    assert synthetic_dir(DataConfig(synthetic=SynthConfig(version=2, colour_shift=1.0)), Path("/d")) == key
+    assert synthetic_dir(DataConfig(synthetic=SynthConfig(version=2, colour_shift=0.5)), Path("/d")) != key
+    for bad in ({"version": 2, "colour_shift": 1.5}, {"colour_shift": 0.5}):
+        with pytest.raises(ConfigError, match="colour_shift"):
+            SynthConfig(**bad)
+
+
 def test_v2_layouts_load_with_the_datasets(tmp_path: Path) -> None:
     out = synthetic.generate(tmp_path / "s", n_source=3, n_target=4, n_val=2, size=(96, 48), synthia=True,
                              version=2)

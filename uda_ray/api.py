@@ -239,9 +239,9 @@ def convert_weights(src: str | os.PathLike, dst: str | os.PathLike, *, num_class
 
 def synthetic_data(out: str | os.PathLike, *, n_source: int = 200, n_target: int = 200, n_val: int = 50,
                    size_hw: tuple[int, int] = (128, 256), seed: int = 0, synthia: bool = False,
-                   version: int = 1) -> Path:
+                   version: int = 1, colour_shift: float = 1.0) -> Path:
     """Write the synthetic domain-shift benchmark (GTA5 and Cityscapes layouts, optionally SYNTHIA's; `version`
-    1 or 2, docs/benchmark.md) under `out`; returns its folder."""
+    1 or 2, and for 2 its `colour_shift` in [0, 1], docs/benchmark.md) under `out`; returns its folder."""
     from uda_ray.data.synthetic import generate
 
     for k, v in (("n_source", n_source), ("n_target", n_target), ("n_val", n_val)):
@@ -249,9 +249,11 @@ def synthetic_data(out: str | os.PathLike, *, n_source: int = 200, n_target: int
             raise UserError(f"--{k.replace('_', '-')} must be >= 1")
     if version not in (1, 2):
         raise UserError(f"--benchmark-version must be 1 or 2, got {version}")
+    if not 0.0 <= colour_shift <= 1.0 or (version == 1 and colour_shift != 1.0):
+        raise UserError(f"--colour-shift must be in [0, 1] and needs --benchmark-version 2, got {colour_shift}")
     h, w = _check_size(size_hw)
     return generate(Path(out), n_source=n_source, n_target=n_target, n_val=n_val, size=(w, h), seed=seed,
-                    synthia=synthia, version=version)
+                    synthia=synthia, version=version, colour_shift=colour_shift)
 
 
 def profile_model(model: str, *, size_hw: tuple[int, int] = (512, 1024), device: str = "cpu",

@@ -138,7 +138,8 @@ def _key_value(text: str, flag: str) -> tuple[str, str]:
 def cmd_data_synth(a: argparse.Namespace) -> None:
     t0 = time.time()
     out = api.synthetic_data(a.out, n_source=a.n_source, n_target=a.n_target, n_val=a.n_val, size_hw=_hw(a.size),
-                             seed=a.seed, synthia=a.synthia, version=a.benchmark_version)
+                             seed=a.seed, synthia=a.synthia, version=a.benchmark_version,
+                             colour_shift=a.colour_shift)
     print(f"wrote {out} in {time.time() - t0:.1f}s")
 
 
@@ -262,6 +263,8 @@ def _tool_commands(sub: Any) -> None:
     ds.add_argument("--synthia", action="store_true", help="also write a SYNTHIA-layout source")
     ds.add_argument("--benchmark-version", type=int, choices=[1, 2], default=1,
                     help="1: the original shift; 2: appearance, layout, lighting and sensor shift (docs/benchmark.md)")
+    ds.add_argument("--colour-shift", type=float, default=1.0,
+                    help="version 2: how far the target's class colours move from the game's, 0-1 (default 1)")
     ds.set_defaults(fn=cmd_data_synth)
     sp = _command(sub, "convert-weights", cmd_convert_weights, "convert an AdaptSegNet / ADVENT / CPSL DeepLab-v2 "
                   "checkpoint to this project's keys (layout detected from its keys)", storage=False)

@@ -37,11 +37,15 @@ class SynthConfig:
     # 1: the original benchmark (palette and texture shift); 2: class-conditional appearance, layout, lighting
     # and sensor shift (docs/benchmark.md). The default stays 1 until v2's criteria are measured.
     version: int = 1
+    # version 2 only: how far the target's class colours move from the game's, in [0, 1] (docs/benchmark.md)
+    colour_shift: float = 1.0
 
     def __post_init__(self) -> None:
         _check(min(self.n_source, self.n_target, self.n_val) >= 1, "data.synthetic: image counts must be >= 1")
         _check(min(self.size) >= 16, "data.synthetic.size: both sides must be >= 16")
         _check(self.version in (1, 2), f"data.synthetic.version must be 1 or 2, got {self.version!r}")
+        _check(0.0 <= self.colour_shift <= 1.0, f"data.synthetic.colour_shift must be in [0, 1], got {self.colour_shift}")
+        _check(self.version == 2 or self.colour_shift == 1.0, "data.synthetic.colour_shift needs version: 2")
 
 
 PSEUDO_THRESHOLDS = ("class_percentile", "image_median")  # data.pseudo_threshold

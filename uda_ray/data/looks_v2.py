@@ -36,6 +36,20 @@ TARGET_GRAIN = [(0.08, 2), (0.10, 4), (0.12, 4), (0.10, 2), (0.05, 2), (0.05, 2)
                 (0.06, 8), (0.08, 2), (0.08, 2), (0.0, 2)]
 
 
+def target_colors(shift: float = 1.0) -> list[list[tuple[float, float, float]]]:
+    """The target palette at `shift` in [0, 1] (`data.synthetic.colour_shift`): each target colour moved that far
+    from its class's game colour (mode i from game mode i mod the game's count) toward TARGET_COLORS. 1 (the
+    default) is TARGET_COLORS itself; 0 keeps the game's colours, leaving texture, lighting, tone and sensor."""
+    if shift == 1.0:
+        return TARGET_COLORS
+    out = []
+    for src, tgt in zip(SOURCE_COLORS, TARGET_COLORS):
+        game = [np.array(s, C) for s in src]
+        out.append([tuple(game[i % len(game)] + shift * (np.array(col, C) - game[i % len(game)]))
+                    for i, col in enumerate(tgt)])
+    return out
+
+
 def _instance_colors(c: _Canvas, colors: list[list[tuple[int, int, int]]], jitter: float) -> np.ndarray:
     """(N, 3) colour per instance: one of its class's colours, times its shade, plus its jitter."""
     out = np.zeros((len(c.cls), 3), C)
@@ -140,13 +154,13 @@ def _tone(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return 255 * ((1 - s) * x + s * x * x * (3 - 2 * x))
 
 
-def render_target(c: _Canvas, hy: float) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W, 3) uint8 camera image and (H, W) uint8 train-id label."""
+def render_target(c: _Canvas, hy: float, colour_shift: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) uint8 camera image and (H, W) uint8 train-id label; `colour_shift`: see target_colors."""
     rng = c.rng
     cls = np.array(c.cls, np.int64)
     lbl = np.where(cls == IGNORE, IGNORE, cls).astype(np.uint8)[c.inst]
     h, w = lbl.shape
-    img = _instance_colors(c, TARGET_COLORS, 0.8)[c.inst]  # (H, W, 3)
+    img = _instance_colors(c, target_colors(colour_shift), 0.8)[c.inst]  # (H, W, 3)
     ids = np.minimum(lbl, 19)
     amp = np.array([a for a, _ in TARGET_GRAIN], C)[ids]
     grain = np.zeros((h, w), C)
