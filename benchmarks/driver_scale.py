@@ -1,10 +1,11 @@
 """The sweep driver at scale: N replay trials through the real driver path, its cost per trial as N grows.
 
     python benchmarks/driver_scale.py [--sizes 1000 10000] [--evals 4] [--concurrent 8] [--slice 1000]
-                                      [--keep DIR] [--profile FILE] [--no-report]
+                                      [--keep DIR] [--profile FILE] [--no-report] [--tracemalloc]
     python benchmarks/driver_scale.py --part callback [--sizes 1000 10000]   # uda_ray's own driver work alone
     python benchmarks/driver_scale.py --part optuna [--sizes 1000 10000]     # TPE + journal at N trials
     python benchmarks/driver_scale.py --part queries --source SWEEP_DIR [--sizes 10000]  # best, report at N
+    python benchmarks/driver_scale.py --part tune-state --source SWEEP_DIR   # Tune's memory per finished trial
 
 Each size is one sweep (`uda_ray.sweep`, in this process, on a local Ray cluster) whose trials train nothing:
 `train.launcher: replay` with seeded synthetic curves (uda_ray.training.replay), `--evals` evaluations each, ASHA
@@ -25,6 +26,8 @@ Then, on the finished sweep: `uda-ray best` and `uda-ray report` as commands (fr
 included) and in this process, and `resume` of the finished sweep (a new local cluster, Tune's state, the
 searcher, the scheduler's rungs and the tables restored; nothing left to run).
 `--profile FILE`: cProfile of the driver during the first size (pstats file; `python -m pstats FILE`).
+`--tracemalloc`: also the driver's Python heap per slice (tracemalloc; slower), and at the end its growth since
+the first trial started by package (ray, optuna, uda_ray, ...): what of the RSS growth is Python objects, and whose.
 
 The two other parts measure pieces without Ray, so that they reach 10,000 trials in minutes on a shared machine:
 `--part callback` drives uda_ray's real results callback (ResultsCallback: the tables, the live line, the
@@ -32,6 +35,9 @@ heartbeat poll, the flush before Tune's snapshots) with N trials of `--evals` sy
 would call it, and prints the same per-slice lines (CPU s per trial, RSS, ms per result). `--part optuna` is
 Optuna's own cost: a study journaled as a sweep's (JournalStorage, JournalFileBackend) filled with N finished
 trials, then the time of one TPE ask + tell at that size, and of loading the journal (what a resume does).
+`--part tune-state` restores the trials of a finished sweep's Tune experiment state (as a resume does) and
+measures, with tracemalloc, the bytes each holds on the driver: the Trial objects, the JSON a snapshot caches on
+each, and how much of it is `metric_n_steps`, `metric_analysis` and `last_result`.
 `--part queries` copies a finished sweep (`--source`, e.g. one of this script's) with its tables replicated to N
 trials (trial ids suffixed, segments of the usual size) and times `uda-ray best` and `uda-ray report` on it.
 """
@@ -80,8 +86,8 @@ def rss_mb() -> float:
 class Probe:
     """Wall-clock of wrapped driver methods by group, and a line per `slice` finished trials."""
 
-    def __init__(self, slice_n: int) -> None:
-        self.slice_n = slice_n
+    def __init__(self, slice_n: int, trace: bool = False) -> None:
+        self.slice_n, self.trace = slice_n, trace
         self.acc: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.finished = 0
@@ -89,10 +95,14 @@ class Probe:
         self.first: dict | None = None
         self.slices: list[dict] = []
         self.undo: list = []
+        self.heap0 = None  # tracemalloc snapshot at the first trial start (--tracemalloc)
 
     def snapshot(self) -> dict:
+        import tracemalloc
+
         return {"t": time.time(), "cpu": time.process_time(), "rss": rss_mb(), "n": self.finished,
-                "acc": dict(self.acc), "calls": dict(self.calls)}
+                "acc": dict(self.acc), "calls": dict(self.calls),
+                "heap": tracemalloc.get_traced_memory()[0] / 2**20 if tracemalloc.is_tracing() else None}
 
     def wrap(self, cls: type, name: str, group: str) -> None:
         orig = cls.__dict__[name]
@@ -108,6 +118,11 @@ class Probe:
                 if name in ("on_trial_complete", "on_trial_error") and group == "uda_ray callback":
                     self.trial_ended()
                 elif self.first is None and name == "on_trial_start":
+                    if self.trace:  # from the first trial on (started before, it slowed Ray's start past its timeout)
+                        import tracemalloc
+
+                        tracemalloc.start()
+                        self.heap0 = heap_snapshot()
                     self.first = self.mark = self.snapshot()
 
         setattr(cls, name, timed)
@@ -133,10 +148,29 @@ class Probe:
         rec = (now["acc"].get("record 1 result", 0) - m["acc"].get("record 1 result", 0)) * 1e3 / max(results, 1)
         row = {"trials": f"{m['n']}-{now['n']}", "trials_per_s": n / (now["t"] - m["t"]),
                "cpu_s_per_trial": (now["cpu"] - m["cpu"]) / n, "rss_mb": now["rss"], "record_result_ms": rec,
+               **({"python_heap_mb": now["heap"]} if now["heap"] is not None else {}),
                **{f"{g} ms/trial": v for g, v in d.items() if g != "record 1 result"}}
         self.slices.append(row)
         print("  slice " + json.dumps(row, default=lambda v: round(v, 3)), flush=True)
         self.mark = now
+
+
+def heap_snapshot():
+    import tracemalloc
+
+    return tracemalloc.take_snapshot() if tracemalloc.is_tracing() else None
+
+
+def heap_growth(before, after, top: int = 8) -> dict[str, float]:
+    """MB of Python heap grown between two tracemalloc snapshots, by package (site-packages' top folder, else
+    the file's folder), largest first."""
+    by: dict[str, float] = defaultdict(float)
+    for st in after.compare_to(before, "filename"):
+        f = st.traceback[0].filename
+        key = f.split("site-packages/", 1)[1].split("/", 1)[0] if "site-packages/" in f else \
+            "uda_ray" if "/uda_ray/" in f else Path(f).parent.name or f
+        by[key] += st.size_diff / 2**20
+    return dict(sorted(by.items(), key=lambda kv: -kv[1])[:top])
 
 
 def install(probe: Probe) -> None:
@@ -192,7 +226,7 @@ def run_size(n: int, a: argparse.Namespace, tmp: Path, profile: str | None) -> d
 
     storage, name = tmp / "runs", f"scale{n}"
     space = write_space(tmp, n, a.evals, a.concurrent)
-    probe = Probe(a.slice)
+    probe = Probe(a.slice, a.tracemalloc)
     install(probe)
     install_result_timer(probe)
     print(f"== {n} trials ({a.evals} evaluations each, {a.concurrent} at a time), storage {storage}", flush=True)
@@ -213,6 +247,13 @@ def run_size(n: int, a: argparse.Namespace, tmp: Path, profile: str | None) -> d
     wall, cpu = time.time() - t0, time.process_time() - cpu0
     if probe.finished % a.slice:
         probe.close_slice()
+    heap1 = heap_snapshot()
+    if heap1 is not None and probe.heap0 is not None:
+        print("  python heap growth MB by package " + json.dumps(heap_growth(probe.heap0, heap1),
+                                                            default=lambda v: round(v, 2)), flush=True)
+        import tracemalloc
+
+        tracemalloc.stop()
     first, last = probe.first or {}, probe.snapshot()
     span = last["t"] - first.get("t", t0)
     out = {"trials": n, "finished": probe.finished, "wall_s": wall, "trials_per_s": probe.finished / span,
@@ -321,6 +362,42 @@ def optuna_part(n: int, a: argparse.Namespace, tmp: Path) -> None:
                                     "fill_s": fill}, default=lambda v: round(v, 3)), flush=True)
 
 
+def tune_state_part(n: int, a: argparse.Namespace, tmp: Path) -> None:
+    """Bytes per finished trial of Ray Tune's state on the driver, from a sweep's experiment snapshot."""
+    import gc
+    import tracemalloc
+
+    from ray.tune.experiment import Trial
+
+    data = json.loads(max(Path(a.source, "tune").glob("experiment_state-*.json")).read_text())["trial_data"]
+
+    def heap() -> int:
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0]
+
+    tracemalloc.start()
+    m0, trials = heap(), []
+    for state, meta in data:
+        t = Trial.from_json_state(state, stub=True)
+        t.restore_run_metadata(meta)
+        trials.append(t)
+    m1 = heap()
+    for t in trials:
+        t.get_json_state()  # what a snapshot caches on each trial
+    m2, out = heap(), {"trials": len(trials), "numeric_keys_tracked": len(trials[-1].metric_analysis),
+                       "snapshot_json_kb": sum(len(s) + len(m) for s, m in data) / len(data) / 1e3}
+    for name in ("metric_n_steps", "metric_analysis", "last_result"):  # each freed with the JSON it invalidates
+        before = heap()
+        for t in trials:
+            setattr(t.run_metadata, name, {})
+            t.run_metadata.get_json_state()
+        out[f"{name}_kb"] = (before - heap()) / len(trials) / 1e3
+    tracemalloc.stop()
+    print("  tune-state " + json.dumps({**out, "trial_objects_kb": (m1 - m0) / len(trials) / 1e3,
+                                        "cached_json_kb": (m2 - m1) / len(trials) / 1e3},
+                                       default=lambda v: round(v, 2)), flush=True)
+
+
 def queries_part(n: int, a: argparse.Namespace, tmp: Path) -> None:
     """`best` and `report` on a copy of a finished sweep whose tables are replicated to N trials."""
     import shutil
@@ -371,9 +448,12 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
     ap.add_argument("--profile", help="cProfile the driver during the first size into this pstats file")
     ap.add_argument("--no-report", action="store_true", help="skip timing `uda-ray report`")
-    ap.add_argument("--part", choices=["sweep", "callback", "optuna", "queries"], default="sweep",
+    ap.add_argument("--tracemalloc", action="store_true", help="the driver's Python heap per slice, and its growth "
+                    "by package (slower)")
+    ap.add_argument("--part", choices=["sweep", "callback", "optuna", "queries", "tune-state"], default="sweep",
                     help="sweep: the whole driver on Ray (default); callback / optuna / queries: one part, no Ray")
-    ap.add_argument("--source", help="--part queries: a finished sweep folder whose tables are replicated")
+    ap.add_argument("--source", help="--part queries: a finished sweep folder whose tables are replicated; "
+                    "--part tune-state: a finished sweep folder")
     ap.add_argument("--repeats", type=int, default=20, help="--part optuna: TPE asks timed per size")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -381,8 +461,9 @@ def main() -> None:
         tmp = a.keep or Path(t)
         tmp.mkdir(parents=True, exist_ok=True)
         if a.part != "sweep":
-            part = {"callback": callback_part, "optuna": optuna_part, "queries": queries_part}[a.part]
-            for n in a.sizes:
+            part = {"callback": callback_part, "optuna": optuna_part, "queries": queries_part,
+                    "tune-state": tune_state_part}[a.part]
+            for n in a.sizes if a.part != "tune-state" else [0]:  # tune-state: the source's size
                 part(n, a, tmp)
             return
         results = [run_size(n, a, tmp, a.profile if i == 0 else None) for i, n in enumerate(a.sizes)]
