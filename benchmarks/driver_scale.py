@@ -1,7 +1,7 @@
 """The sweep driver at scale: N replay trials through the real driver path, its cost per trial as N grows.
 
     python benchmarks/driver_scale.py [--sizes 1000 10000] [--evals 4] [--concurrent 8] [--slice 1000]
-                                      [--keep DIR] [--profile FILE] [--no-report] [--tracemalloc]
+                                      [--keep DIR] [--profile FILE] [--no-report]
     python benchmarks/driver_scale.py --part callback [--sizes 1000 10000]   # uda_ray's own driver work alone
     python benchmarks/driver_scale.py --part optuna [--sizes 1000 10000]     # TPE + journal at N trials
     python benchmarks/driver_scale.py --part queries --source SWEEP_DIR [--sizes 10000]  # best, report at N
@@ -26,8 +26,6 @@ Then, on the finished sweep: `uda-ray best` and `uda-ray report` as commands (fr
 included) and in this process, and `resume` of the finished sweep (a new local cluster, Tune's state, the
 searcher, the scheduler's rungs and the tables restored; nothing left to run).
 `--profile FILE`: cProfile of the driver during the first size (pstats file; `python -m pstats FILE`).
-`--tracemalloc`: also the driver's Python heap per slice (tracemalloc; slower), and at the end its growth since
-the first trial started by package (ray, optuna, uda_ray, ...): what of the RSS growth is Python objects, and whose.
 
 The two other parts measure pieces without Ray, so that they reach 10,000 trials in minutes on a shared machine:
 `--part callback` drives uda_ray's real results callback (ResultsCallback: the tables, the live line, the
@@ -86,8 +84,8 @@ def rss_mb() -> float:
 class Probe:
     """Wall-clock of wrapped driver methods by group, and a line per `slice` finished trials."""
 
-    def __init__(self, slice_n: int, trace: bool = False) -> None:
-        self.slice_n, self.trace = slice_n, trace
+    def __init__(self, slice_n: int) -> None:
+        self.slice_n = slice_n
         self.acc: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.finished = 0
@@ -95,14 +93,10 @@ class Probe:
         self.first: dict | None = None
         self.slices: list[dict] = []
         self.undo: list = []
-        self.heap0 = None  # tracemalloc snapshot at the first trial start (--tracemalloc)
 
     def snapshot(self) -> dict:
-        import tracemalloc
-
         return {"t": time.time(), "cpu": time.process_time(), "rss": rss_mb(), "n": self.finished,
-                "acc": dict(self.acc), "calls": dict(self.calls),
-                "heap": tracemalloc.get_traced_memory()[0] / 2**20 if tracemalloc.is_tracing() else None}
+                "acc": dict(self.acc), "calls": dict(self.calls)}
 
     def wrap(self, cls: type, name: str, group: str) -> None:
         orig = cls.__dict__[name]
@@ -118,11 +112,6 @@ class Probe:
                 if name in ("on_trial_complete", "on_trial_error") and group == "uda_ray callback":
                     self.trial_ended()
                 elif self.first is None and name == "on_trial_start":
-                    if self.trace:  # from the first trial on (started before, it slowed Ray's start past its timeout)
-                        import tracemalloc
-
-                        tracemalloc.start()
-                        self.heap0 = heap_snapshot()
                     self.first = self.mark = self.snapshot()
 
         setattr(cls, name, timed)
@@ -148,29 +137,10 @@ class Probe:
         rec = (now["acc"].get("record 1 result", 0) - m["acc"].get("record 1 result", 0)) * 1e3 / max(results, 1)
         row = {"trials": f"{m['n']}-{now['n']}", "trials_per_s": n / (now["t"] - m["t"]),
                "cpu_s_per_trial": (now["cpu"] - m["cpu"]) / n, "rss_mb": now["rss"], "record_result_ms": rec,
-               **({"python_heap_mb": now["heap"]} if now["heap"] is not None else {}),
                **{f"{g} ms/trial": v for g, v in d.items() if g != "record 1 result"}}
         self.slices.append(row)
         print("  slice " + json.dumps(row, default=lambda v: round(v, 3)), flush=True)
         self.mark = now
-
-
-def heap_snapshot():
-    import tracemalloc
-
-    return tracemalloc.take_snapshot() if tracemalloc.is_tracing() else None
-
-
-def heap_growth(before, after, top: int = 8) -> dict[str, float]:
-    """MB of Python heap grown between two tracemalloc snapshots, by package (site-packages' top folder, else
-    the file's folder), largest first."""
-    by: dict[str, float] = defaultdict(float)
-    for st in after.compare_to(before, "filename"):
-        f = st.traceback[0].filename
-        key = f.split("site-packages/", 1)[1].split("/", 1)[0] if "site-packages/" in f else \
-            "uda_ray" if "/uda_ray/" in f else Path(f).parent.name or f
-        by[key] += st.size_diff / 2**20
-    return dict(sorted(by.items(), key=lambda kv: -kv[1])[:top])
 
 
 def install(probe: Probe) -> None:
@@ -226,7 +196,7 @@ def run_size(n: int, a: argparse.Namespace, tmp: Path, profile: str | None) -> d
 
     storage, name = tmp / "runs", f"scale{n}"
     space = write_space(tmp, n, a.evals, a.concurrent)
-    probe = Probe(a.slice, a.tracemalloc)
+    probe = Probe(a.slice)
     install(probe)
     install_result_timer(probe)
     print(f"== {n} trials ({a.evals} evaluations each, {a.concurrent} at a time), storage {storage}", flush=True)
@@ -247,13 +217,6 @@ def run_size(n: int, a: argparse.Namespace, tmp: Path, profile: str | None) -> d
     wall, cpu = time.time() - t0, time.process_time() - cpu0
     if probe.finished % a.slice:
         probe.close_slice()
-    heap1 = heap_snapshot()
-    if heap1 is not None and probe.heap0 is not None:
-        print("  python heap growth MB by package " + json.dumps(heap_growth(probe.heap0, heap1),
-                                                            default=lambda v: round(v, 2)), flush=True)
-        import tracemalloc
-
-        tracemalloc.stop()
     first, last = probe.first or {}, probe.snapshot()
     span = last["t"] - first.get("t", t0)
     out = {"trials": n, "finished": probe.finished, "wall_s": wall, "trials_per_s": probe.finished / span,
@@ -448,8 +411,6 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
     ap.add_argument("--profile", help="cProfile the driver during the first size into this pstats file")
     ap.add_argument("--no-report", action="store_true", help="skip timing `uda-ray report`")
-    ap.add_argument("--tracemalloc", action="store_true", help="the driver's Python heap per slice, and its growth "
-                    "by package (slower)")
     ap.add_argument("--part", choices=["sweep", "callback", "optuna", "queries", "tune-state"], default="sweep",
                     help="sweep: the whole driver on Ray (default); callback / optuna / queries: one part, no Ray")
     ap.add_argument("--source", help="--part queries: a finished sweep folder whose tables are replicated; "
