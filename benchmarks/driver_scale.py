@@ -5,6 +5,7 @@
     python benchmarks/driver_scale.py --part callback [--sizes 1000 10000]   # uda_ray's own driver work alone
     python benchmarks/driver_scale.py --part optuna [--sizes 1000 10000]     # TPE + journal at N trials
     python benchmarks/driver_scale.py --part queries --source SWEEP_DIR [--sizes 10000]  # best, report at N
+    python benchmarks/driver_scale.py --part tune-state --source SWEEP_DIR   # Tune's memory per finished trial
 
 Each size is one sweep (`uda_ray.sweep`, in this process, on a local Ray cluster) whose trials train nothing:
 `train.launcher: replay` with seeded synthetic curves (uda_ray.training.replay), `--evals` evaluations each, ASHA
@@ -32,6 +33,9 @@ heartbeat poll, the flush before Tune's snapshots) with N trials of `--evals` sy
 would call it, and prints the same per-slice lines (CPU s per trial, RSS, ms per result). `--part optuna` is
 Optuna's own cost: a study journaled as a sweep's (JournalStorage, JournalFileBackend) filled with N finished
 trials, then the time of one TPE ask + tell at that size, and of loading the journal (what a resume does).
+`--part tune-state` restores the trials of a finished sweep's Tune experiment state (as a resume does) and
+measures, with tracemalloc, the bytes each holds on the driver: the Trial objects, the JSON a snapshot caches on
+each, and how much of it is `metric_n_steps`, `metric_analysis` and `last_result`.
 `--part queries` copies a finished sweep (`--source`, e.g. one of this script's) with its tables replicated to N
 trials (trial ids suffixed, segments of the usual size) and times `uda-ray best` and `uda-ray report` on it.
 """
@@ -321,6 +325,42 @@ def optuna_part(n: int, a: argparse.Namespace, tmp: Path) -> None:
                                     "fill_s": fill}, default=lambda v: round(v, 3)), flush=True)
 
 
+def tune_state_part(n: int, a: argparse.Namespace, tmp: Path) -> None:
+    """Bytes per finished trial of Ray Tune's state on the driver, from a sweep's experiment snapshot."""
+    import gc
+    import tracemalloc
+
+    from ray.tune.experiment import Trial
+
+    data = json.loads(max(Path(a.source, "tune").glob("experiment_state-*.json")).read_text())["trial_data"]
+
+    def heap() -> int:
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0]
+
+    tracemalloc.start()
+    m0, trials = heap(), []
+    for state, meta in data:
+        t = Trial.from_json_state(state, stub=True)
+        t.restore_run_metadata(meta)
+        trials.append(t)
+    m1 = heap()
+    for t in trials:
+        t.get_json_state()  # what a snapshot caches on each trial
+    m2, out = heap(), {"trials": len(trials), "numeric_keys_tracked": len(trials[-1].metric_analysis),
+                       "snapshot_json_kb": sum(len(s) + len(m) for s, m in data) / len(data) / 1e3}
+    for name in ("metric_n_steps", "metric_analysis", "last_result"):  # each freed with the JSON it invalidates
+        before = heap()
+        for t in trials:
+            setattr(t.run_metadata, name, {})
+            t.run_metadata.get_json_state()
+        out[f"{name}_kb"] = (before - heap()) / len(trials) / 1e3
+    tracemalloc.stop()
+    print("  tune-state " + json.dumps({**out, "trial_objects_kb": (m1 - m0) / len(trials) / 1e3,
+                                        "cached_json_kb": (m2 - m1) / len(trials) / 1e3},
+                                       default=lambda v: round(v, 2)), flush=True)
+
+
 def queries_part(n: int, a: argparse.Namespace, tmp: Path) -> None:
     """`best` and `report` on a copy of a finished sweep whose tables are replicated to N trials."""
     import shutil
@@ -371,9 +411,10 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
     ap.add_argument("--profile", help="cProfile the driver during the first size into this pstats file")
     ap.add_argument("--no-report", action="store_true", help="skip timing `uda-ray report`")
-    ap.add_argument("--part", choices=["sweep", "callback", "optuna", "queries"], default="sweep",
+    ap.add_argument("--part", choices=["sweep", "callback", "optuna", "queries", "tune-state"], default="sweep",
                     help="sweep: the whole driver on Ray (default); callback / optuna / queries: one part, no Ray")
-    ap.add_argument("--source", help="--part queries: a finished sweep folder whose tables are replicated")
+    ap.add_argument("--source", help="--part queries: a finished sweep folder whose tables are replicated; "
+                    "--part tune-state: a finished sweep folder")
     ap.add_argument("--repeats", type=int, default=20, help="--part optuna: TPE asks timed per size")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -381,8 +422,9 @@ def main() -> None:
         tmp = a.keep or Path(t)
         tmp.mkdir(parents=True, exist_ok=True)
         if a.part != "sweep":
-            part = {"callback": callback_part, "optuna": optuna_part, "queries": queries_part}[a.part]
-            for n in a.sizes:
+            part = {"callback": callback_part, "optuna": optuna_part, "queries": queries_part,
+                    "tune-state": tune_state_part}[a.part]
+            for n in a.sizes if a.part != "tune-state" else [0]:  # tune-state: the source's size
                 part(n, a, tmp)
             return
         results = [run_size(n, a, tmp, a.profile if i == 0 else None) for i, n in enumerate(a.sizes)]

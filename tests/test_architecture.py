@@ -107,6 +107,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         *(m for m in MODULES if m.startswith(("uda_ray.models", "uda_ray.methods")))}),
     ("registries, input checks, the results tables' rows and files", {
         "uda_ray.build", "uda_ray.checks", "uda_ray.search.space", "uda_ray.results.rows", "uda_ray.results.tables",
+        "uda_ray.results.reading",
         "uda_ray.results.trials_table", "uda_ray.results.tensorboard", "uda_ray.results.mlflow_log"}),
     ("training: the loop, its evaluations, sessions and launchers, and the label-making passes it runs", {
         "uda_ray.training.step", "uda_ray.training.evaluate", "uda_ray.training.sessions", "uda_ray.training.loop",

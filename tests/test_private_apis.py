@@ -205,6 +205,28 @@ def test_tune_trial_storage_has_the_experiment_path(tmp_path):
         "trial.storage.experiment_fs_path is no longer the experiment's folder", "experiment_path_of")
 
 
+def test_tune_trials_keep_metric_statistics_in_run_metadata_and_forgetting_them_shrinks_the_snapshot(tmp_path):
+    (trial,) = _generated_trials(tmp_path, 1)
+    for step in (1, 2):
+        trial.update_last_result({"training_iteration": step, "step": 100 * step, "m": 0.1 * step,
+                                  **{f"test/iou/c{i}": 0.01 * i for i in range(19)}})
+    meta = getattr(trial, "run_metadata", None)
+    assert isinstance(getattr(meta, "metric_analysis", None), dict) and "test/iou/c3" in meta.metric_analysis, \
+        update("Tune trials no longer keep run_metadata.metric_analysis per numeric key", "forget_metric_history")
+    assert isinstance(getattr(meta, "metric_n_steps", None), dict) and "test/iou/c3" in meta.metric_n_steps, \
+        update("Tune trials no longer keep run_metadata.metric_n_steps per numeric key", "forget_metric_history")
+    before = len(trial.get_json_state()[1])  # cached, as after a snapshot
+    private.forget_metric_history(trial, keep=("m", "step"))
+    after = trial.get_json_state()[1]
+    assert len(after) * 4 < before, update("forgetting the statistics does not shrink the trial's snapshot",
+                                           "forget_metric_history")
+    assert set(trial.metric_analysis) == {"m", "step"} and trial.metric_analysis["m"]["max"] == 0.2
+    assert trial.metric_n_steps == {}
+    restored = type(meta).from_json_state(after)  # what a resume reads (Trial.restore_run_metadata)
+    assert restored.metric_analysis == trial.metric_analysis and restored.last_result["m"] == 0.2, update(
+        "a trial whose statistics were forgotten no longer restores from its snapshot", "forget_metric_history")
+
+
 # ------------------------------------------------------------------------------------------------
 # Ray core and Train
 

@@ -214,7 +214,7 @@ def test_read_table_never_sees_a_corrupt_file_while_the_trials_file_is_replaced(
     replacement in between read as a corrupt table. read_table reads through one handle (Linux), or retries."""
     import threading
 
-    from uda_ray.results import tables as results
+    from uda_ray.results import reading as results
 
     if proc_fd and not results.PROC_FD:
         pytest.skip("no /proc/self/fd on this system")

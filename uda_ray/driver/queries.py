@@ -21,7 +21,7 @@ def best(name: str, *, storage: str | os.PathLike | None = None, top: int = 5, m
     disk, and `kept_step` / `kept_checkpoint` name the best step whose checkpoint is (results.best_trials)."""
     from uda_ray.metric_names import REPORTED_PREFIXES, check_metric, is_pool_metric
     from uda_ray.results.queries import best_trials
-    from uda_ray.results.tables import read_table
+    from uda_ray.results.reading import read_table
 
     results = layout.results_dir(layout.find_sweep(layout.root(storage), name))
     if top < 1:
@@ -34,8 +34,9 @@ def best(name: str, *, storage: str | os.PathLike | None = None, top: int = 5, m
             if err := missing_table_error(name, results):
                 raise err
             return best_trials(results, metric=metric, top=top, method=method)
-        evals = read_table(results, "evals")
+        evals = read_table(results, "evals", columns=["trial_id", metric])
         if evals and not any(e.get(metric) is not None for e in evals):
+            evals = read_table(results, "evals")
             known = sorted({k for e in evals for k in e if k.startswith(REPORTED_PREFIXES) and e[k] is not None
                             and not k.startswith("test/iou/")})
             raise UserError(f"no evaluation of this sweep reports '{metric}' (reported: {', '.join(known)})")
@@ -70,14 +71,14 @@ def baseline_gain(name: str, *, storage: str | os.PathLike | None = None, metric
     (default: the objective), test mIoU at each one's selected step (uda_ray.results.queries.gain_over_baseline);
     None for a sweep without a baseline."""
     from uda_ray.metric_names import check_metric
-    from uda_ray.results.queries import gain_over_baseline, ranked_trials
+    from uda_ray.results.queries import gain_over_baseline, winner_and
 
     d = layout.find_sweep(layout.root(storage), name)
     base = (layout.read_meta(d).get("baseline") or {}).get("trial_id")
     if not base:
         return None
-    return gain_over_baseline(ranked_trials(layout.results_dir(d), check_metric(metric, "metric") if metric
-                                            else None), base)
+    return gain_over_baseline(winner_and(layout.results_dir(d), base, check_metric(metric, "metric") if metric
+                                         else None), base)
 
 
 def multi_objective(meta: dict, metric: str | None) -> bool:

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from uda_ray.metric_names import check_metric, is_pool_metric, mode_of
+from uda_ray.results.reading import read_arrow, read_table, rows_of
 from uda_ray.results.stats import finite, non_dominated
-from uda_ray.results.tables import read_table
 
 
 def best_trials(results_dir: Path, metric: str | None = None, mode: str | None = None, top: int = 5,
@@ -22,37 +22,63 @@ def best_trials(results_dir: Path, metric: str | None = None, mode: str | None =
     else None (`rank_checkpoint_kept` False); `kept_step`, `kept_value`, `kept_checkpoint` and
     `kept_test_miou` name the best step by `metric` among those whose checkpoint still exists (the same step
     when it was kept; all None when the trial has no checkpoint left)."""
-    trials = read_table(results_dir, "trials")
-    if method:
-        trials = [t for t in trials if t["method"] == method]
-    if not trials:
-        return []
-    if metric:
-        metric = check_metric(metric, "metric")
-        mode = mode or mode_of(metric)
-    else:
-        metric, mode = trials[0]["objective"], mode or trials[0]["mode"]
-    evals = read_table(results_dir, "evals")
-    if is_pool_metric(metric):  # computed after the sweep (uda_ray.selection.ensv), joined on (trial, step)
-        from uda_ray.selection.ensv import with_pool_metrics
-
-        evals = with_pool_metrics(evals, results_dir)
-    by_trial: dict[str, list[dict]] = {}  # grouped once (scanning every eval per trial took 3 minutes at 10,000)
-    for e in evals:
-        if finite(e.get(metric)):
-            by_trial.setdefault(e["trial_id"], []).append(e)
-    out = []
-    for t in trials:
-        vals = by_trial.get(t["trial_id"])
-        if vals:
-            out.append({**t, **_ranked(vals, metric, mode)})
-    out.sort(key=lambda r: r["rank_value"], reverse=(mode == "max"))
-    return out[:top]
+    r = Ranking(results_dir, metric, mode, method)
+    return r.rows(r.order[:top])
 
 
 def ranked_trials(results_dir: Path, metric: str | None = None, mode: str | None = None) -> list[dict]:
     """Every trial with an evaluation of `metric`, ranked as `best_trials` ranks them (best first)."""
     return best_trials(results_dir, metric=metric, mode=mode, top=2**31)
+
+
+def winner_and(results_dir: Path, trial_id: str, metric: str | None = None) -> list[dict]:
+    """The rows of `ranked_trials` that `gain_over_baseline` reads: the winner, and `trial_id` where it has an
+    evaluation of `metric` (one row when it is the winner), without building every trial's row."""
+    r = Ranking(results_dir, metric)
+    picks = r.order[:1] + [i for i in r.order[1:] if r.trial_ids[i] == trial_id]
+    return r.rows(picks)
+
+
+class Ranking:
+    """The trials of a results folder ordered by their best value of a metric, from only the columns that
+    takes (trial ids, steps, the metric, test mIoU, checkpoints); full rows are built for the trials asked for.
+    `order`: positions in the `trials` table, best first (ties in table order; trials without a finite value
+    of the metric left out)."""
+
+    def __init__(self, results_dir: Path, metric: str | None = None, mode: str | None = None,
+                 method: str | None = None) -> None:
+        self.table = read_arrow(results_dir, "trials")
+        keys = rows_of(self.table.select([c for c in ("schema_version", "trial_id", "method", "objective", "mode")
+                                          if c in self.table.column_names])) if self.table is not None else []
+        self.trial_ids = [t["trial_id"] for t in keys]
+        self.order: list[int] = []
+        pos = [i for i, t in enumerate(keys) if not method or t["method"] == method]
+        if not pos:
+            return
+        if metric:
+            metric = check_metric(metric, "metric")
+            mode = mode or mode_of(metric)
+        else:
+            metric, mode = keys[pos[0]]["objective"], mode or keys[pos[0]]["mode"]
+        self.metric, self.mode = metric, mode
+        evals = read_table(results_dir, "evals", columns=["trial_id", "step", "checkpoint_path", "test/miou", metric])
+        if is_pool_metric(metric):  # computed after the sweep (uda_ray.selection.ensv), joined on (trial, step)
+            from uda_ray.selection.ensv import with_pool_metrics
+
+            evals = with_pool_metrics(evals, results_dir)
+        self.by_trial: dict[str, list[dict]] = {}  # grouped once (scanning every eval per trial took 3 minutes)
+        for e in evals:
+            if finite(e.get(metric)):
+                self.by_trial.setdefault(e["trial_id"], []).append(e)
+        pick = max if mode == "max" else min
+        best = {t: pick(e[metric] for e in vals) for t, vals in self.by_trial.items()}  # the rank value
+        self.order = [i for i in pos if self.trial_ids[i] in best]
+        self.order.sort(key=lambda i: best[self.trial_ids[i]], reverse=(mode == "max"))
+
+    def rows(self, positions: list[int]) -> list[dict]:
+        """The trials at `positions` (of `order`), each its `trials` row plus its `rank_*` and `kept_*` columns."""
+        return [{**t, **_ranked(self.by_trial[t["trial_id"]], self.metric, self.mode)}
+                for t in rows_of(self.table, positions)] if positions else []
 
 
 def gain_over_baseline(ranked: list[dict], baseline: str) -> dict[str, Any]:

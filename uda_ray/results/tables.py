@@ -15,7 +15,8 @@ recorded (replayed by a resumed trial) keeps its first row: a resume adds no dup
 have a declared Arrow type and every reported metric is float64: a value of another type is an error,
 never a silent cast to text.
 
-Rows are built in uda_ray.results.rows; the questions asked of the tables are in uda_ray.results.queries.
+Rows are built in uda_ray.results.rows; the tables are read by uda_ray.results.reading (`read_table`, also
+imported from here); the questions asked of them are in uda_ray.results.queries.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from uda_ray.errors import UserError
 from uda_ray.metric_names import REPORTED_PREFIXES, mode_of, upgrade_row
+from uda_ray.results.reading import read_table  # re-exported: the tables are read there
 from uda_ray.results.rows import TrialSummary, eval_rows
 from uda_ray.results.trials_table import TrialsArrow
 from uda_ray.storage import store
@@ -294,50 +295,6 @@ class TableStore:
             t0 = time.time()
             atomic_write(self._trials_arrow.table(self.rows["trials"]), self.dir / "trials.parquet")
             self._trials_written, self._trials_dirty, self._trials_cost = time.time(), False, time.time() - t0
-
-
-def read_table(results_dir: Path, table: str) -> list[dict]:
-    """The rows of one table; rows of schema version 1 come back with their `val/...` columns named
-    `test/...` (see uda_ray.metric_names.upgrade_row)."""
-    p = Path(results_dir) / f"{table}.parquet"
-    if not p.exists():
-        return []
-    try:
-        rows = _read_parquet(p).to_pylist()
-    except (OSError, pa.ArrowException) as e:
-        raise UserError(f"{p}: not a readable Parquet table ({str(e).splitlines()[0][:200]})") from None
-    return [upgrade_row(r) if (r.get("schema_version") or 1) < 2 else r for r in rows]
-
-
-def _read_parquet(p: Path) -> pa.Table:
-    """A table file, or a folder of segments, read while a writer may replace them (see `_read_file`)."""
-    if not p.is_dir():
-        return _read_file(p)
-    parts = [_read_file(seg) for seg in sorted(p.glob("part-*.parquet"))]
-    if not parts:
-        return pq.read_table(p)  # no segment: pyarrow's own answer (an empty table)
-    return pa.concat_tables(parts, promote_options="default")  # the first segment's columns first
-
-
-PROC_FD = Path("/proc/self/fd").is_dir()  # Linux: an open file can be read again by a path
-
-
-def _read_file(p: Path, tries: int = 20) -> pa.Table:
-    """One Parquet file that a writer may atomically replace meanwhile. pyarrow reading by path stats and opens
-    the file separately, so a replacement in between reads as corrupt ("Couldn't deserialize thrift"). On Linux
-    the read goes through /proc/self/fd of one open handle (a replaced file's handle keeps the old, whole one);
-    elsewhere a failed read is retried (each replacement is atomic). Not a Python file object or an in-memory
-    buffer: 1 process in 5 to 100 reading that way aborted at exit (pyarrow 26, "terminate called without...").
-    """
-    if PROC_FD:
-        with open(p, "rb") as f:
-            return pq.read_table(f"/proc/self/fd/{f.fileno()}")
-    for i in range(tries - 1):
-        try:
-            return pq.read_table(p)
-        except (OSError, pa.ArrowException):
-            time.sleep(0.005 * (i + 1))
-    return pq.read_table(p)  # the last try: its error is the caller's
 
 
 class ResultsWriter:

@@ -16,6 +16,7 @@ from uda_ray.results.tables import ResultsWriter
 from uda_ray.results.tensorboard import TB_DIR, TensorBoardLog
 from uda_ray.search.driver import plain
 from uda_ray.search.experiments import experiment_of
+from uda_ray.search.private import forget_metric_history
 from uda_ray.storage import layout, store
 from uda_ray.training.progress import LiveView, read_progress
 
@@ -112,6 +113,7 @@ class ResultsCallback(tune.Callback):
         if self.ml is not None:
             self.ml.end(trial.trial_id, plain(trial.config["params"]), row["status"])
         self._line(trials, f"{trial.trial_id} {row['status'].replace('_', ' ')}")
+        self._forget(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.tb.close(trial.trial_id)
@@ -119,6 +121,13 @@ class ResultsCallback(tune.Callback):
             self.ml.end(trial.trial_id, plain(trial.config["params"]), "errored")
         self.tally.add(self.writer.end(trial.trial_id, *self._exp(trial), "errored", _error_text(trial)))
         self._line(trials, f"{trial.trial_id} errored: {_error_text(trial)}")
+        self._forget(trial)
+
+    def _forget(self, trial: Any) -> None:
+        """A finished trial's metric statistics in Tune, but the objective's, dropped (Tune is told last, after the
+        searcher and the scheduler): most of the driver's memory per trial (uda_ray.search.private)."""
+        forget_metric_history(trial, keep=(self.writer_args["metric"], "step"))
+        self._experiments.pop(trial.trial_id, None)
 
     def _line(self, trials: list, what: str) -> None:
         n, b = self.tally.count, self.tally.best

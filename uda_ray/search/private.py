@@ -158,6 +158,28 @@ def experiment_path_of(trial: Any) -> str:
     return trial.storage.experiment_fs_path
 
 
+def forget_metric_history(trial: Any, keep: Iterable[str]) -> None:
+    """Drop a finished Tune trial's running statistics of its metrics but those of `keep`:
+    `trial.run_metadata.metric_n_steps` emptied (the last 5 and last 10 values of every numeric key, two deques
+    each) and `trial.run_metadata.metric_analysis` (max, min, avg, last, last-5-avg, last-10-avg of every numeric
+    key) cut to `keep`. Setting them invalidates the trial's cached JSON, so Tune's next experiment snapshot
+    writes the smaller state (and a resume restores it).
+
+    Why: Tune keeps both for every numeric key of every result of every trial, for the life of the driver and in
+    every snapshot of the experiment: a replay trial reports 41 numeric keys (19 of them per-class IoUs), about
+    75 KB of deques, 18 KB of statistics and 35 KB of cached JSON per trial, the most of the driver's growth per
+    trial. Tune's only reader of them is ExperimentAnalysis.get_best_trial (ResultGrid.get_best_result), by one
+    metric: `keep` the objective and that still works. Tune offers no setting for which metrics it tracks (nor
+    a public way to forget a finished trial's); uda_ray ranks from its own tables. If it goes (the attributes
+    renamed), nothing breaks: the driver only grows as it did (tests/test_private_apis.py says so first)."""
+    meta = getattr(trial, "run_metadata", None)
+    if meta is None or not isinstance(getattr(meta, "metric_analysis", None), dict):
+        return
+    keep = set(keep)
+    meta.metric_analysis = {k: v for k, v in meta.metric_analysis.items() if k in keep}
+    meta.metric_n_steps = {}
+
+
 # ------------------------------------------------------------------------------------------------
 # Ray core and Train: token authentication, Train's internal settings
 
