@@ -138,3 +138,33 @@ def test_unknown_pipeline_selection_metric_is_rejected(tmp_path, synth_root):
     path.write_text(yaml.safe_dump({**raw, "select": "uv/nope"}))
     with pytest.raises(ConfigError, match="unknown metric 'uv/nope'"):
         load_pipeline(path)
+
+
+def test_a_pipeline_folder_is_not_continued_under_other_settings_but_another_name_runs_beside_it(
+        tmp_path, synth_root, capsys):
+    from uda_ray import cli
+
+    path = _write(tmp_path, synth_root, [{"name": "a", "experiment": "a.yaml"}], {"a": {}})
+    store, ran = tmp_path / "store", []
+
+    def fake_run(cfg, pdir, name):  # records the run; the stage stays incomplete, so a rerun would train again
+        ran.append((pdir.name, cfg.seed))
+
+    run_pipeline(load_pipeline(path, {"seed": 0}), store, fake_run, lambda c: c, log=lambda m: None)
+    settings = json.loads((store / "pipelines" / "p" / "settings.json").read_text())
+    assert settings["cli_set"] == {"seed": 0}
+    # the same settings continue it; another seed is refused before anything runs: its completed stages
+    # would otherwise be skipped and reported as that seed's
+    run_pipeline(load_pipeline(path, {"seed": 0}), store, fake_run, lambda c: c, log=lambda m: None)
+    with pytest.raises(ConfigError, match=r"pipeline 'p' .* other settings \(seed\); give --name"):
+        run_pipeline(load_pipeline(path, {"seed": 1}), store, fake_run, lambda c: c, log=lambda m: None)
+    assert ran == [("p", 0), ("p", 0)]
+    # from the command line: one line, exit status 2, nothing run
+    assert cli.main(["pipeline", str(path), "--storage", str(store), "--set", "seed=1"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings (seed)" in err and len(err.strip().splitlines()) == 1
+    # --name runs the same file under its own folder
+    run_pipeline(load_pipeline(path, {"seed": 1}, name="p_s1"), store, fake_run, lambda c: c, log=lambda m: None)
+    assert ran[-1] == ("p_s1", 1)
+    with pytest.raises(Exception, match="--name"):
+        load_pipeline(path, name="../up")

@@ -91,6 +91,31 @@ def test_colour_shift_moves_only_the_target_colours_and_keeps_the_default_folder
             SynthConfig(**bad)
 
 
+def test_layout_shift_moves_only_the_target_scenes_and_keeps_the_default_folder(tmp_path: Path) -> None:
+    full = _files(synthetic.generate(tmp_path / "full", **TINY, version=2))
+    assert _files(synthetic.generate(tmp_path / "one", **TINY, version=2, layout_shift=1.0)) == full
+    zero_dir = synthetic.generate(tmp_path / "zero", **TINY, version=2, layout_shift=0.0)
+    zero = _files(zero_dir)
+    assert json.loads((zero_dir / "MANIFEST.json").read_text())["params"]["layout_shift"] == 0.0
+    for name in full:  # the game is the same; the target's scenes (so its images and labels) change
+        same = "/cityscapes/" not in f"/{name}" and name != "MANIFEST.json"
+        assert (full[name] == zero[name]) == same, name
+    # the statistics themselves: 0 is the game's camera and streets, 0.5 half way, 1 the camera's own
+    from uda_ray.data.scenes_v2 import SOURCE_LAYOUT, TARGET_LAYOUT, target_layout
+    assert target_layout(1.0) is TARGET_LAYOUT and target_layout(0.0) == SOURCE_LAYOUT
+    half = target_layout(0.5)
+    assert half.horizon == pytest.approx((0.34, 0.46)) and half.cars == pytest.approx(2.6)
+    assert half.min_depth == pytest.approx(0.2)
+    with pytest.raises(DatasetError, match="layout_shift"):
+        synthetic.generate(tmp_path / "v1", **TINY, layout_shift=0.5)  # version 1 has no such setting
+    key = synthetic_dir(DataConfig(synthetic=SynthConfig(version=2)), Path("/d"))
+    assert synthetic_dir(DataConfig(synthetic=SynthConfig(version=2, layout_shift=1.0)), Path("/d")) == key
+    assert synthetic_dir(DataConfig(synthetic=SynthConfig(version=2, layout_shift=0.0)), Path("/d")) != key
+    for bad in ({"version": 2, "layout_shift": -0.1}, {"layout_shift": 0.5}):
+        with pytest.raises(ConfigError, match="layout_shift"):
+            SynthConfig(**bad)
+
+
 def test_v2_layouts_load_with_the_datasets(tmp_path: Path) -> None:
     out = synthetic.generate(tmp_path / "s", n_source=3, n_target=4, n_val=2, size=(96, 48), synthia=True,
                              version=2)

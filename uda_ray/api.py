@@ -141,12 +141,15 @@ def train(experiment: str | os.PathLike, *, storage: str | os.PathLike | None = 
 
 
 def pipeline(path: str | os.PathLike, *, storage: str | os.PathLike | None = None, report: str | None = None,
-             address: str | None = None, overrides: Mapping[str, Any] | Iterable[str] = ()) -> list[dict]:
+             address: str | None = None, overrides: Mapping[str, Any] | Iterable[str] = (),
+             name: str | None = None) -> list[dict]:
     """Run the stages of a pipeline file in order (completed stages are skipped); one summary dict per
     stage (with the pipeline's selection metric as select_metric). With `report`, also write a markdown table
     of the stages' results there. `overrides` change every experiment stage ({"train.max_steps": 500} or
-    ["train.max_steps=500"]), applied last: after the file's `set:` and each stage's own `set`."""
-    plan = runs.plan_pipeline(path, storage=storage, report=report, address=address, overrides=overrides)
+    ["train.max_steps=500"]), applied last: after the file's `set:` and each stage's own `set`. `name`
+    replaces the file's name (its folder): a folder run with other settings is refused, not continued."""
+    plan = runs.plan_pipeline(path, storage=storage, report=report, address=address, overrides=overrides,
+                              name=name)
     with ray_connection(plan.address):
         return runs.pipeline(plan)
 
@@ -239,9 +242,10 @@ def convert_weights(src: str | os.PathLike, dst: str | os.PathLike, *, num_class
 
 def synthetic_data(out: str | os.PathLike, *, n_source: int = 200, n_target: int = 200, n_val: int = 50,
                    size_hw: tuple[int, int] = (128, 256), seed: int = 0, synthia: bool = False,
-                   version: int = 1, colour_shift: float = 1.0) -> Path:
+                   version: int = 1, colour_shift: float = 1.0, layout_shift: float = 1.0) -> Path:
     """Write the synthetic domain-shift benchmark (GTA5 and Cityscapes layouts, optionally SYNTHIA's; `version`
-    1 or 2, and for 2 its `colour_shift` in [0, 1], docs/benchmark.md) under `out`; returns its folder."""
+    1 or 2, and for 2 its `colour_shift` and `layout_shift` in [0, 1], docs/benchmark.md) under `out`; returns
+    its folder."""
     from uda_ray.data.synthetic import generate
 
     for k, v in (("n_source", n_source), ("n_target", n_target), ("n_val", n_val)):
@@ -249,11 +253,12 @@ def synthetic_data(out: str | os.PathLike, *, n_source: int = 200, n_target: int
             raise UserError(f"--{k.replace('_', '-')} must be >= 1")
     if version not in (1, 2):
         raise UserError(f"--benchmark-version must be 1 or 2, got {version}")
-    if not 0.0 <= colour_shift <= 1.0 or (version == 1 and colour_shift != 1.0):
-        raise UserError(f"--colour-shift must be in [0, 1] and needs --benchmark-version 2, got {colour_shift}")
+    for flag, value in (("--colour-shift", colour_shift), ("--layout-shift", layout_shift)):
+        if not 0.0 <= value <= 1.0 or (version == 1 and value != 1.0):
+            raise UserError(f"{flag} must be in [0, 1] and needs --benchmark-version 2, got {value}")
     h, w = _check_size(size_hw)
     return generate(Path(out), n_source=n_source, n_target=n_target, n_val=n_val, size=(w, h), seed=seed,
-                    synthia=synthia, version=version, colour_shift=colour_shift)
+                    synthia=synthia, version=version, colour_shift=colour_shift, layout_shift=layout_shift)
 
 
 def profile_model(model: str, *, size_hw: tuple[int, int] = (512, 1024), device: str = "cpu",

@@ -96,7 +96,8 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 def cmd_pipeline(a: argparse.Namespace) -> None:
     t0 = time.time()
-    summary = api.pipeline(a.pipeline, storage=a.storage, report=a.report, address=a.address, overrides=a.set)
+    summary = api.pipeline(a.pipeline, storage=a.storage, report=a.report, address=a.address, overrides=a.set,
+                           name=a.name)
     print(text.pipeline_ended(summary, time.time() - t0, a.report))
 
 
@@ -139,7 +140,7 @@ def cmd_data_synth(a: argparse.Namespace) -> None:
     t0 = time.time()
     out = api.synthetic_data(a.out, n_source=a.n_source, n_target=a.n_target, n_val=a.n_val, size_hw=_hw(a.size),
                              seed=a.seed, synthia=a.synthia, version=a.benchmark_version,
-                             colour_shift=a.colour_shift)
+                             colour_shift=a.colour_shift, layout_shift=a.layout_shift)
     print(f"wrote {out} in {time.time() - t0:.1f}s")
 
 
@@ -221,6 +222,7 @@ def _run_commands(sub: Any) -> None:
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override every experiment stage; applied last (wins over the file's set: and the "
                          "stages' own set)")
+    sp.add_argument("--name", help="the pipeline's folder name (default: the file's name), e.g. one per seed")
     sp = _command(sub, "evaluate", cmd_evaluate, "evaluate a checkpoint (test mIoU, per-class IoU, validators) "
                   "under its experiment's protocol, in-process (no Ray)")
     sp.add_argument("checkpoint", help="a uda_ray checkpoint (folder with state.pt, or the file); with "
@@ -265,6 +267,8 @@ def _tool_commands(sub: Any) -> None:
                     help="1: the original shift; 2: appearance, layout, lighting and sensor shift (docs/benchmark.md)")
     ds.add_argument("--colour-shift", type=float, default=1.0,
                     help="version 2: how far the target's class colours move from the game's, 0-1 (default 1)")
+    ds.add_argument("--layout-shift", type=float, default=1.0,
+                    help="version 2: how far the target's camera and street layout move from the game's, 0-1 (default 1)")
     ds.set_defaults(fn=cmd_data_synth)
     sp = _command(sub, "convert-weights", cmd_convert_weights, "convert an AdaptSegNet / ADVENT / CPSL DeepLab-v2 "
                   "checkpoint to this project's keys (layout detected from its keys)", storage=False)

@@ -39,13 +39,17 @@ class SynthConfig:
     version: int = 1
     # version 2 only: how far the target's class colours move from the game's, in [0, 1] (docs/benchmark.md)
     colour_shift: float = 1.0
+    # version 2 only: how far the target's camera and street statistics move from the game's, in [0, 1]
+    layout_shift: float = 1.0
 
     def __post_init__(self) -> None:
         _check(min(self.n_source, self.n_target, self.n_val) >= 1, "data.synthetic: image counts must be >= 1")
         _check(min(self.size) >= 16, "data.synthetic.size: both sides must be >= 16")
         _check(self.version in (1, 2), f"data.synthetic.version must be 1 or 2, got {self.version!r}")
-        _check(0.0 <= self.colour_shift <= 1.0, f"data.synthetic.colour_shift must be in [0, 1], got {self.colour_shift}")
-        _check(self.version == 2 or self.colour_shift == 1.0, "data.synthetic.colour_shift needs version: 2")
+        for name in ("colour_shift", "layout_shift"):
+            value = getattr(self, name)
+            _check(0.0 <= value <= 1.0, f"data.synthetic.{name} must be in [0, 1], got {value}")
+            _check(self.version == 2 or value == 1.0, f"data.synthetic.{name} needs version: 2")
 
 
 PSEUDO_THRESHOLDS = ("class_percentile", "image_median")  # data.pseudo_threshold

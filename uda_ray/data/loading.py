@@ -37,8 +37,9 @@ def synthetic_dir(cfg: DataConfig, data_dir: Path) -> Path:
     params = to_dict(cfg.synthetic)
     if params.get("version") == 1:  # version 1 keeps the folder it had before versions existed
         del params["version"]
-    if params.get("colour_shift") == 1.0:  # its default keeps the folder v2 had before the setting existed
-        del params["colour_shift"]
+    for name in ("colour_shift", "layout_shift"):  # their default keeps the folder v2 had before they existed
+        if params.get(name) == 1.0:
+            del params[name]
     key = json.dumps(params, sort_keys=True) + f"|synthia={cfg.source == 'synthia'}"
     return data_dir / f"synth-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
@@ -52,7 +53,8 @@ def prepare(cfg: DataConfig, data_dir: Path | None = None) -> DataConfig:
         s = cfg.synthetic
         out = synthetic_dir(cfg, data_dir or default_data_dir())
         generate(out, n_source=s.n_source, n_target=s.n_target, n_val=s.n_val, size=tuple(s.size),
-                 seed=s.seed, synthia=cfg.source == "synthia", version=s.version, colour_shift=s.colour_shift)
+                 seed=s.seed, synthia=cfg.source == "synthia", version=s.version,
+                 colour_shift=s.colour_shift, layout_shift=s.layout_shift)
         src = src or str(out / cfg.source)  # the benchmark writes gta5/, cityscapes/ (and synthia/) layouts
         tgt = tgt or str(out / "cityscapes")
     if src is None and cfg.ranking:

@@ -6,6 +6,7 @@ uda_ray.data.looks_v2 renders them; docs/benchmark.md explains each difference a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,19 @@ SOURCE_LAYOUT = Layout(horizon=(0.28, 0.40), cars=3.0, people=1.2, poles=1.5, tr
                        p_bus=0.4, p_train=0.3, p_two_wheeler=0.45, p_barrier=0.6, min_depth=0.15)
 TARGET_LAYOUT = Layout(horizon=(0.40, 0.52), cars=2.2, people=2.4, poles=2.4, trees=1.0, p_truck=0.6,
                        p_bus=0.5, p_train=0.3, p_two_wheeler=0.8, p_barrier=0.7, min_depth=0.25)
+
+
+def target_layout(shift: float = 1.0) -> Layout:
+    """The camera's layout at `shift` in [0, 1] (`data.synthetic.layout_shift`): every statistic moved that far
+    from the game's toward TARGET_LAYOUT; 1 is TARGET_LAYOUT itself, 0 the game's camera and streets."""
+    if shift == 1.0:
+        return TARGET_LAYOUT
+    mix = lambda a, b: a + shift * (b - a)  # noqa: E731
+    values = {f.name: getattr(SOURCE_LAYOUT, f.name) for f in dataclasses.fields(Layout)}
+    for name, src in values.items():
+        tgt = getattr(TARGET_LAYOUT, name)
+        values[name] = tuple(map(mix, src, tgt)) if isinstance(src, tuple) else mix(src, tgt)
+    return Layout(**values)
 
 
 def _pole(c: _Canvas, x: float, yf: float, d: float) -> None:

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 VERSIONS = (1, 2)  # the scene distributions and renderings: 1 uda_ray.data.scenes, 2 scenes_v2 + looks_v2
+SHIFTS = ("colour_shift", "layout_shift")  # version 2's shift strengths, each in [0, 1], 1 by default
 TRAIN_CITIES = ("synthburg", "pixelton", "voxelheim")
 VAL_CITIES = ("rastria", "meshville")
 
@@ -53,11 +54,11 @@ def write_png16(path: Path, arr: np.ndarray) -> None:
 
 
 def _sample(seed: int, stream: int, idx: int, size: tuple[int, int], real: bool, ego: bool, version: int = 1,
-            colour_shift: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+            colour_shift: float = 1.0, layout_shift: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng([seed, stream, idx])
     if version == 1:
         return render(scene(rng, size[0], size[1], ego), real, rng)
-    canvas, hy = scenes_v2.scene(rng, size[0], size[1], scenes_v2.TARGET_LAYOUT if real else
+    canvas, hy = scenes_v2.scene(rng, size[0], size[1], scenes_v2.target_layout(layout_shift) if real else
                                  scenes_v2.SOURCE_LAYOUT, ego)
     if real:
         return looks_v2.render_target(canvas, hy, colour_shift)
@@ -70,7 +71,8 @@ def _save(path: Path, arr: np.ndarray) -> None:
 
 
 def _write_all(tmp: Path, p: dict) -> None:
-    seed, size, v, shift = p["seed"], tuple(p["size"]), p.get("version", 1), p.get("colour_shift", 1.0)
+    seed, size, v = p["seed"], tuple(p["size"]), p.get("version", 1)
+    shifts = {k: p.get(k, 1.0) for k in SHIFTS}
     for i in range(p["n_source"]):
         img, lbl = _sample(seed, 0, i, size, real=False, ego=False, version=v)
         _save(tmp / "gta5" / "images" / f"{i + 1:05d}.png", img)
@@ -78,7 +80,7 @@ def _write_all(tmp: Path, p: dict) -> None:
     targets = (("train", p["n_target"], 1, TRAIN_CITIES), ("val", p["n_val"], 2, VAL_CITIES))
     for split, n, stream, cities in targets:
         for i in range(n):
-            img, lbl = _sample(seed, stream, i, size, real=True, ego=True, version=v, colour_shift=shift)
+            img, lbl = _sample(seed, stream, i, size, real=True, ego=True, version=v, **shifts)
             city = cities[i * len(cities) // n]
             stem = f"{city}/{city}_000000_{i:06d}"
             _save(tmp / "cityscapes" / "leftImg8bit" / split / f"{stem}_leftImg8bit.png", img)
@@ -111,11 +113,13 @@ def _existing(out: Path, params: dict) -> Path | None:
 
 def generate(out: Path, n_source: int = 200, n_target: int = 200, n_val: int = 50,
              size: tuple[int, int] = (256, 128), seed: int = 0, synthia: bool = False, version: int = 1,
-             colour_shift: float = 1.0) -> Path:
+             colour_shift: float = 1.0, layout_shift: float = 1.0) -> Path:
     """Write the benchmark under `out` (size is (W, H)) atomically; reuse it if already there. `version` picks
     the scenes and renderings (VERSIONS); version 1 writes the same bytes and manifest as before versions.
     `colour_shift` (version 2 only, in [0, 1]): how far the target's class colours move from the game's
-    (uda_ray.data.looks_v2.target_colors); 1, the default, is left out of the manifest."""
+    (uda_ray.data.looks_v2.target_colors); `layout_shift` (likewise): how far the target's camera and street
+    statistics move from the game's (uda_ray.data.scenes_v2.target_layout); 1, their default, is left out of
+    the manifest."""
     out = Path(out)
     params = {"n_source": int(n_source), "n_target": int(n_target), "n_val": int(n_val),
               "size": [int(size[0]), int(size[1])], "seed": int(seed), "synthia": bool(synthia)}
@@ -123,11 +127,12 @@ def generate(out: Path, n_source: int = 200, n_target: int = 200, n_val: int = 5
         raise DatasetError(f"synthetic benchmark at {out}: version must be one of {VERSIONS}, got {version!r}")
     if version != 1:  # absent for version 1, so a version-1 folder written before versions is reused
         params["version"] = int(version)
-    if not 0.0 <= float(colour_shift) <= 1.0 or (version == 1 and colour_shift != 1.0):
-        raise DatasetError(f"synthetic benchmark at {out}: colour_shift must be in [0, 1] and needs version 2, "
-                           f"got {colour_shift!r} (version {version})")
-    if colour_shift != 1.0:  # absent at its default, so version-2 folders written before it are reused
-        params["colour_shift"] = float(colour_shift)
+    for name, value in (("colour_shift", colour_shift), ("layout_shift", layout_shift)):
+        if not 0.0 <= float(value) <= 1.0 or (version == 1 and value != 1.0):
+            raise DatasetError(f"synthetic benchmark at {out}: {name} must be in [0, 1] and needs version 2, "
+                               f"got {value!r} (version {version})")
+        if value != 1.0:  # absent at its default, so version-2 folders written before it are reused
+            params[name] = float(value)
     if min(params["n_source"], params["n_target"], params["n_val"], *params["size"]) < 1:
         raise DatasetError(f"synthetic benchmark at {out}: counts and size must be positive, got {params}")
     if _existing(out, params) is not None:

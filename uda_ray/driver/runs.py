@@ -90,17 +90,19 @@ class PipelinePlan:
 
 
 def plan_pipeline(path: str | os.PathLike, *, storage: str | os.PathLike | None, report: str | None,
-                  address: str | None, overrides: Mapping[str, Any] | Iterable[str] = ()) -> PipelinePlan:
+                  address: str | None, overrides: Mapping[str, Any] | Iterable[str] = (),
+                  name: str | None = None) -> PipelinePlan:
     """A pipeline file loaded and every stage checked, with the `--set` overrides of every experiment stage
     (uda_ray.api.pipeline's arguments)."""
     from uda_ray.checks import output_file
-    from uda_ray.pipelines.runner import load_pipeline
+    from uda_ray.pipelines.runner import check_settings, load_pipeline
 
-    pipe = load_pipeline(path, overrides_dict(overrides))
+    pipe = load_pipeline(path, overrides_dict(overrides), name)
     root = layout.root(storage)
     if report:
         output_file(report, "--report")
     plan = PipelinePlan(pipe, str(path), root, report, cluster_address(address))
+    check_settings(pipe, plan.dir)
     progress.info(f"pipeline '{pipe.cfg.name}': {len(pipe.cfg.stages)} stages under {plan.dir}")
     refuse_running(plan.dir, f"pipeline '{pipe.cfg.name}'")
     return plan

@@ -92,11 +92,14 @@ class Pipeline:
         return p if p.is_absolute() else self.path.parent / p
 
 
-def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> Pipeline:
+def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None, name: str | None = None) -> Pipeline:
     """The pipeline file, every stage checked; `overrides` (dotted, the command line's --set) change every
-    experiment stage, applied after the file's `set` and the stage's own."""
+    experiment stage, applied after the file's `set` and the stage's own; `name` (--name) replaces the file's
+    name, so one file runs under several settings (seeds) side by side."""
     p = Path(path)
     cfg = build(PipelineConfig, read_yaml(p), str(p))
+    if name is not None:
+        cfg = dataclasses.replace(cfg, name=checks.run_name(name))
     if not cfg.stages:
         raise ConfigError(f"{p}: a pipeline needs at least one stage")
     seen: set[str] = set()
@@ -157,6 +160,29 @@ def resolve_stage_refs(values: dict, pdir: Path, select: str = DEFAULT_SELECTION
     return out
 
 
+SETTINGS = "settings.json"  # in a pipeline's folder: the settings every stage of it was run with
+
+
+def _settings(pipe: Pipeline) -> dict:
+    return json.loads(json.dumps({"select": pipe.cfg.select, "set": pipe.cfg.set, "cli_set": pipe.cli_set},
+                                 sort_keys=True, default=str))
+
+
+def check_settings(pipe: Pipeline, pdir: Path) -> None:
+    """Refuse to continue a pipeline folder under other pipeline-wide settings (the file's `select` and `set`,
+    the command line's --set): its completed stages would be skipped and reported as if run with these."""
+    f = pdir / SETTINGS
+    if not f.is_file():
+        return
+    have, want = json.loads(f.read_text()), _settings(pipe)
+    if have != want:
+        diff = sorted(k for part in ("set", "cli_set") for k in {**have.get(part, {}), **want.get(part, {})}
+                      if have.get(part, {}).get(k) != want.get(part, {}).get(k))
+        what = ", ".join(diff) or "select"
+        raise ConfigError(f"pipeline '{pipe.cfg.name}' in {pdir} was run with other settings ({what}); give "
+                          f"--name to run these beside it, or the same settings to continue it")
+
+
 def stage_done(pipe: Pipeline, st: StageConfig, pdir: Path) -> bool:
     d = layout.stage_dir(pdir, st.name)
     if st.action:
@@ -178,7 +204,9 @@ def run_pipeline(pipe: Pipeline, root: Path, run_experiment: Callable[[Any, Path
     `prepare(cfg)` returns an experiment stage's cfg ready to run (uda_ray.driver.prepare.prepare_experiment:
     references and dataset roots resolved, checked)."""
     pdir = layout.pipeline_dir(root, pipe.cfg.name)
+    check_settings(pipe, pdir)
     pdir.mkdir(parents=True, exist_ok=True)
+    (pdir / SETTINGS).write_text(json.dumps(_settings(pipe), indent=2, sort_keys=True) + "\n")
     summary = []
     for st in pipe.cfg.stages:
         t0 = time.time()
