@@ -145,6 +145,9 @@ def test_a_two_worker_trial_under_ray_train_labels_once_sums_its_sharded_evaluat
     ds = build_datasets(cfg.data, source=True, target=True, target_labels=False, splits=splits_of(cfg.data))
     ref = evaluate_splits(model, eval_loaders(ds, cfg, 0, 1), cfg, torch.device("cpu"))
     shard = evaluate_splits(model, eval_loaders(ds, cfg, 0, 2), cfg, torch.device("cpu"))
-    assert ref["test/pixel_acc"] == pytest.approx(evals[-1]["test/pixel_acc"], abs=5e-4)
+    # (measured: 5.2e-4 apart in pixel accuracy for the whole split, 3.0e-3 for rank 0's shard, with torch 2.14's
+    # CPU kernels; the model is 15 steps old, so near-tied logits are many)
+    reported = evals[-1]["test/pixel_acc"]
+    assert abs(ref["test/pixel_acc"] - reported) <= 1.5e-3, (ref, evals[-1])
+    assert abs(ref["test/pixel_acc"] - reported) < abs(shard["test/pixel_acc"] - reported) / 2, (ref, shard)
     assert ref["test/miou"] == pytest.approx(evals[-1]["test/miou"], abs=5e-3)
-    assert abs(shard["test/pixel_acc"] - evals[-1]["test/pixel_acc"]) > 5e-4
