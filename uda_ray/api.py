@@ -246,6 +246,7 @@ def synthetic_data(out: str | os.PathLike, *, n_source: int = 200, n_target: int
     """Write the synthetic domain-shift benchmark (GTA5 and Cityscapes layouts, optionally SYNTHIA's; `version`
     1 or 2, and for 2 its `colour_shift` and `layout_shift` in [0, 1], docs/benchmark.md) under `out`; returns
     its folder."""
+    from uda_ray.config import SYNTH_SHIFTS
     from uda_ray.data.synthetic import generate
 
     for k, v in (("n_source", n_source), ("n_target", n_target), ("n_val", n_val)):
@@ -253,9 +254,10 @@ def synthetic_data(out: str | os.PathLike, *, n_source: int = 200, n_target: int
             raise UserError(f"--{k.replace('_', '-')} must be >= 1")
     if version not in (1, 2):
         raise UserError(f"--benchmark-version must be 1 or 2, got {version}")
-    for flag, value in (("--colour-shift", colour_shift), ("--layout-shift", layout_shift)):
+    for name, value in zip(SYNTH_SHIFTS, (colour_shift, layout_shift)):
         if not 0.0 <= value <= 1.0 or (version == 1 and value != 1.0):
-            raise UserError(f"{flag} must be in [0, 1] and needs --benchmark-version 2, got {value}")
+            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1] and needs --benchmark-version 2, "
+                            f"got {value}")
     h, w = _check_size(size_hw)
     return generate(Path(out), n_source=n_source, n_target=n_target, n_val=n_val, size=(w, h), seed=seed,
                     synthia=synthia, version=version, colour_shift=colour_shift, layout_shift=layout_shift)

@@ -46,12 +46,13 @@ class SynthConfig:
         _check(min(self.n_source, self.n_target, self.n_val) >= 1, "data.synthetic: image counts must be >= 1")
         _check(min(self.size) >= 16, "data.synthetic.size: both sides must be >= 16")
         _check(self.version in (1, 2), f"data.synthetic.version must be 1 or 2, got {self.version!r}")
-        for name in ("colour_shift", "layout_shift"):
+        for name in SYNTH_SHIFTS:
             value = getattr(self, name)
             _check(0.0 <= value <= 1.0, f"data.synthetic.{name} must be in [0, 1], got {value}")
             _check(self.version == 2 or value == 1.0, f"data.synthetic.{name} needs version: 2")
 
 
+SYNTH_SHIFTS = ("colour_shift", "layout_shift")  # SynthConfig's version-2 shift strengths, each in [0, 1], 1 default
 PSEUDO_THRESHOLDS = ("class_percentile", "image_median")  # data.pseudo_threshold
 NORMALIZATIONS = ("imagenet", "caffe_bgr")  # data.normalize (uda_ray.models.resnet.set_input_normalization)
 

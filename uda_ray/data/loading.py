@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from uda_ray.config import DataConfig
+from uda_ray.config import SYNTH_SHIFTS, DataConfig
 from uda_ray.config_loader import to_dict
 from uda_ray.data.datasets import DATASETS, has_labels, scans_once
 from uda_ray.data.splits import Splits, make_splits
@@ -37,7 +37,7 @@ def synthetic_dir(cfg: DataConfig, data_dir: Path) -> Path:
     params = to_dict(cfg.synthetic)
     if params.get("version") == 1:  # version 1 keeps the folder it had before versions existed
         del params["version"]
-    for name in ("colour_shift", "layout_shift"):  # their default keeps the folder v2 had before they existed
+    for name in SYNTH_SHIFTS:  # their default keeps the folder v2 had before they existed
         if params.get(name) == 1.0:
             del params[name]
     key = json.dumps(params, sort_keys=True) + f"|synthia={cfg.source == 'synthia'}"

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from uda_ray.config import SYNTH_SHIFTS
 from uda_ray.data import looks_v2, scenes_v2
 from uda_ray.data.labels import TRAIN_TO_CITYSCAPES_ID, TRAIN_TO_SYNTHIA_ID
 from uda_ray.data.scenes import render, scene
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 VERSIONS = (1, 2)  # the scene distributions and renderings: 1 uda_ray.data.scenes, 2 scenes_v2 + looks_v2
-SHIFTS = ("colour_shift", "layout_shift")  # version 2's shift strengths, each in [0, 1], 1 by default
 TRAIN_CITIES = ("synthburg", "pixelton", "voxelheim")
 VAL_CITIES = ("rastria", "meshville")
 
@@ -72,7 +72,7 @@ def _save(path: Path, arr: np.ndarray) -> None:
 
 def _write_all(tmp: Path, p: dict) -> None:
     seed, size, v = p["seed"], tuple(p["size"]), p.get("version", 1)
-    shifts = {k: p.get(k, 1.0) for k in SHIFTS}
+    shifts = {k: p.get(k, 1.0) for k in SYNTH_SHIFTS}
     for i in range(p["n_source"]):
         img, lbl = _sample(seed, 0, i, size, real=False, ego=False, version=v)
         _save(tmp / "gta5" / "images" / f"{i + 1:05d}.png", img)
@@ -127,7 +127,7 @@ def generate(out: Path, n_source: int = 200, n_target: int = 200, n_val: int = 5
         raise DatasetError(f"synthetic benchmark at {out}: version must be one of {VERSIONS}, got {version!r}")
     if version != 1:  # absent for version 1, so a version-1 folder written before versions is reused
         params["version"] = int(version)
-    for name, value in (("colour_shift", colour_shift), ("layout_shift", layout_shift)):
+    for name, value in zip(SYNTH_SHIFTS, (colour_shift, layout_shift)):
         if not 0.0 <= float(value) <= 1.0 or (version == 1 and value != 1.0):
             raise DatasetError(f"synthetic benchmark at {out}: {name} must be in [0, 1] and needs version 2, "
                                f"got {value!r} (version {version})")
