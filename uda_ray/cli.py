@@ -268,7 +268,8 @@ def _tool_commands(sub: Any) -> None:
     ds.add_argument("--colour-shift", type=float, default=1.0,
                     help="version 2: how far the target's class colours move from the game's, 0-1 (default 1)")
     ds.add_argument("--layout-shift", type=float, default=1.0,
-                    help="version 2: how far the target's camera and street layout move from the game's, 0-1 (default 1)")
+                    help="version 2: how far the target's camera and street layout move from the game's, 0-1 "
+                         "(default 1)")
     ds.set_defaults(fn=cmd_data_synth)
     sp = _command(sub, "convert-weights", cmd_convert_weights, "convert an AdaptSegNet / ADVENT / CPSL DeepLab-v2 "
                   "checkpoint to this project's keys (layout detected from its keys)", storage=False)
