@@ -152,13 +152,16 @@ def test_a_pipeline_folder_is_not_continued_under_other_settings_but_another_nam
 
     run_pipeline(load_pipeline(path, {"seed": 0}), store, fake_run, lambda c: c, log=lambda m: None)
     settings = json.loads((store / "pipelines" / "p" / "settings.json").read_text())
-    assert settings["cli_set"] == {"seed": 0}
-    # the same settings continue it; another seed is refused before anything runs: its completed stages
-    # would otherwise be skipped and reported as that seed's
+    assert settings["set"]["seed"] == 0
+    # the same settings continue it, also when the file now says what --set said; another seed is refused
+    # before anything runs: its completed stages would otherwise be skipped and reported as that seed's
     run_pipeline(load_pipeline(path, {"seed": 0}), store, fake_run, lambda c: c, log=lambda m: None)
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "set": {**raw.get("set", {}), "seed": 0}}))
+    run_pipeline(load_pipeline(path), store, fake_run, lambda c: c, log=lambda m: None)
     with pytest.raises(ConfigError, match=r"pipeline 'p' .* other settings \(seed\); give --name"):
         run_pipeline(load_pipeline(path, {"seed": 1}), store, fake_run, lambda c: c, log=lambda m: None)
-    assert ran == [("p", 0), ("p", 0)]
+    assert ran == [("p", 0), ("p", 0), ("p", 0)]
     # from the command line: one line, exit status 2, nothing run
     assert cli.main(["pipeline", str(path), "--storage", str(store), "--set", "seed=1"]) == 2
     err = capsys.readouterr().err

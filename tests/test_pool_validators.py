@@ -74,31 +74,16 @@ def test_the_evaluation_reports_atc_dev_and_mixval_as_their_formulas_say():
     assert 0.0 <= got["uv/atc"] <= 1.0 and set(want) == {"uv/mixval", "uv/mixval_intra", "uv/mixval_inter"}
 
 
-def _shard_entry(rank: int, world: int, port: int, out: dict) -> None:
-    import os
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        out[rank] = _evaluate(rank, world, pixels=7)
-    finally:
-        dist.destroy_process_group()
+def _shard_entry(rank: int, world: int, out: dict) -> None:
+    out[rank] = _evaluate(rank, world, pixels=7)
 
 
 @pytest.mark.ddp
 def test_two_gloo_workers_compute_atc_dev_and_mixval_as_one_process_does():
-    import torch.multiprocessing as mp
-
-    from tests.ddp import free_port
+    from tests.ddp import run_gloo
 
     one = _evaluate(pixels=7)
-    with mp.get_context("spawn").Manager() as manager:
-        out = manager.dict()
-        mp.start_processes(_shard_entry, args=(2, free_port(), out), nprocs=2, start_method="spawn", join=True)
-        got = dict(out)
+    got = run_gloo(_shard_entry, 2)
     for k in ("uv/atc", "uv/dev", "uv/mixval", "uv/mixval_intra", "uv/mixval_inter", "uv/snd"):
         assert got[0][k] == pytest.approx(one[k], rel=1e-9) and got[1][k] == pytest.approx(one[k], rel=1e-9), k
 

@@ -76,35 +76,20 @@ def test_pixel_sample_is_seeded_and_distinct():
     assert torch.equal(pixel_sample(5, 10, 0, 0), torch.arange(5))
 
 
-def _shard_entry(rank: int, world: int, port: int, out: dict) -> None:
-    import os
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        maps = _maps()
-        acc = ValidatorAccumulator(4, pixels_per_image=7, seed=3)
-        idx = list(range(rank, 5, world))  # the shard val_loader gives this rank
-        acc.update(maps[idx], idx)
-        acc.reduce()
-        out[rank] = acc.compute()
-    finally:
-        dist.destroy_process_group()
+def _shard_entry(rank: int, world: int, out: dict) -> None:
+    maps = _maps()
+    acc = ValidatorAccumulator(4, pixels_per_image=7, seed=3)
+    idx = list(range(rank, 5, world))  # the shard val_loader gives this rank
+    acc.update(maps[idx], idx)
+    acc.reduce()
+    out[rank] = acc.compute()
 
 
 @pytest.mark.ddp
 def test_two_gloo_workers_compute_what_one_process_does():
-    import torch.multiprocessing as mp
-
-    from tests.ddp import free_port
+    from tests.ddp import run_gloo
 
     one = ValidatorAccumulator(4, pixels_per_image=7, seed=3)
     one.update(_maps(), list(range(5)))
-    with mp.get_context("spawn").Manager() as manager:
-        out = manager.dict()
-        mp.start_processes(_shard_entry, args=(2, free_port(), out), nprocs=2, start_method="spawn", join=True)
-        got = dict(out)
+    got = run_gloo(_shard_entry, 2)
     assert got[0] == pytest.approx(one.compute()) and got[1] == pytest.approx(one.compute())

@@ -164,8 +164,15 @@ SETTINGS = "settings.json"  # in a pipeline's folder: the settings every stage o
 
 
 def _settings(pipe: Pipeline) -> dict:
-    return json.loads(json.dumps({"select": pipe.cfg.select, "set": pipe.cfg.set, "cli_set": pipe.cli_set},
-                                 sort_keys=True, default=str))
+    """The pipeline-wide settings in effect: `select`, and the file's `set` under the command line's --set."""
+    return _effective({"select": pipe.cfg.select, "set": pipe.cfg.set, "cli_set": pipe.cli_set})
+
+
+def _effective(settings: dict) -> dict:
+    """One `set` (the command line's entries win), so that a --set equal to the file's value changes nothing;
+    also reads the folders written before, which kept the two apart."""
+    merged = {**settings.get("set", {}), **settings.get("cli_set", {})}
+    return json.loads(json.dumps({"select": settings.get("select"), "set": merged}, sort_keys=True, default=str))
 
 
 def check_settings(pipe: Pipeline, pdir: Path) -> None:
@@ -174,10 +181,9 @@ def check_settings(pipe: Pipeline, pdir: Path) -> None:
     f = pdir / SETTINGS
     if not f.is_file():
         return
-    have, want = json.loads(f.read_text()), _settings(pipe)
+    have, want = _effective(json.loads(f.read_text())), _settings(pipe)
     if have != want:
-        diff = sorted(k for part in ("set", "cli_set") for k in {**have.get(part, {}), **want.get(part, {})}
-                      if have.get(part, {}).get(k) != want.get(part, {}).get(k))
+        diff = sorted(k for k in {**have["set"], **want["set"]} if have["set"].get(k) != want["set"].get(k))
         what = ", ".join(diff) or "select"
         raise ConfigError(f"pipeline '{pipe.cfg.name}' in {pdir} was run with other settings ({what}); give "
                           f"--name to run these beside it, or the same settings to continue it")
