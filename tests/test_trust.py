@@ -167,3 +167,49 @@ def test_validators_command_on_a_single_run(tmp_path, capsys):
     assert main(["validators", "r", "--storage", str(tmp_path)]) == 0
     assert "over 4 checkpoints of 2 trials" in capsys.readouterr().out
     assert (tmp_path / "runs" / "r" / "results" / "validators.parquet").is_file()
+
+
+def test_pooled_evals_prefix_the_trials_and_drop_pool_relative_metrics():
+    from uda_ray.selection.study import pooled_evals
+
+    rows = pooled_evals({"a": [{"trial_id": "t1", "step": 1, "uv/ensv": 0.9, "uv/im": 0.2}],
+                         "b": [{"trial_id": "t1", "step": 1, "uv/im": 0.3}]})
+    assert rows == [{"trial_id": "a/t1", "step": 1, "uv/im": 0.2}, {"trial_id": "b/t1", "step": 1, "uv/im": 0.3}]
+
+
+def test_across_averages_spearman_and_regret_and_counts_bottom_quarter_picks():
+    from uda_ray.selection.study import across
+
+    one = measure(EVALS, {"uv/entropy": "min", "uv/snd": "max"})
+    # the second pool: B@1 (the worst checkpoint, 0.20) now has the lowest entropy, so uv/entropy picks it;
+    # scores -0.5, -0.4, -0.1, -0.6 rank 2, 3, 4, 1 vs test ranks 2, 4, 1, 3: 1 - 6 * 14 / 60 = -0.4
+    two = measure([{**e, "uv/entropy": 0.1} if (e["trial_id"], e["step"]) == ("B", 1) else e for e in EVALS],
+                  {"uv/entropy": "min", "uv/snd": "max"})
+    rows = {r["validator"]: r for r in across({"p1": one, "p2": two})}
+    e = rows["uv/entropy"]
+    assert e["n_pools"] == 2 and e["spearman_mean"] == pytest.approx((0.2 + -0.4) / 2)
+    assert e["regret_mean"] == pytest.approx((0.0 + 0.20) / 2) and e["regret_max"] == pytest.approx(0.20)
+    assert e["worst_rate"] == pytest.approx(0.5)  # B@1 is below none of the 4 checkpoints: bottom quarter
+    assert rows["uv/snd"]["worst_rate"] == 0.0 and rows["uv/snd"]["regret_mean"] == pytest.approx(0.10)
+    assert rows[RANDOM]["worst_rate"] == pytest.approx(0.25)  # the chance of a bottom-quarter pick of 4
+    # a validator one pool does not measure is left out
+    assert "uv/entropy" not in {r["validator"] for r in across({"p1": one, "p3": measure(EVALS, {"uv/snd": "max"})})}
+
+
+def test_validators_command_on_several_sweeps_prints_each_then_pooled_then_across(tmp_path, capsys):
+    import json
+
+    from uda_ray.cli import main
+
+    for sw in ("sa", "sb"):
+        (tmp_path / sw).mkdir()
+        (tmp_path / sw / "sweep.json").write_text(json.dumps({"name": sw}))
+        _write_evals(tmp_path / sw / "results", [e for e in EVALS if e["test/miou"] is not None])
+    assert main(["validators", "sa", "sb", "--storage", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "== sa ==" in out and "== sb ==" in out and out.count("over 4 checkpoints of 2 trials") == 2
+    assert "over 8 checkpoints of 4 trials" in out  # pooled: sa/A, sa/B, sb/A, sb/B
+    assert "validators over 2 pools measured apart" in out
+    assert (tmp_path / "sa" / "results" / "validators.parquet").is_file()
+    assert main(["validators", "sa", "sa", "--storage", str(tmp_path)]) == 2
+    assert "given twice" in capsys.readouterr().err

@@ -188,12 +188,40 @@ def validators(name: str, *, storage: str | os.PathLike | None = None) -> tuple[
     """Measure every validator of a sweep, pipeline or run against test mIoU (uda_ray.selection.study); writes
     results/validators.parquet beside the other tables and returns (rows, path)."""
     from uda_ray.selection import study
+
+    evals, results_dir = _evals_of(name, storage)
+    rows = study.validators_table(evals)
+    return rows, study.write_table(results_dir, rows)
+
+
+def validators_across(names: list[str], *, storage: str | os.PathLike | None = None
+                      ) -> tuple[dict[str, list[dict]], list[dict], list[dict]]:
+    """The validators of several sweeps, pipelines or runs (e.g. one sweep per method), each measured as
+    `validators` does (and its table written), then (per-name rows, pooled rows: all their checkpoints as one
+    pool, across rows: mean Spearman / regret and worst-model rate over the names measured apart;
+    uda_ray.selection.study.pooled_evals / across)."""
+    from uda_ray.selection import study
+
+    if len(set(names)) != len(names):
+        from uda_ray.errors import UserError
+
+        raise UserError(f"validators: a name is given twice ({', '.join(names)})")
+    found = {n: _evals_of(n, storage) for n in names}
+    per = {n: study.validators_table(evals) for n, (evals, _) in found.items()}
+    for n, (_, results_dir) in found.items():
+        study.write_table(results_dir, per[n])
+    pooled = study.validators_table(study.pooled_evals({n: evals for n, (evals, _) in found.items()}))
+    return per, pooled, study.across(per)
+
+
+def _evals_of(name: str, storage: str | os.PathLike | None) -> tuple[list[dict], Path]:
+    """The eval rows of a sweep, pipeline or run (with uv/ensv where `ensv` scored its pool), and its results
+    folder."""
+    from uda_ray.selection import study
     from uda_ray.selection.ensv import with_pool_metrics
 
     _, results_dir, sources = layout.find_evals(layout.root(storage), name)
-    evals = with_pool_metrics(study.read_evals(sources), results_dir)  # uv/ensv where `ensv` scored the pool
-    rows = study.validators_table(evals)
-    return rows, study.write_table(results_dir, rows)
+    return with_pool_metrics(study.read_evals(sources), results_dir), results_dir
 
 
 def ensv(name: str, *, storage: str | os.PathLike | None = None, device: str = "cpu") -> tuple[list[dict], Path]:

@@ -71,8 +71,15 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 
 def cmd_validators(a: argparse.Namespace) -> None:
-    rows, path = api.validators(a.name, storage=a.storage)
-    print(f"{study.format_table(rows)}\nwrote {path}")
+    if len(a.name) == 1:
+        rows, path = api.validators(a.name[0], storage=a.storage)
+        print(f"{study.format_table(rows)}\nwrote {path}")
+        return
+    per, pooled, across = api.validators_across(a.name, storage=a.storage)
+    for name, rows in per.items():
+        print(f"== {name} ==\n{study.format_table(rows)}\n")
+    print(f"== pooled: the checkpoints of {', '.join(per)} as one pool ==\n{study.format_table(pooled)}\n")
+    print(f"== across {', '.join(per)}, measured apart ==\n{study.format_across(across)}")
 
 
 def cmd_ensv(a: argparse.Namespace) -> None:
@@ -194,8 +201,10 @@ def _sweep_commands(sub: Any) -> None:
     sp.add_argument("--export", metavar="FILE", help="write the winner as a runnable experiment YAML")
     sp.add_argument("--index", type=int, default=1,
                     help="export the N-th entry of the printed list (the Pareto front of a multi-objective sweep)")
-    _command(sub, "validators", cmd_validators,
-             "how well each validator tracks test mIoU (Spearman, selection regret)", "name")
+    sp = _command(sub, "validators", cmd_validators,
+                  "how well each validator tracks test mIoU (Spearman, selection regret, worst-model rate); "
+                  "several names (e.g. one sweep per method): each, then pooled, then across them")
+    sp.add_argument("name", nargs="+")
     sp = _command(sub, "ensv", cmd_ensv, "score the kept checkpoints of a sweep (or run) with EnsV: agreement "
                   "with the pool's ensemble on the held-out target slice (then best --metric uv/ensv)", "name")
     sp.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

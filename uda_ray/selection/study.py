@@ -151,6 +151,64 @@ def validators_table(evals: list[dict], test_metric: str = TEST_METRIC) -> list[
     return measure(evals, validator_modes(cols), test_metric)
 
 
+def pooled_evals(evals_by_pool: Mapping[str, list[dict]]) -> list[dict]:
+    """Several pools' eval rows as one pool (e.g. one sweep per method: which checkpoint of ANY method would a
+    validator pick?): trial ids prefixed `pool/`; pool-relative metrics (EnsV scores agreement with its own
+    pool's ensemble) dropped, since their values are not comparable across pools."""
+    from uda_ray.metric_names import is_pool_metric
+
+    return [{**{k: v for k, v in e.items() if not is_pool_metric(k)}, "trial_id": f"{pool}/{e['trial_id']}"}
+            for pool, evals in evals_by_pool.items() for e in evals]
+
+
+ACROSS_COLUMNS = ("validator", "n_pools", "spearman_mean", "regret_mean", "regret_max", "worst_rate",
+                  "spearman_final_mean", "regret_final_mean", "worst_final_rate")
+
+
+def across(tables: Mapping[str, list[dict]]) -> list[dict]:
+    """Per validator, over several pools measured apart (one `measure` table each, e.g. one sweep per method):
+    the mean Spearman, the mean and the largest regret, and the worst-model rate (the fraction of pools in which
+    its pick is in the bottom quarter; for the (random) row, the mean chance of that). Only validators that
+    every pool measures; in the first table's order."""
+    by_pool = [{r["validator"]: r for r in rows} for rows in tables.values() if rows]
+    if not by_pool:
+        return []
+
+    def mean(xs: list[float]) -> float:
+        xs = [x for x in xs if finite(x)]
+        return sum(xs) / len(xs) if xs else math.nan
+
+    out = []
+    for name in by_pool[0]:
+        rows = [t[name] for t in by_pool if name in t]
+        if len(rows) < len(by_pool):
+            continue
+        col = {k: [r.get(k) for r in rows] for k in ("spearman", "regret", "worst", "spearman_final",
+                                                      "regret_final", "worst_final")}
+        regrets = [x for x in col["regret"] if finite(x)]
+        out.append({"validator": name, "n_pools": len(rows), "spearman_mean": mean(col["spearman"]),
+                    "regret_mean": mean(regrets), "regret_max": max(regrets) if regrets else math.nan,
+                    "worst_rate": mean(col["worst"]), "spearman_final_mean": mean(col["spearman_final"]),
+                    "regret_final_mean": mean(col["regret_final"]), "worst_final_rate": mean(col["worst_final"])})
+    return out
+
+
+def format_across(rows: list[dict]) -> str:
+    """The `across` table as text: mIoU figures in points (x100)."""
+    if not rows:
+        return "no pool with test labels: nothing to measure the validators against"
+    lines = [f"{len([r for r in rows if r['validator'] != RANDOM])} validators over {rows[0]['n_pools']} pools "
+             "measured apart: mean Spearman, mean and largest regret (points), worst-model rate (picks in the "
+             "bottom quarter of their pool)",
+             f"{'validator':<16} {'spearman':>8} {'regret':>7} {'max':>6} {'worst':>5}  {'rho_final':>9} "
+             f"{'regret_f':>8} {'worst_f':>7}"]
+    for r in rows:
+        lines.append(f"{r['validator']:<16} {rho(r['spearman_mean']):>8} {points(r['regret_mean']):>7} "
+                     f"{points(r['regret_max']):>6} {_rate(r['worst_rate']):>5}  {rho(r['spearman_final_mean']):>9} "
+                     f"{points(r['regret_final_mean']):>8} {_rate(r['worst_final_rate']):>7}")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------
 # where the evals of a name live, the table file, printing
 
@@ -195,6 +253,10 @@ def format_table(rows: list[dict]) -> str:
                      f"{points(r['pick_final_test']):>6} {points(r['regret_final']):>8} {_worst(r, 'worst_final'):>7}")
     lines.append(f"worst: the pick is in the bottom quarter of the pool by {r0['test_metric']} (random: the chance)")
     return "\n".join(lines)
+
+
+def _rate(v: float) -> str:
+    return f"{v:.2f}" if finite(v) else "-"
 
 
 def _worst(row: dict, key: str) -> str:
