@@ -241,15 +241,17 @@ def format_table(rows: list[dict]) -> str:
             f"{next(r['n_trials'] for r in rows if r['validator'] == RANDOM)} trials; best "
             f"{points(r0['oracle_test'])} ({r0['oracle_trial']} @ {r0['oracle_step']}), best final "
             f"{points(r0['oracle_final_test'])}. mIoU in points; regret = best - picked.")
-    lines = [head, f"{'validator':<16} {'mode':<4} {'n':>4} {'spearman':>8} {'picked':>7} {'regret':>7} {'worst':>5}  "
-                   f"{'pick (trial @ step)':<24} {'rho_final':>9} {'final':>6} {'regret_f':>8} {'worst_f':>7}"]
+    wheres = []
     for r in rows:
         where = f"{r['pick_trial']} @ {r['pick_step']}" if r.get("pick_trial") else "-"
-        if (r.get("n_tied") or 1) > 1:
-            where += f" ({r['n_tied']} tied)"
+        wheres.append(where + (f" ({r['n_tied']} tied)" if (r.get("n_tied") or 1) > 1 else ""))
+    w = max(24, *map(len, wheres))  # pooled tables name their trials `sweep/trial`
+    lines = [head, f"{'validator':<16} {'mode':<4} {'n':>4} {'spearman':>8} {'picked':>7} {'regret':>7} {'worst':>5}  "
+                   f"{'pick (trial @ step)':<{w}} {'rho_final':>9} {'final':>6} {'regret_f':>8} {'worst_f':>7}"]
+    for r, where in zip(rows, wheres):
         lines.append(f"{r['validator']:<16} {r.get('mode') or '-':<4} {r['n_checkpoints']:>4} "
                      f"{rho(r['spearman']):>8} {points(r['pick_test']):>7} {points(r['regret']):>7} "
-                     f"{_worst(r, 'worst'):>5}  {where:<24} {rho(r['spearman_final']):>9} "
+                     f"{_worst(r, 'worst'):>5}  {where:<{w}} {rho(r['spearman_final']):>9} "
                      f"{points(r['pick_final_test']):>6} {points(r['regret_final']):>8} {_worst(r, 'worst_final'):>7}")
     lines.append(f"worst: the pick is in the bottom quarter of the pool by {r0['test_metric']} (random: the chance)")
     return "\n".join(lines)
