@@ -161,10 +161,6 @@ def pooled_evals(evals_by_pool: Mapping[str, list[dict]]) -> list[dict]:
             for pool, evals in evals_by_pool.items() for e in evals]
 
 
-ACROSS_COLUMNS = ("validator", "n_pools", "spearman_mean", "regret_mean", "regret_max", "worst_rate",
-                  "spearman_final_mean", "regret_final_mean", "worst_final_rate")
-
-
 def across(tables: Mapping[str, list[dict]]) -> list[dict]:
     """Per validator, over several pools measured apart (one `measure` table each, e.g. one sweep per method):
     the mean Spearman, the mean and the largest regret, and the worst-model rate (the fraction of pools in which
