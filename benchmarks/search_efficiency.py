@@ -1,6 +1,7 @@
 """Search efficiency without re-training: replay searchers and schedulers against recorded learning curves.
 
     python benchmarks/search_efficiency.py --sweep DIR [DIR ...] [--metric test/miou] [--seeds 30]
+    python benchmarks/search_efficiency.py --sweep DIR [DIR ...] --metric uv/im --score test/miou   # label-free
     python benchmarks/search_efficiency.py --record DIR [--grid-steps 30]     # record a small table first
 
 A tabular benchmark in the manner of HPO research (HPOBench / NAS-Bench style): a sweep's Parquet tables
@@ -24,6 +25,10 @@ A trial costs the steps it trained (all of max_steps, or up to the rung where AS
 that ran to the end count as found configurations, with their final value. With fewer trials than TPE's 10
 random start-up trials, TPE is random search.
 
+`--score` (default: the metric) is what a found configuration is worth: with `--metric uv/im --score
+test/miou` the searcher and ASHA see only the label-free validator, as a label-free sweep does, and the
+configuration found is the finished trial with the best validator value, worth its test mIoU.
+
 Reports over `--seeds` seeds: how often, and after how many steps (median), each strategy has found a
 configuration within `--within` points of the table's best final value; and the regret (table best - best
 found) at equal budgets of 2, 4, 8 and 16 full trainings.
@@ -44,8 +49,10 @@ import numpy as np
 # the table
 
 
-def load_table(sweeps: list[Path], metric: str | None) -> tuple[list[dict], int, str]:
-    """[{"params", "curve": {step: value}, "final"}] of the complete curves, max_steps, metric."""
+def load_table(sweeps: list[Path], metric: str | None,
+               score: str | None = None) -> tuple[list[dict], int, str]:
+    """[{"params", "curve": {step: value}, "final", "score"}] of the complete curves (the metric's; "score" is the
+    `score` metric's final value, default the metric's own), max_steps, metric."""
     from uda_ray.results.tables import read_table
 
     configs, max_steps = [], None
@@ -57,20 +64,22 @@ def load_table(sweeps: list[Path], metric: str | None) -> tuple[list[dict], int,
             raise SystemExit(f"search_efficiency: no trials table under {res}")
         metric = metric or trials[0]["objective"]
         curves: dict[str, dict[int, float]] = {}
+        scores: dict[str, dict[int, float]] = {}
         for r in evals:
-            v = r.get(metric)
-            if v is not None and v == v:
-                curves.setdefault(r["trial_id"], {})[int(r["step"])] = float(v)
+            for name, into in ((metric, curves), (score or metric, scores)):
+                v = r.get(name)
+                if v is not None and v == v:
+                    into.setdefault(r["trial_id"], {})[int(r["step"])] = float(v)
         for t in trials:
             ms = int(t["max_steps"])
             if max_steps is None:
                 max_steps = ms
             if ms != max_steps:
                 raise SystemExit(f"search_efficiency: tables with different max_steps ({max_steps}, {ms})")
-            c = curves.get(t["trial_id"], {})
-            if c and max(c) >= ms:
+            c, sc = curves.get(t["trial_id"], {}), scores.get(t["trial_id"], {})
+            if c and max(c) >= ms and sc and max(sc) == max(c):
                 configs.append({"params": json.loads(t["params"]), "curve": dict(sorted(c.items())),
-                                "final": c[max(c)]})
+                                "final": c[max(c)], "score": sc[max(sc)]})
     if len(configs) < 2:
         raise SystemExit("search_efficiency: fewer than 2 configurations with a complete curve in the table")
     return configs, int(max_steps), str(metric)
@@ -135,7 +144,8 @@ class Space:
 
 def replay(configs: list[dict], space: Space, max_steps: int, sampler: str, asha: bool, seed: int, budget: int,
            grace: int, rf: int) -> list[tuple[int, float]]:
-    """[(steps spent, best final value found so far)] after each trial that ran to the end."""
+    """[(steps spent, the score of the best configuration found so far)] after each trial that ran to the end
+    (the best by the searched metric's final value; its score is that value unless `--score` names another)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -147,7 +157,7 @@ def replay(configs: list[dict], space: Space, max_steps: int, sampler: str, asha
         rungs.append(m)
         m *= rf
     recorded: dict[int, list[float]] = {r: [] for r in rungs}
-    spent, best, trace = 0, -math.inf, []
+    spent, best, trace = 0, None, []
     while spent < budget:
         trial = study.ask(space.dists)
         cfg = configs[space.nearest(trial.params)]
@@ -167,8 +177,8 @@ def replay(configs: list[dict], space: Space, max_steps: int, sampler: str, asha
         spent += cost
         if stopped_at is None:
             study.tell(trial, cfg["final"])
-            best = max(best, cfg["final"])
-            trace.append((spent, best))
+            best = cfg if best is None or cfg["final"] > best["final"] else best
+            trace.append((spent, best["score"]))
         else:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     return trace
@@ -244,7 +254,9 @@ def main() -> int:
     ap.add_argument("--record", type=Path, help="record a 9-configuration grid into this folder first")
     ap.add_argument("--grid-steps", type=int, default=30)
     ap.add_argument("--grid-eval-every", type=int, default=5)
-    ap.add_argument("--metric", help="default: the table's objective")
+    ap.add_argument("--metric", help="what the searcher and ASHA see (default: the table's objective)")
+    ap.add_argument("--score", help="what a found configuration is worth (default: the metric), e.g. --metric "
+                    "uv/im --score test/miou for a label-free search scored by the test labels")
     ap.add_argument("--seeds", type=int, default=30)
     ap.add_argument("--within", type=float, default=1.0, help="mIoU points (values in [0, 1] are x100)")
     ap.add_argument("--budget", type=float, default=16, help="in full trainings (x max_steps)")
@@ -258,8 +270,9 @@ def main() -> int:
         a.sweep = (a.sweep or []) + [a.record]
     if not a.sweep:
         ap.error("give --sweep DIR (or --record DIR)")
-    configs, max_steps, metric = load_table(a.sweep, a.metric)
-    finals = [c["final"] for c in configs]
+    configs, max_steps, metric = load_table(a.sweep, a.metric, a.score)
+    score = a.score or metric
+    finals = [c["score"] for c in configs]
     scale = 100.0 if max(abs(v) for v in finals) <= 1.0 else 1.0  # mIoU points
     top = max(finals)
     target = top - a.within / scale
@@ -268,7 +281,8 @@ def main() -> int:
     budget = int(a.budget * max_steps)
     space = Space(configs)
     best_cfg = configs[finals.index(top)]["params"]
-    print(f"{len(configs)} configurations with complete curves, max_steps {max_steps}, metric {metric}; best "
+    print(f"{len(configs)} configurations with complete curves, max_steps {max_steps}, metric {metric}"
+          + (f" (scored by {score})" if score != metric else "") + "; best "
           f"final {top * scale:.2f} ({best_cfg}); {sum(f >= target for f in finals)} within {a.within} point(s); "
           f"ASHA rungs from {grace} steps, reduction factor {a.rf}; budget {a.budget:g} full trainings; "
           f"{a.seeds} seeds")

@@ -132,6 +132,15 @@ def test_run_reference_uses_the_runs_own_selection_metric(tmp_path):
     assert resolve_ref("run:r", tmp_path) == str(b)
 
 
+def test_a_missing_run_reference_says_to_train_it_first(tmp_path):
+    from uda_ray.driver.prepare import resolve_ref
+    from uda_ray.errors import UserError
+
+    with pytest.raises(UserError, match=r"^train.init_from: run:src: no run 'src' under .*; train it first "
+                                        r"\(uda-ray train EXPERIMENT.yaml --name src\)$"):
+        resolve_ref("run:src", tmp_path)
+
+
 def test_unknown_pipeline_selection_metric_is_rejected(tmp_path, synth_root):
     path = _write(tmp_path, synth_root, [{"name": "a", "experiment": "fda.yaml"}], {})
     raw = yaml.safe_load(path.read_text())

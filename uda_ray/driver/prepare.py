@@ -98,6 +98,9 @@ def resolve_ref(ref: str, storage: Path, key: str = "train.init_from") -> str:
 
     if layout.is_reference(ref):
         kind, name, folder = layout.reference(storage, ref)
+        if kind == "run" and not folder.is_dir():
+            raise UserError(f"{key}: {ref}: no run '{name}' under {storage}; train it first "
+                            f"(uda-ray train EXPERIMENT.yaml --name {name})")
         return str(best_checkpoint_in(folder)) if kind == "run" else _best_of_sweep(ref, name, folder, storage)
     p = Path(ref).expanduser().absolute()
     if not (p.is_file() or (p / STATE_FILE).is_file()):
