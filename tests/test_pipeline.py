@@ -141,6 +141,21 @@ def test_a_missing_run_reference_says_to_train_it_first(tmp_path):
         resolve_ref("run:src", tmp_path)
 
 
+def test_pipeline_seeds_plan_one_folder_per_seed_with_its_seed_set_last(tmp_path, synth_root):
+    from uda_ray.driver.runs import plan_pipeline_seeds
+
+    path = _write(tmp_path, synth_root, [{"name": "a", "experiment": "a.yaml"}], {"a": {}})
+    plans = plan_pipeline_seeds(path, 3, storage=tmp_path / "store", report=None, address=None,
+                                overrides=["seed=7", "train.max_steps=2"])
+    base = load_pipeline(path).cfg.name
+    assert [p.dir.name for p in plans] == [f"{base}_s0", f"{base}_s1", f"{base}_s2"]
+    st = plans[0].pipe.cfg.stages[0]
+    assert [p.pipe.overrides(st)["seed"] for p in plans] == [0, 1, 2]  # --seeds wins over a --set seed
+    assert all(p.pipe.overrides(st)["train.max_steps"] == 2 for p in plans)
+    named = plan_pipeline_seeds(path, 2, storage=tmp_path / "store", report=None, address=None, name="mine")
+    assert [p.dir.name for p in named] == ["mine_s0", "mine_s1"]
+
+
 def test_unknown_pipeline_selection_metric_is_rejected(tmp_path, synth_root):
     path = _write(tmp_path, synth_root, [{"name": "a", "experiment": "fda.yaml"}], {})
     raw = yaml.safe_load(path.read_text())

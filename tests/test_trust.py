@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -158,6 +159,36 @@ def test_markdown_report_puts_the_validator_selected_test_miou_beside_the_oracle
     assert "| run | m | x | 4 | 30.0 (2) | 40.0 (4) | 40.0 |" in md
     md = markdown_report("t", [("run", tmp_path / "run")], selection="uv/entropy")
     assert "| 4 | - | 40.0 (4) |" in md  # no uv/entropy in these tables: said, not invented
+
+
+def test_seeds_report_gives_each_stage_mean_std_and_every_seed(tmp_path):
+    """Three seeds of stage "a" (selected 30 / 40 / 50 by uv/snd, oracle 40 / 50 / 60) and one of stage "b"."""
+    from uda_ray.results.markdown import markdown_seeds_report
+
+    for seed, base in enumerate((0.30, 0.40, 0.50)):
+        _write_evals(tmp_path / f"s{seed}" / "a" / "results", [
+            {"trial_id": "a", "step": 2, "test/miou": base, "test/pixel_acc": 0.7, "uv/snd": 0.9},
+            {"trial_id": "a", "step": 4, "test/miou": base + 0.1, "test/pixel_acc": 0.8, "uv/snd": 0.1}])
+    _write_evals(tmp_path / "s0" / "b" / "results", [
+        {"trial_id": "b", "step": 4, "test/miou": 0.25, "test/pixel_acc": 0.7, "uv/snd": 0.5}])
+    md = markdown_seeds_report("t", [("a", [tmp_path / f"s{k}" / "a" for k in range(3)]),
+                                     ("b", [tmp_path / f"s{k}" / "b" for k in range(3)]),
+                                     ("never_ran", [tmp_path / "s0" / "c"])], selection="uv/snd")
+    assert "| selected by uv/snd: test mIoU, mean ± std (per seed) |" in md
+    assert ("| a | m | x | 4 | 3 | 40.0 ± 10.0 (30.0 / 40.0 / 50.0) | 50.0 ± 10.0 (40.0 / 50.0 / 60.0) | "
+            "50.0 ± 10.0 |") in md
+    assert "| b | m | x | 4 | 1 | 25.0 | 25.0 | 25.0 |" in md  # one seed: no spread, and the count says so
+    assert "never_ran" not in md
+
+
+def test_pipeline_seeds_must_be_positive_one_line_exit_2(tmp_path, capsys):
+    from uda_ray.cli import main
+
+    pipe = Path(__file__).resolve().parents[1] / "experiments" / "pipelines" / "synthetic_intrada.yaml"
+    assert main(["pipeline", str(pipe), "--seeds", "0", "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--seeds must be at least 1, got 0" in err[0]
+    assert not any(tmp_path.iterdir())
 
 
 def test_validators_command_on_a_single_run(tmp_path, capsys):

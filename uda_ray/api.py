@@ -142,16 +142,26 @@ def train(experiment: str | os.PathLike, *, storage: str | os.PathLike | None = 
 
 def pipeline(path: str | os.PathLike, *, storage: str | os.PathLike | None = None, report: str | None = None,
              address: str | None = None, overrides: Mapping[str, Any] | Iterable[str] = (),
-             name: str | None = None) -> list[dict]:
+             name: str | None = None, seeds: int | None = None) -> list[dict]:
     """Run the stages of a pipeline file in order (completed stages are skipped); one summary dict per
     stage (with the pipeline's selection metric as select_metric). With `report`, also write a markdown table
     of the stages' results there. `overrides` change every experiment stage ({"train.max_steps": 500} or
     ["train.max_steps=500"]), applied last: after the file's `set:` and each stage's own `set`. `name`
-    replaces the file's name (its folder): a folder run with other settings is refused, not continued."""
-    plan = runs.plan_pipeline(path, storage=storage, report=report, address=address, overrides=overrides,
-                              name=name)
-    with ray_connection(plan.address):
-        return runs.pipeline(plan)
+    replaces the file's name (its folder): a folder run with other settings is refused, not continued.
+    `seeds`: run it once per seed 0 .. seeds-1 (`seed` set over `overrides`), in folders `<name>_s<seed>`; the
+    summaries of all (each with its `seed`) and a `report` of every stage's mean ± std over the seeds."""
+    if seeds is None:
+        plan = runs.plan_pipeline(path, storage=storage, report=report, address=address, overrides=overrides,
+                                  name=name)
+        with ray_connection(plan.address):
+            return runs.pipeline(plan)
+    plans = runs.plan_pipeline_seeds(path, seeds, storage=storage, report=report, address=address,
+                                     overrides=overrides, name=name)
+    with ray_connection(plans[0].address):
+        summary = [{**row, "seed": seed} for seed, plan in enumerate(plans) for row in runs.pipeline(plan)]
+    if report:
+        runs.pipeline_seeds_report(plans, path, report, f"uda-ray pipeline {path} --seeds {seeds} --report {report}")
+    return summary
 
 
 def evaluate(checkpoint: str | os.PathLike, *, experiment: str | os.PathLike | None = None,

@@ -104,7 +104,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 def cmd_pipeline(a: argparse.Namespace) -> None:
     t0 = time.time()
     summary = api.pipeline(a.pipeline, storage=a.storage, report=a.report, address=a.address, overrides=a.set,
-                           name=a.name)
+                           name=a.name, seeds=a.seeds)
     print(text.pipeline_ended(summary, time.time() - t0, a.report))
 
 
@@ -232,6 +232,8 @@ def _run_commands(sub: Any) -> None:
                     help="override every experiment stage; applied last (wins over the file's set: and the "
                          "stages' own set)")
     sp.add_argument("--name", help="the pipeline's folder name (default: the file's name), e.g. one per seed")
+    sp.add_argument("--seeds", type=int, metavar="N", help="run it once per seed 0..N-1 (folders NAME_s0, ...); "
+                    "--report then gives every stage's mean ± std over the seeds")
     sp = _command(sub, "evaluate", cmd_evaluate, "evaluate a checkpoint (test mIoU, per-class IoU, validators) "
                   "under its experiment's protocol, in-process (no Ray)")
     sp.add_argument("checkpoint", help="a uda_ray checkpoint (folder with state.pt, or the file); with "

@@ -125,6 +125,40 @@ def pipeline(plan: PipelinePlan) -> list[dict]:
     return [{**row, "select_metric": pipe.cfg.select} for row in summary]
 
 
+def plan_pipeline_seeds(path: str | os.PathLike, seeds: int, *, storage: str | os.PathLike | None,
+                        report: str | None, address: str | None, overrides: Mapping[str, Any] | Iterable[str] = (),
+                        name: str | None = None) -> list[PipelinePlan]:
+    """The pipeline once per seed 0 .. seeds-1 (`seed` set last, over `overrides`), each in its own folder
+    `<name>_s<seed>` (name: `name` or the file's), every one checked before any runs; `report` is written by
+    `pipeline_seeds_report` once all have run."""
+    from uda_ray.checks import output_file
+    from uda_ray.errors import UserError
+    from uda_ray.pipelines.runner import load_pipeline
+
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    if report:
+        output_file(report, "--report")
+    base = name or load_pipeline(path, overrides_dict(overrides)).cfg.name
+    return [plan_pipeline(path, storage=storage, report=None, address=address, name=f"{base}_s{seed}",
+                          overrides={**overrides_dict(overrides), "seed": seed}) for seed in range(seeds)]
+
+
+def pipeline_seeds_report(plans: list[PipelinePlan], path: str | os.PathLike, report: str, command: str) -> None:
+    """The mean ± std over seeds of every stage of these per-seed pipeline runs, as markdown at `report`."""
+    from uda_ray.results.markdown import markdown_seeds_report
+
+    cfg = plans[0].pipe.cfg
+    stages = [(st.name, [layout.stage_dir(p.dir, st.name) for p in plans]) for st in cfg.stages]
+    note = (f"Produced by `{command}` from the runs' Parquet tables ({', '.join(str(p.dir) for p in plans)}): "
+            f"the pipeline once per seed (`seed` 0 to {len(plans) - 1}). mIoU on the target test split (Cityscapes "
+            f"val layout) at the label's full resolution: of the checkpoint each run's selection metric "
+            f"({cfg.select}) picks, and of the best checkpoint by the test labels themselves (the oracle, an upper "
+            "bound on selection); mean ± sample std over the seeds, then each seed's value.")
+    Path(report).write_text(markdown_seeds_report(f"Pipeline {cfg.name}, {len(plans)} seeds", stages, note,
+                                                  selection=cfg.select))
+
+
 def _pipeline_report(plan: PipelinePlan) -> None:
     """A markdown table of the stages' results at `plan.report`."""
     from uda_ray.results.markdown import markdown_report

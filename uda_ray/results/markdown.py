@@ -1,7 +1,9 @@
-"""The markdown table of runs that a pipeline writes beside its stages (`pipeline.report`)."""
+"""The markdown tables of runs that a pipeline writes beside its stages (`pipeline --report`): one seed, or the
+mean ± std of each stage over several seeds (`pipeline --seeds N --report`)."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,13 +65,67 @@ def _run(label: str, results: Path, selection: str, pick: Callable) -> dict | No
             f"{points(last['test/pixel_acc'])} | {last.get('model/gflops') or float('nan'):.2f} |")
     ious = {r["class_name"]: r["iou"] for r in read_table(results, "class_iou") if r["step"] == best["step"]}
     return {"label": label, "shown": shown, "line": line, "ious": ious, "marked": marked,
-            "protocol": t.get("config.data.label_set") or "cityscapes19"}  # older tables: 19 classes
+            "protocol": t.get("config.data.label_set") or "cityscapes19",  # older tables: 19 classes
+            "method": t["method"], "model": t["model"], "steps": last["step"], "seed": t.get("seed"),
+            "selected": chosen["test/miou"] if chosen else None, "oracle": best["test/miou"],
+            "final": last["test/miou"]}
 
 
-def _per_class(per_class: list[tuple[str, dict]]) -> list[str]:
+def markdown_seeds_report(title: str, stages: list[tuple[str, list[Path]]], note: str = "",
+                          selection: str | None = None) -> str:
+    """`markdown_report` over seeds: per stage (label, its run folder at each seed), the mean ± sample std over
+    the seeds of the test mIoU (in %) of the checkpoint `selection` picks, of the test-label oracle's and of the
+    final one, each seed's values beside them (in the order given), and the per-class IoU at each seed's oracle
+    step averaged over the seeds. A stage with no evaluated run is left out; one with fewer runs says so."""
+    selection = selection or DEFAULT_SELECTION
+    pick = max if mode_of(selection) == "max" else min
+    lines = [f"# {title}", "", note, ""] if note else [f"# {title}", ""]
+    lines += [f"| run | method | model | steps | seeds | selected by {selection}: test mIoU, mean ± std (per seed) | "
+              "oracle: best test mIoU, mean ± std (per seed) | final mIoU, mean ± std |",
+              "|---|---|---|---|---|---|---|---|"]
+    shown_runs: list[dict] = []
+    for label, dirs in stages:
+        runs = [r for d in dirs if (r := _run(label, layout.results_dir(d), selection, pick)) is not None]
+        if not runs:
+            continue
+        first = runs[0]
+        lines.append(f"| {first['shown']} | {first['method']} | {first['model']} | {first['steps']} | {len(runs)} | "
+                     f"{_spread([r['selected'] for r in runs])} | {_spread([r['oracle'] for r in runs])} | "
+                     f"{_spread([r['final'] for r in runs], each=False)} |")
+        classes = {c for r in runs for c in r["ious"]}
+        ious = {c: statistics.fmean(v) for c in classes
+                if (v := [r["ious"][c] for r in runs if finite(r["ious"].get(c))])}
+        shown_runs.append({**first, "ious": ious})
+    protocols = {r["label"]: r["protocol"] for r in shown_runs}
+    if protocols:
+        kinds = sorted(set(protocols.values()))
+        lines += ["", f"Label protocol (data.label_set): {kinds[0]} for every run." if len(kinds) == 1 else
+                  "Label protocol (data.label_set): " + ", ".join(f"{k}: {v}" for k, v in protocols.items()) + "."]
+    marked = [r["label"] for r in shown_runs if r["marked"]]
+    if marked:
+        lines += ["", f"{MARK} ({SHORT_MARK}): {', '.join(marked)}. Oracles or runs started from one, not UDA "
+                  "results: they saw the target's labels in training."]
+    if shown_runs:
+        lines += _per_class([(r["shown"], r["ious"]) for r in shown_runs],
+                            "Per-class IoU (%) at each run's best test step, mean over its seeds")
+    return "\n".join(lines) + "\n"
+
+
+def _spread(values: list, each: bool = True) -> str:
+    """mean ± sample std in points, then each value ("-" for a missing one): 45.2 ± 0.8 (44.3 / 45.6 / 45.7)."""
+    vals = [v for v in values if finite(v)]
+    if not vals:
+        return "-"
+    std = f" ± {points(statistics.stdev(vals))}" if len(vals) > 1 else ""
+    per = f" ({' / '.join(points(v) for v in values)})" if each and len(values) > 1 else ""
+    return f"{points(statistics.fmean(vals))}{std}{per}"
+
+
+def _per_class(per_class: list[tuple[str, dict]],
+               what: str = "Per-class IoU (%) at each run's best test step") -> list[str]:
     from uda_ray.data.labels import CLASSES
 
-    lines = ["", "Per-class IoU (%) at each run's best test step (- = class absent from labels and predictions):",
+    lines = ["", f"{what} (- = class absent from labels and predictions):",
              "", "| run | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES)]
     for label, ious in per_class:
         lines.append(f"| {label} | " + " | ".join(points(ious.get(c), digits=0) for c in CLASSES) + " |")

@@ -168,7 +168,8 @@ def pipeline_ended(summary: list[dict], seconds: float, report: str | None = Non
     for row in summary:
         done = f" {metrics_line(row, row['select_metric'])} @ step {row['step']}" if row.get("step") else ""
         gt = f"  [{MARK}]" if row.get("target_ground_truth") else ""
-        lines.append(f"  {row['stage']:<24} {row['kind']:<14}{done}{gt}")
+        stage = f"{row['stage']} (seed {row['seed']})" if "seed" in row else row["stage"]
+        lines.append(f"  {stage:<24} {row['kind']:<14}{done}{gt}")
     return "\n".join(lines + ([f"wrote {report}"] if report else []))
 
 
