@@ -29,6 +29,13 @@ def markdown_report(title: str, run_dirs: list[tuple[str, Path]], note: str = ""
               "|---|---|---|---|---|---|---|---|---|"]
     runs = [r for label, d in run_dirs if (r := _run(label, layout.results_dir(d), selection, pick)) is not None]
     lines += [r["line"] for r in runs]
+    return "\n".join(lines + _below(runs, "Per-class IoU (%) at each run's best test step")) + "\n"
+
+
+def _below(runs: list[dict], per_class: str) -> list[str]:
+    """The lines under a table of runs: the label protocol of its numbers, the runs trained on target ground
+    truth, and the per-class IoU table (titled `per_class`)."""
+    lines: list[str] = []
     protocols = {r["label"]: r["protocol"] for r in runs}  # run label -> data.label_set
     if protocols:
         kinds = sorted(set(protocols.values()))
@@ -39,8 +46,8 @@ def markdown_report(title: str, run_dirs: list[tuple[str, Path]], note: str = ""
         lines += ["", f"{MARK} ({SHORT_MARK}): {', '.join(marked)}. Oracles or runs started from one, not UDA "
                   "results: they saw the target's labels in training."]
     if runs:
-        lines += _per_class([(r["shown"], r["ious"]) for r in runs])
-    return "\n".join(lines) + "\n"
+        lines += _per_class([(r["shown"], r["ious"]) for r in runs], per_class)
+    return lines
 
 
 def _run(label: str, results: Path, selection: str, pick: Callable) -> dict | None:
@@ -96,19 +103,8 @@ def markdown_seeds_report(title: str, stages: list[tuple[str, list[Path]]], note
         ious = {c: statistics.fmean(v) for c in classes
                 if (v := [r["ious"][c] for r in runs if finite(r["ious"].get(c))])}
         shown_runs.append({**first, "ious": ious})
-    protocols = {r["label"]: r["protocol"] for r in shown_runs}
-    if protocols:
-        kinds = sorted(set(protocols.values()))
-        lines += ["", f"Label protocol (data.label_set): {kinds[0]} for every run." if len(kinds) == 1 else
-                  "Label protocol (data.label_set): " + ", ".join(f"{k}: {v}" for k, v in protocols.items()) + "."]
-    marked = [r["label"] for r in shown_runs if r["marked"]]
-    if marked:
-        lines += ["", f"{MARK} ({SHORT_MARK}): {', '.join(marked)}. Oracles or runs started from one, not UDA "
-                  "results: they saw the target's labels in training."]
-    if shown_runs:
-        lines += _per_class([(r["shown"], r["ious"]) for r in shown_runs],
-                            "Per-class IoU (%) at each run's best test step, mean over its seeds")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _below(shown_runs, "Per-class IoU (%) at each run's best test step, mean over its "
+                                              "seeds")) + "\n"
 
 
 def _spread(values: list, each: bool = True) -> str:
@@ -121,8 +117,7 @@ def _spread(values: list, each: bool = True) -> str:
     return f"{points(statistics.fmean(vals))}{std}{per}"
 
 
-def _per_class(per_class: list[tuple[str, dict]],
-               what: str = "Per-class IoU (%) at each run's best test step") -> list[str]:
+def _per_class(per_class: list[tuple[str, dict]], what: str) -> list[str]:
     from uda_ray.data.labels import CLASSES
 
     lines = ["", f"{what} (- = class absent from labels and predictions):",
