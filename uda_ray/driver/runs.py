@@ -155,7 +155,8 @@ def pipeline_seeds_report(plans: list[PipelinePlan], path: str | os.PathLike, re
             f"val layout) at the label's full resolution: of the checkpoint each run's selection metric "
             f"({cfg.select}) picks, and of the best checkpoint by the test labels themselves (the oracle, an upper "
             "bound on selection); mean ± sample std over the seeds, then each seed's value.")
-    Path(report).write_text(markdown_seeds_report(f"Pipeline {cfg.name}, {len(plans)} seeds", stages, note,
+    base = cfg.name.removesuffix("_s0")  # plan_pipeline_seeds named the folders <base>_s<seed>
+    Path(report).write_text(markdown_seeds_report(f"Pipeline {base}, {len(plans)} seeds", stages, note,
                                                   selection=cfg.select))
 
 
