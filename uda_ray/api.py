@@ -160,7 +160,7 @@ def pipeline(path: str | os.PathLike, *, storage: str | os.PathLike | None = Non
     with ray_connection(plans[0].address):
         summary = [{**row, "seed": seed} for seed, plan in enumerate(plans) for row in runs.pipeline(plan)]
     if report:
-        runs.pipeline_seeds_report(plans, path, report, f"uda-ray pipeline {path} --seeds {seeds} --report {report}")
+        runs.pipeline_seeds_report(plans, report, f"uda-ray pipeline {path} --seeds {seeds} --report {report}")
     return summary
 
 

@@ -139,12 +139,13 @@ def plan_pipeline_seeds(path: str | os.PathLike, seeds: int, *, storage: str | o
         raise UserError(f"--seeds must be at least 1, got {seeds}")
     if report:
         output_file(report, "--report")
-    base = name or load_pipeline(path, overrides_dict(overrides)).cfg.name
+    given = overrides_dict(overrides)
+    base = name or load_pipeline(path, given).cfg.name
     return [plan_pipeline(path, storage=storage, report=None, address=address, name=f"{base}_s{seed}",
-                          overrides={**overrides_dict(overrides), "seed": seed}) for seed in range(seeds)]
+                          overrides={**given, "seed": seed}) for seed in range(seeds)]
 
 
-def pipeline_seeds_report(plans: list[PipelinePlan], path: str | os.PathLike, report: str, command: str) -> None:
+def pipeline_seeds_report(plans: list[PipelinePlan], report: str, command: str) -> None:
     """The mean ± std over seeds of every stage of these per-seed pipeline runs, as markdown at `report`."""
     from uda_ray.results.markdown import markdown_seeds_report
 

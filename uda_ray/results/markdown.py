@@ -73,7 +73,7 @@ def _run(label: str, results: Path, selection: str, pick: Callable) -> dict | No
     ious = {r["class_name"]: r["iou"] for r in read_table(results, "class_iou") if r["step"] == best["step"]}
     return {"label": label, "shown": shown, "line": line, "ious": ious, "marked": marked,
             "protocol": t.get("config.data.label_set") or "cityscapes19",  # older tables: 19 classes
-            "method": t["method"], "model": t["model"], "steps": last["step"], "seed": t.get("seed"),
+            "method": t["method"], "model": t["model"], "steps": last["step"],
             "selected": chosen["test/miou"] if chosen else None, "oracle": best["test/miou"],
             "final": last["test/miou"]}
 
