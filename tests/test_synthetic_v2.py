@@ -58,11 +58,26 @@ def test_v2_differs_from_v1_and_says_so_in_its_manifest(tmp_path: Path) -> None:
 
 
 def test_version_setting_keeps_v1_folder_and_gives_v2_its_own() -> None:
-    v1 = synthetic_dir(DataConfig(synthetic=SynthConfig()), Path("/d"))
+    v1 = synthetic_dir(DataConfig(synthetic=SynthConfig(version=1)), Path("/d"))
     assert v1.name == "synth-ebbf918860"  # the folder name before versions existed: old data is reused
     assert synthetic_dir(DataConfig(synthetic=SynthConfig(version=2)), Path("/d")) != v1
     with pytest.raises(ConfigError, match="version"):
         SynthConfig(version=3)
+
+
+def test_v2_at_the_measured_shifts_is_the_default_and_names_them() -> None:
+    """New runs get v2 at the setting its criteria are measured under (docs/benchmark.md), written out in the
+    config every run stores; its data folder is the one the explicit setting gave before it was the default."""
+    from uda_ray.config import V2_SHIFT_DEFAULTS
+    from uda_ray.config_loader import to_dict
+
+    default = SynthConfig()
+    assert (default.version, default.colour_shift, default.layout_shift) == (2, 0.5, 0.0)
+    assert {k: to_dict(default)[k] for k in V2_SHIFT_DEFAULTS} == V2_SHIFT_DEFAULTS
+    assert synthetic_dir(DataConfig(synthetic=default), Path("/d")).name == "synth-02078426ef"
+    assert SynthConfig(version=1).colour_shift == SynthConfig(version=1).layout_shift == 1.0
+    full = SynthConfig(version=2, colour_shift=1.0, layout_shift=1.0)  # v2's full design: its old folder
+    assert synthetic_dir(DataConfig(synthetic=full), Path("/d")).name == "synth-53d216af81"
 
 
 def test_colour_shift_moves_only_the_target_colours_and_keeps_the_default_folder(tmp_path: Path) -> None:
@@ -83,10 +98,11 @@ def test_colour_shift_moves_only_the_target_colours_and_keeps_the_default_folder
     assert [round(float(v), 1) for v in car[0]] == [102.0, 127.0, 227.5]  # (0,50,245) -> (204,204,210)
     with pytest.raises(DatasetError, match="colour_shift"):
         synthetic.generate(tmp_path / "v1", **TINY, colour_shift=0.5)  # version 1 has no such setting
-    key = synthetic_dir(DataConfig(synthetic=SynthConfig(version=2)), Path("/d"))
-    assert synthetic_dir(DataConfig(synthetic=SynthConfig(version=2, colour_shift=1.0)), Path("/d")) == key
-    assert synthetic_dir(DataConfig(synthetic=SynthConfig(version=2, colour_shift=0.5)), Path("/d")) != key
-    for bad in ({"version": 2, "colour_shift": 1.5}, {"colour_shift": 0.5}):
+    key = synthetic_dir(DataConfig(synthetic=SynthConfig(version=2, colour_shift=1.0, layout_shift=1.0)), Path("/d"))
+    half_key = synthetic_dir(DataConfig(synthetic=SynthConfig(version=2, colour_shift=0.5, layout_shift=1.0)),
+                             Path("/d"))
+    assert half_key != key and half_key.name != "synth-02078426ef"
+    for bad in ({"version": 2, "colour_shift": 1.5}, {"version": 1, "colour_shift": 0.5}):
         with pytest.raises(ConfigError, match="colour_shift"):
             SynthConfig(**bad)
 
@@ -108,10 +124,11 @@ def test_layout_shift_moves_only_the_target_scenes_and_keeps_the_default_folder(
     assert half.min_depth == pytest.approx(0.2)
     with pytest.raises(DatasetError, match="layout_shift"):
         synthetic.generate(tmp_path / "v1", **TINY, layout_shift=0.5)  # version 1 has no such setting
-    key = synthetic_dir(DataConfig(synthetic=SynthConfig(version=2)), Path("/d"))
-    assert synthetic_dir(DataConfig(synthetic=SynthConfig(version=2, layout_shift=1.0)), Path("/d")) == key
-    assert synthetic_dir(DataConfig(synthetic=SynthConfig(version=2, layout_shift=0.0)), Path("/d")) != key
-    for bad in ({"version": 2, "layout_shift": -0.1}, {"layout_shift": 0.5}):
+    key = synthetic_dir(DataConfig(synthetic=SynthConfig(version=2, colour_shift=1.0, layout_shift=1.0)), Path("/d"))
+    zero_key = synthetic_dir(DataConfig(synthetic=SynthConfig(version=2, colour_shift=1.0, layout_shift=0.0)),
+                             Path("/d"))
+    assert zero_key != key and zero_key.name != "synth-02078426ef"
+    for bad in ({"version": 2, "layout_shift": -0.1}, {"version": 1, "layout_shift": 0.5}):
         with pytest.raises(ConfigError, match="layout_shift"):
             SynthConfig(**bad)
 
@@ -183,13 +200,17 @@ def test_v2_camera_is_lower_in_the_target() -> None:
     assert sky_rows(1, True) > sky_rows(0, False) + 0.05
 
 
-def test_cli_writes_v2_with_benchmark_version(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_writes_v2_by_default_and_v1_with_benchmark_version(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
     from uda_ray.cli import main
 
-    args = ["data", "synth", "--out", str(tmp_path / "b"), "--n-source", "1", "--n-target", "1", "--n-val", "1",
-            "--size", "32x64"]
-    assert main([*args, "--benchmark-version", "2"]) == 0
-    assert json.loads((tmp_path / "b/MANIFEST.json").read_text())["params"]["version"] == 2
+    args = ["data", "synth", "--n-source", "1", "--n-target", "1", "--n-val", "1", "--size", "32x64"]
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    params = json.loads((tmp_path / "b/MANIFEST.json").read_text())["params"]
+    assert (params["version"], params["colour_shift"], params["layout_shift"]) == (2, 0.5, 0.0)
+    assert main([*args, "--out", str(tmp_path / "v1"), "--benchmark-version", "1"]) == 0
+    assert "version" not in json.loads((tmp_path / "v1/MANIFEST.json").read_text())["params"]
+    args = [*args, "--out", str(tmp_path / "b")]
     with pytest.raises(SystemExit):
         main([*args, "--benchmark-version", "3"])
     capsys.readouterr()

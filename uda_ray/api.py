@@ -280,11 +280,12 @@ def convert_weights(src: str | os.PathLike, dst: str | os.PathLike, *, num_class
 
 def synthetic_data(out: str | os.PathLike, *, n_source: int = 200, n_target: int = 200, n_val: int = 50,
                    size_hw: tuple[int, int] = (128, 256), seed: int = 0, synthia: bool = False,
-                   version: int = 1, colour_shift: float = 1.0, layout_shift: float = 1.0) -> Path:
+                   version: int = 2, colour_shift: float | None = None,
+                   layout_shift: float | None = None) -> Path:
     """Write the synthetic domain-shift benchmark (GTA5 and Cityscapes layouts, optionally SYNTHIA's; `version`
-    1 or 2, and for 2 its `colour_shift` and `layout_shift` in [0, 1], docs/benchmark.md) under `out`; returns
-    its folder."""
-    from uda_ray.config import SYNTH_SHIFTS
+    1 or 2, and for 2 its `colour_shift` and `layout_shift` in [0, 1], None: uda_ray.config.V2_SHIFT_DEFAULTS,
+    docs/benchmark.md) under `out`; returns its folder."""
+    from uda_ray.config import SYNTH_SHIFTS, synth_shift_default
     from uda_ray.data.synthetic import generate
 
     for k, v in (("n_source", n_source), ("n_target", n_target), ("n_val", n_val)):
@@ -292,13 +293,15 @@ def synthetic_data(out: str | os.PathLike, *, n_source: int = 200, n_target: int
             raise UserError(f"--{k.replace('_', '-')} must be >= 1")
     if version not in (1, 2):
         raise UserError(f"--benchmark-version must be 1 or 2, got {version}")
-    for name, value in zip(SYNTH_SHIFTS, (colour_shift, layout_shift)):
+    shifts = {name: synth_shift_default(version, name) if value is None else value
+              for name, value in zip(SYNTH_SHIFTS, (colour_shift, layout_shift))}
+    for name, value in shifts.items():
         if not 0.0 <= value <= 1.0 or (version == 1 and value != 1.0):
             raise UserError(f"--{name.replace('_', '-')} must be in [0, 1] and needs --benchmark-version 2, "
                             f"got {value}")
     h, w = _check_size(size_hw)
     return generate(Path(out), n_source=n_source, n_target=n_target, n_val=n_val, size=(w, h), seed=seed,
-                    synthia=synthia, version=version, colour_shift=colour_shift, layout_shift=layout_shift)
+                    synthia=synthia, version=version, **shifts)
 
 
 def profile_model(model: str, *, size_hw: tuple[int, int] = (512, 1024), device: str = "cpu",

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from uda_ray import api
+from uda_ray.config import V2_SHIFT_DEFAULTS
 from uda_ray.errors import UserError
 from uda_ray.results import text
 from uda_ray.selection import study
@@ -274,13 +275,15 @@ def _tool_commands(sub: Any) -> None:
         ds.add_argument(k, type=int, default=v)
     ds.add_argument("--size", default="128x256", help="HxW")
     ds.add_argument("--synthia", action="store_true", help="also write a SYNTHIA-layout source")
-    ds.add_argument("--benchmark-version", type=int, choices=[1, 2], default=1,
-                    help="1: the original shift; 2: appearance, layout, lighting and sensor shift (docs/benchmark.md)")
-    ds.add_argument("--colour-shift", type=float, default=1.0,
-                    help="version 2: how far the target's class colours move from the game's, 0-1 (default 1)")
-    ds.add_argument("--layout-shift", type=float, default=1.0,
+    ds.add_argument("--benchmark-version", type=int, choices=[1, 2], default=2,
+                    help="2 (default): appearance, layout, lighting and sensor shift (docs/benchmark.md); 1: the "
+                         "original shift")
+    ds.add_argument("--colour-shift", type=float, default=None,
+                    help="version 2: how far the target's class colours move from the game's, 0-1 (default "
+                         f"{V2_SHIFT_DEFAULTS['colour_shift']:g})")
+    ds.add_argument("--layout-shift", type=float, default=None,
                     help="version 2: how far the target's camera and street layout move from the game's, 0-1 "
-                         "(default 1)")
+                         f"(default {V2_SHIFT_DEFAULTS['layout_shift']:g})")
     ds.set_defaults(fn=cmd_data_synth)
     sp = _command(sub, "convert-weights", cmd_convert_weights, "convert an AdaptSegNet / ADVENT / CPSL DeepLab-v2 "
                   "checkpoint to this project's keys (layout detected from its keys)", storage=False)

@@ -87,8 +87,8 @@ REPORTED_PREFIXES = ("test/", "src_val/", "sel/", "uv/", "train/", "time/", "mod
 # The default selection metric (objective, kept checkpoints, `best`, `@stage:best`) when a space, an
 # experiment or a pipeline names none. Label-free: a user without target labels can always compute it.
 # Chosen by measurement (benchmarks/validator_trust_local.py: 8 adversarial-adaptation trials x 4
-# evaluations on the synthetic benchmark): Spearman with test mIoU uv/bnm +0.95, uv/im +0.92, src_val/miou
-# +0.90, uv/entropy +0.89, uv/snd -0.63; regret of the pick 0.2 points for uv/im, uv/bnm and uv/entropy,
+# evaluations on the synthetic benchmark v1): Spearman with test mIoU uv/bnm +0.95, uv/im +0.92,
+# src_val/miou +0.90, uv/entropy +0.89, uv/snd -0.63; regret of the pick 0.2 points for uv/im, uv/bnm and uv/entropy,
 # 12.0 for uv/snd (random: 3.1). uv/im over uv/bnm (within noise of it): every held-out pixel rather than a
 # sample, bounded and independent of the sample size, and its diversity term resists class collapse.
 DEFAULT_SELECTION = "uv/im"
