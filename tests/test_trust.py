@@ -179,6 +179,34 @@ def test_seeds_report_gives_each_stage_mean_std_and_every_seed(tmp_path):
             "50.0 ± 10.0 |") in md
     assert "| b | m | x | 4 | 1 | 25.0 | 25.0 | 25.0 |" in md  # one seed: no spread, and the count says so
     assert "never_ran" not in md
+    # against a control, paired by seed: "a" is the control of itself; "b" has only seed 0 (25.0 - 30.0)
+    md = markdown_seeds_report("t", [("a", [tmp_path / f"s{k}" / "a" for k in range(3)]),
+                                     ("b", [tmp_path / f"s{k}" / "b" for k in range(3)])],
+                               selection="uv/snd", control="a")
+    assert "| final mIoU, mean ± std | vs a (paired): selected, mean ± std (per seed) |" in md
+    assert "50.0 ± 10.0 | - |" in md
+    assert "| b | m | x | 4 | 1 | 25.0 | 25.0 | 25.0 | -5.0 (-5.0 / - / -) |" in md
+    for seed, base in enumerate((0.31, 0.43, 0.52)):  # c at every seed: +1 / +3 / +2 over a's selections
+        _write_evals(tmp_path / f"s{seed}" / "c" / "results", [
+            {"trial_id": "c", "step": 4, "test/miou": base, "test/pixel_acc": 0.7, "uv/snd": 0.5}])
+    md = markdown_seeds_report("t", [("a", [tmp_path / f"s{k}" / "a" for k in range(3)]),
+                                     ("c", [tmp_path / f"s{k}" / "c" for k in range(3)])],
+                               selection="uv/snd", control="a")
+    assert "| 42.0 ± 10.5 | +2.0 ± 1.0 (+1.0 / +3.0 / +2.0) |" in md
+
+
+def test_pipeline_control_must_name_an_experiment_stage(tmp_path, capsys):
+    from uda_ray.cli import main
+
+    pipe = Path(__file__).resolve().parents[1] / "experiments" / "pipelines" / "synthetic_intrada.yaml"
+    bad = tmp_path / "p.yaml"
+    for control in ("nope", "rank"):  # no such stage; an action, not a training run
+        text = pipe.read_text().replace("../", f"{pipe.parents[1]}/")  # its experiments from tmp_path
+        bad.write_text(text.replace("stages:", f"control: {control}\nstages:", 1))
+        assert main(["pipeline", str(bad), "--storage", str(tmp_path / "st")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"control '{control}' must name an experiment stage" in err[0], err
+    assert not (tmp_path / "st").exists()
 
 
 def test_pipeline_seeds_must_be_positive_one_line_exit_2(tmp_path, capsys):

@@ -157,8 +157,11 @@ def pipeline_seeds_report(plans: list[PipelinePlan], report: str, command: str) 
             f"({cfg.select}) picks, and of the best checkpoint by the test labels themselves (the oracle, an upper "
             "bound on selection); mean ± sample std over the seeds, then each seed's value.")
     base = cfg.name.removesuffix("_s0")  # plan_pipeline_seeds named the folders <base>_s<seed>
+    if cfg.control:
+        note += (f" The last column: each run's selected test mIoU minus {cfg.control}'s at the same seed (the "
+                 "pipeline's `control:`), mean ± sample std of those differences and each seed's.")
     Path(report).write_text(markdown_seeds_report(f"Pipeline {base}, {len(plans)} seeds", stages, note,
-                                                  selection=cfg.select))
+                                                  selection=cfg.select, control=cfg.control))
 
 
 def _pipeline_report(plan: PipelinePlan) -> None:

@@ -15,6 +15,8 @@ stages:
 ```
 `select:` (optional, default the label-free uda_ray.metric_names.DEFAULT_SELECTION) names the metric that
 picks `@STAGE:best` and the checkpoints actions start `from`; experiment stages keep their checkpoints by it.
+`control:` (optional) names the experiment stage that a `--seeds N --report` compares every other with,
+paired by seed.
 In `set` values, `@STAGE` is that stage's output folder and `@STAGE:best` its best checkpoint (by `select`).
 Everything lives under <storage>/pipelines/<name>/<stage>; a stage already complete is skipped, so running
 the same command again continues an interrupted pipeline.
@@ -69,6 +71,9 @@ class PipelineConfig:
     # the metric that picks `@STAGE:best` and the checkpoints actions start from; also every experiment
     # stage's `select` (its kept checkpoints) unless the stage's `set` names another
     select: str = DEFAULT_SELECTION
+    # optional: the stage every other is compared with, paired by seed, in a `--seeds N --report` (e.g. the
+    # BatchNorm control: what an adaptation method must beat)
+    control: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "select", check_metric(self.select, "select"))
@@ -123,6 +128,8 @@ def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None, nam
         else:  # validate now, not hours later (the model too: its kwargs and pretrained weights)
             checks.experiment(load_experiment(pipe.experiment_path(st), pipe.overrides(st)), where)
         seen.add(st.name)
+    if cfg.control is not None and cfg.control not in [st.name for st in cfg.stages if st.experiment]:
+        raise ConfigError(f"{p}: control '{cfg.control}' must name an experiment stage")
     return pipe
 
 

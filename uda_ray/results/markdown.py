@@ -79,26 +79,36 @@ def _run(label: str, results: Path, selection: str, pick: Callable) -> dict | No
 
 
 def markdown_seeds_report(title: str, stages: list[tuple[str, list[Path]]], note: str = "",
-                          selection: str | None = None) -> str:
+                          selection: str | None = None, control: str | None = None) -> str:
     """`markdown_report` over seeds: per stage (label, its run folder at each seed), the mean ± sample std over
     the seeds of the test mIoU (in %) of the checkpoint `selection` picks, of the test-label oracle's and of the
     final one, each seed's values beside them (in the order given), and the per-class IoU at each seed's oracle
-    step averaged over the seeds. A stage with no evaluated run is left out; one with fewer runs says so."""
+    step averaged over the seeds. With `control` (a stage's label), one more column: each stage's selected test
+    mIoU minus the control's at the same seed (paired), mean ± std and per seed. A stage with no evaluated run is
+    left out; one with fewer runs says so."""
     selection = selection or DEFAULT_SELECTION
     pick = max if mode_of(selection) == "max" else min
+    per_seed = {label: [_run(label, layout.results_dir(d), selection, pick) for d in dirs] for label, dirs in stages}
+    base = [r["selected"] if r else None for r in per_seed.get(control, [])] if control else []
     lines = [f"# {title}", "", note, ""] if note else [f"# {title}", ""]
+    vs = f" vs {control} (paired): selected, mean ± std (per seed) |" if control else ""
     lines += [f"| run | method | model | steps | seeds | selected by {selection}: test mIoU, mean ± std (per seed) | "
-              "oracle: best test mIoU, mean ± std (per seed) | final mIoU, mean ± std |",
-              "|---|---|---|---|---|---|---|---|"]
+              f"oracle: best test mIoU, mean ± std (per seed) | final mIoU, mean ± std |{vs}",
+              "|---|---|---|---|---|---|---|---|" + ("---|" if control else "")]
     shown_runs: list[dict] = []
-    for label, dirs in stages:
-        runs = [r for d in dirs if (r := _run(label, layout.results_dir(d), selection, pick)) is not None]
+    for label, seeds in per_seed.items():
+        runs = [r for r in seeds if r is not None]
         if not runs:
             continue
         first = runs[0]
-        lines.append(f"| {first['shown']} | {first['method']} | {first['model']} | {first['steps']} | {len(runs)} | "
-                     f"{_spread([r['selected'] for r in runs])} | {_spread([r['oracle'] for r in runs])} | "
-                     f"{_spread([r['final'] for r in runs], each=False)} |")
+        line = (f"| {first['shown']} | {first['method']} | {first['model']} | {first['steps']} | {len(runs)} | "
+                f"{_spread([r['selected'] for r in runs])} | {_spread([r['oracle'] for r in runs])} | "
+                f"{_spread([r['final'] for r in runs], each=False)} |")
+        if control:
+            diffs = [r["selected"] - b if r and finite(r["selected"]) and finite(b) else None
+                     for r, b in zip(seeds, base)]
+            line += " - |" if label == control else f" {_spread(diffs, signed=True)} |"
+        lines.append(line)
         classes = {c for r in runs for c in r["ious"]}
         ious = {c: statistics.fmean(v) for c in classes
                 if (v := [r["ious"][c] for r in runs if finite(r["ious"].get(c))])}
@@ -107,14 +117,16 @@ def markdown_seeds_report(title: str, stages: list[tuple[str, list[Path]]], note
                                               "seeds")) + "\n"
 
 
-def _spread(values: list, each: bool = True) -> str:
-    """mean ± sample std in points, then each value ("-" for a missing one): 45.2 ± 0.8 (44.3 / 45.6 / 45.7)."""
+def _spread(values: list, each: bool = True, signed: bool = False) -> str:
+    """mean ± sample std in points, then each value ("-" for a missing one): 45.2 ± 0.8 (44.3 / 45.6 / 45.7);
+    `signed`: differences, each with its sign (+6.1 ± 0.8 (+5.2 / +6.4 / +6.7))."""
     vals = [v for v in values if finite(v)]
     if not vals:
         return "-"
+    num = (lambda v: ("+" if finite(v) and v >= 0 else "") + points(v)) if signed else points  # noqa: E731
     std = f" ± {points(statistics.stdev(vals))}" if len(vals) > 1 else ""
-    per = f" ({' / '.join(points(v) for v in values)})" if each and len(values) > 1 else ""
-    return f"{points(statistics.fmean(vals))}{std}{per}"
+    per = f" ({' / '.join(num(v) for v in values)})" if each and len(values) > 1 else ""
+    return f"{num(statistics.fmean(vals))}{std}{per}"
 
 
 def _per_class(per_class: list[tuple[str, dict]], what: str) -> list[str]:
