@@ -193,6 +193,8 @@ def test_seeds_report_gives_each_stage_mean_std_and_every_seed(tmp_path):
                                      ("c", [tmp_path / f"s{k}" / "c" for k in range(3)])],
                                selection="uv/snd", control="a")
     assert "| 42.0 ± 10.5 | +2.0 ± 1.0 (+1.0 / +3.0 / +2.0) |" in md
+    from uda_ray.results.markdown import _signed
+    assert [_signed(v) for v in (-0.0004, 0.0004, 0.0, -0.012, float("nan"))] == ["0.0", "0.0", "0.0", "-1.2", "-"]
 
 
 def test_pipeline_control_must_name_an_experiment_stage(tmp_path, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from uda_ray.metric_names import DEFAULT_SELECTION, mode_of
 from uda_ray.results.stats import finite
@@ -123,10 +124,16 @@ def _spread(values: list, each: bool = True, signed: bool = False) -> str:
     vals = [v for v in values if finite(v)]
     if not vals:
         return "-"
-    num = (lambda v: ("+" if finite(v) and v >= 0 else "") + points(v)) if signed else points  # noqa: E731
+    num = _signed if signed else points
     std = f" ± {points(statistics.stdev(vals))}" if len(vals) > 1 else ""
     per = f" ({' / '.join(num(v) for v in values)})" if each and len(values) > 1 else ""
     return f"{num(statistics.fmean(vals))}{std}{per}"
+
+
+def _signed(v: Any) -> str:
+    """A difference in points with its sign: +6.1, -0.4; 0.0 (no sign) when it rounds to zero."""
+    text = points(v)
+    return text if text == "-" or float(text) < 0 else ("0.0" if float(text) == 0 else f"+{text}")
 
 
 def _per_class(per_class: list[tuple[str, dict]], what: str) -> list[str]:
