@@ -55,6 +55,7 @@ class SynthConfig:
             _check(0.0 <= value <= 1.0, f"data.synthetic.{name} must be in [0, 1], got {value}")
             _check(self.version == 2 or value == 1.0, f"data.synthetic.{name} needs version: 2")
 
+
 SYNTH_SHIFTS = ("colour_shift", "layout_shift")  # SynthConfig's version-2 shift strengths, each in [0, 1]
 # their defaults: the setting under which v2's criteria are measured (docs/benchmark.md, the warm-start protocol);
 # 1.0 / 1.0 is the full shift of v2's design
@@ -64,6 +65,8 @@ V2_SHIFT_DEFAULTS = {"colour_shift": 0.5, "layout_shift": 0.0}
 def synth_shift_default(version: int, name: str) -> float:
     """A shift's value when none is given: V2_SHIFT_DEFAULTS for version 2; 1.0 (no such shift) for version 1."""
     return V2_SHIFT_DEFAULTS[name] if version == 2 else 1.0
+
+
 PSEUDO_THRESHOLDS = ("class_percentile", "image_median")  # data.pseudo_threshold
 NORMALIZATIONS = ("imagenet", "caffe_bgr")  # data.normalize (uda_ray.models.resnet.set_input_normalization)
 
